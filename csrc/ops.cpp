@@ -1,0 +1,41 @@
+// Every llmcore op schema, in one place. Devices register kernels with
+// TORCH_LIBRARY_IMPL(llmcore, CPU|CUDA, m) in their own binding files; the Python face of
+// each op (llmcore/ops/*.py) adds the docstring, the fake (meta) impl and autograd.
+//
+// BFP tensors cross this boundary as two tensors: `mantissa` (int8 [..., K], or for
+// formats of <= 4 mantissa bits uint8 [..., ceil(K/2)] with element 2i in the low nibble
+// and 2i+1 in the high nibble, two's complement) and `exponent` (uint8 [..., ceil(K/B)],
+// E8M0: biased by 127, 255 = NaN block). See DESIGN §2.1 and llmcore/formats.py.
+
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing llmcore._C runs the static TORCH_LIBRARY registrations below; the module
+// itself exposes nothing.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(llmcore, m) {
+  // ---- block floating point (csrc/bfp) -------------------------------------------------
+  // x [..., K] float32/bfloat16/float16 -> (mantissa, exponent) as described above.
+  m.def("bfp_quantize(Tensor x, int mantissa_bits, int block_size, bool round_even)"
+        " -> (Tensor mantissa, Tensor exponent)");
+  // -> [..., k] of `dtype` (float32/bfloat16/float16).
+  m.def("bfp_dequantize(Tensor mantissa, Tensor exponent, int mantissa_bits, int block_size,"
+        " int k, ScalarType dtype) -> Tensor");
+  // Weight-only: y[M, N] = x[M, K] @ dequant(w)[N, K]^T (+ bias[N]); x float32/bf16/fp16,
+  // fp32 accumulation, y in x's dtype.
+  m.def("bfp_linear(Tensor x, Tensor w_mantissa, Tensor w_exponent, int mantissa_bits,"
+        " int block_size, Tensor? bias) -> Tensor");
+  // Both operands quantised with the same block size: per K block the integer mantissa
+  // dot product is exact in int32, scaled by 2^(ea + eb - (a_bits-2) - (b_bits-2)) and
+  // accumulated in fp32. a [M, K], b [N, K] -> [M, N] of out_dtype (+ bias[N], added in
+  // fp32).
+  m.def("bfp_gemm(Tensor a_mantissa, Tensor a_exponent, Tensor b_mantissa, Tensor b_exponent,"
+        " int a_bits, int b_bits, int block_size, int k, Tensor? bias, ScalarType out_dtype)"
+        " -> Tensor");
+}

@@ -1,0 +1,50 @@
+"""Loading of the compiled extension, and the fallback to the reference ops.
+
+``llmcore._C`` registers the ``torch.ops.llmcore.*`` schemas and the CPU (and, in a CUDA
+build, CUDA) kernels. A device with no kernel (or an import without the compiled
+extension) takes the plain-PyTorch path in :mod:`llmcore.reference`, with a one-time
+warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+try:
+    from llmcore import _C  # noqa: F401  (registers torch.ops.llmcore.*)
+
+    LOAD_ERROR: Exception | None = None
+except ImportError as e:  # not built: the reference path still works
+    _C = None
+    LOAD_ERROR = e
+
+_warned: set[str] = set()
+
+
+def available() -> bool:
+    """True when the compiled extension is loaded."""
+    return _C is not None
+
+
+def has_kernel(op: str, device: torch.device) -> bool:
+    """True when ``torch.ops.llmcore.<op>`` has a kernel for ``device``'s type."""
+    if _C is None:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}.get(device.type)
+    if key is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"llmcore::{op}", key)
+
+
+def warn_fallback(op: str, device: torch.device) -> None:
+    """Warn once per (op, device type) that the slow reference path is taken."""
+    tag = f"{op}/{device.type}"
+    if tag in _warned:
+        return
+    _warned.add(tag)
+    why = f"the extension failed to load ({LOAD_ERROR})" if _C is None else (
+        f"no llmcore kernel for device type {device.type!r}")
+    warnings.warn(f"llmcore.{op}: {why}; using the plain-PyTorch reference (slow)",
+                  RuntimeWarning, stacklevel=3)

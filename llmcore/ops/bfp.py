@@ -1,0 +1,336 @@
+"""Block-floating-point ops: quantise, dequantise, BFP linear layers (DESIGN §2.2).
+
+``bfp_quantize`` turns a float tensor into a :class:`BFPTensor` (int mantissas plus one
+shared E8M0 exponent per block along the last axis); ``bfp_linear`` multiplies by a BFP
+weight either weight-only (activations stay float: the memory-bound decode path) or with
+the activations quantised too (integer mantissa products, exact per block).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+
+from llmcore import _ext
+from llmcore import reference as ref
+from llmcore.formats import BFPFormat, check_rounding, get_format
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ---------------------------------------------------------------------------------------
+# BFPTensor
+# ---------------------------------------------------------------------------------------
+class BFPTensor:
+    """A tensor stored in a block-floating-point format.
+
+    Attributes
+    ----------
+    mantissa : Tensor
+        int8 ``[..., K]``; for formats of <= 4 mantissa bits uint8 ``[..., ceil(K/2)]``,
+        two elements per byte (element 2i in the low nibble, two's complement).
+    exponent : Tensor
+        uint8 ``[..., ceil(K / block_size)]``: the shared exponent of each block, biased by
+        127 (E8M0); 255 marks a block that held Inf/NaN and dequantises to NaN.
+    format : BFPFormat
+    shape : torch.Size
+        The logical shape ``[..., K]``.
+    dtype : torch.dtype
+        The dtype :meth:`dequantize` returns by default (the dtype it was quantised from).
+    """
+
+    __slots__ = ("mantissa", "exponent", "format", "shape", "dtype")
+
+    def __init__(self, mantissa: torch.Tensor, exponent: torch.Tensor, format: BFPFormat | str,
+                 shape: torch.Size | tuple[int, ...], dtype: torch.dtype = torch.float32):
+        fmt = get_format(format)
+        shape = torch.Size(shape)
+        if len(shape) == 0:
+            raise ValueError("BFPTensor needs at least one dimension")
+        k = shape[-1]
+        want_m = (*shape[:-1], fmt.mantissa_cols(k))
+        want_e = (*shape[:-1], fmt.exponent_cols(k))
+        want_mdt = torch.uint8 if fmt.packed else torch.int8
+        if mantissa.dtype != want_mdt or tuple(mantissa.shape) != want_m:
+            raise ValueError(f"mantissa must be {want_mdt} of shape {list(want_m)} for {fmt.name} "
+                             f"shape {list(shape)}, got {mantissa.dtype} {list(mantissa.shape)}")
+        if exponent.dtype != torch.uint8 or tuple(exponent.shape) != want_e:
+            raise ValueError(f"exponent must be torch.uint8 of shape {list(want_e)}, got "
+                             f"{exponent.dtype} {list(exponent.shape)}")
+        if mantissa.device != exponent.device:
+            raise ValueError(f"mantissa and exponent must be on one device, got "
+                             f"{mantissa.device} and {exponent.device}")
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
+        self.mantissa, self.exponent, self.format = mantissa, exponent, fmt
+        self.shape, self.dtype = shape, dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.mantissa.device
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def size(self, d: int | None = None):
+        return self.shape if d is None else self.shape[d]
+
+    def nbytes(self) -> int:
+        """Bytes of storage: mantissas plus exponents."""
+        return self.mantissa.numel() * self.mantissa.element_size() + self.exponent.numel()
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Values as a float tensor of ``dtype`` (default: :attr:`dtype`)."""
+        return bfp_dequantize(self, self.dtype if dtype is None else dtype)
+
+    def to(self, device) -> BFPTensor:
+        return BFPTensor(self.mantissa.to(device), self.exponent.to(device), self.format,
+                         self.shape, self.dtype)
+
+    def contiguous(self) -> BFPTensor:
+        return BFPTensor(self.mantissa.contiguous(), self.exponent.contiguous(), self.format,
+                         self.shape, self.dtype)
+
+    def __repr__(self) -> str:
+        return (f"BFPTensor(format={self.format.name}, shape={list(self.shape)}, "
+                f"dtype={self.dtype}, device={self.device})")
+
+    # -- serialisation ------------------------------------------------------------------
+    def metadata(self) -> dict:
+        f = self.format
+        return {"format": f.name, "mantissa_bits": f.mantissa_bits, "block_size": f.block_size,
+                "shape": list(self.shape), "dtype": str(self.dtype).removeprefix("torch.")}
+
+    @classmethod
+    def from_parts(cls, mantissa: torch.Tensor, exponent: torch.Tensor, meta: dict) -> BFPTensor:
+        fmt = BFPFormat(meta["format"], int(meta["mantissa_bits"]), int(meta["block_size"]))
+        dtype = getattr(torch, meta["dtype"])
+        return cls(mantissa, exponent, fmt, tuple(meta["shape"]), dtype)
+
+
+_BFP_META_KEY = "llmcore.bfp"
+
+
+def save_bfp(tensors: dict[str, torch.Tensor | BFPTensor], path: str | os.PathLike,
+             metadata: dict[str, str] | None = None) -> None:
+    """Save plain and BFP tensors to one safetensors file, atomically.
+
+    A BFPTensor ``name`` is stored as ``name.mantissa`` and ``name.exponent`` with its
+    format in the file's metadata; :func:`load_bfp` restores it exactly. The file is
+    written beside ``path`` and renamed over it, so an interrupted save never leaves a
+    truncated file behind.
+    """
+    from safetensors.torch import save_file
+
+    flat: dict[str, torch.Tensor] = {}
+    bfp_meta: dict[str, dict] = {}
+    for name, t in tensors.items():
+        if isinstance(t, BFPTensor):
+            flat[f"{name}.mantissa"] = t.mantissa.contiguous().cpu()
+            flat[f"{name}.exponent"] = t.exponent.contiguous().cpu()
+            bfp_meta[name] = t.metadata()
+        elif isinstance(t, torch.Tensor):
+            flat[name] = t.contiguous().cpu()
+        else:
+            raise TypeError(f"tensors[{name!r}] must be a Tensor or BFPTensor, got {type(t)}")
+    meta = dict(metadata or {})
+    meta[_BFP_META_KEY] = json.dumps(bfp_meta)
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors",
+                               dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        save_file(flat, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_bfp(path: str | os.PathLike, device: str | torch.device = "cpu"
+             ) -> dict[str, torch.Tensor | BFPTensor]:
+    """Load a file written by :func:`save_bfp` (or any safetensors file)."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor | BFPTensor] = {}
+    with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
+        bfp_meta = json.loads((f.metadata() or {}).get(_BFP_META_KEY, "{}"))
+        keys = set(f.keys())
+        for name, meta in bfp_meta.items():
+            out[name] = BFPTensor.from_parts(f.get_tensor(f"{name}.mantissa"),
+                                             f.get_tensor(f"{name}.exponent"), meta)
+            keys -= {f"{name}.mantissa", f"{name}.exponent"}
+        for k in sorted(keys):
+            out[k] = f.get_tensor(k)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Ops
+# ---------------------------------------------------------------------------------------
+def _check_float(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+
+
+def _kernel_or_ref(op: str, device: torch.device):
+    if _ext.has_kernel(op, device):
+        return getattr(torch.ops.llmcore, op)
+    _ext.warn_fallback(op, device)
+    return getattr(ref, op)
+
+
+def bfp_quantize(x: torch.Tensor, format: str | BFPFormat = "mxint8",
+                 rounding: str = "nearest") -> BFPTensor:
+    """Quantise ``x`` to a block-floating-point format along its last axis.
+
+    Parameters
+    ----------
+    x : Tensor [..., K]
+        float32, bfloat16 or float16, any strides, K >= 1. Blocks containing Inf or NaN
+        dequantise to NaN.
+    format : str or BFPFormat
+        A preset name (mxint8, mxint4, msfp16, msfp12, bfp16) or a BFPFormat.
+    rounding : {"nearest", "even"}
+        Mantissa rounding: half away from zero (default) or half to even.
+
+    Returns
+    -------
+    BFPTensor of logical shape ``x.shape`` that dequantises to ``x.dtype`` by default.
+    """
+    _check_float("x", x)
+    fmt = get_format(format)
+    even = check_rounding(rounding)
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last axis to quantise, got shape {list(x.shape)}")
+    fn = _kernel_or_ref("bfp_quantize", x.device)
+    m, e = fn(x, fmt.mantissa_bits, fmt.block_size, even)
+    return BFPTensor(m, e, fmt, x.shape, x.dtype)
+
+
+def bfp_dequantize(q: BFPTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dequantise a :class:`BFPTensor` to a float tensor ``q.shape`` of ``dtype``."""
+    if not isinstance(q, BFPTensor):
+        raise TypeError(f"q must be a BFPTensor, got {type(q).__name__}")
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    f = q.format
+    fn = _kernel_or_ref("bfp_dequantize", q.device)
+    return fn(q.mantissa, q.exponent, f.mantissa_bits, f.block_size, q.shape[-1], dtype)
+
+
+def _check_linear_args(x: torch.Tensor, weight: BFPTensor, bias: torch.Tensor | None) -> None:
+    _check_float("x", x)
+    if not isinstance(weight, BFPTensor):
+        raise TypeError(f"weight must be a BFPTensor (see bfp_quantize), got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [N, K], got shape {list(weight.shape)}")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x.shape[-1] must equal weight.shape[1] = {weight.shape[1]} (K), got "
+                         f"x of shape {list(x.shape)}")
+    if x.device != weight.device:
+        raise ValueError(f"x and weight must be on one device, got {x.device} and {weight.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must be a tensor of shape [{weight.shape[0]}], got "
+                             f"{list(bias.shape) if isinstance(bias, torch.Tensor) else type(bias)}")
+        if bias.device != x.device:
+            raise ValueError(f"bias must be on {x.device}, got {bias.device}")
+
+
+def bfp_linear(x: torch.Tensor, weight: BFPTensor, bias: torch.Tensor | None = None,
+               act_format: str | BFPFormat | None = None, rounding: str = "nearest"
+               ) -> torch.Tensor:
+    """``y = x @ weight^T (+ bias)`` with a BFP weight.
+
+    Parameters
+    ----------
+    x : Tensor [..., K]
+        float32, bfloat16 or float16.
+    weight : BFPTensor [N, K]
+    bias : Tensor [N], optional
+        Cast to x's dtype (weight-only) or added in fp32 (activation-quantised).
+    act_format : str or BFPFormat, optional
+        None: weight-only, x stays float and the product accumulates in fp32 (the
+        memory-bound decode path). A format: x is quantised per block along K on the fly
+        and the mantissas are multiplied in integers, each block product exact in int32,
+        scaled by 2^(ea+eb) and accumulated in fp32. If its block size differs from the
+        weight's, both operands are dequantised and multiplied in fp32 instead.
+    rounding : {"nearest", "even"}
+        Rounding used to quantise x (activation-quantised path only).
+
+    Returns
+    -------
+    Tensor [..., N] of x's dtype. Differentiable with respect to x and bias (the weight is
+    frozen here; see :class:`llmcore.nn.BFPLinear` for training).
+    """
+    _check_linear_args(x, weight, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    n = weight.shape[0]
+    f = weight.format
+    if act_format is None:
+        b = None if bias is None else bias.to(x.dtype)
+        fn = _kernel_or_ref("bfp_linear", x.device)
+        y = fn(x2, weight.mantissa, weight.exponent, f.mantissa_bits, f.block_size, b)
+        return y.reshape(*lead, n)
+    af = get_format(act_format)
+    q = bfp_quantize(x2, af, rounding)
+    b = None if bias is None else bias.float()
+    if af.block_size != f.block_size:
+        y = q.dequantize(torch.float32) @ weight.dequantize(torch.float32).T
+        y = y if b is None else y + b
+        return y.to(x.dtype).reshape(*lead, n)
+    fn = _kernel_or_ref("bfp_gemm", x.device)
+    y = fn(q.mantissa, q.exponent, weight.mantissa, weight.exponent, af.mantissa_bits,
+           f.mantissa_bits, f.block_size, x.shape[-1], b, x.dtype)
+    return y.reshape(*lead, n)
+
+
+# ---------------------------------------------------------------------------------------
+# torch.library: fake (meta) impls and autograd, so the ops trace under torch.compile
+# ---------------------------------------------------------------------------------------
+if _ext.available():
+
+    @torch.library.register_fake("llmcore::bfp_quantize")
+    def _(x, mantissa_bits, block_size, round_even):
+        k = x.shape[-1]
+        packed = mantissa_bits <= 4
+        m = x.new_empty((*x.shape[:-1], (k + 1) // 2 if packed else k),
+                        dtype=torch.uint8 if packed else torch.int8)
+        e = x.new_empty((*x.shape[:-1], -(-k // block_size)), dtype=torch.uint8)
+        return m, e
+
+    @torch.library.register_fake("llmcore::bfp_dequantize")
+    def _(mantissa, exponent, mantissa_bits, block_size, k, dtype):
+        return mantissa.new_empty((*mantissa.shape[:-1], k), dtype=dtype)
+
+    @torch.library.register_fake("llmcore::bfp_linear")
+    def _(x, w_mantissa, w_exponent, mantissa_bits, block_size, bias):
+        return x.new_empty((x.shape[0], w_mantissa.shape[0]))
+
+    @torch.library.register_fake("llmcore::bfp_gemm")
+    def _(a_mantissa, a_exponent, b_mantissa, b_exponent, a_bits, b_bits, block_size, k, bias,
+          out_dtype):
+        return a_mantissa.new_empty((a_mantissa.shape[0], b_mantissa.shape[0]), dtype=out_dtype)
+
+    def _linear_setup(ctx, inputs, output):
+        x, w_m, w_e, bits, block, bias = inputs
+        ctx.save_for_backward(w_m, w_e)
+        ctx.bits, ctx.block, ctx.k, ctx.has_bias = bits, block, x.shape[-1], bias is not None
+
+    def _linear_backward(ctx, grad_y):
+        w_m, w_e = ctx.saved_tensors
+        w = torch.ops.llmcore.bfp_dequantize(w_m, w_e, ctx.bits, ctx.block, ctx.k, grad_y.dtype)
+        grad_x = grad_y @ w
+        grad_b = grad_y.sum(0) if ctx.has_bias else None
+        return grad_x, None, None, None, None, grad_b
+
+    torch.library.register_autograd("llmcore::bfp_linear", _linear_backward,
+                                    setup_context=_linear_setup)

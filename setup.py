@@ -1,0 +1,81 @@
+"""Build llmcore._C: the CPU kernels always, the CUDA kernels when possible.
+
+Environment:
+  LLMCORE_CUDA=0|1        force the CUDA kernels off / on (default: on when torch was built
+                          with CUDA and nvcc is found)
+  LLMCORE_CUDA_ARCHS      semicolon list of SM targets, default "80;90a"
+  MAX_JOBS                parallel compile jobs (ninja), as for any torch extension
+
+Install torch first, then `pip install --no-build-isolation -e .`: the extension must be
+compiled against the very torch it will be loaded into (its C++ ABI and version), and
+build isolation would fetch a second, different torch into a temporary environment.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+import torch
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_wanted() -> bool:
+    flag = os.environ.get("LLMCORE_CUDA")
+    if flag is not None:
+        if flag not in ("0", "1"):
+            raise SystemExit(f"LLMCORE_CUDA must be 0 or 1, got {flag!r}")
+        if flag == "1" and cpp_extension.CUDA_HOME is None:
+            raise SystemExit("LLMCORE_CUDA=1 but nvcc was not found (set CUDA_HOME)")
+        if flag == "1" and torch.version.cuda is None:
+            raise SystemExit("LLMCORE_CUDA=1 but this torch was built without CUDA")
+        return flag == "1"
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def _sources(cuda: bool) -> list[str]:
+    files = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    cuda_files = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+    # Files whose name contains "cuda" are CUDA-side bindings; they need the CUDA build.
+    cpu = [f for f in files if "cuda" not in os.path.basename(f)]
+    if not cuda:
+        return cpu
+    return cpu + [f for f in files if "cuda" in os.path.basename(f)] + cuda_files
+
+
+def _gencode(archs: str) -> list[str]:
+    flags = []
+    for arch in filter(None, (a.strip() for a in archs.split(";"))):
+        flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    return flags
+
+
+def _extension():
+    cuda = _cuda_wanted()
+    cxx = ["-O3", "-std=c++17", "-fno-strict-aliasing", "-Wall", "-Wno-unused-function"]
+    define_macros = [("Py_LIMITED_API", "0x030A0000")]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if cuda:
+        archs = os.environ.get("LLMCORE_CUDA_ARCHS", "80;90a")
+        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+                "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+                *_gencode(archs)]
+        define_macros.append(("LLMCORE_WITH_CUDA", "1"))
+        return cpp_extension.CUDAExtension(
+            "llmcore._C", _sources(True), include_dirs=include_dirs,
+            define_macros=define_macros, py_limited_api=True,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+    return cpp_extension.CppExtension(
+        "llmcore._C", _sources(False), include_dirs=include_dirs,
+        define_macros=define_macros, py_limited_api=True,
+        extra_compile_args={"cxx": cxx})
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)
