@@ -1,0 +1,154 @@
+"""Shared fixtures and helpers for the llmcore tests.
+
+- ``device``: every device test runs on "cpu" and on "cuda" (skipped without a GPU).
+- every test starts from its own seed (derived from the test id), so inputs are fresh per
+  test yet reproducible.
+- ``cpu_isa``: runs a test once per CPU kernel path (LLMCORE_CPU_ISA, read on every call).
+- tolerance helpers: a GEMM result is compared with the float64 product with a bound tied
+  to fp32 accumulation, ``8 * K * 2^-24 * (|a| @ |b|^T)``, plus one rounding of the output
+  dtype.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.cuda,
+                                pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]),
+]
+
+FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+PRESET_NAMES = ["mxint8", "mxint4", "msfp16", "msfp12", "bfp16"]
+
+# Unit roundoff (half an ulp, relative) of each output dtype.
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+# Smallest subnormal: the absolute rounding floor of each output dtype.
+TINY = {torch.float32: 2.0**-149, torch.bfloat16: 2.0**-133, torch.float16: 2.0**-24}
+FP32_EPS = 2.0**-24
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+_FLAGS = _cpu_flags()
+CPU_ISAS = [
+    "scalar",
+    pytest.param("avx2", marks=pytest.mark.skipif("avx2" not in _FLAGS or "fma" not in _FLAGS,
+                                                  reason="CPU lacks AVX2/FMA")),
+    pytest.param("avx512", marks=pytest.mark.skipif(
+        not {"avx512f", "avx512bw", "avx512vl"} <= _FLAGS, reason="CPU lacks AVX-512")),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    return torch.device(request.param)
+
+
+@pytest.fixture(params=CPU_ISAS)
+def cpu_isa(request, monkeypatch) -> str:
+    """Select one CPU kernel path for the test (the kernels read the variable per call)."""
+    monkeypatch.setenv("LLMCORE_CPU_ISA", request.param)
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    """A fresh, reproducible seed per test."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    yield
+
+
+# ---------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------
+def randn_blocks(shape, block_size: int, dtype=torch.float32, device="cpu",
+                 log2_range: tuple[float, float] = (-100.0, 100.0)) -> torch.Tensor:
+    """Normal values with a log-uniform scale per block of ``block_size`` along the last
+    axis, so every block has its own shared exponent. Never zeros. Built on the CPU from
+    the test's seed, then moved, so every device sees the same numbers."""
+    shape = tuple(shape)
+    k = shape[-1]
+    nb = -(-k // block_size)
+    lo, hi = log2_range
+    if dtype == torch.float16:  # stay inside fp16's range (no accidental Inf blocks)
+        lo, hi = max(lo, -20.0), min(hi, 12.0)
+    s = torch.empty(*shape[:-1], nb).uniform_(lo, hi)
+    s = s.repeat_interleave(block_size, dim=-1)[..., :k]
+    x = torch.randn(shape, dtype=torch.float64) * torch.exp2(s.double())
+    x = torch.where(x == 0, 1.0, x)
+    return x.to(dtype).to(device)
+
+
+def randn(shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    x = torch.randn(tuple(shape), dtype=torch.float32)
+    x = torch.where(x == 0, 1.0, x)
+    return x.to(dtype).to(device)
+
+
+# ---------------------------------------------------------------------------------------
+# comparisons
+# ---------------------------------------------------------------------------------------
+def gemm_tol(a64: torch.Tensor, b64: torch.Tensor, out_dtype: torch.dtype,
+             bias64: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(expected, tolerance) for y = a @ b^T (+ bias) computed with fp32 accumulation and
+    rounded to ``out_dtype``. a64 [M, K], b64 [N, K] float64 (already the exact operand
+    values)."""
+    y = a64 @ b64.T
+    mag = a64.abs() @ b64.abs().T
+    if bias64 is not None:
+        y = y + bias64
+        mag = mag + bias64.abs()
+    k = a64.shape[-1]
+    tol = 8 * (k + 1) * FP32_EPS * mag
+    if out_dtype != torch.float32:
+        tol = tol * (1 + 2 * UNIT_ROUNDOFF[out_dtype]) + UNIT_ROUNDOFF[out_dtype] * y.abs()
+    tol = tol + TINY[out_dtype]
+    return y, tol
+
+
+def assert_within(actual: torch.Tensor, expected: torch.Tensor, tol: torch.Tensor,
+                  what: str = "") -> None:
+    """|actual - expected| <= tol elementwise; NaN exactly where expected is NaN."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    t = tol.detach().to("cpu", torch.float64).expand_as(e)
+    nan_a, nan_e = torch.isnan(a), torch.isnan(e)
+    if not torch.equal(nan_a, nan_e):
+        idx = (nan_a != nan_e).nonzero()[:5].tolist()
+        raise AssertionError(f"{what}: NaN pattern differs (first mismatches at {idx}; "
+                             f"{int(nan_a.sum())} NaN in actual, {int(nan_e.sum())} expected)")
+    ok = ~nan_e
+    err = torch.where(ok, (a - e).abs(), 0.0)
+    bad = err > torch.where(ok, t, 0.0)
+    if bad.any():
+        flat = int(torch.argmax(torch.where(bad, err / t.clamp_min(1e-300), 0.0)))
+        i = tuple(int(v) for v in torch.unravel_index(torch.tensor(flat), e.shape))
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{bad.numel()} elements out of tolerance; worst at {i}: "
+            f"actual {a[i].item()!r}, expected {e[i].item()!r}, |err| {err[i].item():.3e} > "
+            f"tol {t[i].item():.3e}")
+
+
+def assert_equal_nan(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """Exact equality (dtype, shape, values), NaN == NaN."""
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    torch.testing.assert_close(actual.cpu(), expected.cpu(), rtol=0, atol=0, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
