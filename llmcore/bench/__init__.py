@@ -1,0 +1,56 @@
+"""`llmcore bench`: the benchmark suites, their results files and plots.
+
+Each suite module exposes ``run(device, quick, progress_factory) -> dict`` with keys
+``rows`` (list of :class:`~llmcore.bench.common.Row`), ``baselines`` (method names the
+ratios refer to), ``extra`` (stored in the JSON) and ``text`` (printed after the table).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from llmcore.bench.common import format_table, plot_ratios, write_results
+
+# suite name -> module; later suites (attention, decode, generate, ...) register here.
+SUITES = {"bfp": "llmcore.bench.bfp"}
+
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "benchmarks", "results")
+
+
+def run_suites(names, device: torch.device, quick: bool = False, out_dir: str = DEFAULT_OUT,
+               plot: bool = True, progress: bool = True, echo=print) -> dict[str, dict]:
+    """Run the named suites (all when empty); print a table each, write JSON and PNG."""
+    names = list(names) or list(SUITES)
+    unknown = [n for n in names if n not in SUITES]
+    if unknown:
+        raise ValueError(f"unknown benchmark suite(s) {unknown}; available: {sorted(SUITES)}")
+    factory = None
+    if progress:
+        from tqdm import tqdm
+
+        factory = lambda **kw: tqdm(leave=False, dynamic_ncols=True, **kw)  # noqa: E731
+    results = {}
+    for name in names:
+        mod = importlib.import_module(SUITES[name])
+        res = mod.run(device, quick=quick, progress_factory=factory)
+        rows, base = res["rows"], res["baselines"]
+        echo(f"\n== {name} on {device} ==")
+        echo(format_table(rows, base))
+        if res.get("text"):
+            echo("\n" + res["text"])
+        if out_dir:
+            path = write_results(name, rows, device, out_dir,
+                                 extra={"baselines": base, **res.get("extra", {}), "quick": quick})
+            echo(f"\nresults: {path}")
+            if plot:
+                png = plot_ratios([r for r in rows if base[0] in r.ratios or r.method == base[0]],
+                                  base[0], path[:-5] + ".png",
+                                  f"llmcore {name} on {device}: speed-up over {base[0]}")
+                if png:
+                    echo(f"plot:    {png}")
+        results[name] = res
+    return results

@@ -1,0 +1,219 @@
+"""`llmcore bench bfp`: BFP quantisation throughput, BFP linear layers against fp32 / bf16
+/ fp16 / int8 baselines, and the accuracy of each format.
+
+Methods compared at each (M, K, N), all in one process:
+  fp32 / bf16 / fp16 F.linear     dense baselines (cuBLAS on GPU, oneDNN/MKL on CPU)
+  int8 _int_mm                    int8 x int8 -> int32, activations pre-quantised (untimed)
+  int8 _weight_int8pack_mm        weight-only int8 with per-channel scales
+  llmcore <fmt> W                 bfp_linear weight-only (float activations)
+  llmcore mxint8 x mxint8         bfp_linear(act_format="mxint8"): activations quantised on
+                                  the fly (timed) and integer block products
+Inputs rotate through enough weight sets to exceed the last-level cache (cold weights,
+as in decoding); the median of many timed calls is reported.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from llmcore.bench.common import Row, add_ratios, bench, rotation_count
+from llmcore.formats import PRESETS, get_format
+from llmcore.ops import bfp_linear, bfp_quantize
+
+BASELINES_CPU = ["fp32 F.linear", "bf16 F.linear", "int8 _int_mm"]
+BASELINES_GPU = ["fp16 F.linear", "bf16 F.linear", "int8 _int_mm"]
+
+
+def baselines(device: torch.device) -> list[str]:
+    return BASELINES_GPU if device.type == "cuda" else BASELINES_CPU
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_ceilings(device: torch.device) -> dict:
+    """Copy bandwidth (GB/s, read + write) and, on GPU, bf16 matmul TFLOP/s."""
+    n = (256 << 20) // 4 if device.type == "cpu" else (1 << 30) // 4
+    a = torch.empty(n, device=device)
+    b = torch.empty_like(a)
+    a.fill_(1.0)
+    ms = bench(lambda i: b.copy_(a), device, warmup=2, min_runs=5)
+    out = {"copy_GBps": 2 * a.numel() * 4 / ms / 1e6}
+    if device.type == "cuda":
+        m = 8192
+        x = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+        y = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+        ms = bench(lambda i: x @ y, device, warmup=3, min_runs=10)
+        out["bf16_matmul_TFLOPs"] = 2 * m**3 / ms / 1e9
+    return out
+
+
+def _linear_methods(device: torch.device, m: int, k: int, n: int
+                    ) -> list[tuple[str, Callable[[], Callable[[int], object]], int]]:
+    """(name, builder, weight bytes per set). A builder allocates rotated inputs and
+    returns the timed call; building lazily keeps only one method's weights alive."""
+    gpu = device.type == "cuda"
+    wdtype = torch.float16 if gpu else torch.float32  # activation dtype of the BFP paths
+
+    def dense(dtype):
+        def build():
+            x = torch.randn(m, k, device=device, dtype=dtype)
+            ws = [torch.randn(n, k, device=device, dtype=dtype)
+                  for _ in range(rotation_count(n * k * x.element_size(), device))]
+            return lambda i: F.linear(x, ws[i % len(ws)])
+        return build
+
+    def int_mm():
+        x = torch.randint(-127, 128, (m, k), device=device, dtype=torch.int8)
+        ws = [torch.randint(-127, 128, (n, k), device=device, dtype=torch.int8).T
+              for _ in range(rotation_count(n * k, device))]
+        return lambda i: torch._int_mm(x, ws[i % len(ws)])
+
+    def int8pack():
+        dt = torch.bfloat16
+        x = torch.randn(m, k, device=device, dtype=dt)
+        ws = [(torch.randint(-127, 128, (n, k), device=device, dtype=torch.int8),
+               torch.rand(n, device=device, dtype=dt)) for _ in range(rotation_count(n * k, device))]
+        return lambda i: torch.ops.aten._weight_int8pack_mm(x, *ws[i % len(ws)])
+
+    def bfp(fmt, act=None):
+        f = get_format(fmt)
+
+        def build():
+            x = torch.randn(m, k, device=device, dtype=wdtype)
+            per = math.ceil(n * k * f.bits_per_element / 8)
+            ws = [bfp_quantize(torch.randn(n, k, device=device), f)
+                  for _ in range(rotation_count(per, device))]
+            return lambda i: bfp_linear(x, ws[i % len(ws)], act_format=act)
+        return build
+
+    methods = [("fp32 F.linear", dense(torch.float32), 4), ("bf16 F.linear", dense(torch.bfloat16), 2)]
+    if gpu:
+        methods.append(("fp16 F.linear", dense(torch.float16), 2))
+    if not gpu or m > 16:  # cuBLASLt int8 needs M > 16
+        methods.append(("int8 _int_mm", int_mm, 1))
+    if not gpu:
+        methods.append(("int8 _weight_int8pack_mm (bf16 x)", int8pack, 1))
+    xname = "fp16 x" if gpu else "fp32 x"
+    methods += [
+        (f"llmcore mxint8 W ({xname})", bfp("mxint8"), 1),
+        (f"llmcore mxint4 W ({xname})", bfp("mxint4"), 0.5),
+        ("llmcore mxint8 x mxint8", bfp("mxint8", "mxint8"), 1),
+    ]
+    return methods
+
+
+def run_linear(device: torch.device, ms_list, shapes, progress=None) -> list[Row]:
+    rows: list[Row] = []
+    for k, n in shapes:
+        for m in ms_list:
+            case = f"M={m} K={k} N={n}"
+            for name, build, wbytes in _linear_methods(device, m, k, n):
+                try:
+                    fn = build()
+                    ms = bench(fn, device, min_runs=5 if m * k * n < 1e10 else 3)
+                except (RuntimeError, NotImplementedError) as e:  # baseline unsupported here
+                    if progress is not None:
+                        progress.write(f"skip {name} at {case}: {str(e).splitlines()[0][:100]}")
+                    continue
+                finally:
+                    fn = None
+                    _sync(device)
+                flops = 2 * m * k * n
+                gbps = (n * k * wbytes + m * k * 4 + m * n * 4) / ms / 1e6
+                unit_is_bw = m <= 16
+                rows.append(Row("bfp", case, name, ms,
+                                metric=gbps if unit_is_bw else flops / ms / 1e9,
+                                unit="GB/s" if unit_is_bw else "TFLOP/s",
+                                extra={"M": m, "K": k, "N": n, "GBps": gbps,
+                                       "TFLOPs": flops / ms / 1e9}))
+                if progress is not None:
+                    progress.update(1)
+    add_ratios(rows, [*baselines(device), "int8 _weight_int8pack_mm (bf16 x)"])
+    return rows
+
+
+def run_quantize(device: torch.device, size=(4096, 4096), progress=None) -> list[Row]:
+    rows = []
+    x = torch.randn(*size, device=device)
+    for name, f in PRESETS.items():
+        ms = bench(lambda i: bfp_quantize(x, f), device)
+        out_bytes = x.numel() * f.bits_per_element / 8
+        gbps = (x.numel() * 4 + out_bytes) / ms / 1e6
+        rows.append(Row("bfp", f"quantize {size[0]}x{size[1]} fp32", f"bfp_quantize {name}", ms,
+                        metric=gbps, unit="GB/s"))
+        if progress is not None:
+            progress.update(1)
+    return rows
+
+
+def accuracy_table(n_rows: int = 512, k: int = 4096, seed: int = 0) -> list[dict]:
+    """Relative Frobenius error of each format vs fp32 on Gaussian and outlier-heavy data,
+    beside int8 with per-row absmax scaling, bf16 and fp16."""
+    g = torch.Generator().manual_seed(seed)
+    gauss = torch.randn(n_rows, k, generator=g)
+    # LLM activations: a few channels carry outliers 20-100x larger, plus heavy tails.
+    outl = torch.distributions.StudentT(4.0).sample((n_rows, k))
+    chans = torch.randperm(k, generator=g)[: max(1, k // 256)]
+    outl[:, chans] *= torch.empty(len(chans)).uniform_(20, 100, generator=g)
+    data = {"gaussian": gauss, "outlier-heavy": outl}
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    def int8_rowwise(x):
+        s = x.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 127
+        return (x / s).round().clamp(-127, 127) * s
+
+    table = []
+    methods = {name: (lambda x, f=f: bfp_quantize(x, f).dequantize())
+               for name, f in PRESETS.items()}
+    methods["int8 per-row absmax"] = int8_rowwise
+    methods["bf16"] = lambda x: x.bfloat16().float()
+    methods["fp16"] = lambda x: x.half().float()
+    for name, q in methods.items():
+        f = PRESETS.get(name)
+        table.append({"format": name,
+                      "bits/elem": f.bits_per_element if f else (8.0 if "int8" in name else 16.0),
+                      **{dist: rel(q(x), x) for dist, x in data.items()}})
+    return table
+
+
+def format_accuracy(table: list[dict]) -> str:
+    lines = [f"{'format':<22}{'bits/elem':>10}{'gaussian':>12}{'outlier-heavy':>15}"]
+    for r in table:
+        lines.append(f"{r['format']:<22}{r['bits/elem']:>10.2f}{r['gaussian']:>12.2e}"
+                     f"{r['outlier-heavy']:>15.2e}")
+    return "\n".join(lines)
+
+
+def run(device: torch.device, quick: bool = False, progress_factory=None) -> dict:
+    """The whole suite; returns {"rows", "baselines", "extra", "text"}."""
+    if quick:
+        ms_list, shapes, qsize = [1, 16, 256], [(1024, 1024)], (1024, 1024)
+    elif device.type == "cuda":
+        ms_list, shapes, qsize = [1, 16, 256, 2048], [(4096, 4096), (4096, 14336)], (8192, 8192)
+    else:
+        ms_list, shapes, qsize = [1, 16, 256, 2048], [(4096, 4096)], (4096, 4096)
+    n_methods = len(_linear_methods(device, 256, 64, 64))
+    total = len(PRESETS) + len(ms_list) * len(shapes) * n_methods
+    pbar = progress_factory(total=total, desc="bench bfp") if progress_factory else None
+    ceilings = measure_ceilings(device)
+    rows = run_quantize(device, qsize, pbar) + run_linear(device, ms_list, shapes, pbar)
+    if pbar is not None:
+        pbar.close()
+    for r in rows:
+        if r.unit == "GB/s":
+            r.extra["frac_copy_bw"] = r.metric / ceilings["copy_GBps"]
+        elif r.unit == "TFLOP/s" and "bf16_matmul_TFLOPs" in ceilings:
+            r.extra["frac_bf16_peak"] = r.metric / ceilings["bf16_matmul_TFLOPs"]
+    acc = accuracy_table(n_rows=128 if quick else 512, k=1024 if quick else 4096)
+    return {"rows": rows, "baselines": baselines(device),
+            "extra": {"ceilings": ceilings, "accuracy": acc},
+            "text": "Accuracy (relative Frobenius error vs fp32):\n" + format_accuracy(acc)}

@@ -1,0 +1,5 @@
+"""nn modules built on llmcore ops."""
+
+from llmcore.nn.bfp_linear import BFPLinear, quantize_model
+
+__all__ = ["BFPLinear", "quantize_model"]

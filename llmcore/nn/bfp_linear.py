@@ -1,0 +1,205 @@
+"""BFP linear layers and whole-model quantisation (DESIGN §2.2).
+
+:class:`BFPLinear` has two states:
+
+* **frozen** (inference, the default of :meth:`BFPLinear.from_linear`): the weight lives
+  only as a BFP tensor (``weight_mantissa``/``weight_exponent`` buffers, ~1/4 the bytes of
+  fp32 for MXINT8), and ``forward`` calls :func:`llmcore.ops.bfp_linear`.
+* **trainable**: an fp32 master ``weight`` parameter. ``forward`` quantises W (and X when
+  ``act_format`` is set) and multiplies the quantised operands; ``backward`` quantises
+  along each GEMM's own reduction axis, as the MX training recipe does —
+  grad_input = Q(dY) Q(Wᵀ) (reduction over N), grad_weight = Q(dYᵀ) Q(Xᵀ) (reduction
+  over the tokens) — and passes gradients straight through the rounding to the master
+  weight. ``full_precision_backward=True`` keeps both backward GEMMs in full precision.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmcore.formats import BFPFormat, get_format
+from llmcore.ops.bfp import BFPTensor, bfp_linear, bfp_quantize
+
+
+def _qmm(a: torch.Tensor, b: torch.Tensor, fmt: BFPFormat) -> torch.Tensor:
+    """a [M, R] @ b [P, R]^T with both operands quantised along R (the reduction axis)."""
+    return bfp_linear(a, bfp_quantize(b, fmt), act_format=fmt)
+
+
+class _BFPLinearFunction(torch.autograd.Function):
+    """y = Q(x) Q(W)^T + b with straight-through gradients (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, fmt, act_fmt, grad_fmt, full_backward):
+        wq = bfp_quantize(weight.to(x.dtype) if act_fmt is None else weight, fmt)
+        y = bfp_linear(x, wq, bias, act_format=act_fmt)
+        ctx.save_for_backward(x, weight)
+        ctx.fmt, ctx.grad_fmt, ctx.full_backward = fmt, grad_fmt, full_backward
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        lead = x.shape[:-1]
+        gy = grad_y.reshape(-1, grad_y.shape[-1]).float()  # [T, N]
+        x2 = x.reshape(-1, x.shape[-1]).float()  # [T, K]
+        w = weight.float()  # [N, K]
+        grad_x = grad_w = grad_b = None
+        if ctx.full_backward:
+            if ctx.needs_input_grad[0]:
+                grad_x = gy @ w
+            if ctx.needs_input_grad[1]:
+                grad_w = gy.T @ x2
+        else:
+            g = ctx.grad_fmt
+            if ctx.needs_input_grad[0]:
+                grad_x = _qmm(gy, w.T.contiguous(), g)  # [T, K], reduction over N
+            if ctx.needs_input_grad[1]:
+                grad_w = _qmm(gy.T.contiguous(), x2.T.contiguous(), g)  # [N, K], over T
+        if grad_x is not None:
+            grad_x = grad_x.to(x.dtype).reshape(*lead, x.shape[-1])
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = gy.sum(0)
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+class BFPLinear(nn.Module):
+    """Drop-in ``nn.Linear`` whose matrix product runs in a block-floating-point format.
+
+    Parameters
+    ----------
+    in_features, out_features, bias : as nn.Linear
+    format : str or BFPFormat
+        Weight format (default ``"mxint8"``).
+    act_format : str or BFPFormat, optional
+        Quantise activations too (integer block products); None keeps them float.
+    trainable : bool
+        Keep an fp32 master weight and train through quantised GEMMs (see module doc).
+        False stores only the BFP weight.
+    grad_format : str or BFPFormat, optional
+        Format of the backward GEMMs (default: ``act_format`` or ``format``).
+    full_precision_backward : bool
+        Run the backward GEMMs in full precision (straight-through all the same).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 format: str | BFPFormat = "mxint8", act_format: str | BFPFormat | None = None,
+                 trainable: bool = False, grad_format: str | BFPFormat | None = None,
+                 full_precision_backward: bool = False, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.format = get_format(format)
+        self.act_format = None if act_format is None else get_format(act_format)
+        self.grad_format = get_format(grad_format or act_format or format)
+        self.full_precision_backward = full_precision_backward
+        self.trainable = trainable
+        lin = nn.Linear(in_features, out_features, bias=bias, device=device,
+                        dtype=torch.float32)
+        self.bias = None if lin.bias is None else nn.Parameter(
+            lin.bias.detach().to(dtype or torch.float32), requires_grad=trainable)
+        self.weight_dtype = dtype or torch.float32
+        if trainable:
+            self.weight = nn.Parameter(lin.weight.detach())
+        else:
+            self.weight = None
+            self._set_quantized(lin.weight.detach())
+
+    def _set_quantized(self, w: torch.Tensor) -> None:
+        q = bfp_quantize(w.float(), self.format)
+        self.register_buffer("weight_mantissa", q.mantissa)
+        self.register_buffer("weight_exponent", q.exponent)
+
+    @property
+    def qweight(self) -> BFPTensor:
+        """The BFP weight [out_features, in_features] (quantised now if trainable)."""
+        if self.weight is not None:
+            return bfp_quantize(self.weight.detach(), self.format)
+        return BFPTensor(self.weight_mantissa, self.weight_exponent, self.format,
+                         (self.out_features, self.in_features), self.weight_dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, format: str | BFPFormat = "mxint8",
+                    act_format: str | BFPFormat | None = None, trainable: bool = False,
+                    **kwargs) -> BFPLinear:
+        """Quantise an ``nn.Linear`` (its weights are copied; the original is untouched)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        dev = linear.weight.device
+        mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                  format=format, act_format=act_format, trainable=trainable, device=dev,
+                  dtype=linear.weight.dtype, **kwargs)
+        with torch.no_grad():
+            if trainable:
+                mod.weight.copy_(linear.weight.float())
+            else:
+                mod._set_quantized(linear.weight.detach())
+            if linear.bias is not None:
+                mod.bias.copy_(linear.bias)
+        return mod
+
+    def freeze(self) -> BFPLinear:
+        """Drop the master weight and keep only the BFP weight (for inference)."""
+        if self.weight is not None:
+            w = self.weight.detach()
+            del self.weight
+            self.weight = None
+            self._set_quantized(w)
+            self.trainable = False
+            if self.bias is not None:
+                self.bias.requires_grad_(False)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
+        if self.weight is None:
+            bias = self.bias
+            return bfp_linear(x, self.qweight, bias, act_format=self.act_format)
+        if not torch.is_grad_enabled():
+            q = bfp_quantize(self.weight.detach().to(x.dtype) if self.act_format is None
+                             else self.weight.detach(), self.format)
+            return bfp_linear(x, q, self.bias, act_format=self.act_format)
+        return _BFPLinearFunction.apply(x, self.weight, self.bias, self.format,
+                                        self.act_format, self.grad_format,
+                                        self.full_precision_backward)
+
+    def extra_repr(self) -> str:
+        act = self.act_format.name if self.act_format else None
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, format={self.format.name}, act_format={act}, "
+                f"trainable={self.weight is not None}")
+
+
+def _excluded(name: str, exclude) -> bool:
+    return any(name == p or name.endswith("." + p) or fnmatch.fnmatch(name, p) for p in exclude)
+
+
+def quantize_model(model: nn.Module, format: str | BFPFormat = "mxint8",
+                   act_format: str | BFPFormat | None = None, exclude=("lm_head",),
+                   trainable: bool = False, **kwargs) -> nn.Module:
+    """Replace every ``nn.Linear`` in ``model`` (in place) with a :class:`BFPLinear`.
+
+    ``exclude`` holds module names or glob patterns (``"lm_head"``, ``"*.gate"``) left in
+    full precision; a name matches if it equals the pattern, ends with ``"." + pattern``
+    or matches the glob. Returns ``model``.
+    """
+    if isinstance(exclude, str):
+        exclude = (exclude,)
+    fmt = get_format(format)
+    targets = [(name, mod) for name, mod in model.named_modules()
+               if type(mod) is nn.Linear and not _excluded(name, exclude)]
+    for name, mod in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, BFPLinear.from_linear(mod, fmt, act_format, trainable, **kwargs))
+    return model
+
+
+def bfp_linear_reference(x: torch.Tensor, linear: BFPLinear) -> torch.Tensor:
+    """F.linear with the dequantised weight: what a frozen weight-only BFPLinear computes."""
+    return F.linear(x, linear.qweight.dequantize(x.dtype), linear.bias)
