@@ -1,0 +1,106 @@
+// Block-floating-point CPU kernels: quantise, dequantise, weight-only linear, BFP x BFP GEMM.
+// Framework-free (raw pointers, sizes, strides; no torch): the torch binding is
+// bfp_cpu_binding.cpp, and a plain cmake target compiles these files for native tests.
+//
+// Storage (DESIGN §2.1, csrc/ops.cpp): a row of K values is `mant` (int8 [K], or for
+// bits <= 4 uint8 [ceil(K/2)], element 2i in the low nibble) plus `exp` (uint8
+// [ceil(K/B)], E8M0 biased by 127, 255 = Inf/NaN block). The per-element rule lives in
+// bfp_rule.h; every ISA path here produces exactly the bytes that rule produces.
+//
+// Algorithms
+//   quantize    per block: amax = max|x| (vmaxps on abs), e = exponent field of amax,
+//               v = (x * 2^-e) * 2^(b-2) (exact power-of-two scalings), round (half to
+//               even: vrndscaleps; half away: trunc + |frac| >= 0.5), clamp, narrow.
+//   dequantize  m (int8 -> int32 -> fp32) * block_scale, exact in fp32, then rounded to
+//               nearest-even for bf16/fp16 output.
+//   linear      decode GEMV (M <= 16): stream W once; per block dequantise 16 weights in
+//               registers, FMA against every row of x (fp32), so one W load feeds M rows;
+//               per-block partial sums are multiplied by the block scale. Large M is done in
+//               the binding (dequantise W chunks + at::mm).
+//   gemm        per K block the mantissa dot product is exact in int32 (VNNI vpdpbusd on
+//               u8(a ^ 0x80) x s8(b), minus 128 * column sum of b), converted to fp32, times
+//               scale_a[m] * scale_b[n], accumulated in fp32. B is packed once per call into
+//               panels [N/16][Kp/4][16][4] bytes (Kp = blocks * round_up(B, 4), zero padded),
+//               so any block size works on the vector path.
+//
+// Threading is the caller's: every kernel takes a [begin, end) range (rows, or output
+// columns) and can be called concurrently on disjoint ranges.
+//
+// ISA: chosen at run time (AVX-512 F/BW/VL/VNNI, AVX2+FMA+F16C, scalar); the environment
+// variable LLMCORE_CPU_ISA=scalar|avx2|avx512 forces a lower path (read on each call).
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+namespace llmcore {
+namespace bfp {
+namespace cpu {
+
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+enum class FloatType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// Best ISA this CPU supports, lowered by LLMCORE_CPU_ISA when set.
+Isa active_isa();
+const char* isa_name(Isa isa);
+
+inline int64_t exponent_cols(int64_t k, int block) { return (k + block - 1) / block; }
+inline int64_t mantissa_cols(int64_t k, int bits) { return bits <= 4 ? (k + 1) / 2 : k; }
+
+// Quantise rows [row_begin, row_end) of x (row r starts at x + r * x_row_stride elements,
+// elements contiguous). mant / exp rows have strides mant_row_stride / exp_row_stride bytes.
+void quantize_rows(const void* x, FloatType xt, int64_t x_row_stride, int64_t k, int bits,
+                   int block, bool round_even, uint8_t* mant, int64_t mant_row_stride,
+                   uint8_t* exp, int64_t exp_row_stride, int64_t row_begin, int64_t row_end);
+
+// Dequantise rows [row_begin, row_end) into out (out_row_stride elements, of type ot).
+void dequantize_rows(const uint8_t* mant, int64_t mant_row_stride, const uint8_t* exp,
+                     int64_t exp_row_stride, int64_t k, int bits, int block, void* out,
+                     FloatType ot, int64_t out_row_stride, int64_t row_begin, int64_t row_end);
+
+// Weight-only linear, output columns [n_begin, n_end):
+//   y[m, n] = sum_k x[m, k] * dequant(w)[n, k] (+ bias[n]),  m in [0, M)
+// x fp32 [M, K] (row stride ldx), w rows of stride w_row_stride / exp_row_stride bytes,
+// bias fp32 [N] or null, y fp32 (row stride ldy). Meant for small M (decode).
+void linear_rows(const float* x, int64_t M, int64_t ldx, int64_t K, const uint8_t* w_mant,
+                 int64_t w_row_stride, const uint8_t* w_exp, int64_t exp_row_stride, int bits,
+                 int block, const float* bias, float* y, int64_t ldy, int64_t n_begin,
+                 int64_t n_end);
+
+// ---- BFP x BFP GEMM -----------------------------------------------------------------
+// Packed operands. Kp = exponent_cols(k, block) * round_up(block, 4).
+struct GemmPlan {
+  int64_t M, N, K;
+  int a_bits, b_bits, block;
+  int64_t nb;      // blocks along K
+  int64_t bpad;    // round_up(block, 4)
+  int64_t kp;      // nb * bpad
+  int64_t n_pad;   // round_up(N, 16)
+};
+GemmPlan gemm_plan(int64_t M, int64_t N, int64_t K, int a_bits, int b_bits, int block);
+
+// Scratch sizes in bytes (each buffer 64-byte aligned by the caller).
+size_t gemm_a_bytes(const GemmPlan& p);       // A mantissas: u8 [M][kp] (a ^ 0x80)
+size_t gemm_a_scale_bytes(const GemmPlan& p); // fp32 [M][nb]
+size_t gemm_b_bytes(const GemmPlan& p);       // s8 panels [n_pad/16][kp/4][16][4]
+size_t gemm_b_aux_bytes(const GemmPlan& p);   // fp32 scales + int32 (-128 * col sums),
+                                              // each [n_pad/16][nb][16]
+
+// Pack rows [m_begin, m_end) of A / panels [p_begin, p_end) of B (a panel = 16 rows of b).
+void gemm_pack_a(const GemmPlan& p, const uint8_t* a_mant, int64_t a_row_stride,
+                 const uint8_t* a_exp, int64_t a_exp_stride, uint8_t* a_pack, float* a_scale,
+                 int64_t m_begin, int64_t m_end);
+void gemm_pack_b(const GemmPlan& p, const uint8_t* b_mant, int64_t b_row_stride,
+                 const uint8_t* b_exp, int64_t b_exp_stride, int8_t* b_pack, float* b_scale,
+                 int32_t* b_corr, int64_t p_begin, int64_t p_end);
+
+// C[m, n] for m in [m_begin, m_end), panels [p_begin, p_end) (columns 16*p .. 16*p+15,
+// clipped to N); C fp32 row stride ldc; bias fp32 [N] or null.
+void gemm_compute(const GemmPlan& p, const uint8_t* a_pack, const float* a_scale,
+                  const int8_t* b_pack, const float* b_scale, const int32_t* b_corr,
+                  const float* bias, float* c, int64_t ldc, int64_t m_begin, int64_t m_end,
+                  int64_t p_begin, int64_t p_end);
+
+}  // namespace cpu
+}  // namespace bfp
+}  // namespace llmcore

@@ -1,0 +1,268 @@
+// Torch binding of the CPU BFP kernels (bfp_cpu.h): checks, layout, threads. All the
+// arithmetic is in the framework-free kernels; threads come from at::parallel_for, so
+// torch.set_num_threads is respected.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "bfp/bfp_cpu.h"
+#include "common/check.h"
+
+namespace llmcore {
+namespace {
+
+namespace cpu = bfp::cpu;
+
+// Weight-only linear: above this many rows the product is compute-bound and at::mm on a
+// dequantised fp32 weight wins over the streaming GEMV kernel.
+constexpr int64_t kLinearGemvMaxRows = 16;
+// Dequantised weight chunk for the large-M path (elements): bounds the scratch memory.
+constexpr int64_t kLinearChunkElems = int64_t{1} << 23;
+// Work per parallel task, in elements touched, so small calls stay on one thread.
+constexpr int64_t kGrainElems = int64_t{1} << 15;
+
+cpu::FloatType float_type(at::ScalarType t) {
+  if (t == at::kBFloat16) return cpu::FloatType::kBF16;
+  if (t == at::kHalf) return cpu::FloatType::kF16;
+  return cpu::FloatType::kF32;
+}
+
+bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+int64_t grain_rows(int64_t row_elems) {
+  return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, row_elems));
+}
+
+void check_format(int64_t bits, int64_t block, const char* bits_name) {
+  LLMCORE_CHECK(bits >= 2 && bits <= 8, bits_name, " must be in [2, 8], got ", bits);
+  LLMCORE_CHECK(block >= 1 && block <= 1024, "block_size must be in [1, 1024], got ", block);
+}
+
+// mantissa [..., mantissa_cols(k)] of the storage dtype for `bits`, exponent
+// [..., ceil(k / block)] uint8 with the same leading dims.
+void check_bfp_operand(const at::Tensor& m, const at::Tensor& e, int64_t bits, int64_t block,
+                       int64_t k, const char* m_name, const char* e_name) {
+  LLMCORE_CHECK(m.device().is_cpu(), m_name, " must be on cpu, got ", m.device());
+  LLMCORE_CHECK(e.device().is_cpu(), e_name, " must be on cpu, got ", e.device());
+  const at::ScalarType want = bits <= 4 ? at::kByte : at::kChar;
+  LLMCORE_CHECK(m.scalar_type() == want, m_name, " must have dtype ",
+                bits <= 4 ? "uint8 (two 4-bit mantissas per byte)" : "int8", " for ", bits,
+                "-bit mantissas, got ", m.scalar_type());
+  LLMCORE_CHECK(e.scalar_type() == at::kByte, e_name, " must have dtype uint8, got ",
+                e.scalar_type());
+  LLMCORE_CHECK(m.dim() >= 1 && e.dim() == m.dim(), m_name, " and ", e_name,
+                " must have the same number of dims (>= 1), got shapes ", shape_str(m.sizes()),
+                " and ", shape_str(e.sizes()));
+  const int64_t mc = cpu::mantissa_cols(k, static_cast<int>(bits));
+  const int64_t ec = cpu::exponent_cols(k, static_cast<int>(block));
+  LLMCORE_CHECK(m.size(-1) == mc, m_name, ".size(-1) must be ", mc, " for k=", k, " and ", bits,
+                "-bit mantissas, got shape ", shape_str(m.sizes()));
+  LLMCORE_CHECK(e.size(-1) == ec, e_name, ".size(-1) must be ceil(k / block_size) = ", ec,
+                ", got shape ", shape_str(e.sizes()));
+  LLMCORE_CHECK(m.sizes().slice(0, m.dim() - 1) == e.sizes().slice(0, e.dim() - 1), m_name,
+                " and ", e_name, " must have the same leading dims, got shapes ",
+                shape_str(m.sizes()), " and ", shape_str(e.sizes()));
+}
+
+std::tuple<at::Tensor, at::Tensor> bfp_quantize_cpu(const at::Tensor& x, int64_t mantissa_bits,
+                                                    int64_t block_size, bool round_even) {
+  CHECK_DEVICE(x, at::Device(at::kCPU));
+  CHECK_FLOAT_INPUT(x);
+  check_format(mantissa_bits, block_size, "mantissa_bits");
+  LLMCORE_CHECK(x.dim() >= 1 && x.size(-1) >= 1,
+                "x must have a non-empty last axis to quantise, got shape ", shape_str(x.sizes()));
+  const int bits = static_cast<int>(mantissa_bits), block = static_cast<int>(block_size);
+  const int64_t k = x.size(-1);
+  std::vector<int64_t> mshape(x.sizes().begin(), x.sizes().end());
+  std::vector<int64_t> eshape = mshape;
+  mshape.back() = cpu::mantissa_cols(k, bits);
+  eshape.back() = cpu::exponent_cols(k, block);
+  at::Tensor mant = at::empty(mshape, x.options().dtype(bits <= 4 ? at::kByte : at::kChar));
+  at::Tensor exp = at::empty(eshape, x.options().dtype(at::kByte));
+  if (x.numel() == 0) return {mant, exp};
+  const at::Tensor xc = x.contiguous();
+  const int64_t rows = xc.numel() / k;
+  const cpu::FloatType xt = float_type(x.scalar_type());
+  const void* xp = xc.data_ptr();
+  auto* mp = static_cast<uint8_t*>(mant.data_ptr());
+  auto* ep = exp.data_ptr<uint8_t>();
+  const int64_t mcols = mshape.back(), ecols = eshape.back();
+  at::parallel_for(0, rows, grain_rows(k), [&](int64_t r0, int64_t r1) {
+    cpu::quantize_rows(xp, xt, k, k, bits, block, round_even, mp, mcols, ep, ecols, r0, r1);
+  });
+  return {mant, exp};
+}
+
+at::Tensor bfp_dequantize_cpu(const at::Tensor& mantissa, const at::Tensor& exponent,
+                              int64_t mantissa_bits, int64_t block_size, int64_t k,
+                              at::ScalarType dtype) {
+  check_format(mantissa_bits, block_size, "mantissa_bits");
+  LLMCORE_CHECK(k >= 0, "k must be >= 0, got ", k);
+  LLMCORE_CHECK(is_float_dtype(dtype), "dtype must be float32, bfloat16 or float16, got ", dtype);
+  check_bfp_operand(mantissa, exponent, mantissa_bits, block_size, k, "mantissa", "exponent");
+  std::vector<int64_t> oshape(mantissa.sizes().begin(), mantissa.sizes().end());
+  oshape.back() = k;
+  at::Tensor out = at::empty(oshape, mantissa.options().dtype(dtype));
+  if (out.numel() == 0) return out;
+  const at::Tensor mc = mantissa.contiguous(), ec = exponent.contiguous();
+  const int64_t rows = out.numel() / k;
+  const int bits = static_cast<int>(mantissa_bits), block = static_cast<int>(block_size);
+  const auto* mp = static_cast<const uint8_t*>(mc.data_ptr());
+  const auto* ep = ec.data_ptr<uint8_t>();
+  void* op = out.data_ptr();
+  const cpu::FloatType ot = float_type(dtype);
+  const int64_t mcols = mc.size(-1), ecols = ec.size(-1);
+  at::parallel_for(0, rows, grain_rows(k), [&](int64_t r0, int64_t r1) {
+    cpu::dequantize_rows(mp, mcols, ep, ecols, k, bits, block, op, ot, k, r0, r1);
+  });
+  return out;
+}
+
+at::Tensor bfp_linear_cpu(const at::Tensor& x, const at::Tensor& w_mantissa,
+                          const at::Tensor& w_exponent, int64_t mantissa_bits, int64_t block_size,
+                          const std::optional<at::Tensor>& bias) {
+  CHECK_DEVICE(x, at::Device(at::kCPU));
+  CHECK_FLOAT_INPUT(x);
+  CHECK_DIM(x, 2);
+  check_format(mantissa_bits, block_size, "mantissa_bits");
+  const int64_t M = x.size(0), K = x.size(1);
+  CHECK_DIM(w_mantissa, 2);
+  check_bfp_operand(w_mantissa, w_exponent, mantissa_bits, block_size, K, "w_mantissa",
+                    "w_exponent");
+  const int64_t N = w_mantissa.size(0);
+  at::Tensor b32;
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    CHECK_DEVICE(b, at::Device(at::kCPU));
+    LLMCORE_CHECK(is_float_dtype(b.scalar_type()),
+                  "bias must be float32, bfloat16 or float16, got ", b.scalar_type());
+    LLMCORE_CHECK(b.dim() == 1 && b.size(0) == N, "bias must have shape [", N,
+                  "] (w_mantissa.size(0)), got ", shape_str(b.sizes()));
+    b32 = b.to(at::kFloat).contiguous();
+  }
+  at::Tensor y32 = at::empty({M, N}, x.options().dtype(at::kFloat));
+  if (M == 0 || N == 0) return y32.to(x.scalar_type());
+  const at::Tensor x32 = x.to(at::kFloat).contiguous();
+  const at::Tensor wm = w_mantissa.contiguous(), we = w_exponent.contiguous();
+  const int bits = static_cast<int>(mantissa_bits), block = static_cast<int>(block_size);
+  const auto* wmp = static_cast<const uint8_t*>(wm.data_ptr());
+  const auto* wep = we.data_ptr<uint8_t>();
+  const int64_t wcols = wm.size(1), ecols = we.size(1);
+
+  if (M <= kLinearGemvMaxRows) {
+    const float* xp = x32.data_ptr<float>();
+    const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
+    float* yp = y32.data_ptr<float>();
+    at::parallel_for(0, N, grain_rows(K * M), [&](int64_t n0, int64_t n1) {
+      cpu::linear_rows(xp, M, K, K, wmp, wcols, wep, ecols, bits, block, bp, yp, N, n0, n1);
+    });
+  } else {
+    // Compute-bound: dequantise W by chunks of rows to fp32 and let at::mm do the product.
+    const int64_t chunk = std::min<int64_t>(N, std::max<int64_t>(64, kLinearChunkElems / std::max<int64_t>(K, 1)));
+    at::Tensor wbuf = at::empty({chunk, K}, x.options().dtype(at::kFloat));
+    for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+      const int64_t rows = std::min(chunk, N - n0);
+      float* wp = wbuf.data_ptr<float>();
+      at::parallel_for(0, rows, grain_rows(K), [&](int64_t r0, int64_t r1) {
+        cpu::dequantize_rows(wmp + n0 * wcols, wcols, wep + n0 * ecols, ecols, K, bits, block, wp,
+                             cpu::FloatType::kF32, K, r0, r1);
+      });
+      const at::Tensor w = wbuf.narrow(0, 0, rows);
+      if (rows == N) {
+        y32 = b32.defined() ? at::addmm(b32, x32, w.t()) : at::mm(x32, w.t());
+      } else {
+        at::Tensor yc = y32.narrow(1, n0, rows);
+        if (b32.defined()) yc.copy_(at::addmm(b32.narrow(0, n0, rows), x32, w.t()));
+        else yc.copy_(at::mm(x32, w.t()));
+      }
+    }
+  }
+  return x.scalar_type() == at::kFloat ? y32 : y32.to(x.scalar_type());
+}
+
+at::Tensor bfp_gemm_cpu(const at::Tensor& a_mantissa, const at::Tensor& a_exponent,
+                        const at::Tensor& b_mantissa, const at::Tensor& b_exponent, int64_t a_bits,
+                        int64_t b_bits, int64_t block_size, int64_t k,
+                        const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
+  check_format(a_bits, block_size, "a_bits");
+  check_format(b_bits, block_size, "b_bits");
+  LLMCORE_CHECK(k >= 0, "k must be >= 0, got ", k);
+  LLMCORE_CHECK(is_float_dtype(out_dtype), "out_dtype must be float32, bfloat16 or float16, got ",
+                out_dtype);
+  CHECK_DIM(a_mantissa, 2);
+  CHECK_DIM(b_mantissa, 2);
+  check_bfp_operand(a_mantissa, a_exponent, a_bits, block_size, k, "a_mantissa", "a_exponent");
+  check_bfp_operand(b_mantissa, b_exponent, b_bits, block_size, k, "b_mantissa", "b_exponent");
+  const int64_t M = a_mantissa.size(0), N = b_mantissa.size(0);
+  at::Tensor b32;
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    CHECK_DEVICE(b, at::Device(at::kCPU));
+    LLMCORE_CHECK(is_float_dtype(b.scalar_type()),
+                  "bias must be float32, bfloat16 or float16, got ", b.scalar_type());
+    LLMCORE_CHECK(b.dim() == 1 && b.size(0) == N, "bias must have shape [", N,
+                  "] (b_mantissa.size(0)), got ", shape_str(b.sizes()));
+    b32 = b.to(at::kFloat).contiguous();
+  }
+  const auto opts = a_mantissa.options();
+  at::Tensor c = at::empty({M, N}, opts.dtype(at::kFloat));
+  if (M == 0 || N == 0) return c.to(out_dtype);
+
+  const cpu::GemmPlan p = cpu::gemm_plan(M, N, k, static_cast<int>(a_bits),
+                                         static_cast<int>(b_bits), static_cast<int>(block_size));
+  const at::Tensor am = a_mantissa.contiguous(), ae = a_exponent.contiguous();
+  const at::Tensor bm = b_mantissa.contiguous(), be = b_exponent.contiguous();
+  const int64_t nb = p.nb, panels = p.n_pad / 16;
+  at::Tensor a_pack = at::empty({static_cast<int64_t>(cpu::gemm_a_bytes(p))}, opts.dtype(at::kByte));
+  at::Tensor a_scale = at::empty({M, nb}, opts.dtype(at::kFloat));
+  at::Tensor b_pack = at::empty({static_cast<int64_t>(cpu::gemm_b_bytes(p))}, opts.dtype(at::kChar));
+  at::Tensor b_scale = at::empty({panels * nb * 16}, opts.dtype(at::kFloat));
+  at::Tensor b_corr = at::empty({panels * nb * 16}, opts.dtype(at::kInt));
+  const auto* amp = static_cast<const uint8_t*>(am.data_ptr());
+  const auto* bmp = static_cast<const uint8_t*>(bm.data_ptr());
+  const int64_t a_cols = am.size(1), b_cols = bm.size(1);
+  auto* app = a_pack.data_ptr<uint8_t>();
+  auto* asp = a_scale.data_ptr<float>();
+  auto* bpp = b_pack.data_ptr<int8_t>();
+  auto* bsp = b_scale.data_ptr<float>();
+  auto* bcp = b_corr.data_ptr<int32_t>();
+  at::parallel_for(0, M, grain_rows(p.kp), [&](int64_t m0, int64_t m1) {
+    cpu::gemm_pack_a(p, amp, a_cols, ae.data_ptr<uint8_t>(), nb, app, asp, m0, m1);
+  });
+  at::parallel_for(0, panels, grain_rows(16 * p.kp), [&](int64_t p0, int64_t p1) {
+    cpu::gemm_pack_b(p, bmp, b_cols, be.data_ptr<uint8_t>(), nb, bpp, bsp, bcp, p0, p1);
+  });
+
+  // Tiles of kTileRows x (kTilePanels * 16); consecutive tiles share a B panel group, so
+  // it stays in L2 while A streams.
+  constexpr int64_t kTileRows = 64, kTilePanels = 4;
+  const int64_t mtiles = (M + kTileRows - 1) / kTileRows;
+  const int64_t ntiles = (panels + kTilePanels - 1) / kTilePanels;
+  const float* biasp = b32.defined() ? b32.data_ptr<float>() : nullptr;
+  float* cp = c.data_ptr<float>();
+  const int64_t tile_work = kTileRows * kTilePanels * 16 * std::max<int64_t>(p.kp, 1);
+  at::parallel_for(0, mtiles * ntiles, std::max<int64_t>(1, (kGrainElems * 32) / tile_work),
+                   [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t mt = t % mtiles, nt = t / mtiles;
+      const int64_t m0 = mt * kTileRows, m1 = std::min(M, m0 + kTileRows);
+      const int64_t p0 = nt * kTilePanels, p1 = std::min(panels, p0 + kTilePanels);
+      cpu::gemm_compute(p, app, asp, bpp, bsp, bcp, biasp, cp, N, m0, m1, p0, p1);
+    }
+  });
+  return out_dtype == at::kFloat ? c : c.to(out_dtype);
+}
+
+}  // namespace
+}  // namespace llmcore
+
+TORCH_LIBRARY_IMPL(llmcore, CPU, m) {
+  m.impl("bfp_quantize", &llmcore::bfp_quantize_cpu);
+  m.impl("bfp_dequantize", &llmcore::bfp_dequantize_cpu);
+  m.impl("bfp_linear", &llmcore::bfp_linear_cpu);
+  m.impl("bfp_gemm", &llmcore::bfp_gemm_cpu);
+}
