@@ -30,9 +30,14 @@ def available() -> bool:
 
 def has_kernel(op: str, device: torch.device) -> bool:
     """True when ``torch.ops.llmcore.<op>`` has a kernel for ``device``'s type."""
+    return _has_kernel(op, device.type)
+
+
+@torch.compiler.assume_constant_result  # a constant of the build: traced as such
+def _has_kernel(op: str, device_type: str) -> bool:
     if _C is None:
         return False
-    key = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}.get(device.type)
+    key = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}.get(device_type)
     if key is None:
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"llmcore::{op}", key)
