@@ -1,0 +1,84 @@
+"""The main job (`llmcore bench`) and the CLI: they run, write what they promise and fail
+clearly on bad arguments."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from llmcore import cli
+from llmcore.bench import common, run_suites
+from llmcore.bench import bfp as bfp_suite
+
+
+def test_bench_bfp_quick_writes_json_and_plot(tmp_path, monkeypatch):
+    # Shrink the quick run further: one M per regime keeps this a smoke test.
+    orig = bfp_suite.run_linear
+    monkeypatch.setattr(bfp_suite, "run_linear",
+                        lambda device, ms, shapes, progress=None: orig(device, [1, 32],
+                                                                       [(256, 128)], progress))
+    out = []
+    res = run_suites(["bfp"], torch.device("cpu"), quick=True, out_dir=str(tmp_path),
+                     progress=False, echo=out.append)
+    rows = res["bfp"]["rows"]
+    methods = {r.method for r in rows}
+    assert {"fp32 F.linear", "bf16 F.linear", "llmcore mxint8 W (fp32 x)",
+            "llmcore mxint8 x mxint8"} <= methods
+    ours = [r for r in rows if r.method.startswith("llmcore") and r.case.startswith("M=")]
+    assert ours and all(r.ms > 0 and "fp32 F.linear" in r.ratios for r in ours)
+    files = os.listdir(tmp_path)
+    assert len(files) == 1  # one device folder
+    folder = tmp_path / files[0]
+    doc = json.loads((folder / "bfp.json").read_text())
+    assert doc["environment"]["torch"] == torch.__version__
+    assert doc["rows"] and "accuracy" in doc and "ceilings" in doc
+    assert (folder / "bfp.png").stat().st_size > 1000
+    text = "\n".join(out)
+    assert "x fp32 F.linear" in text and "mxint4" in text
+
+
+def test_accuracy_table_orders_formats_sensibly():
+    acc = {r["format"]: r for r in bfp_suite.accuracy_table(n_rows=64, k=512)}
+    assert acc["mxint8"]["gaussian"] < 2e-2
+    assert acc["mxint4"]["gaussian"] > 5 * acc["mxint8"]["gaussian"]
+    assert acc["bfp16"]["gaussian"] <= acc["mxint8"]["gaussian"] * 1.1  # smaller blocks
+    # Per-block scales beat per-row int8 scaling when a few channels carry outliers.
+    assert acc["mxint8"]["outlier-heavy"] < acc["int8 per-row absmax"]["outlier-heavy"]
+
+
+def test_add_ratios_and_table():
+    rows = [common.Row("s", "c", "base", 2.0), common.Row("s", "c", "ours", 0.5)]
+    common.add_ratios(rows, ["base"])
+    assert rows[1].ratios == {"base": 4.0} and rows[0].ratios == {}
+    assert "4.00" in common.format_table(rows, ["base"])
+
+
+def test_bench_median_counts_calls():
+    calls = []
+    ms = common.bench(lambda i: calls.append(i), torch.device("cpu"), warmup=2, min_runs=5,
+                      min_time_s=0.0)
+    assert ms >= 0 and calls == list(range(7))  # rotation index advances every call
+
+
+def test_cli_unknown_suite_and_info(capsys):
+    assert cli.main(["bench", "nosuch", "--no-save", "--no-progress"]) == 2
+    assert "unknown benchmark suite" in capsys.readouterr().err
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "extension loaded: True" in out and "cpu kernels: bfp_quantize" in out
+
+
+def test_cli_list(capsys):
+    assert cli.main(["bench", "--list"]) == 0
+    assert "bfp" in capsys.readouterr().out.split()
+
+
+def test_device_slug_is_a_folder_name():
+    slug = common.device_slug(torch.device("cpu"))
+    assert slug.startswith("cpu") and "/" not in slug and " " not in slug
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_device_slug_gpu():
+    assert "/" not in common.device_slug(torch.device("cuda"))
