@@ -14,9 +14,8 @@ build isolation would fetch a second, different torch into a temporary environme
 import glob
 import os
 
-from setuptools import setup
-
 import torch
+from setuptools import setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from llmcore import cli
-from llmcore.bench import common, run_suites
 from llmcore.bench import bfp as bfp_suite
+from llmcore.bench import common, run_suites
 
 
 def test_bench_bfp_quick_writes_json_and_plot(tmp_path, monkeypatch):

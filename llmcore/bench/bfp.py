@@ -143,7 +143,7 @@ def run_quantize(device: torch.device, size=(4096, 4096), progress=None) -> list
     rows = []
     x = torch.randn(*size, device=device)
     for name, f in PRESETS.items():
-        ms = bench(lambda i: bfp_quantize(x, f), device)
+        ms = bench(lambda i, f=f: bfp_quantize(x, f), device)
         out_bytes = x.numel() * f.bits_per_element / 8
         gbps = (x.numel() * 4 + out_bytes) / ms / 1e6
         rows.append(Row("bfp", f"quantize {size[0]}x{size[1]} fp32", f"bfp_quantize {name}", ms,

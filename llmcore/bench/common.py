@@ -188,8 +188,8 @@ def format_table(rows: Sequence[Row], baselines: Sequence[str]) -> str:
         tp = f"{r.metric:.2f} {r.unit}" if r.metric is not None else ""
         body.append([r.case, r.method, f"{r.ms:.3f}", tp,
                      *[f"{r.ratios[b]:.2f}" if b in r.ratios else "" for b in baselines]])
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
 
 
