@@ -295,6 +295,29 @@ def test_weight_only_gradients(dtype, lead, name, device):
     assert_within(bias.grad, b64.grad, tol_b[0], "grad bias")
 
 
+@pytest.mark.parametrize("act", ["mxint8", "msfp16"])  # same block size as the weight / not
+def test_act_quantized_gradients(act, device):
+    # The docstring: "Differentiable with respect to x and bias". The bias enters linearly,
+    # so its gradient is exact; for x, the gradient passes straight through the rounding of
+    # x (the MX training recipe, DESIGN §2.2): dx = dy @ dequant(W).
+    k, n = 64, 9
+    q = make_weight(n, k, "mxint8", device)
+    x = randn((5, k), device=device).requires_grad_()
+    bias = randn((n,), device=device).requires_grad_()
+    y = ops.bfp_linear(x, q, bias, act_format=act)
+    g = randn(y.shape, device=device)
+    y.backward(g)
+    assert bias.grad is not None, "no gradient reached bias on the activation-quantised path"
+    g64 = g.cpu().double()
+    _, tol_b = gemm_tol(torch.ones(1, 5, dtype=torch.float64), g64.T.contiguous(),
+                        torch.float32)
+    assert_within(bias.grad, g64.sum(0), tol_b[0], "grad bias")
+    assert x.grad is not None, "no gradient reached x on the activation-quantised path"
+    w64 = weight64(q)
+    _, tol_x = gemm_tol(g64, w64.T.contiguous(), torch.float32)
+    assert_within(x.grad, g64 @ w64, tol_x, "grad x (straight-through)")
+
+
 def test_gradient_bias_only_and_x_only(device):
     q = make_weight(5, 33, "mxint8", device)
     x = randn((4, 33), device=device)
