@@ -246,7 +246,7 @@ void linear(const float* x, int64_t M, int64_t ldx, int64_t K, const uint8_t* w_
 
 }  // namespace
 
-const Kernels kKernels = {quantize, dequantize, linear, nullptr};
+const Kernels kKernels = {quantize, dequantize, linear, nullptr, nullptr};
 
 }  // namespace avx2
 }  // namespace cpu

@@ -364,9 +364,43 @@ void gemm(const GemmPlan& p, const uint8_t* a_pack, const float* a_scale, const 
     gemm_panels<1>(p, a_pack, a_scale, b_pack, b_scale, b_corr, bias, c, ldc, m_begin, m_end, pn);
 }
 
+// B panels for the common case (8-bit mantissas, block a multiple of 4, K a multiple of
+// the block, 16 real rows): the panel is a 4-byte transpose, one gather per 64 bytes, and
+// the column sums come from vpdpbusd against all-ones. Other panels go the portable way.
+void pack_b(const GemmPlan& p, const uint8_t* b_mant, int64_t b_row_stride, const uint8_t* b_exp,
+            int64_t b_exp_stride, int8_t* b_pack, float* b_scale, int32_t* b_corr,
+            int64_t p_begin, int64_t p_end) {
+  const bool fast_format = !is_packed(p.b_bits) && p.block % 4 == 0 && p.K % p.block == 0 &&
+                           b_row_stride % 4 == 0 && b_row_stride / 4 < (int64_t{1} << 27);
+  const int64_t k4 = p.kp / 4, per_block = p.bpad / 4;
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(static_cast<int>(b_row_stride / 4)));
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t pn = p_begin; pn < p_end; ++pn) {
+    if (!fast_format || pn * 16 + 16 > p.N) {
+      gemm_pack_b_portable(p, b_mant, b_row_stride, b_exp, b_exp_stride, b_pack, b_scale, b_corr,
+                           pn, pn + 1);
+      continue;
+    }
+    const uint8_t* rows = b_mant + pn * 16 * b_row_stride;
+    int8_t* panel = b_pack + pn * k4 * 64;
+    for (int64_t b = 0; b < p.nb; ++b) {
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t q = b * per_block; q < (b + 1) * per_block; ++q) {
+        const __m512i v = _mm512_i32gather_epi32(idx, rows + q * 4, 4);
+        _mm512_storeu_si512(panel + q * 64, v);
+        sum = _mm512_dpbusd_epi32(sum, ones, v);
+      }
+      _mm512_storeu_si512(b_corr + (pn * p.nb + b) * 16, _mm512_mullo_epi32(sum, _mm512_set1_epi32(-128)));
+      for (int j = 0; j < 16; ++j)
+        b_scale[(pn * p.nb + b) * 16 + j] = block_scale(b_exp[(pn * 16 + j) * b_exp_stride + b], p.b_bits);
+    }
+  }
+}
+
 }  // namespace
 
-const Kernels kKernels = {quantize, dequantize, linear, gemm};
+const Kernels kKernels = {quantize, dequantize, linear, gemm, pack_b};
 
 }  // namespace avx512
 }  // namespace cpu

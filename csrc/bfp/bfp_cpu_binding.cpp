@@ -19,7 +19,7 @@ namespace cpu = bfp::cpu;
 // dequantised fp32 weight wins over the streaming GEMV kernel.
 constexpr int64_t kLinearGemvMaxRows = 16;
 // Dequantised weight chunk for the large-M path (elements): bounds the scratch memory.
-constexpr int64_t kLinearChunkElems = int64_t{1} << 23;
+constexpr int64_t kLinearChunkElems = int64_t{1} << 24;
 // Work per parallel task, in elements touched, so small calls stay on one thread.
 constexpr int64_t kGrainElems = int64_t{1} << 15;
 

@@ -141,6 +141,13 @@ void gemm_pack_a(const GemmPlan& p, const uint8_t* a_mant, int64_t a_row_stride,
 void gemm_pack_b(const GemmPlan& p, const uint8_t* b_mant, int64_t b_row_stride,
                  const uint8_t* b_exp, int64_t b_exp_stride, int8_t* b_pack, float* b_scale,
                  int32_t* b_corr, int64_t p_begin, int64_t p_end) {
+  pick(&Kernels::pack_b)(p, b_mant, b_row_stride, b_exp, b_exp_stride, b_pack, b_scale, b_corr,
+                         p_begin, p_end);
+}
+
+void gemm_pack_b_portable(const GemmPlan& p, const uint8_t* b_mant, int64_t b_row_stride,
+                          const uint8_t* b_exp, int64_t b_exp_stride, int8_t* b_pack,
+                          float* b_scale, int32_t* b_corr, int64_t p_begin, int64_t p_end) {
   const int64_t k4 = p.kp / 4;
   for (int64_t pn = p_begin; pn < p_end; ++pn) {
     int8_t* panel = b_pack + pn * k4 * 64;

@@ -75,7 +75,13 @@ struct Kernels {
   decltype(&dequantize_rows) dequantize;
   decltype(&linear_rows) linear;
   decltype(&gemm_compute) gemm;
+  decltype(&gemm_pack_b) pack_b;
 };
+
+// The portable B packing (any format); vector pack_b kernels hand it what they skip.
+void gemm_pack_b_portable(const GemmPlan& p, const uint8_t* b_mant, int64_t b_row_stride,
+                          const uint8_t* b_exp, int64_t b_exp_stride, int8_t* b_pack,
+                          float* b_scale, int32_t* b_corr, int64_t p_begin, int64_t p_end);
 
 namespace scalar { extern const Kernels kKernels; }
 namespace avx2 { extern const Kernels kKernels; }

@@ -105,7 +105,7 @@ void gemm(const GemmPlan& p, const uint8_t* a_pack, const float* a_scale, const 
 
 }  // namespace
 
-const Kernels kKernels = {quantize, dequantize, linear, gemm};
+const Kernels kKernels = {quantize, dequantize, linear, gemm, gemm_pack_b_portable};
 
 }  // namespace scalar
 }  // namespace cpu
