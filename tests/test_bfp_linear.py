@@ -5,9 +5,15 @@ llmcore.reference, with a bound tied to fp32 accumulation (see conftest.gemm_tol
 import pytest
 import torch
 import torch.nn.functional as F
-
-from conftest import (FLOAT_DTYPES, PRESET_NAMES, assert_equal_nan, assert_within, gemm_tol,
-                      randn, randn_blocks)
+from conftest import (
+    FLOAT_DTYPES,
+    PRESET_NAMES,
+    assert_equal_nan,
+    assert_within,
+    gemm_tol,
+    randn,
+    randn_blocks,
+)
 
 from llmcore import ops
 from llmcore import reference as ref
@@ -230,7 +236,7 @@ def test_bfp_gemm_op(a_name, b_name, out_dtype, mkn, device):
         y = torch.ops.llmcore.bfp_gemm(a.mantissa, a.exponent, b.mantissa, b.exponent,
                                        af.mantissa_bits, bf.mantissa_bits, af.block_size, k,
                                        bias, out_dtype)
-        assert y.dtype == out_dtype and y.shape == (m, n) and y.device == device
+        assert y.dtype == out_dtype and y.shape == (m, n) and y.device == a.mantissa.device
         b64 = None if bias is None else bias.cpu().double()
         expected = ref.bfp_gemm(a.mantissa.cpu(), a.exponent.cpu(), b.mantissa.cpu(),
                                 b.exponent.cpu(), af.mantissa_bits, bf.mantissa_bits,

@@ -5,9 +5,8 @@ import os
 import pytest
 import safetensors.torch
 import torch
-from safetensors import safe_open
-
 from conftest import HAS_CUDA, PRESET_NAMES, assert_equal_nan, randn, randn_blocks
+from safetensors import safe_open
 
 from llmcore import ops
 from llmcore import reference as ref
