@@ -87,7 +87,8 @@ def randn_blocks(shape, block_size: int, dtype=torch.float32, device="cpu",
     nb = -(-k // block_size)
     lo, hi = log2_range
     if dtype == torch.float16:  # stay inside fp16's range (no accidental Inf blocks)
-        lo, hi = max(lo, -20.0), min(hi, 12.0)
+        lo = min(max(lo, -20.0), 11.0)
+        hi = max(min(hi, 12.0), lo + 1.0)
     s = torch.empty(*shape[:-1], nb).uniform_(lo, hi)
     s = s.repeat_interleave(block_size, dim=-1)[..., :k]
     x = torch.randn(shape, dtype=torch.float64) * torch.exp2(s.double())

@@ -139,6 +139,27 @@ def test_weight_only_noncontiguous(kind, dtype, device):
     assert torch.equal(y, ops.bfp_linear(x.contiguous(), q, bias.contiguous()))
 
 
+@pytest.mark.parametrize("name", ["mxint8", "mxint4", "msfp16"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("mkn", [(300, 97, 129), (513, 1025, 33)], ids=str)
+def test_weight_only_large_m(name, dtype, mkn, device):
+    m, k, n = mkn
+    q = make_weight(n, k, name, device)
+    check_weight_only(randn((m, k), dtype, device), q, randn((n,), dtype, device))
+
+
+def test_weight_only_thread_count():
+    q = make_weight(129, 1025, "mxint4", "cpu")
+    x = randn((300, 1025))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        check_weight_only(x, q)
+        check_act(x, q, "mxint4")
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_weight_only_large_magnitudes(device):
     # weights across a wide exponent range per block; fp32 x with varied scales
     k, n = 257, 19
@@ -225,7 +246,8 @@ def test_act_custom_formats_same_block(device):
 @pytest.mark.parametrize("a_name,b_name", [("mxint8", "mxint8"), ("mxint8", "mxint4"),
                                            ("msfp12", "msfp16"), ("bfp16", "bfp16")])
 @pytest.mark.parametrize("out_dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize("mkn", [(1, 1, 1), (17, 97, 129), (300, 1025, 7)], ids=str)
+@pytest.mark.parametrize("mkn", [(1, 1, 1), (17, 97, 129), (300, 1025, 7), (257, 64, 65)],
+                         ids=str)
 def test_bfp_gemm_op(a_name, b_name, out_dtype, mkn, device):
     m, k, n = mkn
     af, bf = get_format(a_name), get_format(b_name)

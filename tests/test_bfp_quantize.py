@@ -466,3 +466,36 @@ def test_cpu_isa_paths_bit_identical(cpu_isa):
         # non-contiguous input
         x = randn_blocks((97, 5), fmt.block_size).T
         check_quantize(x, fmt)
+
+
+def test_random_formats_fuzz(device):
+    # random (bits, block, K, dtype, rounding, scale range) combinations, bit-exact
+    g = torch.Generator().manual_seed(1234)
+
+    def pick(n):
+        return int(torch.randint(0, n, (1,), generator=g))
+
+    for _ in range(60):
+        bits = 2 + pick(7)
+        block = [1, 2, 3, 5, 8, 16, 31, 32, 48, 64, 100, 1024][pick(12)]
+        k = 1 + pick(300)
+        dtype = FLOAT_DTYPES[pick(3)]
+        lo = -140 + pick(240)
+        fmt = BFPFormat("fuzz", bits, block)
+        x = randn_blocks((1 + pick(4), k), block, dtype, device, (lo, min(lo + 1 + pick(60), 120)))
+        q = check_quantize(x, fmt, ("nearest", "even")[pick(2)])
+        check_dequantize(q, FLOAT_DTYPES[pick(3)])
+
+
+def test_thread_count_does_not_change_bits():
+    x = randn_blocks((64, 1025), 32, torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        q1 = ops.bfp_quantize(x, "mxint4")
+        y1 = ops.bfp_dequantize(q1, torch.bfloat16)
+    finally:
+        torch.set_num_threads(threads)
+    q2 = check_quantize(x, get_format("mxint4"))
+    assert torch.equal(q1.mantissa, q2.mantissa) and torch.equal(q1.exponent, q2.exponent)
+    assert_equal_nan(y1, ops.bfp_dequantize(q2, torch.bfloat16))
