@@ -119,6 +119,37 @@ def test_atomic_write(exc, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["model.safetensors"]
 
 
+def test_file_permissions_follow_umask(tmp_path):
+    # the atomic write must not leave the file with the temp file's private mode (0600):
+    # a checkpoint gets the permissions a plain write would give it
+    old = os.umask(0o022)
+    try:
+        save_bfp({"w": _bfp((2, 32), "mxint8")}, tmp_path / "a.safetensors")
+        with open(tmp_path / "plain", "wb"):
+            pass
+    finally:
+        os.umask(old)
+    mode = os.stat(tmp_path / "a.safetensors").st_mode & 0o777
+    assert mode == os.stat(tmp_path / "plain").st_mode & 0o777 == 0o644, oct(mode)
+
+
+def test_name_collision_is_not_silent(tmp_path):
+    # a plain tensor named like a BFP tensor's part must not silently replace it
+    q = _bfp((2, 32), "mxint8")
+    plain = torch.zeros(2, 32, dtype=torch.int8)
+    path = tmp_path / "c.safetensors"
+    for tensors in ({"w": q, "w.mantissa": plain}, {"w.mantissa": plain, "w": q}):
+        try:
+            save_bfp(tensors, path)
+        except ValueError as e:  # rejecting the clash is fine ...
+            assert "w.mantissa" in str(e)
+            continue
+        out = load_bfp(path)  # ... otherwise both must come back exactly
+        assert set(out) == {"w", "w.mantissa"}
+        assert_same_bfp(q, out["w"])
+        assert torch.equal(out["w.mantissa"], plain)
+
+
 def test_save_rejects_other_values(tmp_path):
     with pytest.raises(TypeError, match="tensors\\['w'\\]"):
         save_bfp({"w": [1, 2, 3]}, tmp_path / "x.safetensors")
