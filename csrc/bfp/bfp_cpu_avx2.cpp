@@ -179,15 +179,15 @@ inline __m256 load_w8(const uint8_t* row, int64_t i, int64_t n) {
 
 template <int MR, int NR, bool kPacked>
 void linear_tile(const float* x, int64_t ldx, int64_t K, const uint8_t* w, int64_t ws,
-                 const uint8_t* we, int64_t es, int bits, int block, const float* bias, float* y,
-                 int64_t ldy, int64_t n) {
+                 const uint8_t* we, int64_t es, const float* scale_lut, int block, const float* bias,
+                 float* y, int64_t ldy, int64_t n) {
   __m256 acc[MR][NR];
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
   const int64_t nb = exponent_cols(K, block);
   for (int64_t b = 0; b < nb; ++b) {
     __m256 s[NR];
-    for (int r = 0; r < NR; ++r) s[r] = _mm256_set1_ps(block_scale(we[(n + r) * es + b], bits));
+    for (int r = 0; r < NR; ++r) s[r] = _mm256_set1_ps(scale_lut[we[(n + r) * es + b]]);
     const int64_t i1 = (b + 1) * block < K ? (b + 1) * block : K;
     for (int64_t i = b * block; i < i1; i += 8) {
       const __m256i mask = lane_mask(i1 - i);
@@ -208,24 +208,27 @@ void linear_tile(const float* x, int64_t ldx, int64_t K, const uint8_t* w, int64
 
 template <int NR, bool kPacked>
 void linear_rows_of(const float* x, int64_t M, int64_t ldx, int64_t K, const uint8_t* w,
-                    int64_t ws, const uint8_t* we, int64_t es, int bits, int block,
+                    int64_t ws, const uint8_t* we, int64_t es, const float* scale_lut, int block,
                     const float* bias, float* y, int64_t ldy, int64_t n) {
   int64_t m = 0;
   for (; m + 2 <= M; m += 2)
-    linear_tile<2, NR, kPacked>(x + m * ldx, ldx, K, w, ws, we, es, bits, block, bias, y + m * ldy, ldy, n);
+    linear_tile<2, NR, kPacked>(x + m * ldx, ldx, K, w, ws, we, es, scale_lut, block, bias, y + m * ldy, ldy, n);
   if (m < M)
-    linear_tile<1, NR, kPacked>(x + m * ldx, ldx, K, w, ws, we, es, bits, block, bias, y + m * ldy, ldy, n);
+    linear_tile<1, NR, kPacked>(x + m * ldx, ldx, K, w, ws, we, es, scale_lut, block, bias, y + m * ldy, ldy, n);
 }
 
 template <bool kPacked>
 void linear_t(const float* x, int64_t M, int64_t ldx, int64_t K, const uint8_t* w, int64_t ws,
               const uint8_t* we, int64_t es, int bits, int block, const float* bias, float* y,
               int64_t ldy, int64_t n_begin, int64_t n_end) {
+  // Block scales from a table: the scalar exp2i per (row, block) costs as much as the FMAs.
+  float scale_lut[256];
+  for (int e = 0; e < 256; ++e) scale_lut[e] = block_scale(static_cast<uint8_t>(e), bits);
   int64_t n = n_begin;
   for (; n + 4 <= n_end; n += 4)
-    linear_rows_of<4, kPacked>(x, M, ldx, K, w, ws, we, es, bits, block, bias, y, ldy, n);
+    linear_rows_of<4, kPacked>(x, M, ldx, K, w, ws, we, es, scale_lut, block, bias, y, ldy, n);
   for (; n < n_end; ++n)
-    linear_rows_of<1, kPacked>(x, M, ldx, K, w, ws, we, es, bits, block, bias, y, ldy, n);
+    linear_rows_of<1, kPacked>(x, M, ldx, K, w, ws, we, es, scale_lut, block, bias, y, ldy, n);
 }
 
 void linear(const float* x, int64_t M, int64_t ldx, int64_t K, const uint8_t* w_mant,

@@ -215,15 +215,15 @@ inline __m512i load_w16(const uint8_t* row, int64_t i, int64_t n) {
 
 template <int MR, int NR, bool kPacked>
 void linear_tile(const float* x, int64_t ldx, int64_t K, const uint8_t* w, int64_t ws,
-                 const uint8_t* we, int64_t es, int bits, int block, const float* bias, float* y,
-                 int64_t ldy, int64_t n) {
+                 const uint8_t* we, int64_t es, const float* scale_lut, int block, const float* bias,
+                 float* y, int64_t ldy, int64_t n) {
   __m512 acc[MR][NR];
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
   const int64_t nb = exponent_cols(K, block);
   for (int64_t b = 0; b < nb; ++b) {
     __m512 s[NR];
-    for (int r = 0; r < NR; ++r) s[r] = _mm512_set1_ps(block_scale(we[(n + r) * es + b], bits));
+    for (int r = 0; r < NR; ++r) s[r] = _mm512_set1_ps(scale_lut[we[(n + r) * es + b]]);
     const int64_t i1 = (b + 1) * block < K ? (b + 1) * block : K;
     for (int64_t i = b * block; i < i1; i += 16) {
       const __mmask16 mask = tail_mask(i1 - i);
@@ -245,16 +245,16 @@ void linear_tile(const float* x, int64_t ldx, int64_t K, const uint8_t* w, int64
 
 template <int NR, bool kPacked>
 void linear_rows_of(const float* x, int64_t M, int64_t ldx, int64_t K, const uint8_t* w,
-                    int64_t ws, const uint8_t* we, int64_t es, int bits, int block,
+                    int64_t ws, const uint8_t* we, int64_t es, const float* scale_lut, int block,
                     const float* bias, float* y, int64_t ldy, int64_t n) {
   for (int64_t m = 0; m < M; m += 4) {
     const float* xm = x + m * ldx;
     float* ym = y + m * ldy;
     switch (M - m < 4 ? M - m : 4) {
-      case 1: linear_tile<1, NR, kPacked>(xm, ldx, K, w, ws, we, es, bits, block, bias, ym, ldy, n); break;
-      case 2: linear_tile<2, NR, kPacked>(xm, ldx, K, w, ws, we, es, bits, block, bias, ym, ldy, n); break;
-      case 3: linear_tile<3, NR, kPacked>(xm, ldx, K, w, ws, we, es, bits, block, bias, ym, ldy, n); break;
-      default: linear_tile<4, NR, kPacked>(xm, ldx, K, w, ws, we, es, bits, block, bias, ym, ldy, n);
+      case 1: linear_tile<1, NR, kPacked>(xm, ldx, K, w, ws, we, es, scale_lut, block, bias, ym, ldy, n); break;
+      case 2: linear_tile<2, NR, kPacked>(xm, ldx, K, w, ws, we, es, scale_lut, block, bias, ym, ldy, n); break;
+      case 3: linear_tile<3, NR, kPacked>(xm, ldx, K, w, ws, we, es, scale_lut, block, bias, ym, ldy, n); break;
+      default: linear_tile<4, NR, kPacked>(xm, ldx, K, w, ws, we, es, scale_lut, block, bias, ym, ldy, n);
     }
   }
 }
@@ -263,11 +263,14 @@ template <bool kPacked>
 void linear_t(const float* x, int64_t M, int64_t ldx, int64_t K, const uint8_t* w, int64_t ws,
               const uint8_t* we, int64_t es, int bits, int block, const float* bias, float* y,
               int64_t ldy, int64_t n_begin, int64_t n_end) {
+  // Block scales from a table: the scalar exp2i per (row, block) costs as much as the FMAs.
+  float scale_lut[256];
+  for (int e = 0; e < 256; ++e) scale_lut[e] = block_scale(static_cast<uint8_t>(e), bits);
   int64_t n = n_begin;
   for (; n + 4 <= n_end; n += 4)
-    linear_rows_of<4, kPacked>(x, M, ldx, K, w, ws, we, es, bits, block, bias, y, ldy, n);
+    linear_rows_of<4, kPacked>(x, M, ldx, K, w, ws, we, es, scale_lut, block, bias, y, ldy, n);
   for (; n < n_end; ++n)
-    linear_rows_of<1, kPacked>(x, M, ldx, K, w, ws, we, es, bits, block, bias, y, ldy, n);
+    linear_rows_of<1, kPacked>(x, M, ldx, K, w, ws, we, es, scale_lut, block, bias, y, ldy, n);
 }
 
 void linear(const float* x, int64_t M, int64_t ldx, int64_t K, const uint8_t* w_mant,
