@@ -170,6 +170,21 @@ def test_weight_only_large_magnitudes(device):
     check_weight_only(x, q)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("m", [3, 64])
+def test_weight_only_small_weights_half_x(dtype, m, device):
+    # Tiny weight scales with large fp16/bf16 activations: the products are normal fp16
+    # numbers, but the weight values themselves are below fp16's normal range, so a kernel
+    # that dequantises W to x's dtype before multiplying loses their low bits. The contract
+    # is the product of x and the exact dequantised weight, accumulated in fp32.
+    k, n = 97, 33
+    w = randn_blocks((n, k), 32, torch.float32, "cpu", (-22, -16))
+    mm, e = ref.bfp_quantize(w, 8, 32)
+    q = BFPTensor(mm, e, "mxint8", (n, k)).to(device)
+    x = randn_blocks((m, k), 32, dtype, device, (7, 9))
+    check_weight_only(x, q)
+
+
 @pytest.mark.parametrize("act", [None, "mxint8"])
 @pytest.mark.parametrize("name", ["mxint8", "mxint4", "msfp12"])
 def test_nan_weight_block(act, name, device):
@@ -291,6 +306,10 @@ def test_cpu_isa_paths(cpu_isa):
                 check_act(x, q, name, bias=b)
     q = make_weight(17, 97, "mxint4", "cpu")
     check_act(randn((5, 97)), q, "mxint8", "even")
+    q = make_weight(65, 161, "mxint8", "cpu")  # large M: the packed-panel GEMM paths
+    x = randn((300, 161))
+    check_weight_only(x, q)
+    check_act(x, q, "mxint8")
 
 
 # ---------------------------------------------------------------------------------------
