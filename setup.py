@@ -53,12 +53,12 @@ def _gencode(archs: str) -> list[str]:
 
 def _extension():
     cuda = _cuda_wanted()
-    cxx = ["-O3", "-std=c++17", "-fno-strict-aliasing", "-Wall", "-Wno-unused-function"]
+    cxx = ["-O3", "-std=c++20", "-fno-strict-aliasing", "-Wall", "-Wno-unused-function"]
     define_macros = [("Py_LIMITED_API", "0x030A0000")]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if cuda:
         archs = os.environ.get("LLMCORE_CUDA_ARCHS", "80;90a")
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+        nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
                 "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                 "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
                 *_gencode(archs)]

@@ -103,7 +103,8 @@ std::tuple<at::Tensor, at::Tensor> bfp_quantize_cuda(const at::Tensor& x, int64_
   CHECK_CUDA(x);
   CHECK_FLOAT_INPUT(x);
   check_format(mantissa_bits, block_size, "mantissa_bits");
-  TORCH_CHECK_VALUE(x.dim() >= 1, "x must have at least one dim, got shape ", shape_str(x.sizes()));
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) > 0,
+                    "x must have a non-empty last axis to quantise, got shape ", shape_str(x.sizes()));
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   const int64_t k = xc.size(-1);
@@ -142,9 +143,28 @@ at::Tensor bfp_dequantize_cuda(const at::Tensor& mantissa, const at::Tensor& exp
   return dequantize_rows(m2, e2, mantissa_bits, block_size, k, dtype).view(shape);
 }
 
+// fp16 has 5 exponent bits: a BFP weight dequantises exactly to fp16 only if every block's
+// values m * 2^(e-(bits-2)) lie within fp16's range (smallest subnormal 2^-24, largest
+// 65504, i.e. e <= 15). Otherwise the M > 16 path multiplies in fp32 (exact, slower).
+// Blocks with exponent byte 0 (all-zero or below 2^-126) and 255 (NaN) are left out:
+// they are exact (zeros), negligible, or NaN whatever the dtype. One small reduction and
+// one host sync per call.
+at::ScalarType cublas_weight_dtype(at::ScalarType x_dtype, const at::Tensor& w_exponent,
+                                   int64_t bits) {
+  if (x_dtype != at::kHalf || w_exponent.numel() == 0) return x_dtype;
+  const at::Tensor e = w_exponent.to(at::kInt);
+  const at::Tensor live = (e > 0) & (e < 255);
+  const at::Tensor range =
+      at::stack({at::where(live, e, 255).min(), at::where(live, e, 0).max()}).cpu();
+  const int lo = range[0].item<int>() - 127 - static_cast<int>(bits - 2);
+  const int hi = range[1].item<int>() - 127;
+  const bool any_live = range[1].item<int>() > 0;
+  return (!any_live || (lo >= -24 && hi <= 15)) ? at::kHalf : at::kFloat;
+}
+
 at::Tensor bfp_linear_cuda(const at::Tensor& x, const at::Tensor& w_mantissa,
                            const at::Tensor& w_exponent, int64_t mantissa_bits,
-                           int64_t block_size, const std::optional<at::Tensor>& bias) {
+                           int64_t block_size, const std::optional<at::Tensor>& bias_opt) {
   CHECK_CUDA(x);
   CHECK_FLOAT_INPUT(x);
   CHECK_DIM(x, 2);
@@ -155,14 +175,14 @@ at::Tensor bfp_linear_cuda(const at::Tensor& x, const at::Tensor& w_mantissa,
   check_format(mantissa_bits, block_size, "mantissa_bits");
   const int64_t m = x.size(0), k = x.size(1), n = w_mantissa.size(0);
   check_bfp_operand(w_mantissa, w_exponent, mantissa_bits, block_size, k, "bfp_linear: w");
-  at::Tensor b;
-  if (bias.has_value()) {
-    b = *bias;
-    CHECK_SAME_DEVICE(x, b);
-    CHECK_FLOAT_INPUT(b);
-    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == n, "bias must have shape [", n,
-                      "], got ", shape_str(b.sizes()));
-    b = b.to(x.scalar_type()).contiguous();  // the Python face passes it in x's dtype
+  at::Tensor bias;
+  if (bias_opt.has_value()) {
+    bias = *bias_opt;
+    CHECK_SAME_DEVICE(x, bias);
+    CHECK_FLOAT_INPUT(bias);
+    TORCH_CHECK_VALUE(bias.dim() == 1 && bias.size(0) == n, "bias must have shape [", n,
+                      "], got ", shape_str(bias.sizes()));
+    bias = bias.to(x.scalar_type()).contiguous();  // the Python face passes it in x's dtype
   }
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty({m, n}, x.options());
@@ -174,23 +194,28 @@ at::Tensor bfp_linear_cuda(const at::Tensor& x, const at::Tensor& w_mantissa,
     const cudaError_t err = kc::linear_small_m(
         xc.data_ptr(), float_type(x.scalar_type()), m, k, k, wm.data_ptr(), wm.size(1),
         we.data_ptr<uint8_t>(), we.size(1), n, static_cast<int>(mantissa_bits),
-        static_cast<int>(block_size), b.defined() ? b.data_ptr() : nullptr, y.data_ptr(), n,
-        current_stream());
+        static_cast<int>(block_size), bias.defined() ? bias.data_ptr() : nullptr, y.data_ptr(),
+        n, current_stream());
     CHECK_LAUNCH(err, "bfp_linear");
     return y;
   }
 
-  // M > 16: compute bound; dequantise W in chunks of rows and let cuBLAS multiply.
+  // M > 16: compute bound; dequantise W in chunks of rows and let cuBLAS multiply, in x's
+  // dtype when W is exact in it, else in fp32 (see cublas_weight_dtype).
+  const at::ScalarType wdtype = cublas_weight_dtype(x.scalar_type(), we, mantissa_bits);
+  const at::Tensor xw = x.scalar_type() == wdtype ? x : x.to(wdtype);
+  const at::Tensor bw = !bias.defined() || bias.scalar_type() == wdtype ? bias : bias.to(wdtype);
   std::optional<at::NoTF32Guard> no_tf32;
-  if (x.scalar_type() == at::kFloat) no_tf32.emplace();
-  const int64_t row_bytes = std::max<int64_t>(k, 1) * x.element_size();
+  if (wdtype == at::kFloat) no_tf32.emplace();
+  const int64_t row_bytes = std::max<int64_t>(k, 1) * xw.element_size();
   const int64_t chunk = std::max<int64_t>(1, (int64_t{512} << 20) / row_bytes);
   for (int64_t n0 = 0; n0 < n; n0 += chunk) {
     const int64_t rows = std::min(chunk, n - n0);
     const at::Tensor w = dequantize_rows(wm.narrow(0, n0, rows), we.narrow(0, n0, rows),
-                                         mantissa_bits, block_size, k, x.scalar_type());
-    at::Tensor part = b.defined() ? at::addmm(b.narrow(0, n0, rows), x, w.t()) : at::mm(x, w.t());
-    if (rows == n) return part;
+                                         mantissa_bits, block_size, k, wdtype);
+    at::Tensor part = bw.defined() ? at::addmm(bw.narrow(0, n0, rows), xw, w.t())
+                                   : at::mm(xw, w.t());
+    if (rows == n && wdtype == x.scalar_type()) return part;
     y.narrow(1, n0, rows).copy_(part);
   }
   return y;

@@ -17,6 +17,23 @@ inline std::string shape_str(at::IntArrayRef s) {
   return os.str();
 }
 
+// "int8", "float32", ... as Python spells them (torch's own names are "Char", "Float").
+inline const char* dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kChar: return "int8";
+    case at::kByte: return "uint8";
+    case at::kShort: return "int16";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    case at::kBool: return "bool";
+    default: return c10::toString(t);
+  }
+}
+
 }  // namespace llmcore
 
 #define LLMCORE_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, __VA_ARGS__)
@@ -25,8 +42,8 @@ inline std::string shape_str(at::IntArrayRef s) {
   TORCH_CHECK_VALUE((x).device() == (dev), #x " must be on ", (dev), ", got ", (x).device())
 
 #define CHECK_DTYPE(x, dt)                                                                \
-  TORCH_CHECK_VALUE((x).scalar_type() == (dt), #x " must have dtype ", (dt), ", got ",    \
-                    (x).scalar_type())
+  TORCH_CHECK_VALUE((x).scalar_type() == (dt), #x " must have dtype ",                    \
+                    llmcore::dtype_name(dt), ", got ", llmcore::dtype_name((x).scalar_type()))
 
 #define CHECK_DIM(x, n)                                                                   \
   TORCH_CHECK_VALUE((x).dim() == (n), #x " must have ", (n), " dims, got shape ",         \
@@ -44,4 +61,5 @@ inline std::string shape_str(at::IntArrayRef s) {
 #define CHECK_FLOAT_INPUT(x)                                                              \
   TORCH_CHECK_VALUE((x).scalar_type() == at::kFloat || (x).scalar_type() == at::kBFloat16 \
                         || (x).scalar_type() == at::kHalf,                                \
-                    #x " must be float32, bfloat16 or float16, got ", (x).scalar_type())
+                    #x " must be float32, bfloat16 or float16, got ",                     \
+                    llmcore::dtype_name((x).scalar_type()))

@@ -129,6 +129,10 @@ def save_bfp(tensors: dict[str, torch.Tensor | BFPTensor], path: str | os.PathLi
     bfp_meta: dict[str, dict] = {}
     for name, t in tensors.items():
         if isinstance(t, BFPTensor):
+            for part in (f"{name}.mantissa", f"{name}.exponent"):
+                if part in tensors:
+                    raise ValueError(f"tensors[{part!r}] clashes with the storage of BFPTensor "
+                                     f"{name!r}; rename one of them")
             flat[f"{name}.mantissa"] = t.mantissa.contiguous().cpu()
             flat[f"{name}.exponent"] = t.exponent.contiguous().cpu()
             bfp_meta[name] = t.metadata()
@@ -144,11 +148,18 @@ def save_bfp(tensors: dict[str, torch.Tensor | BFPTensor], path: str | os.PathLi
     os.close(fd)
     try:
         save_file(flat, tmp, metadata=meta)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it a normal mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_bfp(path: str | os.PathLike, device: str | torch.device = "cpu"
@@ -271,6 +282,7 @@ def bfp_linear(x: torch.Tensor, weight: BFPTensor, bias: torch.Tensor | None = N
     frozen here; see :class:`llmcore.nn.BFPLinear` for training).
     """
     _check_linear_args(x, weight, bias)
+    even = check_rounding(rounding)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     n = weight.shape[0]
@@ -281,16 +293,48 @@ def bfp_linear(x: torch.Tensor, weight: BFPTensor, bias: torch.Tensor | None = N
         y = fn(x2, weight.mantissa, weight.exponent, f.mantissa_bits, f.block_size, b)
         return y.reshape(*lead, n)
     af = get_format(act_format)
-    q = bfp_quantize(x2, af, rounding)
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        y = _ActQuantLinear.apply(x2, bias, weight, af, even)
+    else:
+        y = _act_quant_linear(x2, bias, weight, af, even)
+    return y.reshape(*lead, n)
+
+
+def _act_quant_linear(x2: torch.Tensor, bias: torch.Tensor | None, weight: BFPTensor,
+                      af: BFPFormat, even: bool) -> torch.Tensor:
+    """Q(x2) @ weight^T (+ bias) with x2 quantised to ``af`` along K."""
+    f = weight.format
+    q = bfp_quantize(x2, af, "even" if even else "nearest")
     b = None if bias is None else bias.float()
     if af.block_size != f.block_size:
         y = q.dequantize(torch.float32) @ weight.dequantize(torch.float32).T
         y = y if b is None else y + b
-        return y.to(x.dtype).reshape(*lead, n)
-    fn = _kernel_or_ref("bfp_gemm", x.device)
-    y = fn(q.mantissa, q.exponent, weight.mantissa, weight.exponent, af.mantissa_bits,
-           f.mantissa_bits, f.block_size, x.shape[-1], b, x.dtype)
-    return y.reshape(*lead, n)
+        return y.to(x2.dtype)
+    fn = _kernel_or_ref("bfp_gemm", x2.device)
+    return fn(q.mantissa, q.exponent, weight.mantissa, weight.exponent, af.mantissa_bits,
+              f.mantissa_bits, f.block_size, x2.shape[-1], b, x2.dtype)
+
+
+class _ActQuantLinear(torch.autograd.Function):
+    """Activation-quantised linear with straight-through gradients:
+    d/dx = dY @ dequant(W), d/dbias = sum of dY over rows (the rounding of x is treated as
+    the identity, as in quantisation-aware training)."""
+
+    @staticmethod
+    def forward(ctx, x2, bias, weight, af, even):
+        ctx.weight, ctx.has_bias, ctx.x_dtype = weight, bias is not None, x2.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return _act_quant_linear(x2, bias, weight, af, even)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        grad_x = grad_b = None
+        if ctx.needs_input_grad[0]:
+            w = ctx.weight.dequantize(torch.float32)
+            grad_x = (grad_y.float() @ w).to(ctx.x_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[1]:
+            grad_b = grad_y.float().sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_b, None, None, None
 
 
 # ---------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def bfp_quantize(x: torch.Tensor, mantissa_bits: int, block_size: int,
     lim = (1 << (mantissa_bits - 1)) - 1
     m = r.clamp(-lim, lim)
     m = torch.where(finite.unsqueeze(-1), m, 0.0)
-    m = m.reshape(*m.shape[:-2], -1)[..., :k].to(torch.int8)
+    m = m.reshape(*m.shape[:-2], m.shape[-2] * block_size)[..., :k].to(torch.int8)
     exp = torch.where(finite, e + 127, NAN_EXPONENT).to(torch.uint8)
     if mantissa_bits <= 4:
         m = pack_nibbles(m)
@@ -71,7 +71,7 @@ def bfp_dequantize(mantissa: torch.Tensor, exponent: torch.Tensor, mantissa_bits
     e = exponent.to(torch.int64)
     scale = torch.exp2((e - 127 - (mantissa_bits - 2)).to(torch.float64))
     scale = torch.where(e == NAN_EXPONENT, float("nan"), scale)
-    out = (m * scale.unsqueeze(-1)).reshape(*m.shape[:-2], -1)[..., :k]
+    out = (m * scale.unsqueeze(-1)).reshape(*m.shape[:-2], nb * block_size)[..., :k]
     return out.to(dtype)
 
 
