@@ -34,6 +34,11 @@ def _cuda_wanted() -> bool:
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
+def _torch_uses_openmp() -> bool:
+    return "OpenMP" in torch.__config__.parallel_info() and os.name == "posix" and \
+        os.uname().sysname == "Linux"
+
+
 def _sources(cuda: bool) -> list[str]:
     files = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     cuda_files = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
@@ -55,6 +60,12 @@ def _extension():
     cuda = _cuda_wanted()
     cxx = ["-O3", "-std=c++20", "-fno-strict-aliasing", "-Wall", "-Wno-unused-function"]
     define_macros = [("Py_LIMITED_API", "0x030A0000")]
+    link_args = []
+    if _torch_uses_openmp():
+        # at::parallel_for is inline code over OpenMP: without -fopenmp it silently runs on
+        # one thread. torch already links libgomp, so this adds no new runtime.
+        cxx.append("-fopenmp")
+        link_args.append("-fopenmp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     if cuda:
         archs = os.environ.get("LLMCORE_CUDA_ARCHS", "80;90a")
@@ -65,11 +76,12 @@ def _extension():
         define_macros.append(("LLMCORE_WITH_CUDA", "1"))
         return cpp_extension.CUDAExtension(
             "llmcore._C", _sources(True), include_dirs=include_dirs,
-            define_macros=define_macros, py_limited_api=True,
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+            define_macros=define_macros, py_limited_api=True, extra_link_args=link_args,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-Xcompiler", "-fopenmp", *nvcc]
+                                if link_args else nvcc})
     return cpp_extension.CppExtension(
         "llmcore._C", _sources(False), include_dirs=include_dirs,
-        define_macros=define_macros, py_limited_api=True,
+        define_macros=define_macros, py_limited_api=True, extra_link_args=link_args,
         extra_compile_args={"cxx": cxx})
 
 
