@@ -82,11 +82,11 @@ def _linear_methods(device: torch.device, m: int, k: int, n: int
                torch.rand(n, device=device, dtype=dt)) for _ in range(rotation_count(n * k, device))]
         return lambda i: torch.ops.aten._weight_int8pack_mm(x, *ws[i % len(ws)])
 
-    def bfp(fmt, act=None):
+    def bfp(fmt, act=None, xdtype=wdtype):
         f = get_format(fmt)
 
         def build():
-            x = torch.randn(m, k, device=device, dtype=wdtype)
+            x = torch.randn(m, k, device=device, dtype=xdtype)
             per = math.ceil(n * k * f.bits_per_element / 8)
             ws = [bfp_quantize(torch.randn(n, k, device=device), f)
                   for _ in range(rotation_count(per, device))]
@@ -104,8 +104,10 @@ def _linear_methods(device: torch.device, m: int, k: int, n: int
     methods += [
         (f"llmcore mxint8 W ({xname})", bfp("mxint8"), 1),
         (f"llmcore mxint4 W ({xname})", bfp("mxint4"), 0.5),
-        ("llmcore mxint8 x mxint8", bfp("mxint8", "mxint8"), 1),
     ]
+    if not gpu:  # bf16 activations: the usual CPU inference dtype
+        methods.append(("llmcore mxint8 W (bf16 x)", bfp("mxint8", xdtype=torch.bfloat16), 1))
+    methods.append(("llmcore mxint8 x mxint8", bfp("mxint8", "mxint8"), 1))
     return methods
 
 
