@@ -38,4 +38,26 @@ TORCH_LIBRARY(llmcore, m) {
   m.def("bfp_gemm(Tensor a_mantissa, Tensor a_exponent, Tensor b_mantissa, Tensor b_exponent,"
         " int a_bits, int b_bits, int block_size, int k, Tensor? bias, ScalarType out_dtype)"
         " -> Tensor");
+
+  // ---- fused attention (csrc/attention) --------------------------------------------------
+  // q [B, Sq, H, D], k/v [B, Sk, Hkv, D] (H % Hkv == 0: GQA/MQA), last dim contiguous.
+  // causal: query i sees keys j <= i + Sk - Sq (bottom-right aligned). Returns out
+  // [B, Sq, H, D] in q's dtype and lse [B, H, Sq] fp32 (natural log; -inf for a row that
+  // sees no key, whose out row is 0). The Sq x Sk matrix is never materialised.
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale)"
+        " -> (Tensor out, Tensor lse)");
+  // Gradients of attention_fwd given grad_out [B, Sq, H, D] and the saved out/lse; P is
+  // recomputed tile by tile. deterministic=True forbids atomics/order-dependent sums.
+  m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+        " bool causal, float softmax_scale, bool deterministic)"
+        " -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  // Packed batches: q [Tq, H, D], k/v [Tk, Hkv, D]; sequence b is rows
+  // cu_seqlens[b] .. cu_seqlens[b+1] (int32 [batch+1], starting at 0). lse [H, Tq] fp32.
+  m.def("attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q,"
+        " Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal,"
+        " float softmax_scale) -> (Tensor out, Tensor lse)");
+  m.def("attention_varlen_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out,"
+        " Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q,"
+        " int max_seqlen_k, bool causal, float softmax_scale, bool deterministic)"
+        " -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }

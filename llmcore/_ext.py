@@ -28,6 +28,12 @@ def available() -> bool:
     return _C is not None
 
 
+def has_op(op: str) -> bool:
+    """True when the loaded extension defines the schema ``llmcore::<op>`` (a stale build
+    may predate newer ops: their Python faces then take the reference path)."""
+    return _C is not None and hasattr(torch.ops.llmcore, op)
+
+
 def has_kernel(op: str, device: torch.device) -> bool:
     """True when ``torch.ops.llmcore.<op>`` has a kernel for ``device``'s type."""
     return _has_kernel(op, device.type)
@@ -35,7 +41,7 @@ def has_kernel(op: str, device: torch.device) -> bool:
 
 @torch.compiler.assume_constant_result  # a constant of the build: traced as such
 def _has_kernel(op: str, device_type: str) -> bool:
-    if _C is None:
+    if not has_op(op):
         return False
     key = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}.get(device_type)
     if key is None:

@@ -1,5 +1,6 @@
 """llmcore ops: the Python face of the compiled kernels (``torch.ops.llmcore.*``)."""
 
+from llmcore.ops.attention import attention, attention_varlen
 from llmcore.ops.bfp import (
     BFPTensor,
     bfp_dequantize,
@@ -10,6 +11,8 @@ from llmcore.ops.bfp import (
 )
 
 __all__ = [
+    "attention",
+    "attention_varlen",
     "BFPTensor",
     "bfp_dequantize",
     "bfp_linear",

@@ -5,6 +5,12 @@ have no llmcore kernel (with a one-time warning). Written for clarity and exactn
 (float64 where it matters), not speed.
 """
 
+from llmcore.reference.attention import (
+    attention_bwd,
+    attention_fwd,
+    attention_varlen_bwd,
+    attention_varlen_fwd,
+)
 from llmcore.reference.bfp import (
     bfp_dequantize,
     bfp_gemm,
@@ -15,6 +21,10 @@ from llmcore.reference.bfp import (
 )
 
 __all__ = [
+    "attention_bwd",
+    "attention_fwd",
+    "attention_varlen_bwd",
+    "attention_varlen_fwd",
     "bfp_dequantize",
     "bfp_gemm",
     "bfp_linear",
