@@ -60,4 +60,23 @@ TORCH_LIBRARY(llmcore, m) {
         " Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q,"
         " int max_seqlen_k, bool causal, float softmax_scale, bool deterministic)"
         " -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+
+  // ---- KV-cached decoding (csrc/decode) ----------------------------------------------------
+  // q [B, Lq, H, D] (Lq new tokens per sequence, 1..16), cache_seqlens int32 [B] = valid
+  // length per sequence INCLUDING the new tokens, which are its last Lq positions: query t
+  // sees keys j <= cache_seqlens[b] - Lq + t (causal among the new tokens). Cache layout:
+  // contiguous [B, S_max, Hkv, D], or paged [num_pages, page_size, Hkv, D] with block_table
+  // int32 [B, max_pages] (position j of sequence b is page block_table[b][j / page_size],
+  // row j % page_size). Cache dtype = q's, or int8 MXINT8 mantissas with k/v_exponent
+  // uint8 [..., Hkv, ceil(D/32)] (E8M0, blocks of 32 along D). -> out [B, Lq, H, D] q's
+  // dtype, lse [B, H, Lq] fp32 (-inf and out = 0 for a query that sees no key).
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens,"
+        " float softmax_scale, Tensor? block_table, Tensor? k_exponent, Tensor? v_exponent)"
+        " -> (Tensor out, Tensor lse)");
+  // Writes k/v [B, T, Hkv, D] at positions start_pos[b] + t (int32 [B]) of each sequence,
+  // in place; for an int8 cache it quantises each 32-element block of D to MXINT8
+  // (round half away from zero) into the mantissa cache and the exponent tensors.
+  m.def("kv_cache_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v,"
+        " Tensor start_pos, Tensor? block_table, Tensor(c!)? k_exponent,"
+        " Tensor(d!)? v_exponent) -> ()");
 }

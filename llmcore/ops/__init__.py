@@ -9,6 +9,7 @@ from llmcore.ops.bfp import (
     load_bfp,
     save_bfp,
 )
+from llmcore.ops.decode import decode_attention, kv_cache_append
 
 __all__ = [
     "attention",
@@ -17,6 +18,8 @@ __all__ = [
     "bfp_dequantize",
     "bfp_linear",
     "bfp_quantize",
+    "decode_attention",
+    "kv_cache_append",
     "load_bfp",
     "save_bfp",
 ]

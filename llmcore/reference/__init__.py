@@ -19,6 +19,7 @@ from llmcore.reference.bfp import (
     pack_nibbles,
     unpack_nibbles,
 )
+from llmcore.reference.decode import decode_attention, kv_cache_append
 
 __all__ = [
     "attention_bwd",
@@ -26,6 +27,8 @@ __all__ = [
     "attention_varlen_bwd",
     "attention_varlen_fwd",
     "bfp_dequantize",
+    "decode_attention",
+    "kv_cache_append",
     "bfp_gemm",
     "bfp_linear",
     "bfp_quantize",
