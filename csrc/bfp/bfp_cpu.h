@@ -67,6 +67,15 @@ void linear_rows(const float* x, int64_t M, int64_t ldx, int64_t K, const uint8_
                  int block, const float* bias, float* y, int64_t ldy, int64_t n_begin,
                  int64_t n_end);
 
+// The same with x of any float type (fp32, bf16, fp16; row stride ldx elements). bf16 x
+// may be multiplied in bf16 (vdpbf16ps) against weights dequantised to bf16, which is exact
+// (8-bit mantissas fit bf16; bf16 x bf16 products are exact in fp32) where no product is
+// near fp32's subnormal range; otherwise, and for other types, x is widened to fp32.
+void linear_rows_typed(const void* x, FloatType xt, int64_t M, int64_t ldx, int64_t K,
+                       const uint8_t* w_mant, int64_t w_row_stride, const uint8_t* w_exp,
+                       int64_t exp_row_stride, int bits, int block, const float* bias, float* y,
+                       int64_t ldy, int64_t n_begin, int64_t n_end);
+
 // ---- BFP x BFP GEMM -----------------------------------------------------------------
 // Packed operands. Kp = exponent_cols(k, block) * round_up(block, 4).
 struct GemmPlan {

@@ -22,7 +22,7 @@
 #include <vector>
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16,fma,f16c")
 // GCC 12's intrinsic headers fill don't-care lanes from _mm512_undefined_*(), a
 // self-initialised variable that -Wuninitialized reports at every use; not our code.
 #pragma GCC diagnostic push
@@ -289,6 +289,254 @@ void linear(const float* x, int64_t M, int64_t ldx, int64_t K, const uint8_t* w_
   }
 }
 
+// ---- weight-only linear, M >= 2: dequantise once, reuse for every row -----------------
+// Per tile of kNR weight rows: dequantise the rows once into a scratch row (fp32, or bf16
+// when x is bf16 and every product is exact), zero padded to kp; then MR x kNR register
+// tiles FMA (or vdpbf16ps) it against every row of x, also zero padded to kp. So the cost
+// of dequantising is paid once per weight, not once per (weight, row group).
+constexpr int kNR = 3;     // weight rows per tile
+constexpr int kMRMax = 8;  // x rows per register tile
+
+template <typename T>
+T* scratch(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+// Rows [n, n + nr) of w dequantised to fp32 into out ([nr][kp], zero beyond K). Returns
+// the smallest exponent byte seen (255 blocks are NaN, they do not count).
+int dequant_tile_f32(const uint8_t* w, int64_t ws, const uint8_t* we, int64_t es, int bits,
+                     int block, const float* lut, int64_t K, int64_t kp, int64_t n, int nr,
+                     float* out) {
+  const int64_t nb = exponent_cols(K, block);
+  const bool packed = is_packed(bits);
+  int min_byte = 255;
+  for (int r = 0; r < nr; ++r) {
+    const uint8_t* row = w + (n + r) * ws;
+    const uint8_t* er = we + (n + r) * es;
+    float* o = out + r * kp;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int e = er[b];
+      if (e < min_byte) min_byte = e;
+      const __m512 s = _mm512_set1_ps(lut[e]);
+      const int64_t i0 = b * block, i1 = i0 + block < K ? i0 + block : K;
+      if (!packed) {
+        for (int64_t i = i0; i < i1; i += 16) {
+          const __mmask16 m = tail_mask(i1 - i);
+          const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, row + i)));
+          _mm512_mask_storeu_ps(o + i, m, _mm512_mul_ps(v, s));
+        }
+      } else if (i0 % 2 == 0) {
+        for (int64_t i = i0; i < i1; i += 16) {
+          const __mmask16 m = tail_mask(i1 - i);
+          const __m512 v = _mm512_cvtepi32_ps(load_w16<true>(row, i, i1 - i));
+          _mm512_mask_storeu_ps(o + i, m, _mm512_mul_ps(v, s));
+        }
+      } else {
+        for (int64_t i = i0; i < i1; ++i) o[i] = static_cast<float>(load_mantissa(row, bits, i)) * lut[e];
+      }
+    }
+    for (int64_t i = K; i < kp; ++i) o[i] = 0.0f;
+  }
+  return min_byte;
+}
+
+template <int MR, int NR>
+inline void store_tile(__m512 (&acc)[MR][NR], const float* bias, float* y, int64_t ldy, int64_t n) {
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) {
+      const float v = _mm512_reduce_add_ps(acc[m][r]);
+      y[m * ldy + n + r] = bias ? v + bias[n + r] : v;
+    }
+}
+
+// y[m, n + r] for m < MR, r < NR from x fp32 [MR][kp] (row stride ldx) and wt [NR][kp].
+template <int MR, int NR>
+void tile_f32(const float* x, int64_t ldx, const float* wt, int64_t kp, const float* bias,
+              float* y, int64_t ldy, int64_t n) {
+  __m512 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < kp; i += 16) {
+    __m512 wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = _mm512_loadu_ps(wt + r * kp + i);
+    for (int m = 0; m < MR; ++m) {
+      const __m512 xv = _mm512_loadu_ps(x + m * ldx + i);
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_fmadd_ps(wv[r], xv, acc[m][r]);
+    }
+  }
+  store_tile<MR, NR>(acc, bias, y, ldy, n);
+}
+
+// Same with bf16 x [MR][kp] and bf16 wt [NR][kp] (kp a multiple of 32): vdpbf16ps.
+template <int MR, int NR>
+void tile_bf16(const uint16_t* x, int64_t ldx, const uint16_t* wt, int64_t kp, const float* bias,
+               float* y, int64_t ldy, int64_t n) {
+  __m512 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < kp; i += 32) {
+    __m512bh wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(wt + r * kp + i);
+    for (int m = 0; m < MR; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * ldx + i);
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
+    }
+  }
+  store_tile<MR, NR>(acc, bias, y, ldy, n);
+}
+
+template <bool kBF16, int NR>
+void rows_tile(const void* x, int64_t M, int64_t ldx, const void* wt, int64_t kp,
+               const float* bias, float* y, int64_t ldy, int64_t n) {
+  for (int64_t m = 0; m < M; m += kMRMax) {
+    const int64_t left = M - m;
+    // Balance the row groups: 16 -> 8 + 8, 12 -> 6 + 6, 10 -> 5 + 5.
+    const int64_t groups = (left + kMRMax - 1) / kMRMax;
+    const int mr = static_cast<int>((left + groups - 1) / groups);
+    float* ym = y + m * ldy;
+#define LLMCORE_LIN_ROWS(R)                                                                     \
+  case R:                                                                                       \
+    if (kBF16) tile_bf16<R, NR>(static_cast<const uint16_t*>(x) + m * ldx, ldx,                \
+                                static_cast<const uint16_t*>(wt), kp, bias, ym, ldy, n);        \
+    else tile_f32<R, NR>(static_cast<const float*>(x) + m * ldx, ldx,                         \
+                         static_cast<const float*>(wt), kp, bias, ym, ldy, n);                  \
+    m += R - kMRMax;                                                                            \
+    break;
+    switch (mr) {
+      LLMCORE_LIN_ROWS(1)
+      LLMCORE_LIN_ROWS(2)
+      LLMCORE_LIN_ROWS(3)
+      LLMCORE_LIN_ROWS(4)
+      LLMCORE_LIN_ROWS(5)
+      LLMCORE_LIN_ROWS(6)
+      LLMCORE_LIN_ROWS(7)
+      default: LLMCORE_LIN_ROWS(8)
+    }
+#undef LLMCORE_LIN_ROWS
+  }
+}
+
+// Smallest nonzero |x| of bf16 x [M][K] as an unbiased exponent (-127 for subnormals;
+// 128 when x is all zero).
+int bf16_min_exponent(const uint16_t* x, int64_t M, int64_t ldx, int64_t K) {
+  __m512i mn = _mm512_set1_epi16(0x7fff);
+  const __m512i absm = _mm512_set1_epi16(0x7fff);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < K; i += 32) {
+      const __mmask32 lm = K - i >= 32 ? 0xffffffffu : (1u << (K - i)) - 1u;
+      const __m512i v = _mm512_and_si512(_mm512_maskz_loadu_epi16(lm, x + m * ldx + i), absm);
+      const __mmask32 nz = _mm512_test_epi16_mask(v, v);
+      mn = _mm512_mask_min_epu16(mn, nz, mn, v);
+    }
+  alignas(64) uint16_t t[32];
+  _mm512_store_si512(t, mn);
+  int lo = 0x7fff;
+  for (int j = 0; j < 32; ++j) lo = t[j] < lo ? t[j] : lo;
+  if (lo == 0x7fff) return 128;
+  return (lo >> 7) == 0 ? -127 : (lo >> 7) - 127;
+}
+
+bool cpu_has_bf16() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return has;
+}
+
+void linear_tiles(const void* x, FloatType xt, int64_t M, int64_t ldx, int64_t K,
+                  const uint8_t* w, int64_t ws, const uint8_t* we, int64_t es, int bits,
+                  int block, const float* bias, float* y, int64_t ldy, int64_t n_begin,
+                  int64_t n_end) {
+  float lut[256];
+  for (int e = 0; e < 256; ++e) lut[e] = block_scale(static_cast<uint8_t>(e), bits);
+  thread_local std::vector<float> xf_buf, wf_buf;
+  thread_local std::vector<uint16_t> xb_buf, wb_buf;
+
+  // bf16 x: vdpbf16ps on bf16 weights when that is exact. Weights m * 2^s with |m| < 2^7
+  // are exact in bf16; products of two bf16 values are exact in fp32. vdpbf16ps flushes
+  // subnormal inputs and results, so every nonzero product must be far above 2^-126:
+  // 2^(ex + s) >= 2^-100 keeps any flushed partial sum (< 2^-126 each) well inside the
+  // fp32 accumulation bound. Tiles that fail the test go the fp32 way.
+  const bool try_bf16 = xt == FloatType::kBF16 && bits <= 8 && cpu_has_bf16();
+  int x_min_exp = 0;
+  const int64_t kp16 = (K + 15) / 16 * 16, kp32 = (K + 31) / 32 * 32;
+  const uint16_t* xb = nullptr;
+  int64_t ldxb = ldx;
+  if (try_bf16) {
+    x_min_exp = bf16_min_exponent(static_cast<const uint16_t*>(x), M, ldx, K);
+    xb = static_cast<const uint16_t*>(x);
+    if (K != kp32) {
+      uint16_t* b = scratch(xb_buf, static_cast<size_t>(M * kp32));
+      for (int64_t m = 0; m < M; ++m) {
+        memcpy(b + m * kp32, static_cast<const uint16_t*>(x) + m * ldx, static_cast<size_t>(K) * 2);
+        memset(b + m * kp32 + K, 0, static_cast<size_t>(kp32 - K) * 2);
+      }
+      xb = b;
+      ldxb = kp32;
+    }
+  }
+  // fp32 x (converted and padded lazily: the bf16 path may never need it).
+  const float* xf = nullptr;
+  int64_t ldxf = ldx;
+  auto need_xf = [&] {
+    if (xf) return;
+    if (xt == FloatType::kF32 && K == kp16) {
+      xf = static_cast<const float*>(x);
+      return;
+    }
+    float* b = scratch(xf_buf, static_cast<size_t>(M * kp16));
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t i = 0; i < K; i += 16) {
+        const __mmask16 mk = tail_mask(K - i);
+        const __m512 v = xt == FloatType::kF32 ? load16<FloatType::kF32>(x, m * ldx + i, mk)
+                       : xt == FloatType::kBF16 ? load16<FloatType::kBF16>(x, m * ldx + i, mk)
+                                                : load16<FloatType::kF16>(x, m * ldx + i, mk);
+        _mm512_mask_storeu_ps(b + m * kp16 + i, mk, v);
+      }
+      for (int64_t i = K; i < kp16; ++i) b[m * kp16 + i] = 0.0f;
+    }
+    xf = b;
+    ldxf = kp16;
+  };
+
+  const int64_t kp_w = try_bf16 ? kp32 : kp16;
+  float* wf = scratch(wf_buf, static_cast<size_t>(kNR * kp_w));
+  uint16_t* wb = try_bf16 ? scratch(wb_buf, static_cast<size_t>(kNR * kp32)) : nullptr;
+  for (int64_t n = n_begin; n < n_end; n += kNR) {
+    const int nr = n_end - n < kNR ? static_cast<int>(n_end - n) : kNR;
+    const int min_byte = dequant_tile_f32(w, ws, we, es, bits, block, lut, K, kp_w, n, nr, wf);
+    bool use_bf16 = false;
+    if (try_bf16) {
+      // min_byte 255: all NaN blocks (bf16 NaN is fine).
+      const int w_exp = min_byte - kExpBias - (bits - 2);
+      // Weights must be normal in bf16 too (vcvtne2ps2bf16 flushes subnormals).
+      use_bf16 = min_byte == 255 ||
+                 (w_exp >= -126 && x_min_exp != -127 && (x_min_exp == 128 || x_min_exp + w_exp >= -100));
+    }
+    if (use_bf16) {
+      for (int r = 0; r < nr; ++r)
+        for (int64_t i = 0; i < kp32; i += 32) {
+          const __m512bh p = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(wf + r * kp32 + i + 16),
+                                                 _mm512_loadu_ps(wf + r * kp32 + i));
+          _mm512_storeu_si512(wb + r * kp32 + i, (__m512i)p);
+        }
+      if (nr == kNR) rows_tile<true, kNR>(xb, M, ldxb, wb, kp32, bias, y, ldy, n);
+      else
+        for (int r = 0; r < nr; ++r)
+          rows_tile<true, 1>(xb, M, ldxb, wb + r * kp32, kp32, bias, y, ldy, n + r);
+    } else {
+      need_xf();
+      // fp32 tiles read kp16 columns; the scratch rows are kp_w apart.
+      if (kp_w == kp16 && nr == kNR) rows_tile<false, kNR>(xf, M, ldxf, wf, kp16, bias, y, ldy, n);
+      else
+        for (int r = 0; r < nr; ++r)
+          rows_tile<false, 1>(xf, M, ldxf, wf + r * kp_w, kp16, bias, y, ldy, n + r);
+    }
+  }
+}
+
 // ---- BFP x BFP GEMM (VNNI) ------------------------------------------------------------
 template <int MR, int NP>
 void gemm_tile(const GemmPlan& p, const uint8_t* a_pack, const float* a_scale,
@@ -404,6 +652,28 @@ void pack_b(const GemmPlan& p, const uint8_t* b_mant, int64_t b_row_stride, cons
 }  // namespace
 
 const Kernels kKernels = {quantize, dequantize, linear, gemm, pack_b};
+
+void linear_typed(const void* x, FloatType xt, int64_t M, int64_t ldx, int64_t K,
+                  const uint8_t* w_mant, int64_t w_row_stride, const uint8_t* w_exp,
+                  int64_t exp_row_stride, int bits, int block, const float* bias, float* y,
+                  int64_t ldy, int64_t n_begin, int64_t n_end) {
+  if (M >= 2) {
+    linear_tiles(x, xt, M, ldx, K, w_mant, w_row_stride, w_exp, exp_row_stride, bits, block, bias,
+                 y, ldy, n_begin, n_end);
+    return;
+  }
+  const float* xf = static_cast<const float*>(x);
+  std::vector<float> tmp;
+  if (xt != FloatType::kF32) {
+    tmp.resize(static_cast<size_t>(M * K));
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t i = 0; i < K; ++i) tmp[m * K + i] = load_float(x, xt, m * ldx + i);
+    xf = tmp.data();
+    ldx = K;
+  }
+  linear(xf, M, ldx, K, w_mant, w_row_stride, w_exp, exp_row_stride, bits, block, bias, y, ldy,
+         n_begin, n_end);
+}
 
 }  // namespace avx512
 }  // namespace cpu

@@ -146,7 +146,6 @@ at::Tensor bfp_linear_cpu(const at::Tensor& x, const at::Tensor& w_mantissa,
   }
   at::Tensor y32 = at::empty({M, N}, x.options().dtype(at::kFloat));
   if (M == 0 || N == 0) return y32.to(x.scalar_type());
-  const at::Tensor x32 = x.to(at::kFloat).contiguous();
   const at::Tensor wm = w_mantissa.contiguous(), we = w_exponent.contiguous();
   const int bits = static_cast<int>(mantissa_bits), block = static_cast<int>(block_size);
   const auto* wmp = static_cast<const uint8_t*>(wm.data_ptr());
@@ -154,13 +153,18 @@ at::Tensor bfp_linear_cpu(const at::Tensor& x, const at::Tensor& w_mantissa,
   const int64_t wcols = wm.size(1), ecols = we.size(1);
 
   if (M <= kLinearGemvMaxRows) {
-    const float* xp = x32.data_ptr<float>();
+    // x in its own dtype: the kernel widens it, or multiplies bf16 x in bf16 (exactly).
+    const at::Tensor xc = x.contiguous();
+    const void* xp = xc.data_ptr();
+    const cpu::FloatType xt = float_type(x.scalar_type());
     const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
     float* yp = y32.data_ptr<float>();
     at::parallel_for(0, N, grain_rows(K * M), [&](int64_t n0, int64_t n1) {
-      cpu::linear_rows(xp, M, K, K, wmp, wcols, wep, ecols, bits, block, bp, yp, N, n0, n1);
+      cpu::linear_rows_typed(xp, xt, M, K, K, wmp, wcols, wep, ecols, bits, block, bp, yp, N, n0,
+                             n1);
     });
   } else {
+    const at::Tensor x32 = x.to(at::kFloat).contiguous();
     // Compute-bound: dequantise W by chunks of rows to fp32 and let at::mm do the product.
     const int64_t chunk = std::min<int64_t>(N, std::max<int64_t>(64, kLinearChunkElems / std::max<int64_t>(K, 1)));
     at::Tensor wbuf = at::empty({chunk, K}, x.options().dtype(at::kFloat));

@@ -5,6 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <vector>
+
 namespace llmcore {
 namespace bfp {
 namespace cpu {
@@ -84,6 +86,29 @@ void linear_rows(const float* x, int64_t M, int64_t ldx, int64_t K, const uint8_
                  int64_t n_end) {
   pick(&Kernels::linear)(x, M, ldx, K, w_mant, w_row_stride, w_exp, exp_row_stride, bits, block,
                          bias, y, ldy, n_begin, n_end);
+}
+
+void linear_rows_typed(const void* x, FloatType xt, int64_t M, int64_t ldx, int64_t K,
+                       const uint8_t* w_mant, int64_t w_row_stride, const uint8_t* w_exp,
+                       int64_t exp_row_stride, int bits, int block, const float* bias, float* y,
+                       int64_t ldy, int64_t n_begin, int64_t n_end) {
+#if defined(__x86_64__)
+  if (active_isa() == Isa::kAvx512) {
+    avx512::linear_typed(x, xt, M, ldx, K, w_mant, w_row_stride, w_exp, exp_row_stride, bits,
+                         block, bias, y, ldy, n_begin, n_end);
+    return;
+  }
+#endif
+  if (xt == FloatType::kF32) {
+    linear_rows(static_cast<const float*>(x), M, ldx, K, w_mant, w_row_stride, w_exp,
+                exp_row_stride, bits, block, bias, y, ldy, n_begin, n_end);
+    return;
+  }
+  std::vector<float> xf(static_cast<size_t>(M * K));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < K; ++i) xf[m * K + i] = load_float(x, xt, m * ldx + i);
+  linear_rows(xf.data(), M, K, K, w_mant, w_row_stride, w_exp, exp_row_stride, bits, block, bias,
+              y, ldy, n_begin, n_end);
 }
 
 void gemm_compute(const GemmPlan& p, const uint8_t* a_pack, const float* a_scale,

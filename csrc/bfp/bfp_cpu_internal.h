@@ -85,7 +85,14 @@ void gemm_pack_b_portable(const GemmPlan& p, const uint8_t* b_mant, int64_t b_ro
 
 namespace scalar { extern const Kernels kKernels; }
 namespace avx2 { extern const Kernels kKernels; }
-namespace avx512 { extern const Kernels kKernels; }
+namespace avx512 {
+extern const Kernels kKernels;
+// linear_rows_typed on AVX-512 (needs F/BW/VL/VNNI; uses AVX512_BF16 when present).
+void linear_typed(const void* x, FloatType xt, int64_t M, int64_t ldx, int64_t K,
+                  const uint8_t* w_mant, int64_t w_row_stride, const uint8_t* w_exp,
+                  int64_t exp_row_stride, int bits, int block, const float* bias, float* y,
+                  int64_t ldy, int64_t n_begin, int64_t n_end);
+}  // namespace avx512
 
 }  // namespace cpu
 }  // namespace bfp
