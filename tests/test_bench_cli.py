@@ -82,3 +82,15 @@ def test_device_slug_is_a_folder_name():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_device_slug_gpu():
     assert "/" not in common.device_slug(torch.device("cuda"))
+
+
+@pytest.mark.parametrize("suite", ["attention", "decode"])
+def test_other_suites_quick(tmp_path, suite):
+    res = run_suites([suite], torch.device("cpu"), quick=True, out_dir=str(tmp_path),
+                     progress=False, echo=lambda s: None)[suite]
+    rows = res["rows"]
+    assert rows and all(r.ms > 0 and r.metric > 0 for r in rows)
+    ours = [r for r in rows if r.method.startswith("llmcore")]
+    assert ours and all(res["baselines"][0] in r.ratios for r in ours)
+    folder = tmp_path / os.listdir(tmp_path)[0]
+    assert json.loads((folder / f"{suite}.json").read_text())["rows"]

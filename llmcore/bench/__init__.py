@@ -15,7 +15,11 @@ import torch
 from llmcore.bench.common import format_table, plot_ratios, write_results
 
 # suite name -> module; later suites (attention, decode, generate, ...) register here.
-SUITES = {"bfp": "llmcore.bench.bfp", "attention": "llmcore.bench.attention"}
+SUITES = {
+    "bfp": "llmcore.bench.bfp",
+    "attention": "llmcore.bench.attention",
+    "decode": "llmcore.bench.decode",
+}
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "benchmarks", "results")
