@@ -227,6 +227,29 @@ def test_large_logits(dtype, device):
     check_dense(q, k, v, True, None, True, f"large logits {dtype}")
 
 
+def test_inference_mode_and_partial_grads(device):
+    """Under inference_mode the output is the same; with only v (or only q) requiring grad
+    the others get none and the one that does matches the full backward."""
+    dtype = KERNEL_DTYPES[device.type][-1]
+    d = head_dim_for(device, 1)
+    q, k, v = make_qkv(2, 27, 35, 4, 1, d, dtype, device)
+    g = randn(q.shape, dtype, device)
+    with _Deterministic():
+        full = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = ops.attention(*full, causal=True)
+        (out * g).sum().backward()
+        with torch.inference_mode():
+            assert torch.equal(ops.attention(q, k, v, causal=True), out.detach())
+        for i in (0, 2):
+            leaves = [t.clone().requires_grad_(j == i) for j, t in enumerate((q, k, v))]
+            (ops.attention(*leaves, causal=True) * g).sum().backward()
+            for j, t in enumerate(leaves):
+                if j == i:
+                    assert torch.equal(t.grad, full[j].grad), f"grad of input {j}"
+                else:
+                    assert t.grad is None
+
+
 def test_default_scale_is_inverse_sqrt_head_dim(device):
     dtype = KERNEL_DTYPES[device.type][0]
     d = head_dim_for(device, 1)
