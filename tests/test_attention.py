@@ -373,6 +373,18 @@ def test_cpu_isa_paths(dtype, cpu_isa):
     check_dense(q, k, v, True, None, True, f"isa {cpu_isa} {dtype}")
 
 
+def test_single_thread():
+    """The CPU kernels with one thread (another work split) against the reference."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for dtype in KERNEL_DTYPES["cpu"]:
+            q, k, v = make_qkv(1, 130, 200, 4, 2, 80, dtype, "cpu", requires_grad=True)
+            check_dense(q, k, v, True, None, True, f"1 thread {dtype}")
+    finally:
+        torch.set_num_threads(prev)
+
+
 # ---------------------------------------------------------------------------------------
 # varlen
 # ---------------------------------------------------------------------------------------
@@ -463,6 +475,20 @@ def test_varlen(dtype, causal, device):
     assert torch.equal(out[rows], torch.zeros_like(out[rows]))
     assert torch.all(lse[:, rows] == float("-inf"))
     assert torch.equal(grads[0][rows], torch.zeros_like(grads[0][rows]))
+
+
+def test_varlen_loose_max_seqlen(device):
+    """max_seqlen_q/k are upper bounds: larger ones give the same result."""
+    dtype = KERNEL_DTYPES[device.type][-1]
+    d = head_dim_for(device, 2)
+    lq, lk = [9, 30, 1], [12, 30, 64]
+    cq, ck = cu_of(lq, device), cu_of(lk, device)
+    q = randn((sum(lq), 8, d), dtype, device)
+    k, v = (randn((sum(lk), 1, d), dtype, device) for _ in range(2))
+    tight = ops.attention_varlen(q, k, v, cq, ck, 30, 64, causal=True, return_lse=True)
+    loose = ops.attention_varlen(q, k, v, cq, ck, 300, 200, causal=True, return_lse=True)
+    for a, b_ in zip(tight, loose, strict=True):
+        _assert_same(b_, a, "varlen with loose max_seqlen")
 
 
 def test_varlen_all_empty(device):
