@@ -21,6 +21,7 @@ from llmcore.ops.bfp import BFPTensor
 CACHE_FORMAT = "mxint8"  # the only BFP cache format: 8-bit mantissas, blocks of 32 along D
 CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
+CUDA_HEAD_DIMS = (64, 128, 256)
 
 
 def _split(name: str, cache) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -148,7 +149,10 @@ def decode_attention(q: torch.Tensor, k_cache, v_cache, cache_seqlens: torch.Ten
         if block_table is not None:
             _check_table_values(block_table, lens, kc.shape[1], kc.shape[0], "valid")
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
-    supported = q.dtype in (CPU_DTYPES if q.device.type == "cpu" else CUDA_DTYPES)
+    if q.device.type == "cuda":
+        supported = q.dtype in CUDA_DTYPES and d in CUDA_HEAD_DIMS
+    else:
+        supported = q.dtype in CPU_DTYPES
     if supported and _ext.has_kernel("decode_attention", q.device):
         out, lse = torch.ops.llmcore.decode_attention(q, kc, vc, cache_seqlens, scale,
                                                       block_table, ke, ve)
