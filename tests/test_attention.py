@@ -955,6 +955,14 @@ _BINDING_SCRIPT = textwrap.dedent(r"""
         "varlen bwd grad_out shape": lambda: L.attention_varlen_bwd(
             gp[:11], qp, kp, vp, outp, lsep, cq, ck, 7, 9, False, .1, False),
     }
+    if dev == "cuda":  # what the CUDA kernels do not take must be refused, not crash
+        cases["fwd head_dim 80"] = lambda: L.attention_fwd(r(2, 5, 4, 80), r(2, 7, 2, 80),
+                                                           r(2, 7, 2, 80), False, 0.1)
+        cases["fwd float32"] = lambda: L.attention_fwd(q.float(), k.float(), v.float(), False,
+                                                       0.1)
+        cases["fwd k on cpu"] = lambda: L.attention_fwd(q, k.cpu(), v, False, 0.1)
+        cases["varlen cu on cpu"] = lambda: L.attention_varlen_fwd(qp, kp, vp, cq.cpu(), ck, 7,
+                                                                   9, False, .1)
     bad = []
     for name, call in cases.items():
         print("case:", name, flush=True)
