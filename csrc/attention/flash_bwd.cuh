@@ -106,10 +106,8 @@ flash_bwd_dkdv_kernel(const BwdParams p) {
   const float* lse = p.lse + lse_off;
   const float* dsum = p.dsum + lse_off;
 
-  // Query i sees key j <= i + diag: the first query row that sees key n0 is n0 - diag.
-  const int64_t diag = static_cast<int64_t>(si.sk) - si.sq;
-  int m_first = 0;
-  if (kCausal && n0 - diag > 0) m_first = static_cast<int>((n0 - diag) / kBr);
+  // Query blocks before m_first see none of this block's keys.
+  const int m_first = layout::first_query_block(n0, kBr, si.sq, si.sk, kCausal);
   const int m_blocks = (si.sq + kBr - 1) / kBr;
 
   auto load_q_block = [&](int mb, int st) {
@@ -185,8 +183,7 @@ flash_bwd_dkdv_kernel(const BwdParams p) {
     }
 
     // P^T = exp2(S^T scale log2e - lse) (masked to 0), dS^T = P^T (dP^T - dsum).
-    const bool need_mask = n0 + kBc > si.sk ||
-                           (kCausal && static_cast<int64_t>(n0) + kBc - 1 > m0 + diag);
+    const bool need_mask = layout::tile_needs_mask(m0, n0, kBc, si.sq, si.sk, kCausal);
 #pragma unroll
     for (int j = 0; j < kQT; ++j)
 #pragma unroll
@@ -195,7 +192,7 @@ flash_bwd_dkdv_kernel(const BwdParams p) {
         float pv = exp2f(s[j][r] * scale_log2 - cLse[qc]);
         if (need_mask) {
           const int key = n0 + wrow + layout::c_row(lane, r);
-          if (key >= si.sk || (kCausal && key > m0 + qc + diag)) pv = 0.0f;
+          if (!layout::visible(m0 + qc, key, si.sq, si.sk, kCausal)) pv = 0.0f;
         }
         s[j][r] = pv;
         dpt[j][r] = pv * (dpt[j][r] - cDsum[qc]);
@@ -329,13 +326,7 @@ flash_bwd_dq_kernel(const BwdParams p) {
   const T* k = k_base + b * p.k_batch_stride + si.k_off * p.k_row_stride + hk * p.k_head_stride;
   const T* v = v_base + b * p.v_batch_stride + si.k_off * p.v_row_stride + hk * p.v_head_stride;
 
-  const int64_t diag = static_cast<int64_t>(si.sk) - si.sq;
-  int64_t n_limit = si.sk;
-  if (kCausal) {
-    const int64_t last_row = static_cast<int64_t>(m0) + kBr - 1;
-    n_limit = last_row + diag + 1 < n_limit ? last_row + diag + 1 : n_limit;
-    if (n_limit < 0) n_limit = 0;
-  }
+  const int64_t n_limit = layout::key_limit(m0, kBr, si.sq, si.sk, kCausal);
   const int n_tiles = static_cast<int>((n_limit + kBc - 1) / kBc);
 
   auto load_kv = [&](int nt, int st) {
@@ -414,8 +405,7 @@ flash_bwd_dq_kernel(const BwdParams p) {
     }
 
     // P = exp2(S scale log2e - lse) (masked to 0), dS = P (dP - dsum).
-    const bool need_mask = n0 + kBc > si.sk ||
-                           (kCausal && static_cast<int64_t>(n0) + kBc - 1 > m0 + diag);
+    const bool need_mask = layout::tile_needs_mask(m0, n0, kBc, si.sq, si.sk, kCausal);
 #pragma unroll
     for (int j = 0; j < kNT; ++j)
 #pragma unroll
@@ -425,7 +415,7 @@ flash_bwd_dq_kernel(const BwdParams p) {
         if (need_mask) {
           const int col = n0 + j * 8 + layout::c_col(lane, r);
           const int64_t row = m0 + wrow + layout::c_row(lane, r);
-          if (col >= si.sk || (kCausal && col > row + diag)) pv = 0.0f;
+          if (!layout::visible(row, col, si.sq, si.sk, kCausal)) pv = 0.0f;
         }
         dp[j][r] = pv * (dp[j][r] - row_dsum[i]);
       }

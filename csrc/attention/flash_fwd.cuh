@@ -69,14 +69,8 @@ flash_fwd_kernel(const FwdParams p) {
   const T* k = k_base + b * p.k_batch_stride + si.k_off * p.k_row_stride + hk * p.k_head_stride;
   const T* v = v_base + b * p.v_batch_stride + si.k_off * p.v_row_stride + hk * p.v_head_stride;
 
-  // Query i sees key j <= i + diag. Keys of this block: [0, n_limit).
-  const int64_t diag = static_cast<int64_t>(si.sk) - si.sq;
-  int64_t n_limit = si.sk;
-  if (kCausal) {
-    const int64_t last_row = static_cast<int64_t>(m0) + kBr - 1;
-    n_limit = last_row + diag + 1 < n_limit ? last_row + diag + 1 : n_limit;
-    if (n_limit < 0) n_limit = 0;
-  }
+  // Keys [0, n_limit) hold all that this block's rows see.
+  const int64_t n_limit = layout::key_limit(m0, kBr, si.sq, si.sk, kCausal);
   const int n_tiles = static_cast<int>((n_limit + kBc - 1) / kBc);
 
   load_tile<kBr, D, kThreads>(sQ, q, p.q_row_stride, si.sq - m0, q_base, tid);
@@ -120,8 +114,7 @@ flash_fwd_kernel(const FwdParams p) {
     }
 
     // Scale into the log2 domain; mask keys past Sk and above the diagonal.
-    const bool need_mask = n0 + kBc > si.sk ||
-                           (kCausal && static_cast<int64_t>(n0) + kBc - 1 > m0 + diag);
+    const bool need_mask = layout::tile_needs_mask(m0, n0, kBc, si.sq, si.sk, kCausal);
 #pragma unroll
     for (int j = 0; j < kNT; ++j)
 #pragma unroll
@@ -130,7 +123,7 @@ flash_fwd_kernel(const FwdParams p) {
         if (need_mask) {
           const int col = n0 + j * 8 + layout::c_col(lane, r);
           const int64_t row = m0 + wrow + layout::c_row(lane, r);
-          if (col >= si.sk || (kCausal && col > row + diag)) s[j][r] = -kInf;
+          if (!layout::visible(row, col, si.sq, si.sk, kCausal)) s[j][r] = -kInf;
         }
       }
 

@@ -54,6 +54,35 @@ LLMCORE_HD constexpr int ldm_b_col(int lane) { return 8 * ((lane / 8) % 2); }
 LLMCORE_HD constexpr int c_row(int lane, int r) { return lane / 4 + 8 * (r >> 1); }
 LLMCORE_HD constexpr int c_col(int lane, int r) { return 2 * (lane % 4) + (r & 1); }
 
+// ---- the causal / tail geometry (bottom-right causal: query i sees key j <= i + sk - sq)
+// Whether query row i (of a sequence of sq queries) sees key j (of sk keys).
+LLMCORE_HD constexpr bool visible(long long i, long long j, long long sq, long long sk, bool causal) {
+  return j >= 0 && j < sk && (!causal || j <= i + (sk - sq));
+}
+
+// Keys [0, key_limit) hold every key that some query row in [m0, m0 + rows) sees.
+LLMCORE_HD constexpr long long key_limit(long long m0, int rows, long long sq, long long sk,
+                                         bool causal) {
+  if (!causal) return sk;
+  const long long lim = m0 + rows + (sk - sq);  // last row m0 + rows - 1 sees keys < this
+  return lim < 0 ? 0 : (lim < sk ? lim : sk);
+}
+
+// Whether the tile of query rows [m0, ..) x keys [n0, n0 + cols) can hold a pair that is not
+// visible for a query row m0 <= i < sq (false: every such pair is visible, skip the mask).
+LLMCORE_HD constexpr bool tile_needs_mask(long long m0, long long n0, int cols, long long sq,
+                                          long long sk, bool causal) {
+  return n0 + cols > sk || (causal && n0 + cols - 1 > m0 + (sk - sq));
+}
+
+// The first block of `rows` query rows holding a row that sees key n0 (earlier blocks see
+// none of the keys >= n0).
+LLMCORE_HD constexpr int first_query_block(long long n0, int rows, long long sq, long long sk,
+                                           bool causal) {
+  const long long first = n0 - (sk - sq);  // the first row that sees key n0
+  return causal && first > 0 ? static_cast<int>(first / rows) : 0;
+}
+
 }  // namespace layout
 }  // namespace attention
 }  // namespace llmcore
