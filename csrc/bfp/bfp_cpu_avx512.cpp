@@ -537,6 +537,189 @@ void linear_tiles(const void* x, FloatType xt, int64_t M, int64_t ldx, int64_t K
   }
 }
 
+// ---- fused path: block % 32 == 0, 8-bit or 4-bit mantissas ------------------------------
+// The first row group dequantises in registers (32 weights per step) and, when more row
+// groups follow, leaves the dequantised tile in scratch for them. 4-bit weights: the 16
+// bytes of a 32-element chunk are widened to 16 dword lanes; vpermps on the low nibble
+// (even elements) and on the value >> 4 (odd elements) looks up nibble * block scale in a
+// 16-entry table, so a chunk costs 3 shuffles and no int -> float conversion. That puts
+// the weights in the order [even elements, odd elements] per chunk; x is permuted the same
+// way once per call.
+inline __mmask16 tail16(int64_t n) { return n <= 0 ? static_cast<__mmask16>(0) : tail_mask(n); }
+
+template <bool kPacked>
+inline void deq32(const uint8_t* row, int64_t i, int64_t left, __m512 s, __m512& a, __m512& b) {
+  if (kPacked) {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(tail16((left + 1) / 2), row + i / 2));
+    a = _mm512_permutexvar_ps(v, s);
+    b = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), s);
+  } else {
+    a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(tail16(left), row + i))), s);
+    b = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(tail16(left - 16), row + i + 16))), s);
+  }
+}
+
+template <int MR, int NR, bool kPacked, bool kBF16, bool kStore>
+void tile_fused(const void* x, int64_t ldx, const uint8_t* w, int64_t ws, const uint8_t* we,
+                int64_t es, const float* lut, int block, int64_t K, int64_t kp, void* wt,
+                const float* bias, float* y, int64_t ldy, int64_t n) {
+  const __m512 nib = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+  __m512 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+  const int64_t nb = exponent_cols(K, block);
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512 s[NR];
+    for (int r = 0; r < NR; ++r) {
+      s[r] = _mm512_set1_ps(lut[we[(n + r) * es + b]]);
+      if (kPacked) s[r] = _mm512_mul_ps(nib, s[r]);
+    }
+    const int64_t i0 = b * block, i1 = i0 + block < K ? i0 + block : K;
+    for (int64_t i = i0; i < i1; i += 32) {
+      if (kBF16) {
+        __m512bh wv[NR];
+        for (int r = 0; r < NR; ++r) {
+          __m512 lo, hi;
+          deq32<kPacked>(w + (n + r) * ws, i, i1 - i, s[r], lo, hi);
+          wv[r] = _mm512_cvtne2ps_pbh(hi, lo);
+          if (kStore) _mm512_storeu_si512(static_cast<uint16_t*>(wt) + r * kp + i, (__m512i)wv[r]);
+        }
+        for (int m = 0; m < MR; ++m) {
+          const __m512bh xv = (__m512bh)_mm512_loadu_si512(static_cast<const uint16_t*>(x) + m * ldx + i);
+          for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
+        }
+      } else {
+        __m512 lo[NR], hi[NR];
+        for (int r = 0; r < NR; ++r) {
+          deq32<kPacked>(w + (n + r) * ws, i, i1 - i, s[r], lo[r], hi[r]);
+          if (kStore) {
+            _mm512_storeu_ps(static_cast<float*>(wt) + r * kp + i, lo[r]);
+            _mm512_storeu_ps(static_cast<float*>(wt) + r * kp + i + 16, hi[r]);
+          }
+        }
+        for (int m = 0; m < MR; ++m) {
+          const float* xm = static_cast<const float*>(x) + m * ldx + i;
+          const __m512 x0 = _mm512_loadu_ps(xm), x1 = _mm512_loadu_ps(xm + 16);
+          for (int r = 0; r < NR; ++r) {
+            acc[m][r] = _mm512_fmadd_ps(lo[r], x0, acc[m][r]);
+            acc[m][r] = _mm512_fmadd_ps(hi[r], x1, acc[m][r]);
+          }
+        }
+      }
+    }
+  }
+  store_tile<MR, NR>(acc, bias, y, ldy, n);
+}
+
+// All row groups for weight rows [n, n + NR): the first fused (storing the tile to wt when
+// more follow), the others from wt.
+template <int NR, bool kPacked, bool kBF16>
+void rows_fused(const void* x, int64_t M, int64_t ldx, const uint8_t* w, int64_t ws,
+                const uint8_t* we, int64_t es, const float* lut, int block, int64_t K, int64_t kp,
+                void* wt, const float* bias, float* y, int64_t ldy, int64_t n) {
+  const int64_t groups = (M + kMRMax - 1) / kMRMax;
+  const int mr = static_cast<int>((M + groups - 1) / groups);
+  const bool more = M > mr;
+#define LLMCORE_FUSED(R)                                                                         \
+  case R:                                                                                        \
+    if (more) tile_fused<R, NR, kPacked, kBF16, true>(x, ldx, w, ws, we, es, lut, block, K, kp, \
+                                                       wt, bias, y, ldy, n);                      \
+    else tile_fused<R, NR, kPacked, kBF16, false>(x, ldx, w, ws, we, es, lut, block, K, kp, wt,  \
+                                                  bias, y, ldy, n);                               \
+    break;
+  switch (mr) {
+    LLMCORE_FUSED(1)
+    LLMCORE_FUSED(2)
+    LLMCORE_FUSED(3)
+    LLMCORE_FUSED(4)
+    LLMCORE_FUSED(5)
+    LLMCORE_FUSED(6)
+    LLMCORE_FUSED(7)
+    default: LLMCORE_FUSED(8)
+  }
+#undef LLMCORE_FUSED
+  if (!more) return;
+  const int64_t esz = kBF16 ? 2 : 4;
+  rows_tile<kBF16, NR>(static_cast<const char*>(x) + mr * ldx * esz, M - mr, ldx, wt, kp, bias,
+                       y + mr * ldy, ldy, n);
+}
+
+// Smallest exponent byte of rows [n, n + nr) (nb bytes each).
+int min_exp_byte(const uint8_t* we, int64_t es, int64_t nb, int64_t n, int nr) {
+  __m512i mn = _mm512_set1_epi8(static_cast<char>(0xff));
+  for (int r = 0; r < nr; ++r)
+    for (int64_t b = 0; b < nb; b += 64) {
+      const __mmask64 lm = nb - b >= 64 ? ~__mmask64{0} : (__mmask64{1} << (nb - b)) - 1;
+      mn = _mm512_min_epu8(mn, _mm512_mask_loadu_epi8(_mm512_set1_epi8(static_cast<char>(0xff)), lm, we + (n + r) * es + b));
+    }
+  mn = _mm512_min_epu8(mn, _mm512_srli_epi16(mn, 8));
+  mn = _mm512_and_si512(mn, _mm512_set1_epi16(0xff));
+  mn = _mm512_min_epu16(mn, _mm512_srli_epi32(mn, 16));
+  mn = _mm512_and_si512(mn, _mm512_set1_epi32(0xffff));
+  return static_cast<int>(_mm512_reduce_min_epu32(mn));
+}
+
+template <bool kPacked>
+void linear_fused(const void* x, FloatType xt, int64_t M, int64_t ldx, int64_t K,
+                  const uint8_t* w, int64_t ws, const uint8_t* we, int64_t es, int bits,
+                  int block, const float* bias, float* y, int64_t ldy, int64_t n_begin,
+                  int64_t n_end) {
+  float lut[256];
+  for (int e = 0; e < 256; ++e) lut[e] = block_scale(static_cast<uint8_t>(e), bits);
+  thread_local std::vector<float> xf_buf, wf_buf;
+  thread_local std::vector<uint16_t> xb_buf, wb_buf;
+  const int64_t kp = (K + 31) / 32 * 32, nb = exponent_cols(K, block);
+  // x scratch [M][kp], zero padded, chunk-permuted for 4-bit weights.
+  auto src = [&](int64_t k) -> int64_t { return kPacked ? (k & ~int64_t{31}) + ((k & 15) << 1) + ((k >> 4) & 1) : k; };
+  const bool try_bf16 = xt == FloatType::kBF16 && cpu_has_bf16();
+  int x_min_exp = 0;
+  uint16_t* xb = nullptr;
+  if (try_bf16) {
+    x_min_exp = bf16_min_exponent(static_cast<const uint16_t*>(x), M, ldx, K);
+    xb = scratch(xb_buf, static_cast<size_t>(M * kp));
+    const uint16_t* xs = static_cast<const uint16_t*>(x);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < kp; ++k) {
+        const int64_t j = src(k);
+        xb[m * kp + k] = j < K ? xs[m * ldx + j] : 0;
+      }
+  }
+  float* xf = nullptr;
+  auto need_xf = [&] {
+    if (xf) return;
+    xf = scratch(xf_buf, static_cast<size_t>(M * kp));
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < kp; ++k) {
+        const int64_t j = src(k);
+        xf[m * kp + k] = j < K ? load_float(x, xt, m * ldx + j) : 0.0f;
+      }
+  };
+  float* wf = scratch(wf_buf, static_cast<size_t>(kNR * kp));
+  uint16_t* wb = try_bf16 ? scratch(wb_buf, static_cast<size_t>(kNR * kp)) : nullptr;
+  for (int64_t n = n_begin; n < n_end; n += kNR) {
+    const int nr = n_end - n < kNR ? static_cast<int>(n_end - n) : kNR;
+    bool use_bf16 = false;
+    if (try_bf16) {
+      const int min_byte = min_exp_byte(we, es, nb, n, nr);
+      const int w_exp = min_byte - kExpBias - (bits - 2);
+      use_bf16 = min_byte == 255 ||
+                 (w_exp >= -126 && x_min_exp != -127 && (x_min_exp == 128 || x_min_exp + w_exp >= -100));
+    }
+    if (use_bf16) {
+      if (nr == kNR) rows_fused<kNR, kPacked, true>(xb, M, kp, w, ws, we, es, lut, block, K, kp, wb, bias, y, ldy, n);
+      else
+        for (int r = 0; r < nr; ++r)
+          rows_fused<1, kPacked, true>(xb, M, kp, w, ws, we, es, lut, block, K, kp, wb, bias, y, ldy, n + r);
+    } else {
+      need_xf();
+      if (nr == kNR) rows_fused<kNR, kPacked, false>(xf, M, kp, w, ws, we, es, lut, block, K, kp, wf, bias, y, ldy, n);
+      else
+        for (int r = 0; r < nr; ++r)
+          rows_fused<1, kPacked, false>(xf, M, kp, w, ws, we, es, lut, block, K, kp, wf, bias, y, ldy, n + r);
+    }
+  }
+}
+
 // ---- BFP x BFP GEMM (VNNI) ------------------------------------------------------------
 template <int MR, int NP>
 void gemm_tile(const GemmPlan& p, const uint8_t* a_pack, const float* a_scale,
@@ -657,6 +840,12 @@ void linear_typed(const void* x, FloatType xt, int64_t M, int64_t ldx, int64_t K
                   const uint8_t* w_mant, int64_t w_row_stride, const uint8_t* w_exp,
                   int64_t exp_row_stride, int bits, int block, const float* bias, float* y,
                   int64_t ldy, int64_t n_begin, int64_t n_end) {
+  if (block % 32 == 0 && bits <= 8 && M >= 2) {
+    auto f = is_packed(bits) ? linear_fused<true> : linear_fused<false>;
+    f(x, xt, M, ldx, K, w_mant, w_row_stride, w_exp, exp_row_stride, bits, block, bias, y, ldy,
+      n_begin, n_end);
+    return;
+  }
   if (M >= 2) {
     linear_tiles(x, xt, M, ldx, K, w_mant, w_row_stride, w_exp, exp_row_stride, bits, block, bias,
                  y, ldy, n_begin, n_end);
