@@ -1,0 +1,332 @@
+// The CPU attention algorithm (see attention_cpu.h): work items, tiles, online softmax and
+// the two deterministic backward passes, built from the per-ISA tile primitives of
+// attention_cpu_internal.h. Run-time ISA choice lives here too.
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "attention/attention_cpu_internal.h"
+
+namespace llmcore {
+namespace attention {
+namespace cpu {
+namespace {
+
+Isa detect_isa() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma")) return Isa::kAvx512;
+#endif
+  return Isa::kScalar;
+}
+
+const Kernels& kernels() {
+#if defined(__x86_64__)
+  if (active_isa() == Isa::kAvx512) return avx512::kKernels;
+#endif
+  return scalar::kKernels;
+}
+
+constexpr float kNegInf = -INFINITY;
+
+int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// 64-byte aligned fp32 scratch for one range of work items.
+class Scratch {
+ public:
+  explicit Scratch(size_t n) : buf_(n + 16) {}
+  float* get() {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(buf_.data());
+    return reinterpret_cast<float*>((a + 63) & ~uintptr_t{63});
+  }
+
+ private:
+  std::vector<float> buf_;
+};
+
+// One sequence: token offsets and lengths of its queries and keys.
+struct Seq {
+  int64_t q0, lq, k0, lk;
+};
+
+Seq sequence(const Problem& p, int64_t b) {
+  if (p.cu_seqlens_q) {
+    const int64_t q0 = p.cu_seqlens_q[b], k0 = p.cu_seqlens_k[b];
+    return {q0, p.cu_seqlens_q[b + 1] - q0, k0, p.cu_seqlens_k[b + 1] - k0};
+  }
+  return {0, p.seq_q, 0, p.seq_k};
+}
+
+// Address of row `t` (token) of head h of batch b.
+const void* row_ptr(const ConstView& v, FloatType t, int64_t b, int64_t tok, int64_t h) {
+  return static_cast<const char*>(v.data) +
+         (b * v.batch_stride + tok * v.row_stride + h * v.head_stride) *
+             static_cast<int64_t>(elem_size(t));
+}
+void* row_ptr(const View& v, FloatType t, int64_t b, int64_t tok, int64_t h) {
+  return static_cast<char*>(v.data) +
+         (b * v.batch_stride + tok * v.row_stride + h * v.head_stride) *
+             static_cast<int64_t>(elem_size(t));
+}
+
+int64_t lse_index(const Problem& p, int64_t b, int64_t h, int64_t tok) {
+  return b * p.lse_batch_stride + h * p.lse_head_stride + tok;
+}
+
+// Query item -> (b, h, query block). Within a (b, h) the blocks alternate low / high
+// (0, n-1, 1, n-2, ...), so a contiguous range of items has balanced causal work.
+struct QItem {
+  int64_t b, h, qb;
+};
+QItem query_item(const Problem& p, int64_t item) {
+  const int64_t nqb = ceil_div(p.max_seqlen_q, kBlockQ);
+  const int64_t bh = item / nqb, t = item % nqb;
+  return {bh / p.heads, bh % p.heads, (t % 2 == 0) ? t / 2 : nqb - 1 - t / 2};
+}
+
+// Keys that row i (local index) of a sequence sees: [0, visible_keys).
+int64_t visible_keys(const Problem& p, const Seq& s, int64_t i) {
+  if (!p.causal) return s.lk;
+  return std::clamp<int64_t>(i + 1 + s.lk - s.lq, 0, s.lk);
+}
+
+// P = exp(S - lse) on the keys row r sees (zero elsewhere), and with dp given,
+// dS = P * (dP - delta) into dp. Rows are of width kBlockK; keys j0 .. j0 + nk.
+void probs_and_dscores(const Kernels& kn, const Problem& p, const Seq& s, int64_t i0,
+                       int64_t rows, int64_t j0, int64_t nk, const float* lse,
+                       const float* delta, float* sp, float* dp) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* pr = sp + r * kBlockK;
+    const int64_t lim = std::min<int64_t>(nk, visible_keys(p, s, i0 + r) - j0);
+    const float lr = lse[r];
+    int64_t j = 0;
+    if (lim > 0 && lr != kNegInf) {
+      kn.exp_row(pr, lim, lr, pr);
+      j = lim;
+    }
+    for (int64_t x = j; x < nk; ++x) pr[x] = 0.0f;
+    if (dp) {
+      float* dr = dp + r * kBlockK;
+      const float dl = delta[r];
+      for (int64_t x = 0; x < nk; ++x) dr[x] = pr[x] * (dr[x] - dl);
+    }
+  }
+}
+
+}  // namespace
+
+Isa active_isa() {
+  static const Isa best = detect_isa();
+  const char* env = getenv("LLMCORE_CPU_ISA");
+  if (env && (!strcmp(env, "scalar") || !strcmp(env, "avx2"))) return Isa::kScalar;
+  return best;
+}
+
+const char* isa_name(Isa isa) { return isa == Isa::kAvx512 ? "avx512" : "scalar"; }
+
+int64_t fwd_items(const Problem& p) {
+  return p.batch * p.heads * ceil_div(p.max_seqlen_q, kBlockQ);
+}
+
+int64_t bwd_kv_items(const Problem& p) {
+  return p.batch * p.kv_heads * ceil_div(p.max_seqlen_k, kBlockK);
+}
+
+void attention_fwd(const Problem& p, View out, float* lse, int64_t item_begin, int64_t item_end) {
+  const Kernels& kn = kernels();
+  const int64_t D = p.head_dim, Dp = round16(D), group = p.heads / p.kv_heads;
+  Scratch scratch(static_cast<size_t>(kBlockQ * D + 2 * kBlockK * Dp + kBlockQ * kBlockK +
+                                      kBlockQ * Dp + 2 * kBlockQ + 64));
+  float* const qt = scratch.get();                  // [kBlockQ][D], scaled
+  float* const kt = qt + round16(kBlockQ * D);      // [D][kBlockK]
+  float* const vt = kt + kBlockK * Dp;              // [kBlockK][Dp]
+  float* const st = vt + kBlockK * Dp;              // [kBlockQ][kBlockK]
+  float* const ot = st + kBlockQ * kBlockK;         // [kBlockQ][Dp]
+  float* const mrow = ot + kBlockQ * Dp;
+  float* const lrow = mrow + kBlockQ;
+  for (int64_t item = item_begin; item < item_end; ++item) {
+    const QItem it = query_item(p, item);
+    const Seq s = sequence(p, it.b);
+    const int64_t i0 = it.qb * kBlockQ;
+    if (i0 >= s.lq) continue;
+    const int64_t rows = std::min(kBlockQ, s.lq - i0), hk = it.h / group;
+    kn.load_rows(row_ptr(p.q, p.dtype, it.b, s.q0 + i0, it.h), p.dtype, p.q.row_stride, rows,
+                 D, p.scale, qt, D);
+    std::fill(ot, ot + rows * Dp, 0.0f);
+    std::fill(mrow, mrow + rows, kNegInf);
+    std::fill(lrow, lrow + rows, 0.0f);
+    const int64_t kend = visible_keys(p, s, i0 + rows - 1);
+    for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
+      const int64_t nk = std::min(kBlockK, kend - j0);
+      kn.load_rows_t(row_ptr(p.k, p.dtype, it.b, s.k0 + j0, hk), p.dtype, p.k.row_stride, nk, D,
+                     kt);
+      kn.load_rows(row_ptr(p.v, p.dtype, it.b, s.k0 + j0, hk), p.dtype, p.v.row_stride, nk, D,
+                   1.0f, vt, Dp);
+      kn.dot_tile(qt, D, rows, D, kt, st);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* sr = st + r * kBlockK;
+        const int64_t lim = std::min<int64_t>(nk, visible_keys(p, s, i0 + r) - j0);
+        if (lim <= 0) {
+          std::fill(sr, sr + nk, 0.0f);
+          continue;
+        }
+        const float mnew = std::max(mrow[r], kn.row_max(sr, lim));
+        const float alpha = expf(mrow[r] - mnew);  // 0 on the first tile (m = -inf)
+        lrow[r] = lrow[r] * alpha + kn.exp_row(sr, lim, mnew, sr);
+        std::fill(sr + lim, sr + nk, 0.0f);
+        if (alpha != 1.0f) {
+          float* orow = ot + r * Dp;
+          for (int64_t d = 0; d < Dp; ++d) orow[d] *= alpha;
+        }
+        mrow[r] = mnew;
+      }
+      kn.axpy_tile(st, kBlockK, 1, rows, nk, vt, Dp, Dp, ot, Dp);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const bool any = lrow[r] > 0.0f;
+      store_row(ot + r * Dp, D, any ? 1.0f / lrow[r] : 0.0f,
+                row_ptr(out, p.dtype, it.b, s.q0 + i0 + r, it.h), p.dtype);
+      lse[lse_index(p, it.b, it.h, s.q0 + i0 + r)] = any ? mrow[r] + logf(lrow[r]) : kNegInf;
+    }
+  }
+}
+
+void attention_bwd_delta(const Problem& p, const Backward& g, int64_t item_begin,
+                         int64_t item_end) {
+  for (int64_t item = item_begin; item < item_end; ++item) {
+    const QItem it = query_item(p, item);
+    const Seq s = sequence(p, it.b);
+    const int64_t i0 = it.qb * kBlockQ;
+    for (int64_t i = i0; i < std::min(s.lq, i0 + kBlockQ); ++i) {
+      const void* o = row_ptr(g.out, p.dtype, it.b, s.q0 + i, it.h);
+      const void* d = row_ptr(g.grad_out, p.dtype, it.b, s.q0 + i, it.h);
+      float acc = 0.0f;
+      for (int64_t x = 0; x < p.head_dim; ++x)
+        acc += load_float(o, p.dtype, x) * load_float(d, p.dtype, x);
+      g.delta[lse_index(p, it.b, it.h, s.q0 + i)] = acc;
+    }
+  }
+}
+
+void attention_bwd_kv(const Problem& p, const Backward& g, int64_t item_begin, int64_t item_end) {
+  const Kernels& kn = kernels();
+  const int64_t D = p.head_dim, Dp = round16(D), group = p.heads / p.kv_heads;
+  const int64_t nkb = ceil_div(p.max_seqlen_k, kBlockK);
+  Scratch scratch(static_cast<size_t>(2 * kBlockK * Dp + 2 * kBlockQ * Dp + 2 * kBlockQ * kBlockK +
+                                      4 * kBlockK * Dp + 2 * kBlockQ));
+  float* const kt = scratch.get();               // [D][kBlockK]
+  float* const vt = kt + kBlockK * Dp;           // [D][kBlockK]
+  float* const qt = vt + kBlockK * Dp;           // [kBlockQ][Dp], scaled
+  float* const dot = qt + kBlockQ * Dp;          // [kBlockQ][Dp]
+  float* const st = dot + kBlockQ * Dp;          // [kBlockQ][kBlockK]: S, then P
+  float* const dpt = st + kBlockQ * kBlockK;     // [kBlockQ][kBlockK]: dP, then dS
+  float* const dk = dpt + kBlockQ * kBlockK;     // [kBlockK][Dp]
+  float* const dv = dk + kBlockK * Dp;           // [kBlockK][Dp]
+  float* const dk_part = dv + kBlockK * Dp;      // [kBlockK][Dp]: one query block's share
+  float* const dv_part = dk_part + kBlockK * Dp;
+  float* const lr = dv_part + kBlockK * Dp;
+  float* const dl = lr + kBlockQ;
+  for (int64_t item = item_begin; item < item_end; ++item) {
+    const int64_t b = item / (p.kv_heads * nkb), hk = item / nkb % p.kv_heads;
+    const int64_t j0 = item % nkb * kBlockK;
+    const Seq s = sequence(p, b);
+    if (j0 >= s.lk) continue;
+    const int64_t nk = std::min(kBlockK, s.lk - j0);
+    kn.load_rows_t(row_ptr(p.k, p.dtype, b, s.k0 + j0, hk), p.dtype, p.k.row_stride, nk, D, kt);
+    kn.load_rows_t(row_ptr(p.v, p.dtype, b, s.k0 + j0, hk), p.dtype, p.v.row_stride, nk, D, vt);
+    std::fill(dk, dk + nk * Dp, 0.0f);
+    std::fill(dv, dv + nk * Dp, 0.0f);
+    // The first query that sees key j0 (causal): i + lk - lq >= j0.
+    const int64_t qstart = p.causal ? std::max<int64_t>(0, j0 - (s.lk - s.lq)) : 0;
+    for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+      for (int64_t i0 = qstart / kBlockQ * kBlockQ; i0 < s.lq; i0 += kBlockQ) {
+        const int64_t rows = std::min(kBlockQ, s.lq - i0);
+        kn.load_rows(row_ptr(p.q, p.dtype, b, s.q0 + i0, h), p.dtype, p.q.row_stride, rows, D,
+                     p.scale, qt, Dp);
+        kn.load_rows(row_ptr(g.grad_out, p.dtype, b, s.q0 + i0, h), p.dtype,
+                     g.grad_out.row_stride, rows, D, 1.0f, dot, Dp);
+        for (int64_t r = 0; r < rows; ++r) {
+          lr[r] = g.lse[lse_index(p, b, h, s.q0 + i0 + r)];
+          dl[r] = g.delta[lse_index(p, b, h, s.q0 + i0 + r)];
+        }
+        kn.dot_tile(qt, Dp, rows, D, kt, st);
+        kn.dot_tile(dot, Dp, rows, D, vt, dpt);
+        probs_and_dscores(kn, p, s, i0, rows, j0, nk, lr, dl, st, dpt);
+        // Blocked sums (a partial per query block) keep the fp32 rounding error near that of
+        // a blocked GEMM instead of growing with seq_q * group.
+        std::fill(dk_part, dk_part + nk * Dp, 0.0f);
+        std::fill(dv_part, dv_part + nk * Dp, 0.0f);
+        kn.axpy_tile(st, 1, kBlockK, nk, rows, dot, Dp, Dp, dv_part, Dp);   // P^T dO
+        kn.axpy_tile(dpt, 1, kBlockK, nk, rows, qt, Dp, Dp, dk_part, Dp);   // dS^T (scale Q)
+        for (int64_t x = 0; x < nk * Dp; ++x) {
+          dk[x] += dk_part[x];
+          dv[x] += dv_part[x];
+        }
+      }
+    }
+    for (int64_t j = 0; j < nk; ++j) {
+      store_row(dk + j * Dp, D, 1.0f, row_ptr(g.grad_k, p.dtype, b, s.k0 + j0 + j, hk), p.dtype);
+      store_row(dv + j * Dp, D, 1.0f, row_ptr(g.grad_v, p.dtype, b, s.k0 + j0 + j, hk), p.dtype);
+    }
+  }
+}
+
+void attention_bwd_q(const Problem& p, const Backward& g, int64_t item_begin, int64_t item_end) {
+  const Kernels& kn = kernels();
+  const int64_t D = p.head_dim, Dp = round16(D), group = p.heads / p.kv_heads;
+  Scratch scratch(static_cast<size_t>(3 * kBlockK * Dp + 4 * kBlockQ * Dp + 2 * kBlockQ * kBlockK +
+                                      2 * kBlockQ));
+  float* const kt = scratch.get();               // [D][kBlockK]
+  float* const vt = kt + kBlockK * Dp;           // [D][kBlockK]
+  float* const kr = vt + kBlockK * Dp;           // [kBlockK][Dp]
+  float* const qt = kr + kBlockK * Dp;           // [kBlockQ][Dp], scaled
+  float* const dot = qt + kBlockQ * Dp;          // [kBlockQ][Dp]
+  float* const dq = dot + kBlockQ * Dp;          // [kBlockQ][Dp]
+  float* const st = dq + kBlockQ * Dp;           // [kBlockQ][kBlockK]
+  float* const dpt = st + kBlockQ * kBlockK;     // [kBlockQ][kBlockK]
+  float* const dq_part = dpt + kBlockQ * kBlockK; // [kBlockQ][Dp]: one key tile's share
+  float* const lr = dq_part + kBlockQ * Dp;
+  float* const dl = lr + kBlockQ;
+  for (int64_t item = item_begin; item < item_end; ++item) {
+    const QItem it = query_item(p, item);
+    const Seq s = sequence(p, it.b);
+    const int64_t i0 = it.qb * kBlockQ;
+    if (i0 >= s.lq) continue;
+    const int64_t rows = std::min(kBlockQ, s.lq - i0), hk = it.h / group;
+    kn.load_rows(row_ptr(p.q, p.dtype, it.b, s.q0 + i0, it.h), p.dtype, p.q.row_stride, rows, D,
+                 p.scale, qt, Dp);
+    kn.load_rows(row_ptr(g.grad_out, p.dtype, it.b, s.q0 + i0, it.h), p.dtype,
+                 g.grad_out.row_stride, rows, D, 1.0f, dot, Dp);
+    for (int64_t r = 0; r < rows; ++r) {
+      lr[r] = g.lse[lse_index(p, it.b, it.h, s.q0 + i0 + r)];
+      dl[r] = g.delta[lse_index(p, it.b, it.h, s.q0 + i0 + r)];
+    }
+    std::fill(dq, dq + rows * Dp, 0.0f);
+    const int64_t kend = visible_keys(p, s, i0 + rows - 1);
+    for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
+      const int64_t nk = std::min(kBlockK, kend - j0);
+      const void* kp = row_ptr(p.k, p.dtype, it.b, s.k0 + j0, hk);
+      kn.load_rows_t(kp, p.dtype, p.k.row_stride, nk, D, kt);
+      kn.load_rows_t(row_ptr(p.v, p.dtype, it.b, s.k0 + j0, hk), p.dtype, p.v.row_stride, nk, D,
+                     vt);
+      kn.load_rows(kp, p.dtype, p.k.row_stride, nk, D, 1.0f, kr, Dp);
+      kn.dot_tile(qt, Dp, rows, D, kt, st);
+      kn.dot_tile(dot, Dp, rows, D, vt, dpt);
+      probs_and_dscores(kn, p, s, i0, rows, j0, nk, lr, dl, st, dpt);
+      std::fill(dq_part, dq_part + rows * Dp, 0.0f);
+      kn.axpy_tile(dpt, kBlockK, 1, rows, nk, kr, Dp, Dp, dq_part, Dp);  // dS K
+      for (int64_t x = 0; x < rows * Dp; ++x) dq[x] += dq_part[x];
+    }
+    for (int64_t r = 0; r < rows; ++r)
+      store_row(dq + r * Dp, D, p.scale, row_ptr(g.grad_q, p.dtype, it.b, s.q0 + i0 + r, it.h),
+                p.dtype);
+  }
+}
+
+}  // namespace cpu
+}  // namespace attention
+}  // namespace llmcore

@@ -1,0 +1,116 @@
+// Shared pieces of the CPU attention kernels (not part of the API in attention_cpu.h): the
+// per-ISA tile primitives that attention_cpu.cpp builds the algorithm from, and scalar
+// float16/bfloat16 conversions (IEEE round to nearest even, as torch).
+#pragma once
+
+#include <string.h>
+
+#include "attention/attention_cpu.h"
+
+namespace llmcore {
+namespace attention {
+namespace cpu {
+
+// The tile primitives. Widths: a score tile row is kBlockK floats; "n" of axpy_tile and
+// every padded head_dim are multiples of 16.
+struct Kernels {
+  // c[i*kBlockK + j] = sum_{d < kdim} a[i*lda + d] * bt[d*kBlockK + j],  i < m, j < kBlockK.
+  void (*dot_tile)(const float* a, int64_t lda, int64_t m, int64_t kdim, const float* bt,
+                   float* c);
+  // c[i*ldc + x] += sum_{j < k} a[i*a_rs + j*a_cs] * b[j*ldb + x],  i < m, x < n.
+  void (*axpy_tile)(const float* a, int64_t a_rs, int64_t a_cs, int64_t m, int64_t k,
+                    const float* b, int64_t ldb, int64_t n, float* c, int64_t ldc);
+  // max_{j < n} s[j] (n >= 1).
+  float (*row_max)(const float* s, int64_t n);
+  // p[j] = exp(s[j] - sub) for j < n; returns their sum.
+  float (*exp_row)(const float* s, int64_t n, float sub, float* p);
+  // dst[r*ldd + d] = scale * src(r, d) for d < dim, 0 for dim <= d < ldd; src(r, d) at
+  // src + r * row_stride + d of type t.
+  void (*load_rows)(const void* src, FloatType t, int64_t row_stride, int64_t rows,
+                    int64_t dim, float scale, float* dst, int64_t ldd);
+  // Transposed: dst[d*kBlockK + r] = src(r, d) for r < rows, 0 for rows <= r < kBlockK.
+  void (*load_rows_t)(const void* src, FloatType t, int64_t row_stride, int64_t rows,
+                      int64_t dim, float* dst);
+};
+
+namespace scalar { extern const Kernels kKernels; }
+namespace avx512 { extern const Kernels kKernels; }
+
+inline float bits_to_float(uint32_t u) {
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+inline float bf16_to_f32(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
+
+inline uint16_t f32_to_bf16(float f) {
+  const uint32_t u = float_to_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// IEEE binary16 <-> binary32 without F16C (the FP16 library's branch-free forms).
+inline float f16_to_f32(uint16_t h) {
+  const uint32_t w = static_cast<uint32_t>(h) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normalized = bits_to_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const float denormalized = bits_to_float((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t r = sign | (two_w < (1u << 27) ? float_to_bits(denormalized)
+                                                 : float_to_bits(normalized));
+  return bits_to_float(r);
+}
+
+inline uint16_t f32_to_f16(float f) {
+  const float abs_f = bits_to_float(float_to_bits(f) & 0x7fffffffu);
+  float base = (abs_f * 0x1.0p+112f) * 0x1.0p-110f;
+  const uint32_t w = float_to_bits(f);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  if (bias < 0x71000000u) bias = 0x71000000u;
+  base = bits_to_float((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = float_to_bits(base);
+  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+inline float load_float(const void* p, FloatType t, int64_t i) {
+  switch (t) {
+    case FloatType::kBF16: return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    case FloatType::kF16: return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+// dst[0:n] (type t) = src[0:n] * mul.
+inline void store_row(const float* src, int64_t n, float mul, void* dst, FloatType t) {
+  switch (t) {
+    case FloatType::kBF16: {
+      auto* d = static_cast<uint16_t*>(dst);
+      for (int64_t i = 0; i < n; ++i) d[i] = f32_to_bf16(src[i] * mul);
+      break;
+    }
+    case FloatType::kF16: {
+      auto* d = static_cast<uint16_t*>(dst);
+      for (int64_t i = 0; i < n; ++i) d[i] = f32_to_f16(src[i] * mul);
+      break;
+    }
+    default: {
+      auto* d = static_cast<float*>(dst);
+      for (int64_t i = 0; i < n; ++i) d[i] = src[i] * mul;
+    }
+  }
+}
+
+inline size_t elem_size(FloatType t) { return t == FloatType::kF32 ? 4 : 2; }
+
+}  // namespace cpu
+}  // namespace attention
+}  // namespace llmcore
