@@ -235,13 +235,17 @@ int main() {
     check_a_y(64, d, v, nullptr, 0, name);     // P 16 x 64 keys
     std::snprintf(name, sizeof name, "S^T = K Q^T d%d", d);
     check_abt(k, 48, q, d, 32, name);          // warp 3's keys, 32 queries
-    const Tile ds_t(64, 32), ds_t64(64, 64);   // dS^T [keys][queries]
+    std::snprintf(name, sizeof name, "S^T = K Q^T (16 queries) d%d", d);
+    check_abt(k, 32, q, d, 16, name);          // the d128 backward's kBr = 16
+    const Tile ds_t16(64, 16), ds_t(64, 32), ds_t64(64, 64);  // dS^T [keys][queries]
     std::snprintf(name, sizeof name, "dQ = dS K d%d", d);
+    check_a_y(64, d, k, &ds_t16, 0, name);     // the only query row tile
     check_a_y(64, d, k, &ds_t, 16, name);      // query row tile 1 of 2
     check_a_y(64, d, k, &ds_t64, 48, name);    // query row tile 3 of 4
     std::snprintf(name, sizeof name, "banks d%d", d);
     check_banks(d, name);
   }
+  check_banks(16, "banks dS^T kBr 16");
   check_banks(32, "banks dS^T kBr 32");
   check_banks(64, "banks dS^T kBr 64");
   check_geometry();

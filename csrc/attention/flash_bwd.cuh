@@ -36,13 +36,14 @@ namespace attention {
 namespace cuda {
 
 // dK/dV kernel tiles. Shared memory: K, V [64][D+8], Q, dO [2][kBr][D+8], dS^T [64][kBr+8],
-// lse, dsum [2][kBr] fp32: D=32 40 KB, 64 64 KB, 96 58 KB, 128 74 KB.
+// lse, dsum [2][kBr] fp32: D=32 40 KB, 64 64 KB, 96 58 KB, 128 54 KB. kBr shrinks with D so
+// that dK, dV (2 D/2 registers per thread), S^T and dP^T fit in 255 registers unspilled.
 template <int D>
 struct BwdTraits {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kBc = 16 * kWarps;         // keys per CTA
-  static constexpr int kBr = D <= 64 ? 64 : 32;   // query rows per step
+  static constexpr int kBr = D <= 64 ? 64 : (D <= 96 ? 32 : 16);  // query rows per step
   static constexpr int kStride = layout::smem_stride(D);
   static constexpr int kStrideS = layout::smem_stride(kBr);
   static constexpr int kSmemBytes = (2 * kBc * kStride + 4 * kBr * kStride + kBc * kStrideS) * 2 +
@@ -231,7 +232,7 @@ flash_bwd_dkdv_kernel(const BwdParams p) {
       const int rt = warp % Tr::kRowTiles;
       const int c_begin = (warp / Tr::kRowTiles) * Tr::kDqCols;
       const int q_row0 = m0 + rt * 16;
-#pragma unroll
+#pragma unroll 1  // one 16-column chunk live at a time (register pressure)
       for (int cc = 0; cc < Tr::kDqCols / 16; ++cc) {
         const int c0 = c_begin + cc * 16;
         float dq[2][4];
@@ -266,6 +267,8 @@ flash_bwd_dkdv_kernel(const BwdParams p) {
     }
     __syncthreads();  // every warp is done with this stage (and dS^T) before refills
   }
+
+  cp_async_wait<0>();  // no copy may still be in flight when the CTA exits (empty loop)
 
   // dK (scaled), dV: straight to dk/dv when heads == kv_heads, else per query head to the
   // fp32 buffers that the group reduction sums.

@@ -29,12 +29,12 @@ namespace attention {
 namespace cuda {
 
 // Tile shapes per head dim: (warps, key tile). Shared memory = (kBr + 2 kBc) (D + 8) 2 B:
-// D=32 20 KB, 64 36 KB, 96 52 KB, 128 68 KB, 256 66 KB.
+// D=32 20 KB, 64 36 KB, 96 52 KB, 128 68 KB, 256 50 KB.
 template <int D>
 struct FwdTraits {
   static constexpr int kWarps = D <= 128 ? 8 : 4;
   static constexpr int kBr = 16 * kWarps;
-  static constexpr int kBc = D <= 128 ? 64 : 32;
+  static constexpr int kBc = D <= 128 ? 64 : 16;  // D=256: O alone takes 128 registers
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kStride = layout::smem_stride(D);
   static constexpr int kSmemBytes = (kBr + 2 * kBc) * kStride * 2;
