@@ -1,0 +1,305 @@
+// AVX-512 (F/BW/VL) decode task: 16 fp32 lanes per vector. Compiled with a target pragma,
+// not -march, so the library still loads on any x86-64; decode_cpu.cpp only calls in here
+// after __builtin_cpu_supports said yes.
+//
+// Per tile of 16 cache rows (one task = one sequence, one kv head, one split):
+//   widen    each valid K/V row to fp32 once (fp32 rows with D % 16 == 0 are used in place;
+//            bf16: vpmovzxwd + shift; fp16: vcvtph2ps; MXINT8: vpmovsxbd, vcvtdq2ps, times
+//            the block scale 2^(e-133) of its 32-element block), padded to D16 = 16 * ceil(D/16)
+//            with zeros; an empty row (past the split, or on an invalid page) is a zero row.
+//   scores   blocks of 4 query rows x 4 keys: 16 accumulators over D16 (4 K loads feed 16
+//            FMAs), then a shuffle tree turns 16 accumulators per row into one vector of the
+//            16 scores of the tile (no per-score horizontal sums).
+//   softmax  per query row: causal + validity mask, running max m and sum l; the fp32
+//            accumulator row is rescaled only when m grows; p = exp(s - m) (vector exp,
+//            range reduction + degree-6 polynomial + vscalefps, about 2 ulp).
+//   P.V      blocks of up to 8 query rows: each V vector feeds 8 FMAs with p broadcast.
+#include "decode/decode_cpu_internal.h"
+
+#if defined(__x86_64__)
+
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+
+#include <vector>
+
+#include "bfp/bfp_cpu_internal.h"
+#include "bfp/bfp_rule.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
+// GCC 12's intrinsic headers fill don't-care lanes from _mm512_undefined_*(), a
+// self-initialised variable that -Wuninitialized reports at every use; not our code.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace llmcore {
+namespace decode {
+namespace cpu {
+namespace {
+
+constexpr int kTile = 16;
+
+inline __mmask16 tail_mask(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// e^x for x <= ~88 (the softmax only asks for x <= 0); NaN stays NaN (max/min return their
+// second operand when either is NaN).
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
+  x = _mm512_min_ps(_mm512_set1_ps(88.7f), x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// 16 elements at element offset `off` of a cache row, widened to fp32 (MXINT8: unscaled).
+template <ElemType T>
+inline __m512 load16(const void* base, int64_t off, __mmask16 m) {
+  if constexpr (T == ElemType::kF32) {
+    return _mm512_maskz_loadu_ps(m, static_cast<const float*>(base) + off);
+  } else if constexpr (T == ElemType::kMxint8) {
+    const __m128i b = _mm_maskz_loadu_epi8(m, static_cast<const int8_t*>(base) + off);
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+  } else {
+    const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(base) + off);
+    if constexpr (T == ElemType::kF16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+
+// Row of d elements -> fp32 dst[0 .. nd * 16) (zero padded).
+template <ElemType T>
+inline void widen_row(const void* base, const uint8_t* exp, int64_t off, int64_t eoff,
+                      int64_t d, int64_t nd, float* dst) {
+  for (int64_t c = 0; c < nd; ++c) {
+    __m512 x = load16<T>(base, off + 16 * c, tail_mask(d - 16 * c));
+    if constexpr (T == ElemType::kMxint8)
+      x = _mm512_mul_ps(x, _mm512_set1_ps(bfp::block_scale(exp[eoff + (16 * c) / kMxBlock],
+                                                           kMxBits)));
+    _mm512_storeu_ps(dst + 16 * c, x);
+  }
+}
+
+// 4 accumulators (keys) of one query row -> per 128-bit lane, the 4 keys' partial sums.
+inline __m512 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+  const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+  const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+  const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1));
+  const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1));
+  return _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+}
+
+// Four reduce4 results (keys 0-3, 4-7, 8-11, 12-15) -> the 16 scores, lane i = key i.
+inline __m512 combine4(__m512 u0, __m512 u1, __m512 u2, __m512 u3) {
+  const __m512 x0 = _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, 0x44),
+                                  _mm512_shuffle_f32x4(u0, u1, 0xEE));
+  const __m512 x1 = _mm512_add_ps(_mm512_shuffle_f32x4(u2, u3, 0x44),
+                                  _mm512_shuffle_f32x4(u2, u3, 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x0, x1, 0x88), _mm512_shuffle_f32x4(x0, x1, 0xDD));
+}
+
+// S[rr][0..16) = q[rr] . k[i] for RB query rows (stride d16) and the tile's 16 rows.
+template <int RB>
+inline void scores(const float* q, int64_t d16, const float* const* kp, int64_t n, float* S) {
+  const int64_t nd = d16 / 16;
+  __m512 u[RB][4];
+  for (int kq = 0; kq < 4; ++kq) {
+    if (4 * kq >= n) {
+      for (int rr = 0; rr < RB; ++rr) u[rr][kq] = _mm512_setzero_ps();
+      continue;
+    }
+    __m512 acc[RB][4];
+    for (int rr = 0; rr < RB; ++rr)
+      for (int x = 0; x < 4; ++x) acc[rr][x] = _mm512_setzero_ps();
+    const float* k0 = kp[4 * kq];
+    const float* k1 = kp[4 * kq + 1];
+    const float* k2 = kp[4 * kq + 2];
+    const float* k3 = kp[4 * kq + 3];
+    for (int64_t c = 0; c < nd; ++c) {
+      const __m512 kv0 = _mm512_loadu_ps(k0 + 16 * c);
+      const __m512 kv1 = _mm512_loadu_ps(k1 + 16 * c);
+      const __m512 kv2 = _mm512_loadu_ps(k2 + 16 * c);
+      const __m512 kv3 = _mm512_loadu_ps(k3 + 16 * c);
+      for (int rr = 0; rr < RB; ++rr) {
+        const __m512 qv = _mm512_loadu_ps(q + rr * d16 + 16 * c);
+        acc[rr][0] = _mm512_fmadd_ps(qv, kv0, acc[rr][0]);
+        acc[rr][1] = _mm512_fmadd_ps(qv, kv1, acc[rr][1]);
+        acc[rr][2] = _mm512_fmadd_ps(qv, kv2, acc[rr][2]);
+        acc[rr][3] = _mm512_fmadd_ps(qv, kv3, acc[rr][3]);
+      }
+    }
+    for (int rr = 0; rr < RB; ++rr)
+      u[rr][kq] = reduce4(acc[rr][0], acc[rr][1], acc[rr][2], acc[rr][3]);
+  }
+  for (int rr = 0; rr < RB; ++rr)
+    _mm512_storeu_ps(S + 16 * rr, combine4(u[rr][0], u[rr][1], u[rr][2], u[rr][3]));
+}
+
+// O[rr] += sum_i P[rr][i] * v[i] for RB query rows (stride d16), tile rows i < n.
+template <int RB>
+inline void accumulate_pv(const float* P, const float* const* vp, int64_t n, float* O,
+                          int64_t d16) {
+  const int64_t nd = d16 / 16;
+  for (int64_t c = 0; c < nd; ++c) {
+    __m512 o[RB];
+    for (int rr = 0; rr < RB; ++rr) o[rr] = _mm512_loadu_ps(O + rr * d16 + 16 * c);
+    for (int64_t i = 0; i < n; ++i) {
+      const __m512 v = _mm512_loadu_ps(vp[i] + 16 * c);
+      for (int rr = 0; rr < RB; ++rr)
+        o[rr] = _mm512_fmadd_ps(_mm512_set1_ps(P[16 * rr + i]), v, o[rr]);
+    }
+    for (int rr = 0; rr < RB; ++rr) _mm512_storeu_ps(O + rr * d16 + 16 * c, o[rr]);
+  }
+}
+
+void scores_rows(const float* q, int64_t R, int64_t d16, const float* const* kp, int64_t n,
+                 float* S) {
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4) scores<4>(q + r * d16, d16, kp, n, S + 16 * r);
+  switch (R - r) {
+    case 3: scores<3>(q + r * d16, d16, kp, n, S + 16 * r); break;
+    case 2: scores<2>(q + r * d16, d16, kp, n, S + 16 * r); break;
+    case 1: scores<1>(q + r * d16, d16, kp, n, S + 16 * r); break;
+    default: break;
+  }
+}
+
+void pv_rows(const float* P, int64_t R, const float* const* vp, int64_t n, float* O,
+             int64_t d16) {
+  int64_t r = 0;
+  for (; r + 8 <= R; r += 8) accumulate_pv<8>(P + 16 * r, vp, n, O + r * d16, d16);
+  for (; r + 4 <= R; r += 4) accumulate_pv<4>(P + 16 * r, vp, n, O + r * d16, d16);
+  for (; r < R; ++r) accumulate_pv<1>(P + 16 * r, vp, n, O + r * d16, d16);
+}
+
+template <ElemType CT>
+void task(const DecodeArgs& a, const DecodePlan& p, float* ws, int64_t t) {
+  const Task k = task_of(a, p, t);
+  const CacheLayout& c = a.layout;
+  const int64_t R = p.rows, D = a.head_dim;
+  const int64_t nd = (D + 15) / 16, d16 = 16 * nd;
+  const bool in_place = CT == ElemType::kF32 && D % 16 == 0;
+  thread_local std::vector<float> buf;
+  thread_local std::vector<int64_t> lim;  // keys j < lim[r] are visible to query row r
+  buf.resize(static_cast<size_t>(2 * R * d16 + 16 * R + 2 * R + (2 * kTile + 1) * d16));
+  lim.resize(static_cast<size_t>(R));
+  float* q = buf.data();
+  float* O = q + R * d16;
+  float* S = O + R * d16;  // scores, then probabilities, [R][16]
+  float* m = S + 16 * R;
+  float* l = m + R;
+  float* kt = l + R;
+  float* vt = kt + kTile * d16;
+  float* zero = vt + kTile * d16;
+  memset(zero, 0, sizeof(float) * static_cast<size_t>(d16));
+
+  const bfp::cpu::FloatType qt = a.q_type == ElemType::kBF16 ? bfp::cpu::FloatType::kBF16
+                                 : a.q_type == ElemType::kF16 ? bfp::cpu::FloatType::kF16
+                                                              : bfp::cpu::FloatType::kF32;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t qo = q_offset(a, p, k.b, k.kvh, r);
+    for (int64_t i = 0; i < d16; ++i)
+      q[r * d16 + i] = i < D ? bfp::cpu::load_float(a.q, qt, qo + i) * a.scale : 0.0f;
+    m[r] = -INFINITY;
+    l[r] = 0.0f;
+    lim[static_cast<size_t>(r)] = k.length - a.q_len + r / p.group + 1;
+  }
+  memset(O, 0, sizeof(float) * static_cast<size_t>(R * d16));
+
+  const float* kp[kTile];
+  const float* vp[kTile];
+  const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = k.j0; j < k.j1; j += kTile) {
+    const int64_t n = k.j1 - j < kTile ? k.j1 - j : kTile;
+    uint32_t valid = 0;
+    for (int64_t i = 0; i < kTile; ++i) {
+      kp[i] = vp[i] = zero;
+      if (i >= n) continue;
+      const RowLoc loc = locate(c, k.b, j + i);
+      if (loc.i0 < 0) continue;
+      valid |= 1u << i;
+      const int64_t off = loc.i0 * c.stride0 + loc.i1 * c.stride1 + k.kvh * c.stride2;
+      if (in_place) {
+        kp[i] = static_cast<const float*>(a.k) + off;
+        vp[i] = static_cast<const float*>(a.v) + off;
+        continue;
+      }
+      const int64_t eoff =
+          loc.i0 * c.exp_stride0 + loc.i1 * c.exp_stride1 + k.kvh * c.exp_stride2;
+      widen_row<CT>(a.k, a.k_exp, off, eoff, D, nd, kt + i * d16);
+      widen_row<CT>(a.v, a.v_exp, off, eoff, D, nd, vt + i * d16);
+      kp[i] = kt + i * d16;
+      vp[i] = vt + i * d16;
+    }
+    if (!valid) continue;
+    scores_rows(q, R, d16, kp, n, S);
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t see = lim[static_cast<size_t>(r)] - j;
+      const uint32_t causal = see >= kTile ? 0xffffu : (see <= 0 ? 0u : (1u << see) - 1u);
+      const __mmask16 mk = static_cast<__mmask16>(valid & causal);
+      if (!mk) {
+        _mm512_storeu_ps(S + 16 * r, _mm512_setzero_ps());
+        continue;
+      }
+      const __m512 s = _mm512_mask_mov_ps(neg_inf, mk, _mm512_loadu_ps(S + 16 * r));
+      const float tmax = _mm512_mask_reduce_max_ps(mk, s);
+      if (tmax > m[r]) {
+        const float alpha = expf(m[r] - tmax);  // 0 when m was -inf
+        l[r] *= alpha;
+        float* o = O + r * d16;
+        const __m512 av = _mm512_set1_ps(alpha);
+        for (int64_t cc = 0; cc < nd; ++cc)
+          _mm512_storeu_ps(o + 16 * cc, _mm512_mul_ps(_mm512_loadu_ps(o + 16 * cc), av));
+        m[r] = tmax;
+      }
+      const __m512 pv = _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(s, _mm512_set1_ps(m[r]))));
+      l[r] += _mm512_reduce_add_ps(pv);
+      _mm512_storeu_ps(S + 16 * r, pv);
+    }
+    pv_rows(S, R, vp, n, O, d16);
+  }
+
+  float* out = task_out(a, p, ws, t);
+  float* lse = task_lse(a, p, ws, t);
+  for (int64_t r = 0; r < R; ++r) {
+    const bool any = l[r] != 0.0f;  // a NaN l (NaN in the cache) propagates
+    const __m512 inv = _mm512_set1_ps(any ? 1.0f / l[r] : 0.0f);
+    for (int64_t cc = 0; cc < nd; ++cc)
+      _mm512_mask_storeu_ps(out + r * D + 16 * cc, tail_mask(D - 16 * cc),
+                            _mm512_mul_ps(_mm512_loadu_ps(O + r * d16 + 16 * cc), inv));
+    lse[r] = any ? m[r] + logf(l[r]) : -INFINITY;
+  }
+}
+
+}  // namespace
+
+void decode_task_avx512(const DecodeArgs& a, const DecodePlan& p, float* ws, int64_t t) {
+  switch (a.cache_type) {
+    case ElemType::kF32: task<ElemType::kF32>(a, p, ws, t); break;
+    case ElemType::kBF16: task<ElemType::kBF16>(a, p, ws, t); break;
+    case ElemType::kF16: task<ElemType::kF16>(a, p, ws, t); break;
+    case ElemType::kMxint8: task<ElemType::kMxint8>(a, p, ws, t); break;
+  }
+}
+
+}  // namespace cpu
+}  // namespace decode
+}  // namespace llmcore
+
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+
+#endif  // __x86_64__
