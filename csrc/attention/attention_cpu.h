@@ -49,7 +49,7 @@ enum class Isa : int { kScalar = 0, kAvx512 = 2 };
 Isa active_isa();
 const char* isa_name(Isa isa);
 
-constexpr int64_t kBlockQ = 64;  // query rows per work item / tile
+constexpr int64_t kBlockQ = 128;  // query rows per work item / tile
 constexpr int64_t kBlockK = 64;  // keys per tile (the microkernels' fixed width)
 
 struct ConstView {
