@@ -23,6 +23,15 @@ from llmcore import reference as ref
 CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
 CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)
+CUDA_BWD_HEAD_DIMS = (32, 64, 96, 128)  # head_dim 256: CUDA forward, reference backward
+
+
+def _bwd_op(q: torch.Tensor, name: str):
+    """The backward kernel, or the reference where the device has none for this shape."""
+    if q.device.type == "cuda" and q.shape[-1] not in CUDA_BWD_HEAD_DIMS:
+        _ext.warn_fallback(name, q.device)
+        return getattr(ref, name)
+    return getattr(torch.ops.llmcore, name)
 
 
 def _kernel_supported(op: str, q: torch.Tensor) -> bool:
@@ -202,8 +211,8 @@ if _ext.has_op("attention_fwd"):
     def _fwd_backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
         det = torch.are_deterministic_algorithms_enabled()
-        gq, gk, gv = torch.ops.llmcore.attention_bwd(grad_out.contiguous(), q, k, v, out, lse,
-                                                     ctx.causal, ctx.scale, det)
+        gq, gk, gv = _bwd_op(q, "attention_bwd")(grad_out.contiguous(), q, k, v, out, lse,
+                                                 ctx.causal, ctx.scale, det)
         return gq, gk, gv, None, None
 
     torch.library.register_autograd("llmcore::attention_fwd", _fwd_backward,
@@ -219,7 +228,7 @@ if _ext.has_op("attention_fwd"):
     def _varlen_backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
         det = torch.are_deterministic_algorithms_enabled()
-        gq, gk, gv = torch.ops.llmcore.attention_varlen_bwd(
+        gq, gk, gv = _bwd_op(q, "attention_varlen_bwd")(
             grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, ctx.mq, ctx.mk, ctx.causal,
             ctx.scale, det)
         return gq, gk, gv, None, None, None, None, None, None
