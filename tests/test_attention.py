@@ -385,6 +385,27 @@ def test_single_thread():
         torch.set_num_threads(prev)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES["cuda"], ids=str)
+def test_no_score_matrix_in_memory(dtype):
+    """seq 32768: the [H, Sq, Sk] scores would take 16 GiB; forward and backward must stay
+    within 32 times the size of q (1 GiB)."""
+    dev = torch.device("cuda")
+    b, s, h, d = 1, 32768, 8, 64
+    q, k, v = make_qkv(b, s, s, h, h // 4, d, dtype, dev, requires_grad=True)
+    g = randn(q.shape, dtype, dev)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = ops.attention(q, k, v, causal=True)
+    (out * g).sum().backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < 32 * q.numel() * q.element_size(), f"peak extra memory {extra / 2**20:.0f} MiB"
+    assert torch.isfinite(q.grad).all() and torch.isfinite(out).all()
+
+
 # ---------------------------------------------------------------------------------------
 # varlen
 # ---------------------------------------------------------------------------------------
