@@ -301,13 +301,13 @@ def test_decode_attention_empty(device):
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("page_size", [1, 7, 16, 256])
 @pytest.mark.parametrize("storage", ["float32", "bfloat16", "mxint8"])
-def test_paged_equals_contiguous(device, isa, storage, page_size):
+def test_paged_equals_contiguous(device, storage, page_size):
     dtype = torch.float32 if storage == "mxint8" else getattr(torch, storage)
     if storage == "mxint8" and device.type == "cuda":
         dtype = torch.float16
     need_kernel_dtype(device, dtype)
     b, hkv, g, d, cap = 5, 2, 4, head_dim_on(device, 80), 300
-    for lq in (1, 4):
+    for lq in ((4,) if page_size in (1, 16) else (1,)):
         lengths = mixed_lengths(b, cap, lq)
         q = randn((b, lq, hkv * g, d), dtype).to(device)
         seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
@@ -343,41 +343,44 @@ def test_paged_equals_contiguous(device, isa, storage, page_size):
 # ---------------------------------------------------------------------------------------
 # MXINT8 cache
 # ---------------------------------------------------------------------------------------
+MX_CASES = [(torch.float32, 80, 1), (torch.bfloat16, 128, 4), (torch.float16, 64, 16)]
+
+
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_decode_attention_mxint8(device, isa, dtype, paged):
+@pytest.mark.parametrize("mx_case", MX_CASES, ids=lambda c: f"{c[0]}_d{c[1]}_q{c[2]}")
+def test_decode_attention_mxint8(device, isa, mx_case, paged):
     """Over an MXINT8 cache: the attention of the dequantised cache (to the precision of q's
     dtype), and within the quantisation error of the same attention over the float cache."""
+    dtype, d, lq = mx_case
     need_kernel_dtype(device, dtype)
-    b, hkv, g, cap = 5, 2, 4, 129
-    for d, lq in ((head_dim_on(device, 80), 1), (128, 4), (64, 16)):
-        lengths = mixed_lengths(b, cap, lq)
-        kf = randn((b, cap, hkv, d), torch.float32)
-        vf = randn((b, cap, hkv, d), torch.float32)
-        (km, ke), (vm, ve) = (ref.bfp_quantize(t, 8, 32, False) for t in (kf, vf))
-        for i, n in enumerate(lengths):
-            for t in (km, vm):
-                t[i, n:] = MANT_POISON
-            for t in (ke, ve):
-                t[i, n:] = EXP_POISON
-        q = randn((b, lq, hkv * g, d), dtype)
-        seqlens = torch.tensor(lengths, dtype=torch.int32)
-        table = None
-        if paged:
-            (km, ke, vm, ve), table = to_paged(
-                [km, ke, vm, ve], lengths, 16, [MANT_POISON, EXP_POISON] * 2)
-        kb = as_bfp(km.to(device), ke.to(device), dtype)
-        vb = as_bfp(vm.to(device), ve.to(device), dtype)
-        out, lse = ops.decode_attention(q.to(device), kb, vb, seqlens.to(device),
-                                        block_table=None if table is None else table.to(device),
-                                        return_lse=True)
-        what = f"d {d}, q_len {lq}, lengths {lengths}"
-        check_decode(out, lse, q, km, vm, seqlens, None, table, ke, ve, what=what)
-        # against attention over the unquantised cache
-        o_float, _ = ref.decode_attention(q.double(), kf, vf, seqlens, 1 / math.sqrt(d),
-                                          upcast=True)
-        seen = (seqlens.long().unsqueeze(1) - lq + torch.arange(lq)) >= 0
-        assert rel_err(out.cpu()[seen], o_float[seen]) < 2e-2, what
+    b, hkv, g, cap, d = 5, 2, 4, 129, head_dim_on(device, d)
+    lengths = mixed_lengths(b, cap, lq)
+    kf = randn((b, cap, hkv, d), torch.float32)
+    vf = randn((b, cap, hkv, d), torch.float32)
+    (km, ke), (vm, ve) = (ref.bfp_quantize(t, 8, 32, False) for t in (kf, vf))
+    for i, n in enumerate(lengths):
+        for t in (km, vm):
+            t[i, n:] = MANT_POISON
+        for t in (ke, ve):
+            t[i, n:] = EXP_POISON
+    q = randn((b, lq, hkv * g, d), dtype)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    table = None
+    if paged:
+        (km, ke, vm, ve), table = to_paged(
+            [km, ke, vm, ve], lengths, 16, [MANT_POISON, EXP_POISON] * 2)
+    kb = as_bfp(km.to(device), ke.to(device), dtype)
+    vb = as_bfp(vm.to(device), ve.to(device), dtype)
+    out, lse = ops.decode_attention(q.to(device), kb, vb, seqlens.to(device),
+                                    block_table=None if table is None else table.to(device),
+                                    return_lse=True)
+    what = f"d {d}, q_len {lq}, lengths {lengths}"
+    check_decode(out, lse, q, km, vm, seqlens, None, table, ke, ve, what=what)
+    # against attention over the unquantised cache
+    o_float, _ = ref.decode_attention(q.double(), kf, vf, seqlens, 1 / math.sqrt(d),
+                                      upcast=True)
+    seen = (seqlens.long().unsqueeze(1) - lq + torch.arange(lq)) >= 0
+    assert rel_err(out.cpu()[seen], o_float[seen]) < 2e-2, what
 
 
 # ---------------------------------------------------------------------------------------
@@ -401,13 +404,15 @@ APPEND_STORAGES = [("float32", torch.float32), ("bfloat16", torch.bfloat16),
                    ("mxint8", torch.bfloat16), ("mxint8", torch.float16)]
 
 
-@pytest.mark.parametrize("t", [1, 6, 16])
+@pytest.mark.parametrize("t", [1, 16])
 @pytest.mark.parametrize("page_size", [None, 1, 7], ids=lambda p: f"page{p}")
 @pytest.mark.parametrize("storage,dtype", APPEND_STORAGES, ids=lambda x: str(x))
 def test_kv_cache_append_exact(device, isa, storage, dtype, page_size, t):
     need_kernel_dtype(device, dtype)
+    if isa == "scalar" and storage != "mxint8":
+        pytest.skip("a float cache write is a copy on every path")
     b, hkv, cap = 4, 3, 37
-    d = head_dim_on(device, 80 if t != 16 else 64)
+    d = head_dim_on(device, 80 if t == 1 else 64)
     starts = [0, cap - t, int(torch.randint(0, cap - t + 1, ())),
               int(torch.randint(0, cap - t + 1, ()))]
     mx = storage == "mxint8"
@@ -520,7 +525,7 @@ def test_kvcache_prefill_decode_matches_dense(device, storage, dtype, page_size)
     ks = [[] for _ in range(n_layers)]
     vs = [[] for _ in range(n_layers)]
     total = 0
-    for t in (5, 1, 4, 1, 16):
+    for t in (6, 1, 16):
         pos = cache.prepare(t)
         assert torch.equal(pos.cpu(), (total + torch.arange(t)).expand(b, t)), "positions"
         for layer in range(n_layers):
