@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 import textwrap
@@ -874,27 +875,43 @@ def test_kv_cache_append_bad_inputs(device):
 
 def test_binding_checks(device):
     """The ops themselves (no Python face) reject bad shapes and dtypes with a message that
-    names the argument (STYLE "Check at the boundary")."""
+    names the argument (STYLE "Check at the boundary"). Every case is tried; all misses are
+    reported together."""
     need_kernel("decode_attention", device)
     need_kernel("kv_cache_append", device)
     q, kc, vc, sl = _bad_base(device)
     s = 0.125
-    op = torch.ops.llmcore.decode_attention
-    for pattern, args in [
-        ("cache_seqlens", (q, kc, vc, sl.long(), s, None, None, None)),
-        ("cache_seqlens", (q, kc, vc, sl[:1], s, None, None, None)),
-        ("block_table", (q, kc, vc, sl, s, sl.reshape(2, 1).long(), None, None)),
-        ("head_dim|k_cache", (q, kc[..., :32].contiguous(), vc[..., :32].contiguous(), sl, s,
-                              None, None, None)),
-        ("k_cache|dtype", (q, kc.double(), vc.double(), sl, s, None, None, None)),
-        ("exponent", (q, kc.to(torch.int8), vc.to(torch.int8), sl, s, None, None, None)),
-    ]:
-        with pytest.raises((RuntimeError, ValueError, TypeError), match=pattern):
-            op(*args)
+    i32 = dict(dtype=torch.int32, device=device)
     k = randn((2, 3, 2, 64), q.dtype, device)
-    start = torch.tensor([0, 1], dtype=torch.int32, device=device)
-    with pytest.raises((RuntimeError, ValueError, TypeError), match="start_pos"):
-        torch.ops.llmcore.kv_cache_append(kc, vc, k, k, start.long(), None, None, None)
+    start = torch.tensor([0, 1], **i32)
+    attend = torch.ops.llmcore.decode_attention
+    append = torch.ops.llmcore.kv_cache_append
+    cases = [
+        ("cache_seqlens", attend, (q, kc, vc, sl.long(), s, None, None, None)),
+        ("cache_seqlens", attend, (q, kc, vc, sl[:1], s, None, None, None)),
+        ("block_table", attend, (q, kc, vc, sl, s, sl.reshape(2, 1).long(), None, None)),
+        ("block_table", attend, (q, kc, vc, sl, s, torch.zeros((1, 4), **i32), None, None)),
+        ("head_dim|k_cache", attend, (q, kc[..., :32].contiguous(), vc[..., :32].contiguous(),
+                                      sl, s, None, None, None)),
+        ("k_cache|dtype", attend, (q, kc.double(), vc.double(), sl, s, None, None, None)),
+        ("exponent", attend, (q, kc.to(torch.int8), vc.to(torch.int8), sl, s, None, None,
+                              None)),
+        ("kv_heads", attend, (q[:, :, :3], kc, vc, sl, s, None, None, None)),
+        ("start_pos", append, (kc, vc, k, k, start.long(), None, None, None)),
+        ("block_table", append, (kc, vc, k, k, start, start.reshape(2, 1).long(), None, None)),
+        ("head_dim|k_cache", append, (kc, vc, k[..., :32], k[..., :32], start, None, None,
+                                      None)),
+    ]
+    misses = []
+    for pattern, op, args in cases:
+        try:
+            op(*args)
+        except (RuntimeError, ValueError, TypeError) as e:
+            if not re.search(pattern, str(e)):
+                misses.append(f"{op.__name__} expected /{pattern}/, got: {str(e)[:200]}")
+        else:
+            misses.append(f"{op.__name__} accepted a bad input (expected /{pattern}/)")
+    assert not misses, "\n".join(misses)
 
 
 UNCHECKED_SCRIPT = textwrap.dedent(r"""
