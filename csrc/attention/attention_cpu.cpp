@@ -136,55 +136,65 @@ int64_t bwd_kv_items(const Problem& p) {
   return p.batch * p.kv_heads * ceil_div(p.max_seqlen_k, kBlockK);
 }
 
+// Scores are computed transposed, S^T = K (scale Q)^T: Q^T is built once per query block
+// and K rows are read in place (fp32) or converted without a transpose, and the online
+// softmax then runs along vectors of 16 queries.
 void attention_fwd(const Problem& p, View out, float* lse, int64_t item_begin, int64_t item_end) {
   const Kernels& kn = kernels();
   const int64_t D = p.head_dim, Dp = round16(D), group = p.heads / p.kv_heads;
-  Scratch scratch(static_cast<size_t>(kBlockQ * D + 2 * kBlockK * Dp + kBlockQ * kBlockK +
-                                      kBlockQ * Dp + 2 * kBlockQ + 64));
-  float* const qt = scratch.get();                  // [kBlockQ][D], scaled
-  float* const kt = qt + round16(kBlockQ * D);      // [D][kBlockK]
-  float* const vt = kt + kBlockK * Dp;              // [kBlockK][Dp]
-  float* const st = vt + kBlockK * Dp;              // [kBlockQ][kBlockK]
-  float* const ot = st + kBlockQ * kBlockK;         // [kBlockQ][Dp]
+  const bool f32 = p.dtype == FloatType::kF32;
+  const bool k_direct = f32, v_direct = f32 && D % 16 == 0;
+  Scratch scratch(static_cast<size_t>(D * kBlockQ + 2 * kBlockK * Dp + kBlockK * kBlockQ +
+                                      kBlockQ * Dp + 3 * kBlockQ));
+  float* const qt = scratch.get();                  // [D][kBlockQ], scaled
+  float* const kb = qt + D * kBlockQ;               // [kBlockK][Dp] (converted K)
+  float* const vb = kb + kBlockK * Dp;              // [kBlockK][Dp] (converted V)
+  float* const st = vb + kBlockK * Dp;              // [kBlockK][kBlockQ]: S^T, then P^T
+  float* const ot = st + kBlockK * kBlockQ;         // [kBlockQ][Dp]
   float* const mrow = ot + kBlockQ * Dp;
   float* const lrow = mrow + kBlockQ;
+  float* const alpha = lrow + kBlockQ;
   for (int64_t item = item_begin; item < item_end; ++item) {
     const QItem it = query_item(p, item);
     const Seq s = sequence(p, it.b);
     const int64_t i0 = it.qb * kBlockQ;
     if (i0 >= s.lq) continue;
     const int64_t rows = std::min(kBlockQ, s.lq - i0), hk = it.h / group;
-    kn.load_rows(row_ptr(p.q, p.dtype, it.b, s.q0 + i0, it.h), p.dtype, p.q.row_stride, rows,
-                 D, p.scale, qt, D);
+    const int64_t ncols = (rows + 63) / 64 * 64;
+    kn.load_rows_t(row_ptr(p.q, p.dtype, it.b, s.q0 + i0, it.h), p.dtype, p.q.row_stride, rows,
+                   D, p.scale, qt, kBlockQ);
     std::fill(ot, ot + rows * Dp, 0.0f);
     std::fill(mrow, mrow + rows, kNegInf);
     std::fill(lrow, lrow + rows, 0.0f);
     const int64_t kend = visible_keys(p, s, i0 + rows - 1);
     for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
       const int64_t nk = std::min(kBlockK, kend - j0);
-      kn.load_rows_t(row_ptr(p.k, p.dtype, it.b, s.k0 + j0, hk), p.dtype, p.k.row_stride, nk, D,
-                     kt);
-      kn.load_rows(row_ptr(p.v, p.dtype, it.b, s.k0 + j0, hk), p.dtype, p.v.row_stride, nk, D,
-                   1.0f, vt, Dp);
-      kn.dot_tile(qt, D, rows, D, kt, st);
-      for (int64_t r = 0; r < rows; ++r) {
-        float* sr = st + r * kBlockK;
-        const int64_t lim = std::min<int64_t>(nk, visible_keys(p, s, i0 + r) - j0);
-        if (lim <= 0) {
-          std::fill(sr, sr + nk, 0.0f);
-          continue;
-        }
-        const float mnew = std::max(mrow[r], kn.row_max(sr, lim));
-        const float alpha = expf(mrow[r] - mnew);  // 0 on the first tile (m = -inf)
-        lrow[r] = lrow[r] * alpha + kn.exp_row(sr, lim, mnew, sr);
-        std::fill(sr + lim, sr + nk, 0.0f);
-        if (alpha != 1.0f) {
-          float* orow = ot + r * Dp;
-          for (int64_t d = 0; d < Dp; ++d) orow[d] *= alpha;
-        }
-        mrow[r] = mnew;
+      const void* kp = row_ptr(p.k, p.dtype, it.b, s.k0 + j0, hk);
+      const void* vp = row_ptr(p.v, p.dtype, it.b, s.k0 + j0, hk);
+      const float* ka = static_cast<const float*>(kp);
+      int64_t lda = p.k.row_stride;
+      if (!k_direct) {
+        kn.load_rows(kp, p.dtype, p.k.row_stride, nk, D, 1.0f, kb, Dp);
+        ka = kb;
+        lda = Dp;
       }
-      kn.axpy_tile(st, kBlockK, 1, rows, nk, vt, Dp, Dp, ot, Dp);
+      const float* va = static_cast<const float*>(vp);
+      int64_t ldv = p.v.row_stride;
+      if (!v_direct) {
+        kn.load_rows(vp, p.dtype, p.v.row_stride, nk, D, 1.0f, vb, Dp);
+        va = vb;
+        ldv = Dp;
+      }
+      kn.dot_tile(ka, lda, nk, D, qt, kBlockQ, ncols, st, kBlockQ);
+      // Key j0 + j is hidden from query i0 + i when i < j0 - i0 - (lk - lq) + j.
+      const int64_t cut = p.causal ? j0 - i0 - (s.lk - s.lq) : -(int64_t{1} << 40);
+      kn.softmax_t(st, kBlockQ, nk, rows, cut, mrow, lrow, alpha);
+      for (int64_t r = 0; r < rows; ++r) {
+        if (alpha[r] == 1.0f) continue;
+        float* orow = ot + r * Dp;
+        for (int64_t d = 0; d < Dp; ++d) orow[d] *= alpha[r];
+      }
+      kn.axpy_tile(st, 1, kBlockQ, rows, nk, va, ldv, Dp, ot, Dp);
     }
     for (int64_t r = 0; r < rows; ++r) {
       const bool any = lrow[r] > 0.0f;
@@ -236,8 +246,10 @@ void attention_bwd_kv(const Problem& p, const Backward& g, int64_t item_begin, i
     const Seq s = sequence(p, b);
     if (j0 >= s.lk) continue;
     const int64_t nk = std::min(kBlockK, s.lk - j0);
-    kn.load_rows_t(row_ptr(p.k, p.dtype, b, s.k0 + j0, hk), p.dtype, p.k.row_stride, nk, D, kt);
-    kn.load_rows_t(row_ptr(p.v, p.dtype, b, s.k0 + j0, hk), p.dtype, p.v.row_stride, nk, D, vt);
+    kn.load_rows_t(row_ptr(p.k, p.dtype, b, s.k0 + j0, hk), p.dtype, p.k.row_stride, nk, D, 1.0f,
+                   kt, kBlockK);
+    kn.load_rows_t(row_ptr(p.v, p.dtype, b, s.k0 + j0, hk), p.dtype, p.v.row_stride, nk, D, 1.0f,
+                   vt, kBlockK);
     std::fill(dk, dk + nk * Dp, 0.0f);
     std::fill(dv, dv + nk * Dp, 0.0f);
     // The first query that sees key j0 (causal): i + lk - lq >= j0.
@@ -253,8 +265,8 @@ void attention_bwd_kv(const Problem& p, const Backward& g, int64_t item_begin, i
           lr[r] = g.lse[lse_index(p, b, h, s.q0 + i0 + r)];
           dl[r] = g.delta[lse_index(p, b, h, s.q0 + i0 + r)];
         }
-        kn.dot_tile(qt, Dp, rows, D, kt, st);
-        kn.dot_tile(dot, Dp, rows, D, vt, dpt);
+        kn.dot_tile(qt, Dp, rows, D, kt, kBlockK, kBlockK, st, kBlockK);
+        kn.dot_tile(dot, Dp, rows, D, vt, kBlockK, kBlockK, dpt, kBlockK);
         probs_and_dscores(kn, p, s, i0, rows, j0, nk, lr, dl, st, dpt);
         // Blocked sums (a partial per query block) keep the fp32 rounding error near that of
         // a blocked GEMM instead of growing with seq_q * group.
@@ -310,12 +322,12 @@ void attention_bwd_q(const Problem& p, const Backward& g, int64_t item_begin, in
     for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
       const int64_t nk = std::min(kBlockK, kend - j0);
       const void* kp = row_ptr(p.k, p.dtype, it.b, s.k0 + j0, hk);
-      kn.load_rows_t(kp, p.dtype, p.k.row_stride, nk, D, kt);
+      kn.load_rows_t(kp, p.dtype, p.k.row_stride, nk, D, 1.0f, kt, kBlockK);
       kn.load_rows_t(row_ptr(p.v, p.dtype, it.b, s.k0 + j0, hk), p.dtype, p.v.row_stride, nk, D,
-                     vt);
+                     1.0f, vt, kBlockK);
       kn.load_rows(kp, p.dtype, p.k.row_stride, nk, D, 1.0f, kr, Dp);
-      kn.dot_tile(qt, Dp, rows, D, kt, st);
-      kn.dot_tile(dot, Dp, rows, D, vt, dpt);
+      kn.dot_tile(qt, Dp, rows, D, kt, kBlockK, kBlockK, st, kBlockK);
+      kn.dot_tile(dot, Dp, rows, D, vt, kBlockK, kBlockK, dpt, kBlockK);
       probs_and_dscores(kn, p, s, i0, rows, j0, nk, lr, dl, st, dpt);
       std::fill(dq_part, dq_part + rows * Dp, 0.0f);
       kn.axpy_tile(dpt, kBlockK, 1, rows, nk, kr, Dp, Dp, dq_part, Dp);  // dS K

@@ -40,12 +40,13 @@ inline __mmask16 tail_mask(int64_t n) {
 }
 
 template <int R>
-void dot_block(const float* a, int64_t lda, int64_t kdim, const float* bt, float* c) {
+void dot_block(const float* a, int64_t lda, int64_t kdim, const float* bt, int64_t ldb, float* c,
+               int64_t ldc) {
   __m512 acc[R][4];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_ps();
   for (int64_t d = 0; d < kdim; ++d) {
-    const float* br = bt + d * kBlockK;
+    const float* br = bt + d * ldb;
     const __m512 b0 = _mm512_load_ps(br), b1 = _mm512_load_ps(br + 16);
     const __m512 b2 = _mm512_load_ps(br + 32), b3 = _mm512_load_ps(br + 48);
     for (int r = 0; r < R; ++r) {
@@ -57,21 +58,25 @@ void dot_block(const float* a, int64_t lda, int64_t kdim, const float* bt, float
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(c + r * kBlockK + 16 * v, acc[r][v]);
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(c + r * ldc + 16 * v, acc[r][v]);
 }
 
-void dot_tile(const float* a, int64_t lda, int64_t m, int64_t kdim, const float* bt, float* c) {
-  int64_t i = 0;
-  for (; i + kRows <= m; i += kRows) dot_block<kRows>(a + i * lda, lda, kdim, bt, c + i * kBlockK);
-  const float* ai = a + i * lda;
-  float* ci = c + i * kBlockK;
-  switch (m - i) {
-    case 5: dot_block<5>(ai, lda, kdim, bt, ci); break;
-    case 4: dot_block<4>(ai, lda, kdim, bt, ci); break;
-    case 3: dot_block<3>(ai, lda, kdim, bt, ci); break;
-    case 2: dot_block<2>(ai, lda, kdim, bt, ci); break;
-    case 1: dot_block<1>(ai, lda, kdim, bt, ci); break;
-    default: break;
+void dot_tile(const float* a, int64_t lda, int64_t m, int64_t kdim, const float* bt, int64_t ldb,
+              int64_t n, float* c, int64_t ldc) {
+  for (int64_t x = 0; x < n; x += 64) {
+    int64_t i = 0;
+    for (; i + kRows <= m; i += kRows)
+      dot_block<kRows>(a + i * lda, lda, kdim, bt + x, ldb, c + i * ldc + x, ldc);
+    const float* ai = a + i * lda;
+    float* ci = c + i * ldc + x;
+    switch (m - i) {
+      case 5: dot_block<5>(ai, lda, kdim, bt + x, ldb, ci, ldc); break;
+      case 4: dot_block<4>(ai, lda, kdim, bt + x, ldb, ci, ldc); break;
+      case 3: dot_block<3>(ai, lda, kdim, bt + x, ldb, ci, ldc); break;
+      case 2: dot_block<2>(ai, lda, kdim, bt + x, ldb, ci, ldc); break;
+      case 1: dot_block<1>(ai, lda, kdim, bt + x, ldb, ci, ldc); break;
+      default: break;
+    }
   }
 }
 
@@ -122,13 +127,6 @@ void axpy_tile(const float* a, int64_t a_rs, int64_t a_cs, int64_t m, int64_t k,
   }
 }
 
-float row_max(const float* s, int64_t n) {
-  __m512 m = _mm512_set1_ps(-INFINITY);
-  for (int64_t j = 0; j < n; j += 16)
-    m = _mm512_mask_max_ps(m, tail_mask(n - j), m, _mm512_maskz_loadu_ps(tail_mask(n - j), s + j));
-  return _mm512_reduce_max_ps(m);
-}
-
 inline __m512 exp512(__m512 x) {
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.336544f)), _mm512_set1_ps(88.3762626f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -157,6 +155,42 @@ float exp_row(const float* s, int64_t n, float sub, float* p) {
     sum = _mm512_mask_add_ps(sum, m, sum, e);
   }
   return _mm512_reduce_add_ps(sum);
+}
+
+void softmax_t(float* st, int64_t ld, int64_t nk, int64_t nq, int64_t cut, float* m, float* l,
+               float* alpha) {
+  const __m512 ninf = _mm512_set1_ps(-INFINITY);
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  for (int64_t c = 0; c < nq; c += 16) {
+    const __mmask16 live = tail_mask(nq - c);
+    // Key j is visible to query c + lane when lane >= cut + j - c.
+    auto visible = [&](int64_t j) {
+      const int64_t first = cut + j - c;
+      if (first <= 0) return live;
+      if (first >= 16) return static_cast<__mmask16>(0);
+      return static_cast<__mmask16>(live & _mm512_cmpge_epi32_mask(lane, _mm512_set1_epi32(static_cast<int>(first))));
+    };
+    const __m512 mold = _mm512_maskz_loadu_ps(live, m + c);
+    __m512 mx = mold;
+    for (int64_t j = 0; j < nk; ++j)
+      mx = _mm512_mask_max_ps(mx, visible(j), mx, _mm512_loadu_ps(st + j * ld + c));
+    // Lanes that see nothing yet keep m = -inf, alpha = 1 and get p = 0.
+    const __mmask16 any = _mm512_cmp_ps_mask(mx, ninf, _CMP_NEQ_OQ);
+    const __m512 msafe = _mm512_mask_mov_ps(_mm512_setzero_ps(), any, mx);
+    const __m512 a = _mm512_mask_mov_ps(_mm512_set1_ps(1.0f), any, exp512(_mm512_sub_ps(mold, msafe)));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < nk; ++j) {
+      float* row = st + j * ld + c;
+      const __mmask16 vis = visible(j) & any;
+      const __m512 p = _mm512_maskz_mov_ps(vis, exp512(_mm512_sub_ps(_mm512_loadu_ps(row), msafe)));
+      _mm512_storeu_ps(row, p);
+      sum = _mm512_add_ps(sum, p);
+    }
+    const __m512 lnew = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, l + c), a, sum);
+    _mm512_mask_storeu_ps(l + c, live, lnew);
+    _mm512_mask_storeu_ps(m + c, live, mx);
+    _mm512_mask_storeu_ps(alpha + c, live, a);
+  }
 }
 
 template <FloatType T>
@@ -201,38 +235,34 @@ void load_rows(const void* src, FloatType t, int64_t row_stride, int64_t rows, i
   }
 }
 
-// Transposed load: convert 16 rows at a time into a [16][Dp] buffer, then write its 16x16
-// blocks transposed with scalar moves (cheap next to the O(kBlockQ) reuse of the tile).
+// Transposed load: convert 16 rows at a time into a 16x16 buffer, then write its columns
+// with gathers (the tile is reused by a whole block of rows, so this is off the hot path).
 void load_rows_t(const void* src, FloatType t, int64_t row_stride, int64_t rows, int64_t dim,
-                 float* dst) {
+                 float scale, float* dst, int64_t ldt) {
   alignas(64) float buf[16 * 16];
   const size_t es = elem_size(t);
-  for (int64_t r0 = 0; r0 < kBlockK; r0 += 16) {
+  const __m512i idx = _mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64,
+                                       48, 32, 16, 0);
+  for (int64_t r0 = 0; r0 < ldt; r0 += 16) {
     const int64_t nr = std::max<int64_t>(0, std::min<int64_t>(16, rows - r0));
     for (int64_t d0 = 0; d0 < dim; d0 += 16) {
       const int64_t nd = std::min<int64_t>(16, dim - d0);
-      for (int64_t r = 0; r < 16; ++r) {
-        if (r < nr) {
-          const char* sr = static_cast<const char*>(src) +
-                           ((r0 + r) * row_stride + d0) * static_cast<int64_t>(es);
-          load_rows(sr, t, row_stride, 1, nd, 1.0f, buf + r * 16, 16);
-        } else {
-          _mm512_store_ps(buf + r * 16, _mm512_setzero_ps());
-        }
+      if (nr > 0) {
+        const char* sr = static_cast<const char*>(src) +
+                         (r0 * row_stride + d0) * static_cast<int64_t>(es);
+        load_rows(sr, t, row_stride, nr, nd, scale, buf, 16);
       }
-      for (int64_t d = 0; d < nd; ++d) {
-        const __m512i idx = _mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80,
-                                             64, 48, 32, 16, 0);
-        _mm512_storeu_ps(dst + (d0 + d) * kBlockK + r0,
+      for (int64_t r = nr; r < 16; ++r) _mm512_store_ps(buf + r * 16, _mm512_setzero_ps());
+      for (int64_t d = 0; d < nd; ++d)
+        _mm512_storeu_ps(dst + (d0 + d) * ldt + r0,
                          _mm512_i32gather_ps(_mm512_add_epi32(idx, _mm512_set1_epi32(static_cast<int>(d))), buf, 4));
-      }
     }
   }
 }
 
 }  // namespace
 
-extern const Kernels kKernels = {dot_tile, axpy_tile, row_max, exp_row, load_rows, load_rows_t};
+extern const Kernels kKernels = {dot_tile, axpy_tile, exp_row, softmax_t, load_rows, load_rows_t};
 
 }  // namespace avx512
 }  // namespace cpu

@@ -11,26 +11,32 @@ namespace llmcore {
 namespace attention {
 namespace cpu {
 
-// The tile primitives. Widths: a score tile row is kBlockK floats; "n" of axpy_tile and
+// The tile primitives. Score tiles are kBlockK or kBlockQ floats wide; "n" of axpy_tile and
 // every padded head_dim are multiples of 16.
 struct Kernels {
-  // c[i*kBlockK + j] = sum_{d < kdim} a[i*lda + d] * bt[d*kBlockK + j],  i < m, j < kBlockK.
+  // c[i*ldc + j] = sum_{d < kdim} a[i*lda + d] * bt[d*ldb + j],  i < m, j < n;
+  // n a multiple of 64, bt 64-byte aligned, ldb a multiple of 16.
   void (*dot_tile)(const float* a, int64_t lda, int64_t m, int64_t kdim, const float* bt,
-                   float* c);
+                   int64_t ldb, int64_t n, float* c, int64_t ldc);
   // c[i*ldc + x] += sum_{j < k} a[i*a_rs + j*a_cs] * b[j*ldb + x],  i < m, x < n.
   void (*axpy_tile)(const float* a, int64_t a_rs, int64_t a_cs, int64_t m, int64_t k,
                     const float* b, int64_t ldb, int64_t n, float* c, int64_t ldc);
-  // max_{j < n} s[j] (n >= 1).
-  float (*row_max)(const float* s, int64_t n);
   // p[j] = exp(s[j] - sub) for j < n; returns their sum.
   float (*exp_row)(const float* s, int64_t n, float sub, float* p);
+  // Online softmax step on a transposed score tile st[j*ld + i] (key j < nk, query i < nq):
+  // key j is hidden from queries i < cut + j. Per query: m_new = max(m, visible scores),
+  // alpha = exp(m - m_new) (1 while nothing is visible), l = l * alpha + sum p; st becomes
+  // p = exp(s - m_new) (0 where hidden). m, l, alpha: [nq].
+  void (*softmax_t)(float* st, int64_t ld, int64_t nk, int64_t nq, int64_t cut, float* m,
+                    float* l, float* alpha);
   // dst[r*ldd + d] = scale * src(r, d) for d < dim, 0 for dim <= d < ldd; src(r, d) at
   // src + r * row_stride + d of type t.
   void (*load_rows)(const void* src, FloatType t, int64_t row_stride, int64_t rows,
                     int64_t dim, float scale, float* dst, int64_t ldd);
-  // Transposed: dst[d*kBlockK + r] = src(r, d) for r < rows, 0 for rows <= r < kBlockK.
+  // Transposed: dst[d*ldt + r] = scale * src(r, d) for r < rows, 0 for rows <= r < ldt
+  // (ldt a multiple of 16, rows <= ldt).
   void (*load_rows_t)(const void* src, FloatType t, int64_t row_stride, int64_t rows,
-                      int64_t dim, float* dst);
+                      int64_t dim, float scale, float* dst, int64_t ldt);
 };
 
 namespace scalar { extern const Kernels kKernels; }

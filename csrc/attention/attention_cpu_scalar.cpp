@@ -3,6 +3,8 @@
 // without AVX-512 or under LLMCORE_CPU_ISA=scalar.
 #include <math.h>
 
+#include <algorithm>
+
 #include "attention/attention_cpu_internal.h"
 
 namespace llmcore {
@@ -11,16 +13,17 @@ namespace cpu {
 namespace scalar {
 namespace {
 
-void dot_tile(const float* a, int64_t lda, int64_t m, int64_t kdim, const float* bt, float* c) {
+void dot_tile(const float* a, int64_t lda, int64_t m, int64_t kdim, const float* bt, int64_t ldb,
+              int64_t n, float* c, int64_t ldc) {
   for (int64_t i = 0; i < m; ++i) {
-    float acc[kBlockK] = {};
+    float* cr = c + i * ldc;
+    for (int64_t j = 0; j < n; ++j) cr[j] = 0.0f;
     const float* ar = a + i * lda;
     for (int64_t d = 0; d < kdim; ++d) {
       const float x = ar[d];
-      const float* br = bt + d * kBlockK;
-      for (int64_t j = 0; j < kBlockK; ++j) acc[j] += x * br[j];
+      const float* br = bt + d * ldb;
+      for (int64_t j = 0; j < n; ++j) cr[j] += x * br[j];
     }
-    for (int64_t j = 0; j < kBlockK; ++j) c[i * kBlockK + j] = acc[j];
   }
 }
 
@@ -37,12 +40,6 @@ void axpy_tile(const float* a, int64_t a_rs, int64_t a_cs, int64_t m, int64_t k,
   }
 }
 
-float row_max(const float* s, int64_t n) {
-  float m = s[0];
-  for (int64_t j = 1; j < n; ++j) m = s[j] > m ? s[j] : m;
-  return m;
-}
-
 float exp_row(const float* s, int64_t n, float sub, float* p) {
   float sum = 0.0f;
   for (int64_t j = 0; j < n; ++j) {
@@ -50,6 +47,31 @@ float exp_row(const float* s, int64_t n, float sub, float* p) {
     sum += p[j];
   }
   return sum;
+}
+
+void softmax_t(float* st, int64_t ld, int64_t nk, int64_t nq, int64_t cut, float* m, float* l,
+               float* alpha) {
+  for (int64_t i = 0; i < nq; ++i) {
+    // Key j is visible to query i when j <= i - cut.
+    const int64_t vis = std::min<int64_t>(nk, std::max<int64_t>(0, i - cut + 1));
+    float mx = m[i];
+    for (int64_t j = 0; j < vis; ++j) mx = std::max(mx, st[j * ld + i]);
+    if (mx == -INFINITY) {  // nothing visible yet
+      alpha[i] = 1.0f;
+      for (int64_t j = 0; j < nk; ++j) st[j * ld + i] = 0.0f;
+      continue;
+    }
+    alpha[i] = expf(m[i] - mx);
+    float sum = 0.0f;
+    for (int64_t j = 0; j < vis; ++j) {
+      const float p = expf(st[j * ld + i] - mx);
+      st[j * ld + i] = p;
+      sum += p;
+    }
+    for (int64_t j = vis; j < nk; ++j) st[j * ld + i] = 0.0f;
+    l[i] = l[i] * alpha[i] + sum;
+    m[i] = mx;
+  }
 }
 
 void load_rows(const void* src, FloatType t, int64_t row_stride, int64_t rows, int64_t dim,
@@ -64,19 +86,19 @@ void load_rows(const void* src, FloatType t, int64_t row_stride, int64_t rows, i
 }
 
 void load_rows_t(const void* src, FloatType t, int64_t row_stride, int64_t rows, int64_t dim,
-                 float* dst) {
+                 float scale, float* dst, int64_t ldt) {
   const size_t es = elem_size(t);
   for (int64_t r = 0; r < rows; ++r) {
     const void* sr = static_cast<const char*>(src) + r * row_stride * static_cast<int64_t>(es);
-    for (int64_t d = 0; d < dim; ++d) dst[d * kBlockK + r] = load_float(sr, t, d);
+    for (int64_t d = 0; d < dim; ++d) dst[d * ldt + r] = scale * load_float(sr, t, d);
   }
   for (int64_t d = 0; d < dim; ++d)
-    for (int64_t r = rows; r < kBlockK; ++r) dst[d * kBlockK + r] = 0.0f;
+    for (int64_t r = rows; r < ldt; ++r) dst[d * ldt + r] = 0.0f;
 }
 
 }  // namespace
 
-extern const Kernels kKernels = {dot_tile, axpy_tile, row_max, exp_row, load_rows, load_rows_t};
+extern const Kernels kKernels = {dot_tile, axpy_tile, exp_row, softmax_t, load_rows, load_rows_t};
 
 }  // namespace scalar
 }  // namespace cpu
