@@ -112,7 +112,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         _ext.warn_fallback("attention", q.device)
         out, lse = ref.attention_fwd(q.float(), k.float(), v.float(), bool(causal), scale,
                                      upcast=False)
-        out = out.to(q.dtype)
+        out, lse = out.to(q.dtype), lse.detach()  # lse is documented as not differentiable
     return (out, lse) if return_lse else out
 
 
@@ -173,7 +173,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out, lse = ref.attention_varlen_fwd(q.float(), k.float(), v.float(), cu_seqlens_q,
                                             cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                             bool(causal), scale, upcast=False)
-        out = out.to(q.dtype)
+        out, lse = out.to(q.dtype), lse.detach()
     return (out, lse) if return_lse else out
 
 
