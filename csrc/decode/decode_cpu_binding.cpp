@@ -79,11 +79,12 @@ void check_cache(const at::Tensor& x, const char* x_name, const at::Tensor& kc,
                   "exponents), got ", dtype_name(kc.scalar_type()));
   }
   if (bt.has_value()) {
-    CHECK_DEVICE(*bt, cpu_dev);
-    CHECK_DTYPE(*bt, at::kInt);
-    CHECK_DIM(*bt, 2);
-    LLMCORE_CHECK(bt->size(0) == B, "block_table.size(0) must be ", B, " (batch), got shape ",
-                  shape_str(bt->sizes()));
+    const at::Tensor& block_table = *bt;
+    CHECK_DEVICE(block_table, cpu_dev);
+    CHECK_DTYPE(block_table, at::kInt);
+    CHECK_DIM(block_table, 2);
+    LLMCORE_CHECK(block_table.size(0) == B, "block_table.size(0) must be ", B,
+                  " (batch), got shape ", shape_str(block_table.sizes()));
   } else {
     LLMCORE_CHECK(kc.size(0) == B, "a contiguous k_cache must have batch ", B,
                   " in dim 0, got shape ", shape_str(kc.sizes()),
