@@ -207,6 +207,7 @@ void attention_fwd(const Problem& p, View out, float* lse, int64_t item_begin, i
 
 void attention_bwd_delta(const Problem& p, const Backward& g, int64_t item_begin,
                          int64_t item_end) {
+  const Kernels& kn = kernels();
   for (int64_t item = item_begin; item < item_end; ++item) {
     const QItem it = query_item(p, item);
     const Seq s = sequence(p, it.b);
@@ -214,25 +215,30 @@ void attention_bwd_delta(const Problem& p, const Backward& g, int64_t item_begin
     for (int64_t i = i0; i < std::min(s.lq, i0 + kBlockQ); ++i) {
       const void* o = row_ptr(g.out, p.dtype, it.b, s.q0 + i, it.h);
       const void* d = row_ptr(g.grad_out, p.dtype, it.b, s.q0 + i, it.h);
-      float acc = 0.0f;
-      for (int64_t x = 0; x < p.head_dim; ++x)
-        acc += load_float(o, p.dtype, x) * load_float(d, p.dtype, x);
-      g.delta[lse_index(p, it.b, it.h, s.q0 + i)] = acc;
+      g.delta[lse_index(p, it.b, it.h, s.q0 + i)] = kn.dot_row(d, o, p.dtype, p.head_dim);
     }
   }
 }
 
-void attention_bwd_kv(const Problem& p, const Backward& g, int64_t item_begin, int64_t item_end) {
+namespace {
+
+// Step 1 of the backward for key blocks of one (b, kv head). Item = (b, hk, key block), or
+// with `fused` item = (b, hk) over all its key blocks, also accumulating dQ of the group's
+// query heads (in a fixed order: deterministic) so that dQ needs no second pass.
+void kv_pass(const Problem& p, const Backward& g, int64_t item_begin, int64_t item_end,
+             bool fused) {
   const Kernels& kn = kernels();
   const int64_t D = p.head_dim, Dp = round16(D), group = p.heads / p.kv_heads;
   const int64_t nkb = ceil_div(p.max_seqlen_k, kBlockK);
-  Scratch scratch(static_cast<size_t>(2 * kBlockK * Dp + 2 * kBlockQ * Dp + 2 * kBlockQ * kBlockK +
+  Scratch scratch(static_cast<size_t>(3 * kBlockK * Dp + 3 * kBlockQ * Dp + 2 * kBlockQ * kBlockK +
                                       4 * kBlockK * Dp + 2 * kBlockQ));
   float* const kt = scratch.get();               // [D][kBlockK]
   float* const vt = kt + kBlockK * Dp;           // [D][kBlockK]
-  float* const qt = vt + kBlockK * Dp;           // [kBlockQ][Dp], scaled
+  float* const kr = vt + kBlockK * Dp;           // [kBlockK][Dp] (fused: dQ += dS K)
+  float* const qt = kr + kBlockK * Dp;           // [kBlockQ][Dp], scaled
   float* const dot = qt + kBlockQ * Dp;          // [kBlockQ][Dp]
-  float* const st = dot + kBlockQ * Dp;          // [kBlockQ][kBlockK]: S, then P
+  float* const dq_part = dot + kBlockQ * Dp;     // [kBlockQ][Dp]
+  float* const st = dq_part + kBlockQ * Dp;      // [kBlockQ][kBlockK]: S, then P
   float* const dpt = st + kBlockQ * kBlockK;     // [kBlockQ][kBlockK]: dP, then dS
   float* const dk = dpt + kBlockQ * kBlockK;     // [kBlockK][Dp]
   float* const dv = dk + kBlockK * Dp;           // [kBlockK][Dp]
@@ -240,16 +246,26 @@ void attention_bwd_kv(const Problem& p, const Backward& g, int64_t item_begin, i
   float* const dv_part = dk_part + kBlockK * Dp;
   float* const lr = dv_part + kBlockK * Dp;
   float* const dl = lr + kBlockQ;
+  std::vector<float> dq_acc;                     // fused: [group][lq][Dp]
   for (int64_t item = item_begin; item < item_end; ++item) {
-    const int64_t b = item / (p.kv_heads * nkb), hk = item / nkb % p.kv_heads;
-    const int64_t j0 = item % nkb * kBlockK;
+    const int64_t per_head = fused ? 1 : nkb;
+    const int64_t b = item / (p.kv_heads * per_head), hk = item / per_head % p.kv_heads;
     const Seq s = sequence(p, b);
+    int64_t kb_begin = item % per_head, kb_end = kb_begin + 1;
+    if (fused) {
+      kb_begin = 0;
+      kb_end = ceil_div(s.lk, kBlockK);
+      dq_acc.assign(static_cast<size_t>(group * s.lq * Dp), 0.0f);
+    }
+    for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+    const int64_t j0 = kb * kBlockK;
     if (j0 >= s.lk) continue;
     const int64_t nk = std::min(kBlockK, s.lk - j0);
-    kn.load_rows_t(row_ptr(p.k, p.dtype, b, s.k0 + j0, hk), p.dtype, p.k.row_stride, nk, D, 1.0f,
-                   kt, kBlockK);
+    const void* kp = row_ptr(p.k, p.dtype, b, s.k0 + j0, hk);
+    kn.load_rows_t(kp, p.dtype, p.k.row_stride, nk, D, 1.0f, kt, kBlockK);
     kn.load_rows_t(row_ptr(p.v, p.dtype, b, s.k0 + j0, hk), p.dtype, p.v.row_stride, nk, D, 1.0f,
                    vt, kBlockK);
+    if (fused) kn.load_rows(kp, p.dtype, p.k.row_stride, nk, D, 1.0f, kr, Dp);
     std::fill(dk, dk + nk * Dp, 0.0f);
     std::fill(dv, dv + nk * Dp, 0.0f);
     // The first query that sees key j0 (causal): i + lk - lq >= j0.
@@ -278,14 +294,43 @@ void attention_bwd_kv(const Problem& p, const Backward& g, int64_t item_begin, i
           dk[x] += dk_part[x];
           dv[x] += dv_part[x];
         }
+        if (fused) {
+          std::fill(dq_part, dq_part + rows * Dp, 0.0f);
+          kn.axpy_tile(dpt, kBlockK, 1, rows, nk, kr, Dp, Dp, dq_part, Dp);  // dS K
+          float* dq = dq_acc.data() + ((h - hk * group) * s.lq + i0) * Dp;
+          for (int64_t x = 0; x < rows * Dp; ++x) dq[x] += dq_part[x];
+        }
       }
     }
     for (int64_t j = 0; j < nk; ++j) {
       store_row(dk + j * Dp, D, 1.0f, row_ptr(g.grad_k, p.dtype, b, s.k0 + j0 + j, hk), p.dtype);
       store_row(dv + j * Dp, D, 1.0f, row_ptr(g.grad_v, p.dtype, b, s.k0 + j0 + j, hk), p.dtype);
     }
+    }
+    if (!fused) continue;
+    for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
+      for (int64_t i = 0; i < s.lq; ++i)
+        store_row(dq_acc.data() + ((h - hk * group) * s.lq + i) * Dp, D, p.scale,
+                  row_ptr(g.grad_q, p.dtype, b, s.q0 + i, h), p.dtype);
   }
 }
+
+}  // namespace
+
+bool bwd_fused(const Problem& p) { return p.batch * p.kv_heads >= kFusedMinItems; }
+
+int64_t bwd_fused_items(const Problem& p) { return p.batch * p.kv_heads; }
+
+void attention_bwd_fused(const Problem& p, const Backward& g, int64_t item_begin,
+                         int64_t item_end) {
+  kv_pass(p, g, item_begin, item_end, true);
+}
+
+void attention_bwd_kv(const Problem& p, const Backward& g, int64_t item_begin, int64_t item_end) {
+  kv_pass(p, g, item_begin, item_end, false);
+}
+
+
 
 void attention_bwd_q(const Problem& p, const Backward& g, int64_t item_begin, int64_t item_end) {
   const Kernels& kn = kernels();

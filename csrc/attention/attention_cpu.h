@@ -23,7 +23,8 @@
 //             microkernel, online softmax (running max m and sum l; the accumulator is
 //             rescaled when m grows), O += P V; tiles past the causal diagonal are skipped.
 //   backward  delta_i = rowsum(dO_i * O_i); then two passes that each own their outputs, so
-//             the result never depends on thread scheduling (always deterministic):
+//             the result never depends on thread scheduling (always deterministic), or
+//             with many (b, kv head) pairs one fused pass (attention_bwd_fused):
 //             (1) per (b, kv head, key block): for every query head of the group and query
 //                 block, P = exp(S - lse), dV += P^T dO, dP = dO V^T, dS = P (dP - delta),
 //                 dK += scale dS^T Q;  (2) per (b, h, query block): dQ += scale dS K.
@@ -97,6 +98,16 @@ int64_t bwd_kv_items(const Problem& p);
 void attention_bwd_kv(const Problem& p, const Backward& g, int64_t item_begin, int64_t item_end);
 // Step 2, items fwd_items(p): grad_q.
 void attention_bwd_q(const Problem& p, const Backward& g, int64_t item_begin, int64_t item_end);
+
+// Steps 1 and 2 in one pass (5 tile products per tile pair instead of 7), chosen by the
+// problem's shape alone (so results never depend on the thread count): when
+// batch * kv_heads >= kFusedMinItems there is enough parallelism in whole (b, kv head)
+// items, each of which owns its dK/dV rows and the dQ rows of its query heads.
+constexpr int64_t kFusedMinItems = 8;
+bool bwd_fused(const Problem& p);
+int64_t bwd_fused_items(const Problem& p);  // batch * kv_heads
+void attention_bwd_fused(const Problem& p, const Backward& g, int64_t item_begin,
+                         int64_t item_end);
 
 }  // namespace cpu
 }  // namespace attention

@@ -145,6 +145,12 @@ inline __m512 exp512(__m512 x) {
   return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
 }
 
+float dot_row(const void* a, const void* b, FloatType t, int64_t n) {
+  float acc = 0.0f;
+  for (int64_t d = 0; d < n; ++d) acc = __builtin_fmaf(load_float(a, t, d), load_float(b, t, d), acc);
+  return acc;
+}
+
 float exp_row(const float* s, int64_t n, float sub, float* p) {
   const __m512 vs = _mm512_set1_ps(sub);
   __m512 sum = _mm512_setzero_ps();
@@ -262,7 +268,7 @@ void load_rows_t(const void* src, FloatType t, int64_t row_stride, int64_t rows,
 
 }  // namespace
 
-extern const Kernels kKernels = {dot_tile, axpy_tile, exp_row, softmax_t, load_rows, load_rows_t};
+extern const Kernels kKernels = {dot_tile, axpy_tile, dot_row, exp_row, softmax_t, load_rows, load_rows_t};
 
 }  // namespace avx512
 }  // namespace cpu

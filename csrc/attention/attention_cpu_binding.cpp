@@ -183,6 +183,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_bwd(cpu::Problem& p, const at
   at::parallel_for(0, nq, 1, [&](int64_t i0, int64_t i1) {
     cpu::attention_bwd_delta(p, g, i0, i1);
   });
+  if (cpu::bwd_fused(p)) {
+    at::parallel_for(0, cpu::bwd_fused_items(p), 1, [&](int64_t i0, int64_t i1) {
+      cpu::attention_bwd_fused(p, g, i0, i1);
+    });
+    return {gq, gk, gv};
+  }
   at::parallel_for(0, nkv, 1, [&](int64_t i0, int64_t i1) {
     cpu::attention_bwd_kv(p, g, i0, i1);
   });

@@ -21,6 +21,9 @@ struct Kernels {
   // c[i*ldc + x] += sum_{j < k} a[i*a_rs + j*a_cs] * b[j*ldb + x],  i < m, x < n.
   void (*axpy_tile)(const float* a, int64_t a_rs, int64_t a_cs, int64_t m, int64_t k,
                     const float* b, int64_t ldb, int64_t n, float* c, int64_t ldc);
+  // sum_{d < n} a(d) * b(d) in order, rounded as dot_tile rounds (so that a row that sees
+  // one key gets dP - delta = 0 exactly); a, b of type t.
+  float (*dot_row)(const void* a, const void* b, FloatType t, int64_t n);
   // p[j] = exp(s[j] - sub) for j < n; returns their sum.
   float (*exp_row)(const float* s, int64_t n, float sub, float* p);
   // Online softmax step on a transposed score tile st[j*ld + i] (key j < nk, query i < nq):

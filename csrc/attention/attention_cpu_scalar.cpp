@@ -40,6 +40,12 @@ void axpy_tile(const float* a, int64_t a_rs, int64_t a_cs, int64_t m, int64_t k,
   }
 }
 
+float dot_row(const void* a, const void* b, FloatType t, int64_t n) {
+  float acc = 0.0f;
+  for (int64_t d = 0; d < n; ++d) acc += load_float(a, t, d) * load_float(b, t, d);
+  return acc;
+}
+
 float exp_row(const float* s, int64_t n, float sub, float* p) {
   float sum = 0.0f;
   for (int64_t j = 0; j < n; ++j) {
@@ -98,7 +104,7 @@ void load_rows_t(const void* src, FloatType t, int64_t row_stride, int64_t rows,
 
 }  // namespace
 
-extern const Kernels kKernels = {dot_tile, axpy_tile, exp_row, softmax_t, load_rows, load_rows_t};
+extern const Kernels kKernels = {dot_tile, axpy_tile, dot_row, exp_row, softmax_t, load_rows, load_rows_t};
 
 }  // namespace scalar
 }  // namespace cpu
