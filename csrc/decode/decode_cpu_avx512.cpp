@@ -41,6 +41,7 @@ namespace cpu {
 namespace {
 
 constexpr int kTile = 16;
+constexpr int64_t kPrefetchRows = 2 * kTile;  // prefetch distance
 
 inline __mmask16 tail_mask(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
@@ -222,8 +223,21 @@ void task(const DecodeArgs& a, const DecodePlan& p, float* ws, int64_t t) {
   const float* kp[kTile];
   const float* vp[kTile];
   const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+  const int64_t row_bytes = D * (CT == ElemType::kF32 ? 4 : (CT == ElemType::kMxint8 ? 1 : 2));
+  const int64_t esz = CT == ElemType::kF32 ? 4 : (CT == ElemType::kMxint8 ? 1 : 2);
   for (int64_t j = k.j0; j < k.j1; j += kTile) {
     const int64_t n = k.j1 - j < kTile ? k.j1 - j : kTile;
+    // Rows of one kv head are Hkv * D elements apart: prefetch the tile after next so
+    // DRAM latency hides behind this tile's arithmetic.
+    for (int64_t i = j + kPrefetchRows; i < j + kPrefetchRows + kTile && i < k.j1; ++i) {
+      const RowLoc loc = locate(c, k.b, i);
+      if (loc.i0 < 0) continue;
+      const int64_t off = (loc.i0 * c.stride0 + loc.i1 * c.stride1 + k.kvh * c.stride2) * esz;
+      for (int64_t line = 0; line < row_bytes; line += 64) {
+        _mm_prefetch(static_cast<const char*>(a.k) + off + line, _MM_HINT_T0);
+        _mm_prefetch(static_cast<const char*>(a.v) + off + line, _MM_HINT_T0);
+      }
+    }
     uint32_t valid = 0;
     for (int64_t i = 0; i < kTile; ++i) {
       kp[i] = vp[i] = zero;
