@@ -23,27 +23,13 @@
 
 #include "attention/attention_cuda.cuh"
 #include "common/check.h"
+#include "common/cuda_check.h"
 
 namespace llmcore {
 namespace attention {
 namespace {
 
 namespace kc = llmcore::attention::cuda;
-
-#define CHECK_CUDA(x) \
-  TORCH_CHECK_VALUE((x).is_cuda(), #x " must be a CUDA tensor, got device ", (x).device())
-
-#define CHECK_SAME_DEVICE(x, y)                                                                 \
-  TORCH_CHECK_VALUE((x).device() == (y).device(), #x " and " #y " must be on one device, got ", \
-                    (x).device(), " and ", (y).device())
-
-#define CHECK_LAUNCH(err, op)                                                              \
-  TORCH_CHECK((err) == cudaSuccess, "llmcore::" op " CUDA kernel failed: ",                \
-              cudaGetErrorString(err))
-
-// c10::cuda::getCurrentCUDAStream (c10/cuda/CUDAStream.h) rather than ATen/cuda/
-// CUDAContext.h, which needs the cuBLAS/cuSPARSE headers.
-cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 constexpr int64_t kIntMax = std::numeric_limits<int>::max();
 

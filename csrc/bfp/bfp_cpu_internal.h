@@ -5,46 +5,17 @@
 
 #include "bfp/bfp_cpu.h"
 #include "bfp/bfp_rule.h"
+#include "common/half_convert.h"
 
 namespace llmcore {
 namespace bfp {
 namespace cpu {
 
-inline float bf16_to_f32(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
-
-// Round to nearest even, as torch does; NaN stays a quiet NaN.
-inline uint16_t f32_to_bf16(float f) {
-  const uint32_t u = float_to_bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-// IEEE binary16 <-> binary32 without F16C (the FP16 library's branch-free forms; they rely
-// on default rounding, which the build keeps: no -ffast-math).
-inline float f16_to_f32(uint16_t h) {
-  const uint32_t w = static_cast<uint32_t>(h) << 16;
-  const uint32_t sign = w & 0x80000000u;
-  const uint32_t two_w = w + w;
-  const float normalized = bits_to_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
-  const float denormalized = bits_to_float((two_w >> 17) | (126u << 23)) - 0.5f;
-  const uint32_t r = sign | (two_w < (1u << 27) ? float_to_bits(denormalized)
-                                                 : float_to_bits(normalized));
-  return bits_to_float(r);
-}
-
-inline uint16_t f32_to_f16(float f) {
-  const float abs_f = bits_to_float(float_to_bits(f) & 0x7fffffffu);
-  float base = (abs_f * 0x1.0p+112f) * 0x1.0p-110f;
-  const uint32_t w = float_to_bits(f);
-  const uint32_t shl1_w = w + w;
-  const uint32_t sign = w & 0x80000000u;
-  uint32_t bias = shl1_w & 0xFF000000u;
-  if (bias < 0x71000000u) bias = 0x71000000u;
-  base = bits_to_float((bias >> 1) + 0x07800000u) + base;
-  const uint32_t bits = float_to_bits(base);
-  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
-  return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
-}
+// float16 / bfloat16 conversions: csrc/common/half_convert.h
+using llmcore::bf16_to_f32;
+using llmcore::f16_to_f32;
+using llmcore::f32_to_bf16;
+using llmcore::f32_to_f16;
 
 inline float load_float(const void* p, FloatType t, int64_t i) {
   switch (t) {

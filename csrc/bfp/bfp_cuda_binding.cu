@@ -23,23 +23,13 @@
 
 #include "bfp/bfp_cuda.cuh"
 #include "common/check.h"
+#include "common/cuda_check.h"
 
 namespace llmcore {
 namespace bfp {
 namespace {
 
 namespace kc = llmcore::bfp::cuda;
-
-#define CHECK_CUDA(x) \
-  TORCH_CHECK_VALUE((x).is_cuda(), #x " must be a CUDA tensor, got device ", (x).device())
-
-#define CHECK_SAME_DEVICE(x, y)                                                            \
-  TORCH_CHECK_VALUE((x).device() == (y).device(), #x " and " #y " must be on one device, got ", \
-                    (x).device(), " and ", (y).device())
-
-#define CHECK_LAUNCH(err, op)                                                              \
-  TORCH_CHECK((err) == cudaSuccess, "llmcore::" op " CUDA kernel failed: ",                \
-              cudaGetErrorString(err))
 
 void check_format(int64_t bits, int64_t block, const char* bits_name) {
   TORCH_CHECK_VALUE(bits >= 2 && bits <= 8, bits_name, " must be in [2, 8], got ", bits);
@@ -49,8 +39,6 @@ void check_format(int64_t bits, int64_t block, const char* bits_name) {
 // The current stream of the current device: c10::cuda::getCurrentCUDAStream is what
 // at::cuda::getCurrentCUDAStream names; c10/cuda/CUDAStream.h spares this file
 // ATen/cuda/CUDAContext.h, which needs the cuBLAS/cuSPARSE headers.
-cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
 kc::FloatType float_type(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return kc::FloatType::kFloat32;

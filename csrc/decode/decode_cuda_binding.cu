@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include "common/check.h"
+#include "common/cuda_check.h"
 #include "decode/decode_cuda.cuh"
 
 namespace llmcore {
@@ -23,19 +24,6 @@ namespace decode {
 namespace {
 
 namespace kc = llmcore::decode::cuda;
-
-#define CHECK_CUDA(x) \
-  TORCH_CHECK_VALUE((x).is_cuda(), #x " must be a CUDA tensor, got device ", (x).device())
-
-#define CHECK_SAME_DEVICE(x, y)                                                            \
-  TORCH_CHECK_VALUE((x).device() == (y).device(), #x " and " #y " must be on one device, got ", \
-                    (x).device(), " and ", (y).device())
-
-#define CHECK_LAUNCH(err, op)                                                              \
-  TORCH_CHECK((err) == cudaSuccess, "llmcore::" op " CUDA kernel failed: ",                \
-              cudaGetErrorString(err))
-
-cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 kc::DType dtype_of(at::ScalarType t) {
   switch (t) {
