@@ -22,6 +22,11 @@ except ImportError as e:  # not built: the reference path still works
 
 _warned: set[str] = set()
 
+# Every schema in csrc/ops.cpp, in its order.
+OPS = ("bfp_quantize", "bfp_dequantize", "bfp_linear", "bfp_gemm", "attention_fwd",
+       "attention_bwd", "attention_varlen_fwd", "attention_varlen_bwd", "decode_attention",
+       "kv_cache_append")
+
 
 def available() -> bool:
     """True when the compiled extension is loaded."""

@@ -44,8 +44,7 @@ def _cmd_info(args) -> int:
     print(f"extension loaded: {_ext.available()}"
           + ("" if _ext.available() else f" ({_ext.LOAD_ERROR})"))
     for dev in ("cpu", "cuda"):
-        ops = [op for op in ("bfp_quantize", "bfp_dequantize", "bfp_linear", "bfp_gemm")
-               if _ext.has_kernel(op, torch.device(dev))]
+        ops = [op for op in _ext.OPS if _ext.has_kernel(op, torch.device(dev))]
         print(f"{dev} kernels: {', '.join(ops) or 'none'}")
     print(f"cuda available: {torch.cuda.is_available()}")
     return 0

@@ -1,0 +1,27 @@
+"""The op table: every schema in csrc/ops.cpp is known to llmcore._ext and has a CPU kernel."""
+
+import os
+import re
+
+import torch
+
+from llmcore import _ext
+
+OPS_CPP = os.path.join(os.path.dirname(__file__), "..", "csrc", "ops.cpp")
+
+
+def test_ops_list_matches_schema_table():
+    with open(OPS_CPP) as f:
+        names = re.findall(r'm\.def\("(\w+)\(', f.read())
+    assert tuple(names) == _ext.OPS
+
+
+def test_every_op_has_a_cpu_kernel():
+    missing = [op for op in _ext.OPS if not _ext.has_kernel(op, torch.device("cpu"))]
+    assert not missing, f"no CPU kernel for {missing}"
+
+
+def test_unknown_op_and_device():
+    assert not _ext.has_op("no_such_op")
+    assert not _ext.has_kernel("bfp_quantize", torch.device("mps"))  # no such backend here
+    assert not _ext.has_kernel("no_such_op", torch.device("cpu"))
