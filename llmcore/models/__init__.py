@@ -1,5 +1,7 @@
-"""Models: the KV cache (and, as the project grows, the Llama-family transformer)."""
+"""Models: configs and presets, the Llama-family transformer, the KV cache."""
 
+from llmcore.models.config import PRESETS, TransformerConfig
 from llmcore.models.kv_cache import KVCache
+from llmcore.models.transformer import Transformer
 
-__all__ = ["KVCache"]
+__all__ = ["KVCache", "PRESETS", "Transformer", "TransformerConfig"]
