@@ -1,0 +1,150 @@
+"""TransformerConfig presets, the Transformer on both backends, cached decoding, quantising."""
+
+import pytest
+import torch
+
+from llmcore.models import PRESETS, Transformer, TransformerConfig
+from llmcore.models.transformer import rope_inv_freq
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _pair(cfg, dtype=torch.float32):
+    a = Transformer(cfg, dtype=dtype)
+    b = Transformer(cfg, backend="torch", dtype=dtype)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def test_presets_and_param_counts():
+    assert set(PRESETS) >= {"tiny", "124M", "1B", "7B"}
+    assert abs(PRESETS["124M"].num_params() - 124e6) / 124e6 < 0.1
+    assert abs(PRESETS["1B"].num_params() - 1.24e9) / 1.24e9 < 0.05  # Llama-3.2-1B
+    assert abs(PRESETS["7B"].num_params() - 7.24e9) / 7.24e9 < 0.05  # Mistral-7B
+    cfg = TransformerConfig.from_name("tiny", n_layers=3)
+    m = Transformer(cfg)
+    assert sum(p.numel() for p in m.parameters()) == cfg.num_params()
+    with pytest.raises(ValueError, match="unknown preset"):
+        TransformerConfig.from_name("13B")
+    with pytest.raises(ValueError, match="multiple of n_kv_heads"):
+        TransformerConfig(n_heads=4, n_kv_heads=3)
+
+
+def test_backends_agree_dense():
+    a, b = _pair(TransformerConfig.from_name("tiny"))
+    ids = torch.randint(0, 256, (3, 37))
+    torch.testing.assert_close(a(ids), b(ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["llmcore", "torch"])
+def test_cached_steps_equal_dense(backend):
+    cfg = TransformerConfig.from_name("tiny")
+    a, b = _pair(cfg)
+    model = a if backend == "llmcore" else b
+    ids = torch.randint(0, 256, (2, 20))
+    full = model(ids)
+    cache = model.new_cache(2, 32)
+    parts = [model(ids[:, s:e], cache=cache) for s, e in ((0, 11), (11, 12), (12, 16), (16, 20))]
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+    assert cache.lengths == [20, 20]
+
+
+@pytest.mark.parametrize("storage,page_size", [("native", 8), ("mxint8", None), ("mxint8", 5)])
+def test_cache_storages(storage, page_size):
+    cfg = TransformerConfig.from_name("tiny")
+    m = Transformer(cfg)
+    ids = torch.randint(0, 256, (2, 24))
+    full = m(ids)
+    cache = m.new_cache(2, 40, storage=storage, page_size=page_size)
+    out = torch.cat([m(ids[:, :16], cache=cache)] + [m(ids[:, i:i + 1], cache=cache)
+                                                    for i in range(16, 24)], 1)
+    if storage == "native":
+        torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-5)
+    else:  # MXINT8 K/V: close, not equal
+        assert ((out - full).norm() / full.norm()).item() < 2e-2
+
+
+def test_rollback_then_continue_equals_never_appended():
+    m = Transformer(TransformerConfig.from_name("tiny"))
+    ids = torch.randint(0, 256, (2, 12))
+    c1 = m.new_cache(2, 32)
+    m(ids[:, :8], cache=c1)
+    m(torch.randint(0, 256, (2, 3)), cache=c1)  # rejected draft tokens
+    c1.rollback([8, 8])
+    out1 = m(ids[:, 8:], cache=c1)
+    c2 = m.new_cache(2, 32)
+    m(ids[:, :8], cache=c2)
+    torch.testing.assert_close(out1, m(ids[:, 8:], cache=c2), rtol=1e-6, atol=1e-6)
+
+
+def test_rope_scaling_llama3_changes_low_frequencies_only():
+    base = TransformerConfig(dim=64, n_heads=2, rope_theta=500000.0)
+    scaled = TransformerConfig(dim=64, n_heads=2, rope_theta=500000.0,
+                               rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                             "original_max_position_embeddings": 8192})
+    a, b = rope_inv_freq(base), rope_inv_freq(scaled)
+    assert torch.equal(a[:4], b[:4])  # high frequencies untouched
+    torch.testing.assert_close(b[-1], a[-1] / 8.0)  # lowest frequency divided by the factor
+    with pytest.raises(ValueError, match="unsupported rope_scaling"):
+        rope_inv_freq(TransformerConfig(dim=64, n_heads=2, rope_scaling={"rope_type": "yarn"}))
+
+
+def test_qkv_bias_and_tied_embeddings():
+    cfg = TransformerConfig.from_name("tiny", attention_bias=True, tie_embeddings=True)
+    a, b = _pair(cfg)
+    assert a.layers[0].self_attn.q_proj.bias is not None
+    assert a.lm_head.weight is a.embed_tokens.weight
+    ids = torch.randint(0, 256, (1, 9))
+    torch.testing.assert_close(a(ids), b(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_model_close_and_smaller():
+    cfg = TransformerConfig.from_name("tiny", dim=128, ffn_dim=256, n_heads=4, n_kv_heads=2)
+    m = Transformer(cfg)
+    ids = torch.randint(0, 256, (2, 16))
+    ref = m(ids)
+    m.quantize("mxint8")
+    from llmcore.nn import BFPLinear
+
+    assert isinstance(m.layers[0].mlp.up_proj, BFPLinear)
+    assert type(m.lm_head) is torch.nn.Linear
+    out = m(ids)
+    assert ((out - ref).norm() / ref.norm()).item() < 3e-2
+    cache = m.new_cache(2, 32)
+    torch.testing.assert_close(torch.cat([m(ids[:, :10], cache=cache), m(ids[:, 10:], cache=cache)], 1),
+                               out, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_model_runs_close_to_fp32():
+    cfg = TransformerConfig.from_name("tiny")
+    a = Transformer(cfg)
+    h = Transformer(cfg, dtype=torch.bfloat16)
+    h.load_state_dict({k: v.bfloat16() for k, v in a.state_dict().items()})
+    ids = torch.randint(0, 256, (2, 16))
+    ref = a(ids)
+    out = h(ids).float()
+    assert ((out - ref).norm() / ref.norm()).item() < 3e-2
+
+
+def test_errors():
+    m = Transformer(TransformerConfig.from_name("tiny", max_seq_len=16))
+    with pytest.raises(ValueError, match="backend"):
+        Transformer(TransformerConfig.from_name("tiny"), backend="jax")
+    with pytest.raises(ValueError, match="input_ids"):
+        m(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        m(torch.zeros(1, 17, dtype=torch.long))
+    cache = m.new_cache(2, 8)
+    with pytest.raises(ValueError, match="sequences"):
+        m(torch.zeros(3, 2, dtype=torch.long), cache=cache)
+    m(torch.zeros(2, 6, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        m(torch.zeros(2, 3, dtype=torch.long), cache=cache)
+    assert cache.lengths == [6, 6]  # a failed step leaves the cache as it was
+    t = Transformer(TransformerConfig.from_name("tiny"), backend="torch")
+    with pytest.raises(ValueError, match="native, non-paged"):
+        t(torch.zeros(1, 2, dtype=torch.long), cache=t.new_cache(1, 8, storage="mxint8"))
