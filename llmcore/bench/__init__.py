@@ -19,6 +19,7 @@ SUITES = {
     "bfp": "llmcore.bench.bfp",
     "attention": "llmcore.bench.attention",
     "decode": "llmcore.bench.decode",
+    "generate": "llmcore.bench.generate",
 }
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(

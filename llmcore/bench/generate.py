@@ -1,0 +1,139 @@
+"""`llmcore bench generate`: end-to-end decode and prefill of a Llama-shaped model with
+random weights (DESIGN §3, §4).
+
+For each preset and batch size, a fixed prompt of 128 tokens is prefilled into a static KV
+cache, then N decode steps (one token per sequence each) are timed. Methods:
+  torch fp32 / torch bf16     backend="torch": F.linear + SDPA over the cache (baseline)
+  llmcore fp32 / bf16         backend="llmcore": llmcore ops (attention, decode_attention)
+  llmcore mxint8              model.quantize("mxint8") (BFP linears, lm_head kept), fp32
+  llmcore mxint8 + mxint8 kv  the same with the KV cache stored as MXINT8
+Decode rows report tokens/s (batch × steps/s) and, in ``extra``, the bandwidth achieved:
+(bytes of weights + bytes of KV read per step) × steps/s. Prefill rows report tokens/s.
+Full run: 124M at batch 1 and 8 (N=32), plus the 1B shape on CUDA; quick: tiny, N=8.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmcore.bench.common import Row, add_ratios, bench
+from llmcore.models import Transformer, TransformerConfig
+
+BASELINES = ["torch fp32"]
+PROMPT = 128
+METHODS = [  # name, backend, dtype, quantize, kv storage
+    ("torch fp32", "torch", torch.float32, None, "native"),
+    ("llmcore fp32", "llmcore", torch.float32, None, "native"),
+    ("torch bf16", "torch", torch.bfloat16, None, "native"),
+    ("llmcore bf16", "llmcore", torch.bfloat16, None, "native"),
+    ("llmcore mxint8", "llmcore", torch.float32, "mxint8", "native"),
+    ("llmcore mxint8 + mxint8 kv", "llmcore", torch.float32, "mxint8", "mxint8"),
+]
+
+
+def _plan(device: torch.device, quick: bool):
+    """[(preset, batches, decode steps)]"""
+    if quick:
+        return [("tiny", (1, 8), 8)]
+    plan = [("124M", (1, 8), 32)]
+    if device.type == "cuda":
+        plan.append(("1B", (1, 8), 32))
+    return plan
+
+
+def weight_bytes(model: Transformer) -> int:
+    """Bytes read per decode step for the weights: every parameter and buffer once,
+    except the input embedding table (only a few rows are gathered) unless it is tied to
+    the output head."""
+    seen, total = set(), 0
+    emb = model.embed_tokens.weight
+    tied = model.lm_head.weight is emb if hasattr(model.lm_head, "weight") else False
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if name == "inv_freq" or t.data_ptr() in seen:
+            continue
+        if t is emb and not tied:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def kv_bytes(cfg: TransformerConfig, batch: int, context: float, storage: str,
+             dtype: torch.dtype) -> float:
+    per_elem = 1 + 1 / 32 if storage == "mxint8" else torch.finfo(dtype).bits // 8
+    return 2 * cfg.n_layers * batch * context * cfg.n_kv_heads * cfg.head_dim * per_elem
+
+
+def _build(preset, backend, dtype, quant, device) -> Transformer:
+    torch.manual_seed(0)
+    cfg = TransformerConfig.from_name(preset)
+    model = Transformer(cfg, backend=backend, device=device, dtype=dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    if quant:
+        model.quantize(quant)
+    return model
+
+
+@torch.inference_mode()
+def run_preset(device, preset, batches, steps, progress=None) -> list[Row]:
+    rows = []
+    for name, backend, dtype, quant, storage in METHODS:
+        model = _build(preset, backend, dtype, quant, device)
+        cfg = model.config
+        wbytes = weight_bytes(model)
+        g = torch.Generator().manual_seed(1)
+        for b in batches:
+            prompt = torch.randint(0, cfg.vocab_size, (b, PROMPT), generator=g).to(device)
+            cache = model.new_cache(b, PROMPT + steps + 1, storage=storage)
+
+            def prefill(i, model=model, cache=cache, prompt=prompt):
+                cache.reset()
+                return model(prompt, cache=cache)
+
+            pre_ms = bench(prefill, device, warmup=1, min_runs=3, min_time_s=0.0)
+            tok = prompt[:, -1:]
+
+            def decode(i, model=model, cache=cache, tok=tok):
+                cache.rollback(PROMPT)
+                for _ in range(steps):
+                    model(tok, cache=cache)
+
+            cache.reset()
+            model(prompt, cache=cache)
+            ms = bench(decode, device, warmup=1, min_runs=3, min_time_s=0.0) / steps
+            kv = kv_bytes(cfg, b, PROMPT + (steps + 1) / 2, storage, dtype)
+            bw = (wbytes + kv) / ms / 1e6  # GB/s
+            extra = {"preset": preset, "batch": b, "prompt": PROMPT, "steps": steps,
+                     "ms_per_step": ms, "weight_bytes": wbytes, "kv_bytes_per_step": kv,
+                     "bandwidth_GBps": bw, "backend": backend,
+                     "dtype": str(dtype).removeprefix("torch."), "quantize": quant,
+                     "kv_cache": storage}
+            rows.append(Row("generate", f"decode B={b} {preset}", name, ms,
+                            metric=b / ms * 1e3, unit="tok/s", extra=extra))
+            rows.append(Row("generate", f"prefill B={b} T={PROMPT} {preset}", name, pre_ms,
+                            metric=b * PROMPT / pre_ms * 1e3, unit="tok/s",
+                            extra={"preset": preset, "batch": b, "prompt": PROMPT,
+                                   "backend": backend, "kv_cache": storage}))
+            if progress is not None:
+                progress.update(1)
+    return rows
+
+
+def run(device: torch.device, quick: bool = False, progress_factory=None) -> dict:
+    plan = _plan(device, quick)
+    total = sum(len(METHODS) * len(bs) for _, bs, _ in plan)
+    pbar = progress_factory(total=total, desc="bench generate") if progress_factory else None
+    rows: list[Row] = []
+    for preset, batches, steps in plan:
+        rows += run_preset(device, preset, batches, steps, pbar)
+    if pbar is not None:
+        pbar.close()
+    rows.sort(key=lambda r: (not r.case.startswith("decode"), r.case))
+    add_ratios(rows, BASELINES)
+    lines = ["Decode bandwidth achieved ((weight bytes + KV bytes read) x steps/s):"]
+    lines += [f"  {r.case:18s} {r.method:28s} {r.extra['bandwidth_GBps']:8.2f} GB/s"
+              for r in rows if r.case.startswith("decode")]
+    return {"rows": rows, "baselines": BASELINES, "extra": {"prompt_tokens": PROMPT},
+            "text": "\n".join(lines)}
