@@ -92,7 +92,8 @@ def run_preset(device, preset, batches, steps, progress=None) -> list[Row]:
                 cache.reset()
                 return model(prompt, cache=cache)
 
-            pre_ms = bench(prefill, device, warmup=1, min_runs=3, min_time_s=0.0)
+            runs = 3 if device.type == "cuda" else 2  # keep the full CPU run to minutes
+            pre_ms = bench(prefill, device, warmup=1, min_runs=runs, min_time_s=0.0)
             tok = prompt[:, -1:]
 
             def decode(i, model=model, cache=cache, tok=tok):
@@ -102,7 +103,7 @@ def run_preset(device, preset, batches, steps, progress=None) -> list[Row]:
 
             cache.reset()
             model(prompt, cache=cache)
-            ms = bench(decode, device, warmup=1, min_runs=3, min_time_s=0.0) / steps
+            ms = bench(decode, device, warmup=1, min_runs=runs, min_time_s=0.0) / steps
             kv = kv_bytes(cfg, b, PROMPT + (steps + 1) / 2, storage, dtype)
             bw = (wbytes + kv) / ms / 1e6  # GB/s
             extra = {"preset": preset, "batch": b, "prompt": PROMPT, "steps": steps,
