@@ -349,7 +349,7 @@ def save_pretrained(model, path) -> None:
                                            "block_size": a.block_size}
             continue
         tensors[hf_name] = t.detach()
-    for n, m in bfp_mods.items():
+    for n in bfp_mods:
         quant.setdefault("modules", []).append(n)
     hf = config_to_hf(cfg, model.embed_tokens.weight.dtype)
     if quant:
