@@ -18,6 +18,14 @@ elif ! command -v nvcc >/dev/null 2>&1; then
   export PATH="/usr/local/cuda/bin:${PATH}"
 fi
 
+# A build folder configured for another checkout (same path reused by another clone) would
+# make CMake refuse to run: start that folder afresh.
+if [ -f "${build}/CMakeCache.txt" ] && \
+   ! grep -q "^CMAKE_HOME_DIRECTORY:INTERNAL=${here}\$" "${build}/CMakeCache.txt"; then
+  echo "check.sh: ${build} was configured for another source tree; starting it afresh"
+  rm -rf "${build}"
+fi
+
 cmake -S "${here}" -B "${build}" "${cuda_args[@]}" "$@"
 start=$(date +%s)
 cmake --build "${build}" -j2
