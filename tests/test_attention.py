@@ -19,7 +19,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FLOAT_DTYPES, UNIT_ROUNDOFF, randn
+from conftest import FLOAT_DTYPES, UNIT_ROUNDOFF, check_2x, floor_2x, randn
 
 from llmcore import _ext, ops
 from llmcore import reference as ref
@@ -52,42 +52,6 @@ def make_qkv(b, sq, sk, h, hkv, d, dtype, device, requires_grad=False):
     k = randn((b, sk, hkv, d), dtype, device)
     v = randn((b, sk, hkv, d), dtype, device)
     return tuple(t.requires_grad_(requires_grad) for t in (q, k, v))
-
-
-def floor(dtype, expected: torch.Tensor) -> float:
-    """Absolute floor of the 2x rule: 1e-5 (fp32) or two ulps (half types) at the scale of
-    max(1, max|expected|)."""
-    fin = expected[torch.isfinite(expected)]
-    amax = fin.abs().max().item() if fin.numel() else 0.0
-    per = 1e-5 if dtype == torch.float32 else 4 * UNIT_ROUNDOFF[dtype]
-    return per * max(1.0, amax)
-
-
-def check_2x(actual, expected64, pt, dtype, what: str) -> None:
-    """max|actual - expected64| <= 2 * max|pt - expected64| + floor; infinities exactly
-    where expected64 has them (lse of fully masked rows); never NaN."""
-    a = actual.detach().to("cpu", torch.float64)
-    e = expected64.detach().to("cpu", torch.float64)
-    p = pt.detach().to("cpu", torch.float64)
-    assert a.shape == e.shape, f"{what}: shape {list(a.shape)} != {list(e.shape)}"
-    assert not torch.isnan(a).any(), f"{what}: {int(torch.isnan(a).sum())} NaN in the output"
-    assert not torch.isnan(e).any(), f"{what}: NaN in the float64 reference (test bug)"
-    inf_e = torch.isinf(e)
-    if not torch.equal(torch.isinf(a), inf_e) or not torch.equal(a[inf_e], e[inf_e]):
-        idx = (torch.isinf(a) != inf_e).nonzero()[:5].tolist()
-        raise AssertionError(f"{what}: infinities differ from the reference (first at {idx})")
-    fin = ~inf_e
-    if not fin.any():
-        return
-    err = (a - e)[fin].abs().max().item()
-    err_pt = (p - e)[fin].abs().nan_to_num(nan=0.0).max().item()
-    fl = floor(dtype, e)
-    if not err <= 2 * err_pt + fl:
-        diff = torch.where(fin, (a - e).abs(), 0.0)
-        i = tuple(int(x) for x in torch.unravel_index(diff.argmax(), e.shape))
-        raise AssertionError(
-            f"{what}: max|err| {err:.3e} > 2 * {err_pt:.3e} (PyTorch in {dtype}) + floor "
-            f"{fl:.3e}; worst at {i}: actual {a[i].item()!r}, expected {e[i].item()!r}")
 
 
 def reference_dense(q, k, v, causal, scale, grad_out=None):
@@ -428,7 +392,7 @@ def varlen_close(actual, expected, dtype, what):
     assert a.shape == e.shape, f"{what}: {list(a.shape)} != {list(e.shape)}"
     fin = torch.isfinite(e)
     assert torch.equal(a[~fin], e[~fin]) and torch.isfinite(a[fin]).all(), f"{what}: inf/nan"
-    atol = floor(dtype, e)
+    atol = floor_2x(dtype, e)
     bad = (a - e).abs()[fin] > 2 * u * e.abs()[fin] + atol
     assert not bad.any(), f"{what}: {int(bad.sum())} elements differ; max |diff| " \
         f"{(a - e)[fin].abs().max().item():.3e}"

@@ -23,7 +23,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import UNIT_ROUNDOFF, randn, randn_blocks
+from conftest import check_2x, randn, randn_blocks
 
 from llmcore import _ext, ops
 from llmcore import reference as ref
@@ -63,40 +63,6 @@ def need_kernel_dtype(device, dtype) -> None:
 def head_dim_on(device, d: int) -> int:
     """80 (not a multiple of 32: a partial MXINT8 block) is a CPU-only head_dim."""
     return 64 if device.type == "cuda" and d == 80 else d
-
-
-def floor(dtype, expected: torch.Tensor) -> float:
-    fin = expected[torch.isfinite(expected)]
-    amax = fin.abs().max().item() if fin.numel() else 0.0
-    per = 1e-5 if dtype == torch.float32 else 4 * UNIT_ROUNDOFF[dtype]
-    return per * max(1.0, amax)
-
-
-def check_2x(actual, expected64, pts, dtype, what: str) -> None:
-    """max|actual - expected64| <= 2 * max_pt max|pt - expected64| + floor; infinities
-    exactly where expected64 has them; never NaN."""
-    a = actual.detach().to("cpu", torch.float64)
-    e = expected64.detach().to("cpu", torch.float64)
-    assert a.shape == e.shape, f"{what}: shape {list(a.shape)} != {list(e.shape)}"
-    assert not torch.isnan(a).any(), f"{what}: {int(torch.isnan(a).sum())} NaN in the output"
-    assert not torch.isnan(e).any(), f"{what}: NaN in the float64 reference (test bug)"
-    inf_e = torch.isinf(e)
-    if not torch.equal(torch.isinf(a), inf_e) or not torch.equal(a[inf_e], e[inf_e]):
-        idx = (torch.isinf(a) != inf_e).nonzero()[:5].tolist()
-        raise AssertionError(f"{what}: infinities differ from the reference (first at {idx})")
-    fin = ~inf_e
-    if not fin.any():
-        return
-    err = (a - e)[fin].abs().max().item()
-    err_pt = max((p.detach().to("cpu", torch.float64) - e)[fin].abs().nan_to_num(nan=0.0)
-                 .max().item() for p in pts)
-    fl = floor(dtype, e)
-    if not err <= 2 * err_pt + fl:
-        diff = torch.where(fin, (a - e).abs(), 0.0)
-        i = tuple(int(x) for x in torch.unravel_index(diff.argmax(), e.shape))
-        raise AssertionError(
-            f"{what}: max|err| {err:.3e} > 2 * {err_pt:.3e} (PyTorch in {dtype}) + floor "
-            f"{fl:.3e}; worst at {i}: actual {a[i].item()!r}, expected {e[i].item()!r}")
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
