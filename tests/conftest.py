@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,3 +193,30 @@ def check_2x(actual, expected64, pts, dtype, what: str) -> None:
         raise AssertionError(
             f"{what}: max|err| {err:.3e} > 2 * {err_pt:.3e} (PyTorch in {dtype}) + floor "
             f"{fl:.3e}; worst at {i}: actual {a[i].item()!r}, expected {e[i].item()!r}")
+
+
+def write_model_dir(path, seed: int = 0, **config) -> Path:
+    """A local Hugging Face-style model directory for CLI tests: a tiny random Llama
+    (``config`` overrides the ``tiny`` preset) saved by llmcore, and a word-level
+    tokenizer.json with one word per token id ("<unk>", "<s>", "</s>", then "w3", "w4",
+    ...) plus a chat template."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from llmcore.models import Transformer, TransformerConfig
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    cfg = TransformerConfig.from_name("tiny", **config)
+    model = Transformer(cfg)
+    model.save_pretrained(path)
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(3, cfg.vocab_size)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<s>", "</s>"])
+    tok.save(str(path / "tokenizer.json"))
+    template = ("{% for m in messages %}{{ m['content'] }} {{ eos_token }} {% endfor %}")
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "</s>", "bos_token": "<s>", "chat_template": template}))
+    return path

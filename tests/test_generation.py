@@ -255,3 +255,32 @@ def test_bench_generate_quick_writes_json(tmp_path):
     assert all("torch fp32" in r.ratios for r in rows if r.method != "torch fp32")
     folder = tmp_path / os.listdir(tmp_path)[0]
     assert json.loads((folder / "generate.json").read_text())["rows"]
+
+
+@pytest.mark.parametrize("quant,kv", [(None, "native"), ("mxint8", "native"), ("mxint4", "mxint8")])
+def test_cli_generate_model_dir_streams_the_library_text(tmp_path, capsys, quant, kv):
+    """`llmcore generate --model DIR` prints exactly the decoded text of what
+    ``generate`` produces for the same options (quantised weights, MXINT8 cache)."""
+    pytest.importorskip("tokenizers")
+    from conftest import write_model_dir
+
+    from llmcore.models import Transformer
+    from llmcore.models.hf import load_tokenizer
+
+    d = write_model_dir(tmp_path / "m")
+    argv = ["generate", "--model", str(d), "--prompt", "w5 w17 w99 w5", "--max-new-tokens", "12",
+            "--kv-cache", kv, "--device", "cpu"]
+    assert cli.main(argv + (["--quantize", quant] if quant else [])) == 0
+    printed = capsys.readouterr().out.strip()
+    tok = load_tokenizer(d)
+    model = Transformer.from_pretrained(d, quantize=quant)
+    ids = torch.tensor([tok.encode("w5 w17 w99 w5")])
+    out = generate(model, ids, 12, cache_storage=kv, eos_token_id=tok.eos_token_id)
+    new = [t for t in out[0, 4:].tolist() if t != tok.eos_token_id]
+    assert printed == tok.decode(new).strip()
+    assert printed  # the random model produced at least one word
+
+
+def test_cli_generate_bad_model_dir(tmp_path, capsys):
+    assert cli.main(["generate", "--model", str(tmp_path / "nothing"), "--prompt", "x"]) == 2
+    assert "not a directory" in capsys.readouterr().err

@@ -111,12 +111,43 @@ def test_quantized_model_close_and_smaller():
     from llmcore.nn import BFPLinear
 
     assert isinstance(m.layers[0].mlp.up_proj, BFPLinear)
-    assert type(m.lm_head) is torch.nn.Linear
+    assert isinstance(m.lm_head, BFPLinear) and m.lm_head.format.name == "mxint8"
     out = m(ids)
     assert ((out - ref).norm() / ref.norm()).item() < 3e-2
     cache = m.new_cache(2, 32)
     torch.testing.assert_close(torch.cat([m(ids[:, :10], cache=cache), m(ids[:, 10:], cache=cache)], 1),
                                out, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt,head,want", [("mxint4", "auto", "mxint8"), ("mxint4", "mxint4", "mxint4"),
+                                           ("mxint8", None, None), ("msfp12", "auto", "mxint8")])
+def test_quantize_head_options(fmt, head, want):
+    from llmcore.nn import BFPLinear
+
+    cfg = TransformerConfig.from_name("tiny", tie_embeddings=True)
+    m = Transformer(cfg)
+    ids = torch.randint(0, 256, (1, 12))
+    ref = m(ids)
+    m.quantize(fmt, lm_head=head)
+    assert m.layers[1].self_attn.o_proj.format.name == fmt
+    if want is None:
+        assert type(m.lm_head) is torch.nn.Linear
+        assert m.lm_head.weight is m.embed_tokens.weight  # still tied
+    else:
+        assert isinstance(m.lm_head, BFPLinear) and m.lm_head.format.name == want
+        assert type(m.embed_tokens.weight) is torch.nn.Parameter  # the lookup stays exact
+    assert ((m(ids) - ref).norm() / ref.norm()).item() < 0.3
+
+
+def test_quantize_exclude():
+    from llmcore.nn import BFPLinear
+
+    m = Transformer(TransformerConfig.from_name("tiny"))
+    m.quantize("mxint8", exclude=("*.mlp.*",), lm_head=None)
+    assert type(m.layers[0].mlp.down_proj) is torch.nn.Linear
+    assert isinstance(m.layers[0].self_attn.q_proj, BFPLinear)
+    with pytest.raises(ValueError, match="format"):
+        Transformer(TransformerConfig.from_name("tiny")).quantize("mxint8", lm_head="int3")
 
 
 def test_bf16_model_runs_close_to_fp32():

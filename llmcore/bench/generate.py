@@ -5,7 +5,7 @@ For each preset and batch size, a fixed prompt of 128 tokens is prefilled into a
 cache, then N decode steps (one token per sequence each) are timed. Methods:
   torch fp32 / torch bf16     backend="torch": F.linear + SDPA over the cache (baseline)
   llmcore fp32 / bf16         backend="llmcore": llmcore ops (attention, decode_attention)
-  llmcore mxint8              model.quantize("mxint8") (BFP linears, lm_head kept), fp32
+  llmcore mxint8              model.quantize("mxint8") (every linear, the head included), fp32
   llmcore mxint8 + mxint8 kv  the same with the KV cache stored as MXINT8
 Decode rows report tokens/s (batch × steps/s) and, in ``extra``, the bandwidth achieved:
 (bytes of weights + bytes of KV read per step) × steps/s. Prefill rows report tokens/s.

@@ -289,7 +289,8 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = None, device=None,
     if tied:
         tensors.pop("lm_head.weight", None)  # same storage as embed_tokens
         expected.pop("lm_head.weight", None)
-    elif cfg.tie_embeddings and "lm_head.weight" not in tensors and "embed_tokens.weight" in tensors:
+    elif (cfg.tie_embeddings and type(model.lm_head) is nn.Linear
+          and "lm_head.weight" not in tensors and "embed_tokens.weight" in tensors):
         tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
     # Qwen2-style checkpoints may carry rotary buffers; they are recomputed.
     for k in [k for k in tensors if k.endswith("rotary_emb.inv_freq")]:
