@@ -1,0 +1,522 @@
+"""``assisted_generate``: speculative decoding with a draft model, prompt lookup or a
+quantised copy of the target itself (DESIGN §3).
+
+Each step, a drafter proposes up to γ tokens per sequence; the target scores the last
+committed token and all γ proposals in one forward pass over its KV cache
+(``decode_attention`` with q_len = γ + 1), keeps the longest prefix it agrees with and
+adds one token of its own (the correction at the first rejection, or a bonus token when
+every proposal was kept). Decoding is bandwidth-bound, so scoring γ + 1 tokens costs about
+as much as generating one.
+
+Acceptance:
+  greedy (temperature 0)  a proposal is kept when it is the target's argmax, and the added
+                          token is the target's argmax, so the output is token for token
+                          the target's own greedy ``generate``.
+  sampling                exact speculative sampling (Leviathan et al. 2023; Chen et al.
+                          2023): keep d ~ q with probability min(1, p(d) / q(d)); at the
+                          first rejection draw from norm(max(0, p − q)); after a full
+                          acceptance draw the bonus token from p. The output distribution
+                          is the target's (p and q are the filtered distributions of
+                          ``logits_to_probs`` with the same temperature / top-k / top-p).
+                          Prompt lookup proposes deterministically (q one-hot).
+
+Cache invariant: both caches hold every committed token of a sequence except the last,
+which is fed at the start of the next step; rejected positions are rolled back, and the
+draft's cache takes in the last proposal and the target's bonus token at the start of its
+next drafting call. Sequences in a batch accept independently (each has its own length).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from llmcore.generation.generate import _eos_set, _real_spans
+from llmcore.generation.sampling import _check, logits_to_probs
+
+SCHEDULES = ("heuristic", "constant")
+MAX_DRAFT_TOKENS = 15  # the target scores at most 16 tokens per call (decode_attention)
+
+
+@dataclass
+class AssistedStats:
+    """What an ``assisted_generate`` call did. The counts add up:
+    ``new_tokens == accepted + target_tokens``, ``sum(accepted_hist) == row_steps`` and
+    ``sum(n * c for n, c in enumerate(accepted_hist)) == accepted``.
+
+    drafted        proposals made (summed over sequences)
+    accepted       proposals kept (and emitted)
+    rejected       row-steps that ended at a rejected proposal
+    target_tokens  tokens drawn from the target (corrections and bonus tokens)
+    new_tokens     tokens emitted, EOS included, padding excluded
+    row_steps      (sequence, target call) pairs in which the sequence was still running
+    target_calls   target forward passes after the prefill
+    draft_calls    draft-model forward passes after its prefill (0 for prompt lookup)
+    accepted_hist  accepted_hist[n]: row-steps that kept exactly n proposals
+    elapsed_s      wall time of the whole call (prefill included)
+    """
+
+    drafted: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    target_tokens: int = 0
+    new_tokens: int = 0
+    row_steps: int = 0
+    target_calls: int = 0
+    draft_calls: int = 0
+    accepted_hist: list[int] = field(default_factory=lambda: [0] * (MAX_DRAFT_TOKENS + 1))
+    draft_lengths: list[int] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Fraction of the proposals that were kept."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def alpha(self) -> float:
+        """Per-proposal acceptance probability: kept / (kept + rejections), the maximum
+        likelihood estimate when acceptances are independent (what the speedup formula
+        assumes)."""
+        n = self.accepted + self.rejected
+        return self.accepted / n if n else 0.0
+
+    @property
+    def tokens_per_call(self) -> float:
+        """Mean tokens emitted per sequence per target call."""
+        return self.new_tokens / self.row_steps if self.row_steps else 0.0
+
+    @property
+    def mean_draft_length(self) -> float:
+        return sum(self.draft_lengths) / len(self.draft_lengths) if self.draft_lengths else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        last = max((i for i, c in enumerate(self.accepted_hist) if c), default=0)
+        return {"drafted": self.drafted, "accepted": self.accepted, "rejected": self.rejected,
+                "target_tokens": self.target_tokens, "new_tokens": self.new_tokens,
+                "row_steps": self.row_steps, "target_calls": self.target_calls,
+                "draft_calls": self.draft_calls, "acceptance_rate": self.acceptance_rate,
+                "alpha": self.alpha, "tokens_per_call": self.tokens_per_call,
+                "mean_draft_length": self.mean_draft_length,
+                "accepted_hist": self.accepted_hist[:last + 1], "elapsed_s": self.elapsed_s,
+                "tokens_per_s": self.tokens_per_s}
+
+    def summary(self) -> str:
+        return (f"{self.new_tokens} tokens in {self.elapsed_s:.2f} s ({self.tokens_per_s:.1f} "
+                f"tok/s); acceptance {self.acceptance_rate:.1%} (alpha {self.alpha:.2f}), "
+                f"{self.tokens_per_call:.2f} tokens per target call, "
+                f"{self.target_calls} target calls, mean draft length "
+                f"{self.mean_draft_length:.1f}")
+
+
+def predicted_speedup(alpha: float, gamma: float, cost_ratio: float) -> float:
+    """Expected speedup of speculative decoding over plain decoding (Leviathan et al. 2023,
+    eq. 1 and theorem 3.8): (1 − α^(γ+1)) / ((1 − α)(γc + 1)), with per-token acceptance
+    α, γ proposals per step, and c the cost of one draft call relative to one target call
+    (0 for prompt lookup)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    expected = gamma + 1 if alpha >= 1.0 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+    return expected / (gamma * cost_ratio + 1)
+
+
+# ---------------------------------------------------------------------------------------
+# Feeding tokens to a model whose sequences grow by different amounts
+# ---------------------------------------------------------------------------------------
+def _feed(model, cache, seqs: Sequence[Sequence[int]], device) -> torch.Tensor | None:
+    """Append each row's tokens ``seqs[b]`` (any lengths, possibly none) to ``cache`` in one
+    forward pass and return the logits [B, T, V] (T = the longest row; entries past a row's
+    length are meaningless). Rows are right-padded with filler, which sits after every real
+    token (so the causal mask hides it from them) and is rolled back afterwards."""
+    width = max(len(s) for s in seqs)
+    if width == 0:
+        return None
+    before = cache.lengths
+    packed = torch.zeros(len(seqs), width, dtype=torch.int64)
+    for b, s in enumerate(seqs):
+        if s:
+            packed[b, :len(s)] = torch.tensor(s, dtype=torch.int64)
+            packed[b, len(s):] = s[-1]
+    logits = model(packed.to(device), cache=cache)
+    if any(len(s) != width for s in seqs):
+        cache.rollback([n + len(s) for n, s in zip(before, seqs, strict=True)])
+    return logits
+
+
+# ---------------------------------------------------------------------------------------
+# Drafters: propose up to k_b tokens per row, with their draft distributions
+# ---------------------------------------------------------------------------------------
+class ModelDrafter:
+    """Proposals from a smaller (or quantised) model with its own KV cache, sampled with
+    the same temperature / top-k / top-p as the target (argmax at temperature 0)."""
+
+    def __init__(self, draft_model, batch: int, max_len: int, cache_storage: str,
+                 vocab: int):
+        dcfg = draft_model.config
+        if dcfg.vocab_size < vocab // 2 or dcfg.vocab_size > 2 * vocab:
+            raise ValueError(f"draft_model's vocab_size ({dcfg.vocab_size}) does not look like "
+                             f"the target's ({vocab}): the two models must share a tokenizer")
+        if dcfg.max_seq_len < max_len - MAX_DRAFT_TOKENS - 2:
+            raise ValueError(f"draft_model's max_seq_len ({dcfg.max_seq_len}) is shorter than "
+                             f"the prompt + max_new_tokens")
+        self.model, self.vocab = draft_model, vocab
+        self.device = draft_model.device
+        self.cache = draft_model.new_cache(batch, max_len, storage=cache_storage)
+        self.calls = 0
+
+    def prefill(self, seqs: list[list[int]]) -> None:
+        """Take in every committed token but the last of each row."""
+        _feed(self.model, self.cache, [s[:-1] for s in seqs], self.device)
+
+    def _probs_of(self, logits: torch.Tensor, sampling) -> torch.Tensor:
+        logits = logits.float()
+        v = logits.shape[-1]
+        if v > self.vocab:
+            logits = logits[:, :self.vocab]
+        elif v < self.vocab:
+            pad = logits.new_full((logits.shape[0], self.vocab - v), float("-inf"))
+            logits = torch.cat([logits, pad], dim=1)
+        return logits_to_probs(logits, *sampling)
+
+    def propose(self, seqs, ks, sampling, generator):
+        """seqs: each row's committed tokens; ks: proposals wanted per row.
+        Returns (tokens [B, K] int64, q [B, K, V] float32 or None at temperature 0)."""
+        B, K = len(seqs), max(ks)
+        greedy = sampling[0] == 0
+        toks = torch.zeros(B, K, dtype=torch.int64, device=self.device)
+        qs = None if greedy else torch.zeros(B, K, self.vocab, device=self.device)
+        # catch up: each row feeds what its cache lacks (1 token, or 2 after a bonus token)
+        have = self.cache.lengths
+        tails = [s[n:] if k > 0 else [] for s, n, k in zip(seqs, have, ks, strict=True)]
+        logits = _feed(self.model, self.cache, tails, self.device)
+        self.calls += 1
+        last = torch.tensor([max(len(t) - 1, 0) for t in tails], device=self.device)
+        rows = torch.arange(B, device=self.device)
+        step_logits = logits[rows, last]
+        for j in range(K):
+            if greedy:
+                tok = step_logits[:, :self.vocab].argmax(-1)
+            else:
+                q = self._probs_of(step_logits, sampling)
+                qs[:, j] = q
+                tok = torch.multinomial(q, 1, generator=generator).squeeze(-1)
+            toks[:, j] = tok
+            if j + 1 < K:  # feed the proposal to get the next one (rows done with 0s)
+                nxt = [[int(tok[b])] if j + 1 < ks[b] else [] for b in range(B)]
+                out = _feed(self.model, self.cache, nxt, self.device)
+                self.calls += 1
+                step_logits = out[:, 0]
+        return toks, qs
+
+    def commit(self, new_lengths: list[int]) -> None:
+        """After verification: keep what the target kept (each row's committed length minus
+        one: the last token is fed at the next proposal)."""
+        have = self.cache.lengths
+        self.cache.rollback([min(h, n - 1) for h, n in zip(have, new_lengths, strict=True)])
+
+
+class PromptLookupDrafter:
+    """Proposals copied from earlier in the sequence (prompt lookup decoding, Saxena 2023):
+    find the most recent earlier occurrence of the last n tokens (n from ``max_ngram``
+    down to ``min_ngram``) and propose the tokens that followed it. No model, no cache."""
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        if not (isinstance(max_ngram, int) and isinstance(min_ngram, int)
+                and 1 <= min_ngram <= max_ngram):
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got min_ngram={min_ngram!r}, "
+                             f"max_ngram={max_ngram!r}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.calls = 0
+
+    def lookup(self, seq: Sequence[int], k: int) -> list[int]:
+        """Up to ``k`` tokens that followed the latest earlier match of seq's suffix."""
+        n_tok = len(seq)
+        if k <= 0:
+            return []
+        for n in range(min(self.max_ngram, n_tok - 1), self.min_ngram - 1, -1):
+            pattern = list(seq[n_tok - n:])
+            for start in range(n_tok - n - 1, -1, -1):  # latest match first
+                if list(seq[start:start + n]) == pattern:
+                    follow = list(seq[start + n:start + n + k])
+                    if follow:
+                        return follow
+        return []
+
+    def prefill(self, seqs) -> None:
+        pass
+
+    def propose(self, seqs, ks, sampling, generator):
+        found = [self.lookup(s, k) for s, k in zip(seqs, ks, strict=True)]
+        K = max((len(f) for f in found), default=0)
+        toks = torch.zeros(len(seqs), max(K, 0), dtype=torch.int64)
+        for b, f in enumerate(found):
+            toks[b, :len(f)] = torch.tensor(f, dtype=torch.int64)
+            ks[b] = len(f)  # fewer (or no) proposals where nothing matched
+        return toks, "one-hot"
+
+    def commit(self, new_lengths) -> None:
+        pass
+
+
+def self_draft(model, format: str = "mxint4", lm_head: str | None = "auto"):
+    """A draft model that is ``model`` with BFP weights (``model.quantize(format,
+    lm_head=lm_head)`` on a copy): no second model to train or download. The embedding
+    table is shared with the target, not copied."""
+    from llmcore.nn import BFPLinear
+
+    if any(isinstance(m, BFPLinear) for m in model.modules()):
+        raise ValueError("self_draft needs a model with full-precision linears (this one is "
+                         "already quantised)")
+    emb = model.embed_tokens
+    model.embed_tokens = None  # keep the (large) table out of the copy
+    try:
+        draft = copy.deepcopy(model)
+    finally:
+        model.embed_tokens = emb
+    draft.embed_tokens = emb
+    if model.lm_head.weight is emb.weight:
+        draft.lm_head.weight = emb.weight  # re-tie; quantize() unties into its own copy
+    return draft.quantize(format, lm_head=lm_head).eval()
+
+
+def _verify(target_logits, toks, qs, ks, sampling, generator):
+    """Per row: (number of proposals kept, the target's token after them).
+
+    target_logits [B, K+1, V]: position j scores the token after the j-th fed token
+    (position 0: after the last committed token)."""
+    B = target_logits.shape[0]
+    temperature = sampling[0]
+    if temperature == 0:
+        best = target_logits.argmax(-1)  # [B, K+1]
+        n_keep, extra = [], []
+        for b in range(B):
+            n = 0
+            while n < ks[b] and int(toks[b, n]) == int(best[b, n]):
+                n += 1
+            n_keep.append(n)
+            extra.append(int(best[b, n]))
+        return n_keep, extra
+    K1, V = target_logits.shape[1], target_logits.shape[2]
+    p = logits_to_probs(target_logits.reshape(B * K1, V), *sampling).view(B, K1, V)
+    n_keep, extra = [], []
+    for b in range(B):
+        n = 0
+        token = None
+        while n < ks[b]:
+            d = int(toks[b, n])
+            pd = float(p[b, n, d])
+            qd = 1.0 if isinstance(qs, str) else float(qs[b, n, d])
+            u = float(torch.rand((), generator=generator, device=p.device))
+            if u * qd < pd:  # accept with probability min(1, p/q)
+                n += 1
+                continue
+            if isinstance(qs, str):  # one-hot q: the residual is p without d
+                resid = p[b, n].clone()
+                resid[d] = 0
+            else:
+                resid = (p[b, n] - qs[b, n]).clamp_min(0)
+            total = float(resid.sum())
+            if total <= 0:  # p <= q everywhere can only happen at p == q: draw from p
+                resid = p[b, n]
+            token = int(torch.multinomial(resid, 1, generator=generator))
+            break
+        if token is None:  # every proposal kept: the bonus token from p
+            token = int(torch.multinomial(p[b, n], 1, generator=generator))
+        n_keep.append(n)
+        extra.append(token)
+    return n_keep, extra
+
+
+@torch.inference_mode()
+def assisted_generate(model, draft_model, input_ids: torch.Tensor, max_new_tokens: int,
+                      num_draft_tokens: int = 5, schedule: str = "heuristic",
+                      temperature: float = 0.0, top_k: int | None = None,
+                      top_p: float | None = None,
+                      eos_token_id: int | Sequence[int] | None = None,
+                      pad_token_id: int | None = None,
+                      attention_mask: torch.Tensor | None = None,
+                      cache_storage: str = "native", draft_cache_storage: str | None = None,
+                      max_ngram: int = 3,
+                      stream: Callable[[list[torch.Tensor]], object] | None = None,
+                      seed: int | None = None, generator: torch.Generator | None = None
+                      ) -> tuple[torch.Tensor, AssistedStats]:
+    """Generate with a drafter proposing tokens that ``model`` verifies in one pass.
+
+    Parameters
+    ----------
+    model : the target (a :class:`~llmcore.models.Transformer`)
+    draft_model : the drafter, one of
+        a Transformer sharing the target's tokenizer (a smaller model, or
+        :func:`self_draft` of the target); ``"prompt_lookup"`` (or ``None``): n-gram
+        matches against the prompt and the text so far; or a drafter object with
+        ``prefill / propose / commit`` (see :class:`PromptLookupDrafter`).
+    input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, eos_token_id,
+    pad_token_id, cache_storage, seed, generator : as in :func:`~llmcore.generation.generate`
+    num_draft_tokens : int
+        Proposals per step γ (the starting value with ``schedule="heuristic"``), 1..15.
+    schedule : ``"heuristic"`` (γ += 2 after a step where every running sequence kept all
+        its proposals, else γ −= 1, within [1, 15]) or ``"constant"``.
+    draft_cache_storage : the draft model's KV cache storage (default: ``cache_storage``)
+    max_ngram : longest n-gram prompt lookup matches
+    stream : callable, optional
+        Called after each step with a list of one LongTensor per sequence holding the
+        tokens it emitted in that step (possibly none).
+
+    Returns
+    -------
+    (tokens, stats): tokens as :func:`generate` returns them (LongTensor [batch,
+    prompt_len + n_new], rows that stopped early padded), and :class:`AssistedStats`.
+    """
+    t0 = time.perf_counter()
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a tensor [batch, seq], got "
+                         f"{getattr(input_ids, 'shape', type(input_ids))}")
+    if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    batch, plen = input_ids.shape
+    if batch < 1 or plen < 1:
+        raise ValueError(f"input_ids must hold at least one token per row, got shape "
+                         f"{list(input_ids.shape)}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+            or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) \
+            or not 1 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
+        raise ValueError(f"num_draft_tokens must be an int in [1, {MAX_DRAFT_TOKENS}], got "
+                         f"{num_draft_tokens!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    _check(torch.zeros(1, 1), temperature, top_k, top_p)
+    eos = set(_eos_set(eos_token_id))
+    if pad_token_id is not None and (isinstance(pad_token_id, bool)
+                                     or not isinstance(pad_token_id, int) or pad_token_id < 0):
+        raise ValueError(f"pad_token_id must be a non-negative int, got {pad_token_id!r}")
+    if seed is not None and generator is not None:
+        raise ValueError("give seed or generator, not both")
+    if stream is not None and not callable(stream):
+        raise ValueError("stream must be callable")
+    cfg = model.config
+    vocab = cfg.vocab_size
+    device = model.device
+    ids_cpu = input_ids.to("cpu", torch.int64)
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) \
+                or tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(f"attention_mask must be a tensor shaped like input_ids "
+                             f"{list(input_ids.shape)}, got "
+                             f"{getattr(attention_mask, 'shape', type(attention_mask))}")
+        am = attention_mask.to("cpu")
+        if not bool(((am == 0) | (am == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 and 1")
+        starts, lengths = _real_spans(am)
+    else:
+        starts, lengths = [0] * batch, [plen] * batch
+    seqs = [ids_cpu[b, s:s + n].tolist() for b, (s, n) in enumerate(zip(starts, lengths,
+                                                                         strict=True))]
+    if any(t < 0 or t >= vocab for s in seqs for t in s):
+        raise ValueError(f"input_ids must be in [0, {vocab}) (the model's vocab_size)")
+    longest = max(lengths)
+    if longest + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} is "
+                         f"longer than the model's max_seq_len={cfg.max_seq_len}")
+    stats = AssistedStats()
+    if max_new_tokens == 0:
+        stats.elapsed_s = time.perf_counter() - t0
+        return input_ids.clone(), stats
+
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(int(seed))
+    sampling = (float(temperature), top_k, top_p)
+    room = longest + max_new_tokens + MAX_DRAFT_TOKENS + 2  # padded rows may run past
+    if draft_model is None or (isinstance(draft_model, str) and draft_model == "prompt_lookup"):
+        drafter = PromptLookupDrafter(max_ngram)
+    elif isinstance(draft_model, str):
+        raise ValueError(f"draft_model must be a model, 'prompt_lookup' or None, got "
+                         f"{draft_model!r}")
+    elif hasattr(draft_model, "propose"):
+        drafter = draft_model
+    else:
+        if draft_model is model:
+            raise ValueError("draft_model is the target itself; use self_draft(model) for a "
+                             "quantised copy, or prompt lookup")
+        drafter = ModelDrafter(draft_model, batch, room, draft_cache_storage or cache_storage,
+                               vocab)
+    if generator is not None and isinstance(drafter, ModelDrafter) \
+            and drafter.device != generator.device:
+        raise ValueError(f"the draft model is on {drafter.device} and the generator on "
+                         f"{generator.device}; put both models on one device")
+
+    cache = model.new_cache(batch, room, storage=cache_storage)
+    _feed(model, cache, [s[:-1] for s in seqs], device)
+    drafter.prefill(seqs)
+    base_draft_calls = getattr(drafter, "calls", 0)
+
+    n_new = [0] * batch
+    done = [False] * batch
+    gamma = num_draft_tokens
+    while not all(done):
+        # proposals wanted per row: never past max_new_tokens (the target adds one more)
+        ks = [0 if done[b] else min(gamma, max_new_tokens - n_new[b] - 1) for b in range(batch)]
+        if any(k > 0 for k in ks):
+            toks, qs = drafter.propose(seqs, ks, sampling, generator)
+        else:
+            toks, qs = torch.zeros(batch, 0, dtype=torch.int64), "one-hot"
+        toks_cpu = toks.to("cpu")
+        fed = [[] if done[b] else [seqs[b][-1]] + toks_cpu[b, :ks[b]].tolist()
+               for b in range(batch)]
+        logits = _feed(model, cache, fed, device)  # [B, K+1, V]
+        stats.target_calls += 1
+        n_keep, extra = _verify(logits, toks_cpu, qs, ks, sampling, generator)
+        emitted: list[list[int]] = []
+        full = any(k > 0 for k in ks)
+        for b in range(batch):
+            if done[b]:
+                emitted.append([])
+                continue
+            n = n_keep[b]
+            new = toks_cpu[b, :n].tolist() + [extra[b]]
+            # stop at the first EOS (proposals after it are dropped)
+            cut = next((i for i, t in enumerate(new) if t in eos), None)
+            if cut is not None:
+                new = new[:cut + 1]
+                done[b] = True
+            kept = min(n, len(new))
+            stats.drafted += ks[b]
+            stats.accepted += kept
+            stats.target_tokens += len(new) - kept
+            stats.rejected += int(n < ks[b] and len(new) > n)
+            stats.accepted_hist[kept] += 1
+            stats.row_steps += 1
+            stats.draft_lengths.append(ks[b])
+            full = full and (ks[b] == 0 or n == ks[b])
+            seqs[b].extend(new)
+            n_new[b] += len(new)
+            if n_new[b] >= max_new_tokens:
+                done[b] = True
+            emitted.append(new)
+        # both caches: keep every committed token but the last
+        cache.rollback([len(s) - 1 for s in seqs])
+        drafter.commit([len(s) for s in seqs])
+        stats.new_tokens += sum(len(e) for e in emitted)
+        if stream is not None:
+            stream([torch.tensor(e, dtype=torch.int64) for e in emitted])
+        if schedule == "heuristic" and any(k > 0 for k in ks):
+            gamma = min(gamma + 2, MAX_DRAFT_TOKENS) if full else max(gamma - 1, 1)
+    stats.draft_calls = getattr(drafter, "calls", 0) - base_draft_calls
+
+    fill = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
+    width = max(n_new)
+    out = torch.full((batch, width), fill, dtype=torch.int64)
+    for b in range(batch):
+        gen = seqs[b][lengths[b]:]
+        out[b, :len(gen)] = torch.tensor(gen, dtype=torch.int64)
+    stats.elapsed_s = time.perf_counter() - t0
+    return torch.cat([input_ids, out.to(input_ids.device, input_ids.dtype)], dim=1), stats
