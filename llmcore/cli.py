@@ -6,6 +6,8 @@
                    [--temperature T] [--top-k K] [--top-p P] [--seed S]
                    [--quantize mxint8|mxint4] [--kv-cache native|mxint8]
                    [--dtype float32|bfloat16] [--backend llmcore|torch]
+                   [--draft DIR|self-mxint8|self-mxint4 | --prompt-lookup]
+                   [--num-draft-tokens G] [--schedule heuristic|constant] [--stats]
   llmcore chat --model DIR [same sampling and model options]
 """
 
@@ -114,10 +116,56 @@ def _eos_ids(tok):
     return [tok.eos_token_id]
 
 
+_SELF_DRAFTS = {"self-mxint8": "mxint8", "self-mxint4": "mxint4"}
+
+
+def _drafter(args, model):
+    """The draft for assisted generation: None (plain generation), a model, or
+    "prompt_lookup"."""
+    draft = getattr(args, "draft", None)
+    if draft and args.prompt_lookup:
+        raise ValueError("give --draft or --prompt-lookup, not both")
+    if args.prompt_lookup:
+        return "prompt_lookup"
+    if not draft:
+        return None
+    if draft.startswith("self-"):
+        if draft not in _SELF_DRAFTS:
+            raise ValueError(f"--draft {draft!r}: self-drafts are {', '.join(_SELF_DRAFTS)}")
+        from llmcore.generation import self_draft
+
+        if args.quantize:
+            raise ValueError("--draft self-...: the target is already quantised (--quantize); "
+                             "self-drafting quantises a copy of a full-precision target")
+        return self_draft(model, _SELF_DRAFTS[draft])
+    from llmcore.models import Transformer
+
+    return Transformer.from_pretrained(draft, dtype=model.dtype, device=model.device,
+                                       backend=args.backend).eval()
+
+
+def _run_generation(args, model, input_ids, max_new, stream, eos, draft):
+    """Plain or assisted generation with the CLI's options; prints the assisted stats to
+    stderr with --stats."""
+    from llmcore.generation import assisted_generate, generate
+
+    kw = _gen_kwargs(args, eos)
+    if draft is None:
+        return generate(model, input_ids, max_new, stream=stream, **kw)
+    kv = kw.pop("cache_storage")
+    draft_kv = "mxint8" if args.draft in _SELF_DRAFTS else kv
+    out, st = assisted_generate(model, draft, input_ids, max_new,
+                                num_draft_tokens=args.num_draft_tokens, schedule=args.schedule,
+                                cache_storage=kv, draft_cache_storage=draft_kv,
+                                stream=lambda rows: [stream(t[None]) for t in rows[0]],
+                                **kw)
+    if args.stats:
+        print(f"\n[assisted] {st.summary()}", file=sys.stderr)
+    return out
+
+
 def _cmd_generate(args) -> int:
     import torch
-
-    from llmcore.generation import generate
 
     if not args.model and not (args.preset and args.random):
         print("llmcore generate: give --model DIR (a Hugging Face directory) or --preset NAME "
@@ -125,6 +173,7 @@ def _cmd_generate(args) -> int:
         return 2
     try:
         model, tok = _load_model(args)
+        draft = _drafter(args, model)
         if tok is None:  # random weights: the prompt's UTF-8 bytes as token ids
             ids = [b % model.config.vocab_size for b in args.prompt.encode()] or [0]
         else:
@@ -135,7 +184,7 @@ def _cmd_generate(args) -> int:
             stream = lambda new: print(int(new[0]), end=" ", flush=True)  # noqa: E731
         else:
             stream = _TextStreamer(tok, eos)
-        generate(model, input_ids, args.max_new_tokens, stream=stream, **_gen_kwargs(args, eos))
+        _run_generation(args, model, input_ids, args.max_new_tokens, stream, eos, draft)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"llmcore generate: {e}", file=sys.stderr)
         return 2
@@ -146,10 +195,9 @@ def _cmd_generate(args) -> int:
 def _cmd_chat(args) -> int:
     import torch
 
-    from llmcore.generation import generate
-
     try:
         model, tok = _load_model(args)
+        draft = _drafter(args, model)
         if not getattr(tok, "chat_template", None):
             raise ValueError(f"{args.model} has no chat template (tokenizer_config.json "
                              "'chat_template'); use `llmcore generate` instead")
@@ -177,8 +225,8 @@ def _cmd_chat(args) -> int:
             if room < 1:
                 raise ValueError("the conversation is longer than the model's max_seq_len")
             streamer = _TextStreamer(tok, eos)
-            generate(model, torch.tensor([ids], device=model.device),
-                     min(args.max_new_tokens, room), stream=streamer, **_gen_kwargs(args, eos))
+            _run_generation(args, model, torch.tensor([ids], device=model.device),
+                            min(args.max_new_tokens, room), streamer, eos, draft)
         except ValueError as e:
             print(f"llmcore chat: {e}", file=sys.stderr)
             messages.pop()
@@ -207,6 +255,14 @@ def _add_model_args(g, chat: bool) -> None:
     g.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
     g.add_argument("--backend", choices=["llmcore", "torch"], default="llmcore")
     g.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
+    a = g.add_argument_group("assisted generation (speculative decoding)")
+    a.add_argument("--draft", help="a draft model directory sharing the tokenizer, or "
+                   "self-mxint8 / self-mxint4 (the model itself with BFP weights)")
+    a.add_argument("--prompt-lookup", action="store_true",
+                   help="draft by n-gram lookup in the prompt and the text so far")
+    a.add_argument("--num-draft-tokens", type=int, default=5, help="proposals per step (1..15)")
+    a.add_argument("--schedule", choices=["heuristic", "constant"], default="heuristic")
+    a.add_argument("--stats", action="store_true", help="print acceptance statistics to stderr")
 
 
 def main(argv=None) -> int:
