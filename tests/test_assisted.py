@@ -15,6 +15,7 @@ from llmcore.generation import (
     PromptLookupDrafter,
     assisted_generate,
     generate,
+    layer_skip_draft,
     predicted_speedup,
     self_draft,
 )
@@ -355,3 +356,28 @@ def test_cli_generate_assisted(tmp_path, capsys):
     assert "--draft" in capsys.readouterr().err
     assert cli.main(base + ["--draft", str(small), "--prompt-lookup"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", [None, "mxint8"])
+def test_layer_skip_draft(fmt):
+    m = make(2, n_layers=3, tie_embeddings=True)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    d = layer_skip_draft(m, 1, fmt)
+    assert d.config.n_layers == 1 and len(d.layers) == 1
+    assert d.embed_tokens is m.embed_tokens
+    if fmt is None:
+        assert d.layers[0] is m.layers[0] and d.lm_head is m.lm_head
+        ref = Transformer(d.config).eval()
+        ref.load_state_dict({k: v for k, v in m.state_dict().items()
+                             if not k.startswith(("layers.1.", "layers.2."))})
+        ids = torch.randint(0, 256, (1, 7))
+        torch.testing.assert_close(d(ids), ref(ids))
+    else:
+        assert d.lm_head.format.name == "mxint8"
+        assert m.lm_head.weight is m.embed_tokens.weight  # the target is untouched
+        assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    ids = torch.randint(0, 256, (2, 6))
+    got, st = assisted_generate(m, d, ids, 24)
+    assert torch.equal(got, generate(m, ids, 24))
+    with pytest.raises(ValueError, match="n_layers"):
+        layer_skip_draft(m, 3)

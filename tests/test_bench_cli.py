@@ -94,3 +94,21 @@ def test_other_suites_quick(tmp_path, suite):
     assert ours and all(res["baselines"][0] in r.ratios for r in ours)
     folder = tmp_path / os.listdir(tmp_path)[0]
     assert json.loads((folder / f"{suite}.json").read_text())["rows"]
+
+
+def test_bench_assisted_quick(tmp_path):
+    res = run_suites(["assisted"], torch.device("cpu"), quick=True, out_dir=str(tmp_path),
+                     progress=False, echo=lambda s: None)["assisted"]
+    rows = res["rows"]
+    methods = {r.method for r in rows}
+    assert {"plain greedy", "self mxint8", "self mxint4", "prompt lookup"} <= methods
+    for r in rows:
+        assert r.ms > 0 and r.metric > 0
+        if r.method != "plain greedy":
+            e = r.extra
+            assert "plain greedy" in r.ratios
+            assert e["new_tokens"] == e["accepted"] + e["target_tokens"] == 24
+            assert e["predicted_speedup"] > 0 and e["draft_cost_ratio"] >= 0
+    assert "predicted" in res["text"]
+    folder = tmp_path / os.listdir(tmp_path)[0]
+    assert json.loads((folder / "assisted.json").read_text())["rows"]

@@ -20,6 +20,7 @@ SUITES = {
     "attention": "llmcore.bench.attention",
     "decode": "llmcore.bench.decode",
     "generate": "llmcore.bench.generate",
+    "assisted": "llmcore.bench.assisted",
 }
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(

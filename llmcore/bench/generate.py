@@ -122,6 +122,33 @@ def run_preset(device, preset, batches, steps, progress=None) -> list[Row]:
     return rows
 
 
+@torch.inference_mode()
+def quality(device, preset: str, rows: int = 4, length: int = 256) -> dict:
+    """How far BFP weights move the model: sample ``rows`` x ``length`` tokens from the fp32
+    model (temperature 1), then score them with the fp32 and the quantised models:
+    perplexity, KL(fp32 || quantised) per token and top-1 agreement of the next-token
+    distributions. (Random weights: the absolute perplexity is near the vocabulary size;
+    the change is what matters.)"""
+    from llmcore.generation import generate
+
+    ref = _build(preset, "llmcore", torch.float32, None, device)
+    g = torch.Generator(device=device).manual_seed(3)
+    start = torch.randint(0, ref.config.vocab_size, (rows, 1), generator=g, device=device)
+    text = generate(ref, start, length - 1, temperature=1.0, generator=g)
+    logp_ref = torch.log_softmax(ref(text).float(), -1)[:, :-1]
+    target = text[:, 1:]
+    out = {}
+    for fmt in ("fp32", "mxint8", "mxint4"):
+        m = ref if fmt == "fp32" else _build(preset, "llmcore", torch.float32, fmt, device)
+        logp = logp_ref if fmt == "fp32" else torch.log_softmax(m(text).float(), -1)[:, :-1]
+        nll = -logp.gather(-1, target.unsqueeze(-1)).mean().item()
+        kl = (logp_ref.exp() * (logp_ref - logp)).sum(-1).mean().item()
+        top1 = (logp.argmax(-1) == logp_ref.argmax(-1)).float().mean().item()
+        out[fmt] = {"perplexity": float(torch.tensor(nll).exp()), "kl_vs_fp32": kl,
+                    "top1_agreement": top1}
+    return out
+
+
 def run(device: torch.device, quick: bool = False, progress_factory=None) -> dict:
     plan = _plan(device, quick)
     total = sum(len(METHODS) * len(bs) for _, bs, _ in plan)
@@ -136,5 +163,11 @@ def run(device: torch.device, quick: bool = False, progress_factory=None) -> dic
     lines = ["Decode bandwidth achieved ((weight bytes + KV bytes read) x steps/s):"]
     lines += [f"  {r.case:18s} {r.method:28s} {r.extra['bandwidth_GBps']:8.2f} GB/s"
               for r in rows if r.case.startswith("decode")]
-    return {"rows": rows, "baselines": BASELINES, "extra": {"prompt_tokens": PROMPT},
-            "text": "\n".join(lines)}
+    q = quality(device, plan[0][0], rows=2 if quick else 4, length=32 if quick else 256)
+    base = q["fp32"]["perplexity"]
+    lines += ["", f"Quality ({plan[0][0]}, scoring fp32 samples; random weights):",
+              "  weights  perplexity  change    KL vs fp32  top-1 agreement"]
+    lines += [f"  {k:7s}  {v['perplexity']:10.2f}  {v['perplexity'] / base - 1:+7.3%}  "
+              f"{v['kl_vs_fp32']:10.2e}  {v['top1_agreement']:8.2%}" for k, v in q.items()]
+    return {"rows": rows, "baselines": BASELINES,
+            "extra": {"prompt_tokens": PROMPT, "quality": q}, "text": "\n".join(lines)}

@@ -287,6 +287,39 @@ def self_draft(model, format: str = "mxint4", lm_head: str | None = "auto"):
     return draft.quantize(format, lm_head=lm_head).eval()
 
 
+def layer_skip_draft(model, n_layers: int, format: str | None = None):
+    """A draft made of the target's first ``n_layers`` blocks, its final norm and its
+    output head (early exit, as in LayerSkip and Draft & Verify): no second model to train.
+    Without ``format`` every module is shared with the target (no memory); with a BFP
+    ``format`` the kept blocks and the head are copied and quantised (``quantize(format)``),
+    the embedding table is still shared."""
+    from dataclasses import replace
+
+    from torch import nn
+
+    from llmcore.models.transformer import Transformer
+
+    n_total = model.config.n_layers
+    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or not 1 <= n_layers < n_total:
+        raise ValueError(f"n_layers must be an int in [1, {n_total}), got {n_layers!r}")
+    cfg = replace(model.config, n_layers=n_layers)
+    draft = Transformer(cfg, backend=model.backend, device="meta", dtype=model.dtype)
+    draft.embed_tokens = model.embed_tokens
+    draft.inv_freq = model.inv_freq
+    if format is None:
+        draft.layers = nn.ModuleList(model.layers[:n_layers])
+        draft.norm, draft.lm_head = model.norm, model.lm_head
+        return draft.eval()
+    draft.layers = copy.deepcopy(model.layers[:n_layers])
+    draft.norm = copy.deepcopy(model.norm)
+    if model.lm_head.weight is model.embed_tokens.weight:
+        draft.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False, device="meta")
+        draft.lm_head.weight = model.embed_tokens.weight  # quantize() unties by copying
+    else:
+        draft.lm_head = copy.deepcopy(model.lm_head)
+    return draft.quantize(format).eval()
+
+
 def _verify(target_logits, toks, qs, ks, sampling, generator):
     """Per row: (number of proposals kept, the target's token after them).
 
