@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmcore.generation.generate import _eos_set, _real_spans
-from llmcore.generation.sampling import _check, logits_to_probs
+from llmcore.generation.generate import check_generation_inputs
+from llmcore.generation.sampling import logits_to_probs
 
 SCHEDULES = ("heuristic", "constant")
 MAX_DRAFT_TOKENS = 15  # the target scores at most 16 tokens per call (decode_attention)
@@ -409,57 +409,24 @@ def assisted_generate(model, draft_model, input_ids: torch.Tensor, max_new_token
     prompt_len + n_new], rows that stopped early padded), and :class:`AssistedStats`.
     """
     t0 = time.perf_counter()
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be a tensor [batch, seq], got "
-                         f"{getattr(input_ids, 'shape', type(input_ids))}")
-    if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-    batch, plen = input_ids.shape
-    if batch < 1 or plen < 1:
-        raise ValueError(f"input_ids must hold at least one token per row, got shape "
-                         f"{list(input_ids.shape)}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-            or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) \
             or not 1 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
         raise ValueError(f"num_draft_tokens must be an int in [1, {MAX_DRAFT_TOKENS}], got "
                          f"{num_draft_tokens!r}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    _check(torch.zeros(1, 1), temperature, top_k, top_p)
-    eos = set(_eos_set(eos_token_id))
-    if pad_token_id is not None and (isinstance(pad_token_id, bool)
-                                     or not isinstance(pad_token_id, int) or pad_token_id < 0):
-        raise ValueError(f"pad_token_id must be a non-negative int, got {pad_token_id!r}")
-    if seed is not None and generator is not None:
-        raise ValueError("give seed or generator, not both")
-    if stream is not None and not callable(stream):
-        raise ValueError("stream must be callable")
+    eos_ids, starts, lengths = check_generation_inputs(
+        model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
+        pad_token_id, attention_mask, stream, seed, generator)
+    eos = set(eos_ids)
+    batch = input_ids.shape[0]
     cfg = model.config
     vocab = cfg.vocab_size
     device = model.device
     ids_cpu = input_ids.to("cpu", torch.int64)
-    if attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor) \
-                or tuple(attention_mask.shape) != tuple(input_ids.shape):
-            raise ValueError(f"attention_mask must be a tensor shaped like input_ids "
-                             f"{list(input_ids.shape)}, got "
-                             f"{getattr(attention_mask, 'shape', type(attention_mask))}")
-        am = attention_mask.to("cpu")
-        if not bool(((am == 0) | (am == 1)).all()):
-            raise ValueError("attention_mask must hold only 0 and 1")
-        starts, lengths = _real_spans(am)
-    else:
-        starts, lengths = [0] * batch, [plen] * batch
     seqs = [ids_cpu[b, s:s + n].tolist() for b, (s, n) in enumerate(zip(starts, lengths,
                                                                          strict=True))]
-    if any(t < 0 or t >= vocab for s in seqs for t in s):
-        raise ValueError(f"input_ids must be in [0, {vocab}) (the model's vocab_size)")
     longest = max(lengths)
-    if longest + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} is "
-                         f"longer than the model's max_seq_len={cfg.max_seq_len}")
     stats = AssistedStats()
     if max_new_tokens == 0:
         stats.elapsed_s = time.perf_counter() - t0

@@ -42,6 +42,57 @@ def _real_spans(mask: torch.Tensor) -> tuple[list[int], list[int]]:
     return starts, lengths
 
 
+def check_generation_inputs(model, input_ids, max_new_tokens, temperature, top_k, top_p,
+                            eos_token_id, pad_token_id, attention_mask, stream, seed,
+                            generator) -> tuple[list[int], list[int], list[int]]:
+    """Validate the arguments ``generate`` and ``assisted_generate`` share; returns (eos
+    ids, start of each row's real tokens, their count)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a tensor [batch, seq], got "
+                         f"{getattr(input_ids, 'shape', type(input_ids))}")
+    if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    batch, plen = input_ids.shape
+    if batch < 1 or plen < 1:
+        raise ValueError(f"input_ids must hold at least one token per row, got shape "
+                         f"{list(input_ids.shape)}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+            or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    _check(torch.zeros(1, 1), temperature, top_k, top_p)
+    eos = _eos_set(eos_token_id)
+    if pad_token_id is not None and (isinstance(pad_token_id, bool)
+                                     or not isinstance(pad_token_id, int) or pad_token_id < 0):
+        raise ValueError(f"pad_token_id must be a non-negative int, got {pad_token_id!r}")
+    if seed is not None and generator is not None:
+        raise ValueError("give seed or generator, not both")
+    if stream is not None and not callable(stream):
+        raise ValueError("stream must be callable")
+    cfg = model.config
+    vocab = cfg.vocab_size
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) \
+                or tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(f"attention_mask must be a tensor shaped like input_ids "
+                             f"{list(input_ids.shape)}, got "
+                             f"{getattr(attention_mask, 'shape', type(attention_mask))}")
+        am = attention_mask.to("cpu")
+        if not bool(((am == 0) | (am == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 and 1")
+        starts, lengths = _real_spans(am)
+    else:
+        starts, lengths = [0] * batch, [plen] * batch
+    ids = input_ids.to("cpu", torch.int64)
+    real = torch.cat([ids[b, s:s + n] for b, (s, n) in enumerate(zip(starts, lengths, strict=True))])
+    if int(real.min()) < 0 or int(real.max()) >= vocab:
+        raise ValueError(f"input_ids must be in [0, {vocab}) (the model's vocab_size)")
+    longest = max(lengths)
+    if longest + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} is "
+                         f"longer than the model's max_seq_len={cfg.max_seq_len}")
+    return eos, starts, lengths
+
+
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None,
@@ -73,54 +124,13 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     LongTensor [batch, prompt_len + n_new]: the prompt rows as given, then the new tokens
     (n_new <= max_new_tokens; fewer when every row stopped early).
     """
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be a tensor [batch, seq], got "
-                         f"{getattr(input_ids, 'shape', type(input_ids))}")
-    if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-    batch, plen = input_ids.shape
-    if batch < 1 or plen < 1:
-        raise ValueError(f"input_ids must hold at least one token per row, got shape "
-                         f"{list(input_ids.shape)}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-            or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    _check(torch.zeros(1, 1), temperature, top_k, top_p)
-    eos = _eos_set(eos_token_id)
-    if pad_token_id is not None and (isinstance(pad_token_id, bool)
-                                     or not isinstance(pad_token_id, int) or pad_token_id < 0):
-        raise ValueError(f"pad_token_id must be a non-negative int, got {pad_token_id!r}")
-    if seed is not None and generator is not None:
-        raise ValueError("give seed or generator, not both")
-    if stream is not None and not callable(stream):
-        raise ValueError("stream must be callable")
-    cfg = model.config
-    vocab = cfg.vocab_size
-    if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
-        if attention_mask is None:
-            raise ValueError(f"input_ids must be in [0, {vocab}) (the model's vocab_size)")
+    eos, starts, lengths = check_generation_inputs(
+        model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
+        pad_token_id, attention_mask, stream, seed, generator)
+    batch = input_ids.shape[0]
     device = model.device
     ids = input_ids.to(device=device, dtype=torch.int64)
-
-    if attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor) \
-                or tuple(attention_mask.shape) != tuple(input_ids.shape):
-            raise ValueError(f"attention_mask must be a tensor shaped like input_ids "
-                             f"{list(input_ids.shape)}, got "
-                             f"{getattr(attention_mask, 'shape', type(attention_mask))}")
-        am = attention_mask.to("cpu")
-        if not bool(((am == 0) | (am == 1)).all()):
-            raise ValueError("attention_mask must hold only 0 and 1")
-        starts, lengths = _real_spans(am)
-    else:
-        starts, lengths = [0] * batch, [plen] * batch
-    real = torch.cat([ids[b, s:s + n] for b, (s, n) in enumerate(zip(starts, lengths, strict=True))])
-    if int(real.min()) < 0 or int(real.max()) >= vocab:
-        raise ValueError(f"input_ids must be in [0, {vocab}) (the model's vocab_size)")
     longest = max(lengths)
-    if longest + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} is "
-                         f"longer than the model's max_seq_len={cfg.max_seq_len}")
     if max_new_tokens == 0:
         return input_ids.clone()
 
