@@ -46,13 +46,13 @@ def _target(preset: str, device) -> Transformer:
     return model
 
 
-def _median_s(fn, runs: int) -> tuple[float, object]:
+def _median_s(fn, runs: int, device: torch.device) -> tuple[float, object]:
     times, out = [], None
     for _ in range(runs):
         t0 = time.perf_counter()
         out = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     times.sort()
     return times[len(times) // 2], out
@@ -67,16 +67,17 @@ def run(device: torch.device, quick: bool = False, progress_factory=None) -> dic
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, cfg.vocab_size, (1, plen), generator=g).to(device)
     doc = torch.randint(0, cfg.vocab_size, (1, plen - 16), generator=g).to(device)
-    copy_prompt = torch.cat([doc, doc[:, :16]], dim=1)  # "repeat the document"
+    prompts = {"free text": prompt,
+               "copy task": torch.cat([doc, doc[:, :16]], dim=1)}  # "repeat the document"
     skip = max(1, cfg.n_layers // 6)
-    drafts = [
+    drafts = [  # name, make the draft, case, draft KV cache
         (f"layer-skip {skip}/{cfg.n_layers} mxint4", lambda: layer_skip_draft(target, skip, "mxint4"),
-         prompt, "mxint8"),
-        ("self mxint8", lambda: self_draft(target, "mxint8"), prompt, "mxint8"),
-        ("self mxint4", lambda: self_draft(target, "mxint4"), prompt, "mxint8"),
-        ("prompt lookup", lambda: "prompt_lookup", copy_prompt, "native"),
+         "free text", "mxint8"),
+        ("self mxint8", lambda: self_draft(target, "mxint8"), "free text", "mxint8"),
+        ("self mxint4", lambda: self_draft(target, "mxint4"), "free text", "mxint8"),
+        ("prompt lookup", lambda: "prompt_lookup", "copy task", "native"),
     ]
-    pbar = progress_factory(total=2 + 2 * len(drafts), desc="bench assisted") \
+    pbar = progress_factory(total=len(prompts) + 2 * len(drafts), desc="bench assisted") \
         if progress_factory else None
 
     def tick():
@@ -84,17 +85,21 @@ def run(device: torch.device, quick: bool = False, progress_factory=None) -> dic
             pbar.update(1)
 
     generate(target, prompt, 4)  # warm up
-    plain = {}
-    for p in (prompt, copy_prompt):
-        s, out = _median_s(lambda p=p: generate(target, p, new), runs)
-        plain[id(p)] = (s, out)
+    plain = {}  # case -> (seconds, tokens)
+    rows = []
+    for case, p in prompts.items():
+        plain[case] = _median_s(lambda p=p: generate(target, p, new), runs, device)
+        rows.append(Row("assisted", f"B=1 {preset} {case}", "plain greedy", plain[case][0] * 1e3,
+                        metric=new / plain[case][0], unit="tok/s",
+                        extra={"preset": preset, "new": new}))
         tick()
-    t_step = plain[id(prompt)][0] / new  # target seconds per token (prefill amortised)
+    t_step = plain["free text"][0] / new  # target seconds per token (prefill amortised)
     cache = target.new_cache(1, plen + 32)
 
     def verify_cost(tokens: int) -> float:
         """One target call on ``tokens`` new tokens over the prompt's cache, relative to
         t_step (the plain per-token cost)."""
+        cache.reset()
         target(prompt, cache=cache)
         x = prompt[:, :tokens]
 
@@ -102,36 +107,27 @@ def run(device: torch.device, quick: bool = False, progress_factory=None) -> dic
             target(x, cache=cache)
             cache.rollback(plen)
         call()
-        return _median_s(call, 5)[0] / t_step
-    rows = []
-    for p in (prompt, copy_prompt):
-        case = "copy task" if p is copy_prompt else "free text"
-        s = plain[id(p)][0]
-        rows.append(Row("assisted", f"B=1 {preset} {case}", "plain greedy", s * 1e3,
-                        metric=new / s, unit="tok/s", extra={"preset": preset, "new": new}))
-    for name, make, p, draft_kv in drafts:
+        return _median_s(call, 5, device)[0] / t_step
+
+    for name, make, case, draft_kv in drafts:
         draft = make()
         if isinstance(draft, str):
             c = 0.0
         else:
-            d_s, _ = _median_s(lambda draft=draft, draft_kv=draft_kv: generate(draft, prompt, new,
-                                                            cache_storage=draft_kv), runs)
+            d_s, _ = _median_s(lambda draft=draft, draft_kv=draft_kv: generate(
+                draft, prompt, new, cache_storage=draft_kv), runs, device)
             c = d_s / new / t_step
         tick()
+        p = prompts[case]
         s, (out, st) = _median_s(lambda draft=draft, p=p, draft_kv=draft_kv: assisted_generate(
-            target, draft, p, new, draft_cache_storage=draft_kv), runs)
+            target, draft, p, new, draft_cache_storage=draft_kv), runs, device)
         tick()
-        want = plain[id(p)][1]
-        if not torch.equal(out, want):
+        if not torch.equal(out, plain[case][1]):
             raise RuntimeError(f"assisted generation with {name} differs from plain greedy")
         gamma = st.mean_draft_length
         pred = predicted_speedup(st.alpha, gamma, c)
-        cache.reset()
         v = verify_cost(max(1, round(gamma)) + 1)
-        cache.reset()
-        # the same expectation with the measured cost of a verification call
-        pred_v = predicted_speedup(st.alpha, gamma, c) * (gamma * c + 1) / (gamma * c + v)
-        case = "copy task" if p is copy_prompt else "free text"
+        pred_v = pred * (gamma * c + 1) / (gamma * c + v)  # with the measured verify cost
         rows.append(Row("assisted", f"B=1 {preset} {case}", name, s * 1e3, metric=new / s,
                         unit="tok/s",
                         extra={**st.as_dict(), "draft_cost_ratio": c, "predicted_speedup": pred,

@@ -176,19 +176,18 @@ class ModelDrafter:
         """Take in every committed token but the last of each row."""
         _feed(self.model, self.cache, [s[:-1] for s in seqs], self.device)
 
-    def _probs_of(self, logits: torch.Tensor, sampling) -> torch.Tensor:
+    def _fit_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """The draft's logits over the target's vocabulary (cut, or padded with -inf)."""
         logits = logits.float()
         v = logits.shape[-1]
-        if v > self.vocab:
-            logits = logits[:, :self.vocab]
-        elif v < self.vocab:
-            pad = logits.new_full((logits.shape[0], self.vocab - v), float("-inf"))
-            logits = torch.cat([logits, pad], dim=1)
-        return logits_to_probs(logits, *sampling)
+        if v >= self.vocab:
+            return logits[:, :self.vocab]
+        pad = logits.new_full((logits.shape[0], self.vocab - v), float("-inf"))
+        return torch.cat([logits, pad], dim=1)
 
     def propose(self, seqs, ks, sampling, generator):
         """seqs: each row's committed tokens; ks: proposals wanted per row.
-        Returns (tokens [B, K] int64, q [B, K, V] float32 or None at temperature 0)."""
+        Returns (tokens [B, K] int64, q [B, K, V] float32 or None at temperature 0, ks)."""
         B, K = len(seqs), max(ks)
         greedy = sampling[0] == 0
         toks = torch.zeros(B, K, dtype=torch.int64, device=self.device)
@@ -202,10 +201,11 @@ class ModelDrafter:
         rows = torch.arange(B, device=self.device)
         step_logits = logits[rows, last]
         for j in range(K):
+            fitted = self._fit_vocab(step_logits)
             if greedy:
-                tok = step_logits[:, :self.vocab].argmax(-1)
+                tok = fitted.argmax(-1)
             else:
-                q = self._probs_of(step_logits, sampling)
+                q = logits_to_probs(fitted, *sampling)
                 qs[:, j] = q
                 tok = torch.multinomial(q, 1, generator=generator).squeeze(-1)
             toks[:, j] = tok
@@ -214,7 +214,7 @@ class ModelDrafter:
                 out = _feed(self.model, self.cache, nxt, self.device)
                 self.calls += 1
                 step_logits = out[:, 0]
-        return toks, qs
+        return toks, qs, list(ks)
 
     def commit(self, new_lengths: list[int]) -> None:
         """After verification: keep what the target kept (each row's committed length minus
@@ -234,7 +234,6 @@ class PromptLookupDrafter:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got min_ngram={min_ngram!r}, "
                              f"max_ngram={max_ngram!r}")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
-        self.calls = 0
 
     def lookup(self, seq: Sequence[int], k: int) -> list[int]:
         """Up to ``k`` tokens that followed the latest earlier match of seq's suffix."""
@@ -254,13 +253,14 @@ class PromptLookupDrafter:
         pass
 
     def propose(self, seqs, ks, sampling, generator):
+        """Returns (tokens [B, K], None: the proposals are deterministic (q one-hot), the
+        number found per row: fewer than asked, or none, where nothing matched)."""
         found = [self.lookup(s, k) for s, k in zip(seqs, ks, strict=True)]
-        K = max((len(f) for f in found), default=0)
-        toks = torch.zeros(len(seqs), max(K, 0), dtype=torch.int64)
+        K = max(len(f) for f in found)
+        toks = torch.zeros(len(seqs), K, dtype=torch.int64)
         for b, f in enumerate(found):
             toks[b, :len(f)] = torch.tensor(f, dtype=torch.int64)
-            ks[b] = len(f)  # fewer (or no) proposals where nothing matched
-        return toks, "one-hot"
+        return toks, None, [len(f) for f in found]
 
     def commit(self, new_lengths) -> None:
         pass
@@ -346,12 +346,12 @@ def _verify(target_logits, toks, qs, ks, sampling, generator):
         while n < ks[b]:
             d = int(toks[b, n])
             pd = float(p[b, n, d])
-            qd = 1.0 if isinstance(qs, str) else float(qs[b, n, d])
+            qd = 1.0 if qs is None else float(qs[b, n, d])
             u = float(torch.rand((), generator=generator, device=p.device))
             if u * qd < pd:  # accept with probability min(1, p/q)
                 n += 1
                 continue
-            if isinstance(qs, str):  # one-hot q: the residual is p without d
+            if qs is None:  # one-hot q: the residual is p without d
                 resid = p[b, n].clone()
                 resid[d] = 0
             else:
@@ -390,7 +390,9 @@ def assisted_generate(model, draft_model, input_ids: torch.Tensor, max_new_token
         a Transformer sharing the target's tokenizer (a smaller model, or
         :func:`self_draft` of the target); ``"prompt_lookup"`` (or ``None``): n-gram
         matches against the prompt and the text so far; or a drafter object with
-        ``prefill / propose / commit`` (see :class:`PromptLookupDrafter`).
+        ``prefill(seqs)``, ``propose(seqs, ks, sampling, generator)`` -> (tokens [B, K],
+        draft probabilities [B, K, V] or None for deterministic proposals, proposals made
+        per row) and ``commit(lengths)`` (see :class:`PromptLookupDrafter`).
     input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, eos_token_id,
     pad_token_id, cache_storage, seed, generator : as in :func:`~llmcore.generation.generate`
     num_draft_tokens : int
@@ -466,9 +468,9 @@ def assisted_generate(model, draft_model, input_ids: torch.Tensor, max_new_token
         # proposals wanted per row: never past max_new_tokens (the target adds one more)
         ks = [0 if done[b] else min(gamma, max_new_tokens - n_new[b] - 1) for b in range(batch)]
         if any(k > 0 for k in ks):
-            toks, qs = drafter.propose(seqs, ks, sampling, generator)
+            toks, qs, ks = drafter.propose(seqs, ks, sampling, generator)
         else:
-            toks, qs = torch.zeros(batch, 0, dtype=torch.int64), "one-hot"
+            toks, qs = torch.zeros(batch, 0, dtype=torch.int64), None
         toks_cpu = toks.to("cpu")
         fed = [[] if done[b] else [seqs[b][-1]] + toks_cpu[b, :ks[b]].tolist()
                for b in range(batch)]
