@@ -1,0 +1,232 @@
+"""Pretraining: next-token prediction on token shards.
+
+The recipe = a config (:data:`NAMED_CONFIGS` and the :class:`TrainConfig` defaults),
+a batch source (:class:`WindowBatches`: random windows of ``seq_len + 1`` tokens, drawn
+from a generator seeded by (seed, step, micro-batch index), as nanoGPT samples them),
+and :func:`step_fn` (cross-entropy of the next token) on the one loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmcore.data.shards import TokenShards
+from llmcore.training.config import TrainConfig
+from llmcore.training.losses import bits_per_byte, cross_entropy
+from llmcore.training.optim import decay_start
+
+# Named configs (``--config NAME``). "stdlib" is the committed CPU result: about 30 minutes
+# on 2 cores; "stdlib-gpu" the same data at the 124M-class shape for one GPU.
+NAMED_CONFIGS: dict[str, dict] = {
+    "tiny": {"preset": "tiny", "vocab_size": 1024, "steps": 40, "batch_size": 8,
+             "seq_len": 128, "lr": 3e-3, "min_lr": 3e-4, "warmup": 5, "eval_every": 20,
+             "eval_tokens": 8192, "model": {"dim": 64, "n_layers": 2, "n_heads": 4,
+                                            "n_kv_heads": 2, "ffn_dim": 176}},
+    "stdlib": {"preset": "tiny", "vocab_size": 4096, "steps": 1500, "batch_size": 16,
+               "seq_len": 256, "lr": 2e-3, "min_lr": 2e-4, "warmup": 60, "schedule": "wsd",
+               "decay_frac": 0.25, "eval_every": 250, "eval_tokens": 65536, "save_every": 250,
+               "model": {"dim": 256, "n_layers": 6, "n_heads": 8, "n_kv_heads": 4,
+                         "ffn_dim": 688, "max_seq_len": 1024}},
+    "stdlib-gpu": {"preset": "124M", "vocab_size": 8192, "steps": 5000, "batch_size": 32,
+                   "seq_len": 1024, "lr": 1e-3, "min_lr": 1e-4, "warmup": 200,
+                   "schedule": "wsd", "dtype": "bfloat16", "eval_every": 500,
+                   "save_every": 1000, "model": {"tie_embeddings": True}},
+}
+
+
+def _seed_of(*parts: int) -> int:
+    h = hashlib.sha256(",".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+class WindowBatches:
+    """Random windows of a shard split: ``batch(step, index)`` -> {"input_ids",
+    "labels"} [batch_size, seq_len] int64. From step ``switch_step`` on, windows come
+    from ``decay_shards`` (the anneal-on-the-best-data phase of a WSD run)."""
+
+    def __init__(self, shards: TokenShards, batch_size: int, seq_len: int, seed: int,
+                 decay_shards: TokenShards | None = None, switch_step: int | None = None):
+        for s in (shards, decay_shards):
+            if s is not None and s.num_tokens("train") < seq_len + 2:
+                raise ValueError(f"{s.path}: the train split holds {s.num_tokens('train')} "
+                                 f"tokens, fewer than seq_len + 2 = {seq_len + 2}")
+        self.shards, self.decay_shards, self.switch_step = shards, decay_shards, switch_step
+        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+
+    def batch(self, step: int, index: int) -> dict:
+        shards = self.shards
+        if self.decay_shards is not None and step >= self.switch_step:
+            shards = self.decay_shards
+        tokens = shards.tokens("train")
+        g = torch.Generator().manual_seed(_seed_of(self.seed, step, index))
+        starts = torch.randint(0, tokens.numel() - self.seq_len - 1, (self.batch_size,),
+                               generator=g).tolist()
+        x = torch.stack([tokens[s:s + self.seq_len + 1].to(torch.int64) for s in starts])
+        return {"input_ids": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous()}
+
+
+def step_fn(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+    """Mean next-token cross-entropy of the micro-batch."""
+    logits = model(batch["input_ids"])  # [B, T, V]
+    return cross_entropy(logits, batch["labels"]), {}
+
+
+@torch.no_grad()
+def evaluate_split(model: nn.Module, shards: TokenShards, split: str, seq_len: int,
+                   batch_size: int, max_tokens: int | None = None, progress: bool = False
+                   ) -> dict:
+    """Next-token loss over ``split`` read in consecutive windows (every token predicted
+    once, from as much context as its window gives), capped at ``max_tokens`` predicted
+    tokens. Returns loss (mean NLL), perplexity, bits per byte (NLL sum / the split's
+    UTF-8 bytes for the tokens read / ln 2) and the token count."""
+    from tqdm.auto import tqdm
+
+    tokens = shards.tokens(split)
+    n = tokens.numel() - 1
+    if max_tokens:
+        n = min(n, max_tokens)
+    if n < 1:
+        raise ValueError(f"{shards.path}: the {split} split has too few tokens to evaluate")
+    device = next(model.parameters()).device
+    starts = list(range(0, n, seq_len))
+    nll, count = 0.0, 0
+    for i in tqdm(range(0, len(starts), batch_size), disable=not progress, desc=f"eval {split}",
+                  unit="batch"):
+        group = starts[i:i + batch_size]
+        lens = [min(seq_len, n - s) for s in group]
+        width = max(lens)
+        x = torch.zeros(len(group), width + 1, dtype=torch.int64)
+        y = torch.full((len(group), width), -100, dtype=torch.int64)
+        for r, (s, ln) in enumerate(zip(group, lens, strict=True)):
+            w = tokens[s:s + ln + 1].to(torch.int64)
+            x[r, :ln + 1] = w
+            y[r, :ln] = w[1:]
+        logits = model(x[:, :-1].to(device))
+        nll += float(cross_entropy(logits, y.to(device), reduction="sum"))
+        count += sum(lens)
+    n_bytes = count * shards.bytes_per_token(split)
+    return {"loss": nll / count, "ppl": math.exp(min(nll / count, 700.0)),
+            "bpb": bits_per_byte(nll, max(n_bytes, 1e-9)), "tokens": count}
+
+
+def build_model(cfg: TrainConfig, vocab_size: int):
+    """The Transformer of ``cfg`` (preset + overrides), BFP-quantised for training when
+    ``cfg.bfp`` is set, on the CPU."""
+    from llmcore.models import Transformer, TransformerConfig
+    from llmcore.nn import quantize_model
+
+    overrides = dict(cfg.model)
+    overrides["vocab_size"] = vocab_size
+    overrides.setdefault("max_seq_len", max(cfg.seq_len, 256))
+    try:
+        mcfg = TransformerConfig.from_name(cfg.preset, **overrides)
+    except TypeError as e:
+        raise ValueError(f"config key 'model': {e}") from None
+    if mcfg.max_seq_len < cfg.seq_len:
+        raise ValueError(f"seq_len {cfg.seq_len} is longer than the model's max_seq_len "
+                         f"{mcfg.max_seq_len}")
+    torch.manual_seed(cfg.seed)
+    model = Transformer(mcfg, backend=cfg.backend)
+    init_weights(model)
+    if cfg.init_from is not None:
+        from llmcore.training.checkpoint import load_model_weights
+
+        load_model_weights(model, cfg.init_from)
+    if cfg.bfp is not None:
+        # Every linear trains through BFP GEMMs; a head tied to the embedding stays full
+        # precision (quantising it would untie it).
+        exclude = ("lm_head",) if mcfg.tie_embeddings else ()
+        quantize_model(model, cfg.bfp, act_format=cfg.bfp if cfg.bfp_act else None,
+                       exclude=exclude, trainable=True)
+    return model
+
+
+def init_weights(model: nn.Module, std: float = 0.02) -> None:
+    """GPT-2 style init: normal(0, 0.02) for linears and embeddings, the residual output
+    projections (o_proj, down_proj) scaled by 1/sqrt(2 * n_layers)."""
+    n_layers = model.config.n_layers
+    for name, p in model.named_parameters():
+        if p.dim() < 2:
+            continue
+        s = std / math.sqrt(2 * n_layers) if name.endswith(("o_proj.weight",
+                                                             "down_proj.weight")) else std
+        torch.nn.init.normal_(p, mean=0.0, std=s)
+    for name, b in model.named_parameters():
+        if name.endswith(".bias"):
+            torch.nn.init.zeros_(b)
+
+
+def flops_per_token(mcfg, seq_len: int) -> float:
+    """Training FLOPs per token: 6 N (non-embedding matmuls and the head) + 12 L d T
+    (attention scores and values, forward and backward), the PaLM appendix estimate."""
+    n = mcfg.num_params(embeddings=False) + mcfg.vocab_size * mcfg.dim
+    return 6 * n + 12 * mcfg.n_layers * mcfg.n_heads * mcfg.head_dim * seq_len
+
+
+def run(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False,
+        stop_at: int | None = None) -> dict:
+    """Prepare tokenizer and shards (cached), build the model, train into ``out``,
+    evaluate the whole validation split at the end; returns the summary."""
+    from llmcore.data.prepare import ensure_shards, ensure_tokenizer
+    from llmcore.training import distributed as D
+    from llmcore.training.loop import Trainer, resume_compatible
+
+    out = Path(out)
+    info = D.setup()
+    if resume:
+        resume_compatible(out, cfg)
+    tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else None
+    if info.is_main:
+        tok_dir = tok_dir or ensure_tokenizer(cfg.data, cfg.vocab_size, cfg.val_fraction,
+                                              cfg.progress)
+        shard_dir = Path(cfg.shards) if cfg.shards else ensure_shards(
+            cfg.data, tok_dir, cfg.val_fraction, cfg.progress)
+        decay_dir = (ensure_shards(cfg.decay_data, tok_dir, cfg.val_fraction, cfg.progress)
+                     if cfg.decay_data is not None else None)
+    D.barrier(info)
+    if not info.is_main:  # the cache is filled: every rank finds the same directories
+        tok_dir = tok_dir or ensure_tokenizer(cfg.data, cfg.vocab_size, cfg.val_fraction, False)
+        shard_dir = Path(cfg.shards) if cfg.shards else ensure_shards(
+            cfg.data, tok_dir, cfg.val_fraction, False)
+        decay_dir = (ensure_shards(cfg.decay_data, tok_dir, cfg.val_fraction, False)
+                     if cfg.decay_data is not None else None)
+    shards = TokenShards(shard_dir)
+    decay = TokenShards(decay_dir) if decay_dir is not None else None
+    model = build_model(cfg, shards.vocab_size)
+    batches = WindowBatches(shards, cfg.batch_size, cfg.seq_len, cfg.seed, decay,
+                            decay_start(cfg.steps, cfg.warmup, cfg.decay_frac))
+
+    def eval_fn(m, final: bool) -> dict:
+        r = evaluate_split(m, shards, "val", cfg.seq_len, cfg.batch_size,
+                           None if final else cfg.eval_tokens, progress=final and cfg.progress
+                           and info.is_main)
+        return {"val_loss": r["loss"], "val_ppl": r["ppl"], "val_bpb": r["bpb"],
+                "val_tokens": r["tokens"]}
+
+    def sample_fn(m) -> str:
+        from llmcore.generation import generate
+        from llmcore.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tok_dir)
+        ids = torch.tensor([tok.encode(cfg.sample_prompt, add_special_tokens=False) or
+                            [tok.eos_token_id]], device=next(m.parameters()).device)
+        room = m.config.max_seq_len - ids.shape[1]
+        outp = generate(m, ids, max_new_tokens=max(0, min(cfg.sample_tokens, room)),
+                        temperature=0.8, top_k=40, eos_token_id=tok.eos_token_id,
+                        seed=cfg.seed)
+        return tok.decode(outp[0].tolist())
+
+    trainer = Trainer(cfg, model, step_fn, batches, out, eval_fn=eval_fn,
+                      sample_fn=sample_fn if cfg.sample_tokens else None,
+                      tokens_per_batch=cfg.batch_size * cfg.seq_len, tokenizer_dir=tok_dir,
+                      flops_per_token=flops_per_token(model.config, cfg.seq_len), dist=info)
+    result = trainer.fit(resume=resume, stop_at=stop_at)
+    result["shards"] = str(shard_dir)
+    result["tokenizer"] = str(tok_dir)
+    return result
