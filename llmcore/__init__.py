@@ -1,5 +1,8 @@
 """llmcore: hand-written CPU/CUDA kernels for BFP GEMM, fused attention and KV-cached
-decoding, with a thin PyTorch layer of models, trainers and generation loops."""
+decoding, with a thin PyTorch layer on top: the ops (``llmcore.ops``), BFP linear layers
+(``llmcore.nn``), a Llama-family model with a KV cache and Hugging Face checkpoints
+(``llmcore.models``), and plain and assisted generation (``llmcore.generation``).
+Documentation: docs/ in the repository."""
 
 from llmcore import _ext, formats, ops
 from llmcore.formats import PRESETS, BFPFormat, get_format
