@@ -1,0 +1,75 @@
+"""Perplexity and bits per byte of a model on held-out text, and the compressor it has
+to beat.
+
+Bits per byte = the summed next-token NLL / the UTF-8 bytes of the text / ln 2. Unlike
+perplexity it does not depend on the tokenizer, so models with different vocabularies,
+and compressors, compare on it: :func:`xz_bits_per_byte` is what ``xz -9e`` (LZMA2,
+preset 9 extreme, through Python's ``lzma``) spends on the same documents, compressed one
+document at a time.
+"""
+
+from __future__ import annotations
+
+import lzma
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from llmcore.data.shards import TokenShards
+from llmcore.training.losses import bits_per_byte, cross_entropy
+
+
+@torch.no_grad()
+def evaluate_split(model: nn.Module, shards: TokenShards, split: str, seq_len: int,
+                   batch_size: int, max_tokens: int | None = None, progress: bool = False
+                   ) -> dict:
+    """Next-token loss over ``split`` read in consecutive windows (every token predicted
+    once, from as much context as its window gives), capped at ``max_tokens`` predicted
+    tokens. Returns loss (mean NLL), perplexity, bits per byte (NLL sum / the split's
+    UTF-8 bytes for the tokens read / ln 2) and the token count."""
+    from tqdm.auto import tqdm
+
+    tokens = shards.tokens(split)
+    n = tokens.numel() - 1
+    if max_tokens:
+        n = min(n, max_tokens)
+    if n < 1:
+        raise ValueError(f"{shards.path}: the {split} split has too few tokens to evaluate")
+    device = next(model.parameters()).device
+    starts = list(range(0, n, seq_len))
+    nll, count = 0.0, 0
+    for i in tqdm(range(0, len(starts), batch_size), disable=not progress, desc=f"eval {split}",
+                  unit="batch"):
+        group = starts[i:i + batch_size]
+        lens = [min(seq_len, n - s) for s in group]
+        width = max(lens)
+        x = torch.zeros(len(group), width + 1, dtype=torch.int64)
+        y = torch.full((len(group), width), -100, dtype=torch.int64)
+        for r, (s, ln) in enumerate(zip(group, lens, strict=True)):
+            w = tokens[s:s + ln + 1].to(torch.int64)
+            x[r, :ln + 1] = w
+            y[r, :ln] = w[1:]
+        logits = model(x[:, :-1].to(device))
+        nll += float(cross_entropy(logits, y.to(device), reduction="sum"))
+        count += sum(lens)
+    n_bytes = count * shards.bytes_per_token(split)
+    return {"loss": nll / count, "ppl": math.exp(min(nll / count, 700.0)),
+            "bpb": bits_per_byte(nll, max(n_bytes, 1e-9)), "tokens": count}
+
+
+def xz_bits_per_byte(texts: Iterable[str]) -> dict:
+    """Bits per byte of ``xz -9e`` on each text compressed alone (the container's headers
+    included, as a file on disk would be)."""
+    raw = packed = docs = 0
+    for text in texts:
+        b = text.encode("utf-8")
+        raw += len(b)
+        packed += len(lzma.compress(b, format=lzma.FORMAT_XZ,
+                                    preset=9 | lzma.PRESET_EXTREME))
+        docs += 1
+    if raw == 0:
+        raise ValueError("no text to compress")
+    return {"bpb": 8.0 * packed / raw, "bytes": raw, "compressed_bytes": packed,
+            "documents": docs}
