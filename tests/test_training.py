@@ -55,7 +55,7 @@ def cache(tmp_path_factory) -> Path:
 
 
 def tiny_values(corpus: Path, **over) -> dict:
-    values = {"data": [str(corpus)], "vocab_size": 512, "preset": "tiny", "steps": 12,
+    values = {"data": [str(corpus)], "val_fraction": 0.2, "vocab_size": 512, "preset": "tiny", "steps": 12,
               "batch_size": 4, "seq_len": 64, "lr": 3e-3, "min_lr": 3e-4, "warmup": 2,
               "eval_every": 0, "eval_tokens": 2048, "sample_tokens": 0, "progress": False,
               "tensorboard": False, "seed": 7,
@@ -160,7 +160,7 @@ def _torchrun(nproc: int, out: Path, values: dict, cache: Path) -> None:
 @pytest.mark.slow
 def test_ddp_two_ranks_equal_one_rank_with_double_accumulation(corpus, cache, tmp_path):
     # prepare the tokenizer and shards once in this process, so the ranks share them
-    pretrain.run(tiny_cfg(corpus, steps=1), tmp_path / "warm")
+    pretrain.run(tiny_cfg(corpus, steps=1, warmup=0), tmp_path / "warm")
     one = tiny_values(corpus, steps=6, grad_accum=2)
     two = tiny_values(corpus, steps=6, grad_accum=1, parallel="ddp")
     _torchrun(1, tmp_path / "one", one, cache)
@@ -170,7 +170,7 @@ def test_ddp_two_ranks_equal_one_rank_with_double_accumulation(corpus, cache, tm
 
 @pytest.mark.slow
 def test_fsdp2_trains_and_its_checkpoint_loads_in_one_process(corpus, cache, tmp_path):
-    pretrain.run(tiny_cfg(corpus, steps=1), tmp_path / "warm")
+    pretrain.run(tiny_cfg(corpus, steps=1, warmup=0), tmp_path / "warm")
     values = tiny_values(corpus, steps=6, parallel="fsdp", save_every=3)
     _torchrun(2, tmp_path / "fsdp", values, cache)
     rows = read_rows(tmp_path / "fsdp")
@@ -237,7 +237,7 @@ def test_perplexity_and_bits_per_byte_by_hand(tmp_path):
     nll = -sum(math.log(p[t]) for t in tokens[1:])
     for seq_len, bs in ((3, 2), (4, 1), (16, 4)):
         r = evaluate_split(_Fixed(p), sh, "val", seq_len, bs)
-        assert r["tokens"] == 10
+        assert r["tokens"] == 10 and r["nll"] == pytest.approx(nll)
         assert r["loss"] == pytest.approx(nll / 10, rel=1e-6)
         assert r["ppl"] == pytest.approx(math.exp(nll / 10), rel=1e-6)
         # bytes of the 10 predicted tokens: 10 * 44 / 11
@@ -319,3 +319,18 @@ def test_model_override_errors(corpus):
         pretrain.build_model(tiny_cfg(corpus, model={"dimm": 3}), 512)
     with pytest.raises(ValueError, match="longer than the model's max_seq_len"):
         pretrain.build_model(tiny_cfg(corpus, seq_len=512), 512)
+
+
+def test_sharded_evaluation_sums_to_the_whole(tmp_path):
+    from llmcore.data.shards import TokenShards
+    from llmcore.evaluation.perplexity import evaluate_split, summarize
+
+    tokens = [0, 1, 1, 2, 1, 0, 1, 2, 2, 1, 1, 0, 2]
+    _hand_shards(tmp_path / "s", tokens, n_bytes=39, vocab=3)
+    sh, model = TokenShards(tmp_path / "s"), _Fixed([0.5, 0.3, 0.2])
+    whole = evaluate_split(model, sh, "val", 3, 1)
+    parts = [evaluate_split(model, sh, "val", 3, 1, rank=r, world_size=3) for r in range(3)]
+    assert sum(p["tokens"] for p in parts) == whole["tokens"] == 12
+    merged = summarize(sum(p["nll"] for p in parts), 12, sh.bytes_per_token("val"))
+    assert merged["bpb"] == pytest.approx(whole["bpb"]) and merged["loss"] == pytest.approx(
+        whole["loss"])

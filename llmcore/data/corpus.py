@@ -91,14 +91,16 @@ def stdlib_documents(split: str | None = None, val_fraction: float = 0.05,
         yield Document(key, (root / rel).read_bytes().decode("utf-8", errors="replace"))
 
 
-def _expand(paths: Sequence[str | os.PathLike]) -> list[Path]:
+def _expand(paths: Sequence[str | os.PathLike]) -> list[tuple[str, Path]]:
+    """(key, path) of every data file: the key is the path relative to the directory given
+    (or the file's name), so splits do not depend on where the data lives."""
     files = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and
-                            f.suffix in (*TEXT_SUFFIXES, ".jsonl", ".parquet"))
+            files += [(f.relative_to(p).as_posix(), f) for f in sorted(p.rglob("*"))
+                      if f.is_file() and f.suffix in (*TEXT_SUFFIXES, ".jsonl", ".parquet")]
         elif p.is_file():
-            files.append(p)
+            files.append((p.name, p))
         else:
             raise FileNotFoundError(f"data path {p} does not exist")
     if not files:
@@ -106,7 +108,7 @@ def _expand(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return files
 
 
-def _file_documents(path: Path) -> Iterator[Document]:
+def _file_documents(key: str, path: Path) -> Iterator[Document]:
     if path.suffix == ".jsonl":
         with open(path, encoding="utf-8") as f:
             for i, line in enumerate(f, 1):
@@ -118,7 +120,7 @@ def _file_documents(path: Path) -> Iterator[Document]:
                     raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
                 if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                     raise ValueError(f"{path}:{i}: each JSONL line needs a string 'text' field")
-                yield Document(f"{path}:{i}", row["text"])
+                yield Document(f"{key}:{i}", row["text"])
     elif path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -132,9 +134,9 @@ def _file_documents(path: Path) -> Iterator[Document]:
             for text in batch.column(0).to_pylist():
                 row += 1
                 if text is not None:
-                    yield Document(f"{path}:{row}", text)
+                    yield Document(f"{key}:{row}", text)
     else:
-        yield Document(str(path), path.read_bytes().decode("utf-8", errors="replace"))
+        yield Document(key, path.read_bytes().decode("utf-8", errors="replace"))
 
 
 def iter_documents(data: str | Sequence[str | os.PathLike], split: str | None = None,
@@ -142,7 +144,8 @@ def iter_documents(data: str | Sequence[str | os.PathLike], split: str | None = 
     """Documents of ``data``: ``"stdlib"`` or a list of files/directories.
 
     With ``split``, user files are split like the stdlib: by a hash of each document's
-    source (a file, or file:line for JSONL/Parquet rows).
+    source (its path relative to the directory given, or the file name; ``:row`` added
+    for JSONL/Parquet rows), so the split is the same wherever the data lives.
     """
     _check_split(split)
     _check_fraction(val_fraction)
@@ -151,8 +154,8 @@ def iter_documents(data: str | Sequence[str | os.PathLike], split: str | None = 
         return
     if isinstance(data, (str, os.PathLike)):
         data = [data]
-    for path in _expand(data):
-        for doc in _file_documents(path):
+    for key, path in _expand(data):
+        for doc in _file_documents(key, path):
             if split is None or split_of(doc.source, val_fraction) == split:
                 yield doc
 
@@ -164,7 +167,7 @@ def data_files(data: str | Sequence[str | os.PathLike]) -> list[tuple[str, Path]
         return [(rel.as_posix(), root / rel) for rel in stdlib_files(root)]
     if isinstance(data, (str, os.PathLike)):
         data = [data]
-    return [(str(p), p) for p in _expand(data)]
+    return _expand(data)
 
 
 def manifest(data: str | Sequence[str | os.PathLike], val_fraction: float = 0.05) -> dict:

@@ -23,12 +23,14 @@ from llmcore.training.losses import bits_per_byte, cross_entropy
 
 @torch.no_grad()
 def evaluate_split(model: nn.Module, shards: TokenShards, split: str, seq_len: int,
-                   batch_size: int, max_tokens: int | None = None, progress: bool = False
-                   ) -> dict:
+                   batch_size: int, max_tokens: int | None = None, progress: bool = False,
+                   rank: int = 0, world_size: int = 1) -> dict:
     """Next-token loss over ``split`` read in consecutive windows (every token predicted
     once, from as much context as its window gives), capped at ``max_tokens`` predicted
     tokens. Returns loss (mean NLL), perplexity, bits per byte (NLL sum / the split's
-    UTF-8 bytes for the tokens read / ln 2) and the token count."""
+    UTF-8 bytes for the tokens read / ln 2), the token count and the NLL sum. With
+    ``world_size`` > 1 this rank reads every ``world_size``-th window from ``rank`` on:
+    sum ``nll`` and ``tokens`` over ranks and call :func:`summarize`."""
     from tqdm.auto import tqdm
 
     tokens = shards.tokens(split)
@@ -38,7 +40,7 @@ def evaluate_split(model: nn.Module, shards: TokenShards, split: str, seq_len: i
     if n < 1:
         raise ValueError(f"{shards.path}: the {split} split has too few tokens to evaluate")
     device = next(model.parameters()).device
-    starts = list(range(0, n, seq_len))
+    starts = list(range(0, n, seq_len))[rank::world_size]
     nll, count = 0.0, 0
     for i in tqdm(range(0, len(starts), batch_size), disable=not progress, desc=f"eval {split}",
                   unit="batch"):
@@ -54,9 +56,16 @@ def evaluate_split(model: nn.Module, shards: TokenShards, split: str, seq_len: i
         logits = model(x[:, :-1].to(device))
         nll += float(cross_entropy(logits, y.to(device), reduction="sum"))
         count += sum(lens)
-    n_bytes = count * shards.bytes_per_token(split)
-    return {"loss": nll / count, "ppl": math.exp(min(nll / count, 700.0)),
-            "bpb": bits_per_byte(nll, max(n_bytes, 1e-9)), "tokens": count}
+    return summarize(nll, count, shards.bytes_per_token(split))
+
+
+def summarize(nll: float, tokens: int, bytes_per_token: float) -> dict:
+    """loss, ppl, bpb of a summed NLL over ``tokens`` tokens."""
+    if tokens < 1:
+        return {"loss": math.nan, "ppl": math.nan, "bpb": math.nan, "tokens": 0, "nll": nll}
+    return {"loss": nll / tokens, "ppl": math.exp(min(nll / tokens, 700.0)),
+            "bpb": bits_per_byte(nll, max(tokens * bytes_per_token, 1e-9)), "tokens": tokens,
+            "nll": nll}
 
 
 def xz_bits_per_byte(texts: Iterable[str]) -> dict:

@@ -102,8 +102,9 @@ class Trainer:
         scalar tensors, averaged over micro-batches and ranks in the log.
     batches : BatchSource
     run_dir : path
-    eval_fn : (model) -> dict, optional
-        Validation metrics (logged with ``"split": "val"``).
+    eval_fn : (model, final: bool) -> dict, optional
+        Validation metrics (logged with ``"split": "val"``); called on every rank, so it
+        may split the work and reduce (``final``: the end-of-run evaluation).
     sample_fn : (model) -> str, optional
         A generated sample, written to ``samples.jsonl`` at each eval.
     tokens_per_batch : int
@@ -282,12 +283,15 @@ class Trainer:
                     self.save(self.run_dir / "checkpoints" / f"step_{self.step}")
                     if info.is_main:
                         ckpt.prune_checkpoints(self.run_dir, cfg.keep_last)
-            if self.step == end and (self.step == cfg.steps or stop_at is not None):
-                self.save(self.run_dir / "checkpoints" / f"step_{self.step}")
+            self.save(self.run_dir / "checkpoints" / f"step_{self.step}")
+            if info.is_main:
+                ckpt.prune_checkpoints(self.run_dir, cfg.keep_last)
+            if self.step == cfg.steps:
+                full = ckpt.full_state_dict(self.model)  # a collective under FSDP
                 if info.is_main:
-                    ckpt.prune_checkpoints(self.run_dir, cfg.keep_last)
-            if self.step == cfg.steps and info.is_main:
-                ckpt.export_model(self.model, self.run_dir / "final", self.tokenizer_dir)
+                    ckpt.export_model(self.model, self.run_dir / "final", self.tokenizer_dir,
+                                      state=full)
+                D.barrier(info)
         finally:
             bar.close()
             log.close()
@@ -298,10 +302,11 @@ class Trainer:
         self.model.eval()
         try:
             with self._autocast():
-                metrics = self.eval_fn(self.raw_model if not self.dist.enabled or
-                                       self.cfg.parallel == "ddp" else self.model, final)
+                metrics = self.eval_fn(self.raw_model, final)
             row = {"step": self.step, "tokens": self.tokens, "split": "val", **metrics}
-            if self.sample_fn is not None and self.dist.is_main and self.cfg.sample_tokens:
+            sharded = self.dist.enabled and self.cfg.parallel == "fsdp"
+            if self.sample_fn is not None and self.cfg.sample_tokens and (
+                    self.dist.is_main or sharded):  # FSDP: every rank joins the gathers
                 text = self.sample_fn(self.raw_model)
                 if self.dist.is_main:
                     with open(self.run_dir / "samples.jsonl", "a", encoding="utf-8") as f:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from llmcore.data.shards import TokenShards
-from llmcore.evaluation.perplexity import evaluate_split
+from llmcore.evaluation.perplexity import evaluate_split, summarize
 from llmcore.training.config import TrainConfig
 from llmcore.training.losses import cross_entropy
 from llmcore.training.optim import decay_start
@@ -132,11 +132,24 @@ def flops_per_token(mcfg, seq_len: int) -> float:
     return 6 * n + 12 * mcfg.n_layers * mcfg.n_heads * mcfg.head_dim * seq_len
 
 
+def prepare_data(cfg: TrainConfig, progress: bool) -> tuple[Path, Path, Path | None]:
+    """(tokenizer dir, shard dir, decay-phase shard dir or None) of ``cfg``: the ones it
+    names, else made from its data and cached."""
+    from llmcore.data.prepare import ensure_shards, ensure_tokenizer
+
+    tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else ensure_tokenizer(
+        cfg.data, cfg.vocab_size, cfg.val_fraction, progress)
+    shard_dir = Path(cfg.shards) if cfg.shards else ensure_shards(
+        cfg.data, tok_dir, cfg.val_fraction, progress)
+    decay_dir = (ensure_shards(cfg.decay_data, tok_dir, cfg.val_fraction, progress)
+                 if cfg.decay_data is not None else None)
+    return tok_dir, shard_dir, decay_dir
+
+
 def run(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False,
         stop_at: int | None = None) -> dict:
     """Prepare tokenizer and shards (cached), build the model, train into ``out``,
     evaluate the whole validation split at the end; returns the summary."""
-    from llmcore.data.prepare import ensure_shards, ensure_tokenizer
     from llmcore.training import distributed as D
     from llmcore.training.loop import Trainer, resume_compatible
 
@@ -144,22 +157,15 @@ def run(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False,
     info = D.setup()
     if resume:
         resume_compatible(out, cfg)
-    tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else None
-    if info.is_main:
-        tok_dir = tok_dir or ensure_tokenizer(cfg.data, cfg.vocab_size, cfg.val_fraction,
-                                              cfg.progress)
-        shard_dir = Path(cfg.shards) if cfg.shards else ensure_shards(
-            cfg.data, tok_dir, cfg.val_fraction, cfg.progress)
-        decay_dir = (ensure_shards(cfg.decay_data, tok_dir, cfg.val_fraction, cfg.progress)
-                     if cfg.decay_data is not None else None)
+    if info.is_main:  # rank 0 fills the cache; the others then find the same directories
+        tok_dir, shard_dir, decay_dir = prepare_data(cfg, cfg.progress)
     D.barrier(info)
-    if not info.is_main:  # the cache is filled: every rank finds the same directories
-        tok_dir = tok_dir or ensure_tokenizer(cfg.data, cfg.vocab_size, cfg.val_fraction, False)
-        shard_dir = Path(cfg.shards) if cfg.shards else ensure_shards(
-            cfg.data, tok_dir, cfg.val_fraction, False)
-        decay_dir = (ensure_shards(cfg.decay_data, tok_dir, cfg.val_fraction, False)
-                     if cfg.decay_data is not None else None)
+    if not info.is_main:
+        tok_dir, shard_dir, decay_dir = prepare_data(cfg, False)
     shards = TokenShards(shard_dir)
+    if shards.num_tokens("val") < 2:
+        raise ValueError(f"the validation split of data {cfg.data!r} is empty "
+                         f"(val_fraction={cfg.val_fraction}): raise val_fraction or add files")
     decay = TokenShards(decay_dir) if decay_dir is not None else None
     model = build_model(cfg, shards.vocab_size)
     batches = WindowBatches(shards, cfg.batch_size, cfg.seq_len, cfg.seed, decay,
@@ -168,7 +174,10 @@ def run(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False,
     def eval_fn(m, final: bool) -> dict:
         r = evaluate_split(m, shards, "val", cfg.seq_len, cfg.batch_size,
                            None if final else cfg.eval_tokens, progress=final and cfg.progress
-                           and info.is_main)
+                           and info.is_main, rank=info.rank, world_size=info.world_size)
+        if info.enabled:
+            nll, count = D.sum_across([r["nll"], float(r["tokens"])], info)
+            r = summarize(nll, int(count), shards.bytes_per_token("val"))
         return {"val_loss": r["loss"], "val_ppl": r["ppl"], "val_bpb": r["bpb"],
                 "val_tokens": r["tokens"]}
 
