@@ -86,8 +86,8 @@ def make_draft(args, model):
                        "self-drafting quantises a copy of a full-precision target")
     try:
         return named_draft(draft, model, cache_storage=args.kv_cache)
-    except ValueError as e:
-        raise CLIError(f"--draft {draft!r}: {e}") from e
+    except (ValueError, FileNotFoundError) as e:
+        raise CLIError(f"--draft: {e}") from e
 
 
 def run_generation(args, model, input_ids, max_new, stream, eos, draft) -> torch.Tensor:
