@@ -8,45 +8,36 @@ side by side; `llmcore bench bfp` prints the same comparison with ratios and wri
 
 import pytest
 import torch
+from conftest import run_pedantic
 
-from llmcore.bench.bfp import _linear_methods
+from llmcore.bench import bfp
 from llmcore.formats import PRESETS
 from llmcore.ops import bfp_quantize
 
-CASES = [(1, 4096, 4096), (16, 4096, 4096), (256, 4096, 4096), (2048, 4096, 4096)]
-METHODS = [name for name, _, _ in _linear_methods(torch.device("cpu"), 256, 64, 64)]
+METHODS = [name for name, _, _ in bfp.linear_methods(torch.device("cpu"), 256, 64, 64)]
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def cases(device, quick):
+    ms_list, shapes, _ = bfp.plan(device, quick)
+    return [(m, k, n) for k, n in shapes for m in ms_list]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"M{c[0]}-K{c[1]}-N{c[2]}")
+def case_id(c):
+    return f"M{c[0]}-K{c[1]}-N{c[2]}"
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_linear(benchmark, device, case, method):
     m, k, n = case
-    builders = {name: b for name, b, _ in _linear_methods(device, m, k, n)}
+    builders = {name: b for name, b, _ in bfp.linear_methods(device, m, k, n)}
     if method not in builders:
         pytest.skip(f"{method} is not a baseline on {device.type}")
-    fn = builders[method]()
-    state = {"i": 0}
-
-    def call():
-        fn(state["i"])
-        state["i"] += 1
-        _sync(device)
-
-    benchmark.pedantic(call, rounds=5 if m < 2048 else 3, warmup_rounds=2, iterations=1)
+    run_pedantic(benchmark, builders[method](), device, rounds=5 if m < 2048 else 3)
 
 
 @pytest.mark.parametrize("fmt", list(PRESETS))
-def test_quantize(benchmark, device, fmt):
-    x = torch.randn(4096, 4096, device=device)
-
-    def call():
-        bfp_quantize(x, fmt)
-        _sync(device)
-
-    benchmark.pedantic(call, rounds=10, warmup_rounds=2, iterations=1)
-    benchmark.extra_info["GBps"] = x.numel() * 4 / benchmark.stats["median"] / 1e9
+def test_quantize(benchmark, device, fmt, bench_quick):
+    x = torch.randn(*bfp.plan(device, bench_quick)[2], device=device)
+    run_pedantic(benchmark, lambda i: bfp_quantize(x, fmt), device, rounds=10)
+    if benchmark.stats:  # None under --benchmark-disable
+        benchmark.extra_info["GBps"] = x.numel() * 4 / benchmark.stats["median"] / 1e9

@@ -1,15 +1,22 @@
 """The main job (`llmcore bench`) and the CLI: they run, write what they promise and fail
 clearly on bad arguments."""
 
+import importlib
 import json
 import os
+import pkgutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from llmcore import cli
+from llmcore.bench import attention as attention_suite
 from llmcore.bench import bfp as bfp_suite
 from llmcore.bench import common, run_suites
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_bench_bfp_quick_writes_json_and_plot(tmp_path, monkeypatch):
@@ -63,7 +70,9 @@ def test_bench_median_counts_calls():
 
 def test_cli_unknown_suite_and_info(capsys):
     assert cli.main(["bench", "nosuch", "--no-save", "--no-progress"]) == 2
-    assert "unknown benchmark suite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown benchmark suite" in err
+    assert err.startswith("llmcore bench: ") and err.count("\n") == 1  # one line, no traceback
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "extension loaded: True" in out and "cpu kernels: bfp_quantize" in out
@@ -112,3 +121,71 @@ def test_bench_assisted_quick(tmp_path):
     assert "predicted" in res["text"]
     folder = tmp_path / os.listdir(tmp_path)[0]
     assert json.loads((folder / "assisted.json").read_text())["rows"]
+
+
+def _git_status(root):
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"],
+                             cwd=root, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def test_cli_bench_writes_to_out_and_leaves_the_checkout_unchanged(tmp_path, monkeypatch,
+                                                                    capsys):
+    """`llmcore bench SUITE --out DIR` writes only under DIR; without --out, a new run
+    folder under the current directory. The checkout (benchmarks/results/) stays as it is."""
+    monkeypatch.setattr(attention_suite, "cases",
+                        lambda device, quick: [(1, 2, 32, 64, False, torch.float32)])
+    before = _git_status(ROOT)
+    out = tmp_path / "out"
+    argv = ["bench", "attention", "--quick", "--device", "cpu", "--no-progress", "--no-plot"]
+    assert cli.main(argv + ["--out", str(out)]) == 0
+    (folder,) = out.iterdir()  # one device folder
+    assert [p.name for p in folder.iterdir()] == ["attention.json"]
+    assert json.loads((folder / "attention.json").read_text())["rows"]
+    assert str(out) in capsys.readouterr().out
+
+    monkeypatch.chdir(tmp_path / "out")
+    assert cli.main(argv) == 0
+    (run,) = (out / "llmcore-runs").iterdir()
+    assert run.name.startswith("bench-")
+    assert [p.name for p in (run / folder.name).iterdir()] == ["attention.json"]
+    if before is not None:
+        assert _git_status(ROOT) == before
+
+
+def test_every_command_module_is_registered(capsys):
+    modules = [m.name for m in pkgutil.iter_modules(cli.__path__)
+               if not m.name.startswith("_")]
+    assert sorted(modules) == sorted(cli.COMMANDS)
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert list(sub.choices) == list(cli.COMMANDS)
+    for name in cli.COMMANDS:
+        module = importlib.import_module(f"llmcore.cli.{name}")
+        assert callable(module.add_parser) and callable(module.run)
+        with pytest.raises(SystemExit) as e:
+            cli.main([name, "--help"])
+        assert e.value.code == 0
+        assert f"llmcore {name}" in capsys.readouterr().out
+
+
+def test_python_m_llmcore_cli_and_console_script():
+    r = subprocess.run([sys.executable, "-m", "llmcore.cli", "info"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "extension loaded" in r.stdout
+    from importlib.metadata import entry_points
+
+    scripts = [e for e in entry_points(group="console_scripts") if e.name == "llmcore"]
+    if scripts:  # installed: the script is `llmcore.cli:main`
+        assert scripts[0].value == "llmcore.cli:main" and scripts[0].load() is cli.main
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_cuda_without_a_gpu_is_one_line(capsys):
+    assert cli.main(["bench", "bfp", "--device", "cuda", "--no-save"]) == 2
+    err = capsys.readouterr().err
+    assert err == "llmcore bench: --device cuda but no CUDA device is available\n"

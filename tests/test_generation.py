@@ -284,3 +284,37 @@ def test_cli_generate_model_dir_streams_the_library_text(tmp_path, capsys, quant
 def test_cli_generate_bad_model_dir(tmp_path, capsys):
     assert cli.main(["generate", "--model", str(tmp_path / "nothing"), "--prompt", "x"]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_text_streamer_waits_for_whole_characters_and_skips_eos():
+    import io
+
+    from llmcore.byte_tokenizer import ByteTokenizer
+    from llmcore.generation.streaming import TextStreamer, TokenIdStreamer, per_token
+
+    tok = ByteTokenizer()
+    assert tok.encode("") == [0] and ByteTokenizer(7).encode("a") == [ord("a") % 7]
+    ids = tok.encode("é!")  # two bytes for é
+    assert tok.decode(ids) == "é!"
+    out = io.StringIO()
+    s = TextStreamer(tok, eos_token_id=0, file=out)
+    writes = []
+    for t in [*ids, 0]:
+        s(torch.tensor([t]))
+        writes.append(out.getvalue())
+    assert writes == ["", "é", "é!", "é!"] and s.printed == "é!"
+    out = io.StringIO()
+    per_token(TokenIdStreamer(file=out))([torch.tensor([3, 4]), torch.tensor([9])])
+    assert out.getvalue() == "3 4 "  # row 0 only
+
+
+def test_named_draft(tiny):
+    from llmcore.generation.draft_names import named_draft
+
+    assert named_draft("prompt_lookup", tiny, "mxint8") == ("prompt_lookup", "mxint8")
+    draft, kv = named_draft("self-mxint4", tiny)
+    assert kv == "mxint8" and draft is not tiny
+    with pytest.raises(ValueError, match="self-mxint8"):
+        named_draft("self-int3", tiny)
+    with pytest.raises(FileNotFoundError):
+        named_draft("/nonexistent/draft", tiny)

@@ -8,13 +8,12 @@ ratios refer to), ``extra`` (stored in the JSON) and ``text`` (printed after the
 from __future__ import annotations
 
 import importlib
-import os
 
 import torch
 
 from llmcore.bench.common import format_table, plot_ratios, write_results
 
-# suite name -> module; later suites (attention, decode, generate, ...) register here.
+# suite name -> module; a new suite registers here and gets a view in benchmarks/.
 SUITES = {
     "bfp": "llmcore.bench.bfp",
     "attention": "llmcore.bench.attention",
@@ -23,17 +22,21 @@ SUITES = {
     "assisted": "llmcore.bench.assisted",
 }
 
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "benchmarks", "results")
 
-
-def run_suites(names, device: torch.device, quick: bool = False, out_dir: str = DEFAULT_OUT,
-               plot: bool = True, progress: bool = True, echo=print) -> dict[str, dict]:
-    """Run the named suites (all when empty); print a table each, write JSON and PNG."""
+def suite_names(names) -> list[str]:
+    """The suites to run: ``names``, or all when empty; ValueError for an unknown one."""
     names = list(names) or list(SUITES)
     unknown = [n for n in names if n not in SUITES]
     if unknown:
         raise ValueError(f"unknown benchmark suite(s) {unknown}; available: {sorted(SUITES)}")
+    return names
+
+
+def run_suites(names, device: torch.device, quick: bool = False, out_dir: str | None = None,
+               plot: bool = True, progress: bool = True, echo=print) -> dict[str, dict]:
+    """Run the named suites (all when empty); print a table each and, with ``out_dir``,
+    write ``<out_dir>/<device>/<suite>.json`` (and ``.png`` with ``plot``)."""
+    names = suite_names(names)
     factory = None
     if progress:
         from tqdm import tqdm

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from llmcore.bench.common import Row, add_ratios
+from llmcore.bench.common import Row, add_ratios, progress_bar
 from llmcore.generation import (
     assisted_generate,
     generate,
@@ -36,7 +36,7 @@ from llmcore.models import Transformer, TransformerConfig
 BASELINES = ["plain greedy"]
 
 
-def _target(preset: str, device) -> Transformer:
+def target_model(preset: str, device) -> Transformer:
     torch.manual_seed(0)
     model = Transformer(TransformerConfig.from_name(preset), device=device).eval()
     with torch.no_grad():
@@ -58,31 +58,42 @@ def _median_s(fn, runs: int, device: torch.device) -> tuple[float, object]:
     return times[len(times) // 2], out
 
 
-@torch.inference_mode()
-def run(device: torch.device, quick: bool = False, progress_factory=None) -> dict:
-    preset, plen, new = ("tiny", 32, 24) if quick else ("124M", 64, 64)
-    runs = 1 if quick else 2
-    target = _target(preset, device)
-    cfg = target.config
+def plan(quick: bool) -> tuple[str, int, int, int]:
+    """(preset, prompt tokens, new tokens, timed runs per method)."""
+    return ("tiny", 32, 24, 1) if quick else ("124M", 64, 64, 2)
+
+
+def make_prompts(vocab_size: int, plen: int, device) -> dict[str, torch.Tensor]:
+    """{"free text": random tokens, "copy task": a document followed by its first 16
+    tokens again ("repeat the document")}, each [1, plen]."""
     g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, cfg.vocab_size, (1, plen), generator=g).to(device)
-    doc = torch.randint(0, cfg.vocab_size, (1, plen - 16), generator=g).to(device)
-    prompts = {"free text": prompt,
-               "copy task": torch.cat([doc, doc[:, :16]], dim=1)}  # "repeat the document"
+    prompt = torch.randint(0, vocab_size, (1, plen), generator=g).to(device)
+    doc = torch.randint(0, vocab_size, (1, plen - 16), generator=g).to(device)
+    return {"free text": prompt, "copy task": torch.cat([doc, doc[:, :16]], dim=1)}
+
+
+def drafts(target: Transformer) -> list[tuple[str, object, str, str]]:
+    """[(name, make the draft, prompt case, draft KV cache storage)]."""
+    cfg = target.config
     skip = max(1, cfg.n_layers // 6)
-    drafts = [  # name, make the draft, case, draft KV cache
+    return [
         (f"layer-skip {skip}/{cfg.n_layers} mxint4", lambda: layer_skip_draft(target, skip, "mxint4"),
          "free text", "mxint8"),
         ("self mxint8", lambda: self_draft(target, "mxint8"), "free text", "mxint8"),
         ("self mxint4", lambda: self_draft(target, "mxint4"), "free text", "mxint8"),
         ("prompt lookup", lambda: "prompt_lookup", "copy task", "native"),
     ]
-    pbar = progress_factory(total=len(prompts) + 2 * len(drafts), desc="bench assisted") \
-        if progress_factory else None
 
-    def tick():
-        if pbar is not None:
-            pbar.update(1)
+
+@torch.inference_mode()
+def run(device: torch.device, quick: bool = False, progress_factory=None) -> dict:
+    preset, plen, new, runs = plan(quick)
+    target = target_model(preset, device)
+    prompts = make_prompts(target.config.vocab_size, plen, device)
+    prompt = prompts["free text"]
+    todo = drafts(target)
+    pbar = progress_bar(progress_factory, len(prompts) + 2 * len(todo), "bench assisted")
+    tick = pbar.update
 
     generate(target, prompt, 4)  # warm up
     plain = {}  # case -> (seconds, tokens)
@@ -109,7 +120,7 @@ def run(device: torch.device, quick: bool = False, progress_factory=None) -> dic
         call()
         return _median_s(call, 5, device)[0] / t_step
 
-    for name, make, case, draft_kv in drafts:
+    for name, make, case, draft_kv in todo:
         draft = make()
         if isinstance(draft, str):
             c = 0.0
@@ -134,8 +145,7 @@ def run(device: torch.device, quick: bool = False, progress_factory=None) -> dic
                                "verify_cost_ratio": v, "predicted_speedup_measured_verify": pred_v,
                                "preset": preset, "new": new, "draft_kv_cache": draft_kv}))
         del draft
-    if pbar is not None:
-        pbar.close()
+    pbar.close()
     add_ratios(rows, BASELINES)
     lines = ["c: draft cost per token / target's; v: one verification call / one target step",
              "predicted: (1 - a^(g+1)) / ((1 - a)(g c + 1)); with v: the same with v for the 1",

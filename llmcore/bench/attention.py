@@ -14,7 +14,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from llmcore.bench.common import Row, add_ratios, bench
+from llmcore.bench.common import Row, add_ratios, bench, measure_ceilings, progress_bar
 from llmcore.ops import attention
 
 BASELINE = "SDPA"
@@ -28,7 +28,7 @@ def _sdpa_context(device: torch.device):
     return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
 
 
-def _cases(device: torch.device, quick: bool):
+def cases(device: torch.device, quick: bool):
     """(batch, heads, seq, head_dim, causal, dtype) tuples."""
     if quick:
         return [(1, 4, s, 64, c, torch.float32 if device.type == "cpu" else torch.bfloat16)
@@ -49,7 +49,9 @@ def _flops(b, h, s, d, causal):
     return 4 * b * h * s * s * d * (0.5 if causal else 1.0)
 
 
-def run_case(device, b, h, s, d, causal, dtype, with_backward: bool) -> list[Row]:
+def methods(device, b, h, s, d, causal, dtype, with_backward: bool):
+    """[(name, timed call)]: llmcore and SDPA on the same fresh inputs, each in its native
+    layout (llmcore [B, S, H, D], SDPA [B, H, S, D])."""
     g = torch.Generator(device=device).manual_seed(0)
 
     def rnd(*shape):
@@ -71,13 +73,17 @@ def run_case(device, b, h, s, d, causal, dtype, with_backward: bool) -> list[Row
             if with_backward:
                 o.backward(dot)
 
+    return [("llmcore", ours), (BASELINE, sdpa)]
+
+
+def run_case(device, b, h, s, d, causal, dtype, with_backward: bool) -> list[Row]:
     kind = "fwd+bwd" if with_backward else "fwd"
     case = (f"{kind} B={b} H={h} S={s} D={d}{' causal' if causal else ''} "
             f"{str(dtype).removeprefix('torch.')}")
     flops = _flops(b, h, s, d, causal) * (3.5 if with_backward else 1.0)
     big = flops > 5e10 and device.type == "cpu"
     rows = []
-    for name, fn in (("llmcore", ours), (BASELINE, sdpa)):
+    for name, fn in methods(device, b, h, s, d, causal, dtype, with_backward):
         ms = bench(fn, device, warmup=1 if big else 3, min_runs=3 if big else 5,
                    min_time_s=0.1 if big else 0.25)
         rows.append(Row("attention", case, name, ms, metric=flops / ms / 1e9, unit="TFLOP/s",
@@ -87,22 +93,15 @@ def run_case(device, b, h, s, d, causal, dtype, with_backward: bool) -> list[Row
 
 
 def run(device: torch.device, quick: bool = False, progress_factory=None) -> dict:
-    cases = _cases(device, quick)
-    pbar = progress_factory(total=2 * len(cases), desc="bench attention") if progress_factory \
-        else None
+    todo = cases(device, quick)
+    pbar = progress_bar(progress_factory, 2 * len(todo), "bench attention")
     rows: list[Row] = []
-    peak = None
-    if device.type == "cuda":
-        from llmcore.bench.bfp import measure_ceilings
-
-        peak = measure_ceilings(device).get("bf16_matmul_TFLOPs")
+    peak = measure_ceilings(device).get("bf16_matmul_TFLOPs") if device.type == "cuda" else None
     for with_bwd in (False, True):
-        for case in cases:
+        for case in todo:
             rows += run_case(device, *case, with_backward=with_bwd)
-            if pbar is not None:
-                pbar.update(1)
-    if pbar is not None:
-        pbar.close()
+            pbar.update(1)
+    pbar.close()
     add_ratios(rows, [BASELINE])
     if peak:
         for r in rows:

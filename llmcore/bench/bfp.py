@@ -20,7 +20,15 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from llmcore.bench.common import Row, add_ratios, bench, rotation_count
+from llmcore.bench.common import (
+    Row,
+    add_ratios,
+    bench,
+    measure_ceilings,
+    progress_bar,
+    rotation_count,
+    sync,
+)
 from llmcore.formats import PRESETS, get_format
 from llmcore.ops import bfp_linear, bfp_quantize
 
@@ -32,29 +40,7 @@ def baselines(device: torch.device) -> list[str]:
     return BASELINES_GPU if device.type == "cuda" else BASELINES_CPU
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure_ceilings(device: torch.device) -> dict:
-    """Copy bandwidth (GB/s, read + write) and, on GPU, bf16 matmul TFLOP/s."""
-    n = (256 << 20) // 4 if device.type == "cpu" else (1 << 30) // 4
-    a = torch.empty(n, device=device)
-    b = torch.empty_like(a)
-    a.fill_(1.0)
-    ms = bench(lambda i: b.copy_(a), device, warmup=2, min_runs=5)
-    out = {"copy_GBps": 2 * a.numel() * 4 / ms / 1e6}
-    if device.type == "cuda":
-        m = 8192
-        x = torch.randn(m, m, device=device, dtype=torch.bfloat16)
-        y = torch.randn(m, m, device=device, dtype=torch.bfloat16)
-        ms = bench(lambda i: x @ y, device, warmup=3, min_runs=10)
-        out["bf16_matmul_TFLOPs"] = 2 * m**3 / ms / 1e9
-    return out
-
-
-def _linear_methods(device: torch.device, m: int, k: int, n: int
+def linear_methods(device: torch.device, m: int, k: int, n: int
                     ) -> list[tuple[str, Callable[[], Callable[[int], object]], int]]:
     """(name, builder, weight bytes per set). A builder allocates rotated inputs and
     returns the timed call; building lazily keeps only one method's weights alive."""
@@ -111,12 +97,22 @@ def _linear_methods(device: torch.device, m: int, k: int, n: int
     return methods
 
 
+def plan(device: torch.device, quick: bool) -> tuple[list[int], list[tuple[int, int]],
+                                                    tuple[int, int]]:
+    """(M values, (K, N) weight shapes, the quantised tensor's size)."""
+    if quick:
+        return [1, 16, 256], [(1024, 1024)], (1024, 1024)
+    if device.type == "cuda":
+        return [1, 16, 256, 2048], [(4096, 4096), (4096, 14336)], (8192, 8192)
+    return [1, 16, 256, 2048], [(4096, 4096)], (4096, 4096)
+
+
 def run_linear(device: torch.device, ms_list, shapes, progress=None) -> list[Row]:
     rows: list[Row] = []
     for k, n in shapes:
         for m in ms_list:
             case = f"M={m} K={k} N={n}"
-            for name, build, wbytes in _linear_methods(device, m, k, n):
+            for name, build, wbytes in linear_methods(device, m, k, n):
                 try:
                     fn = build()
                     ms = bench(fn, device, min_runs=5 if m * k * n < 1e10 else 3)
@@ -126,7 +122,7 @@ def run_linear(device: torch.device, ms_list, shapes, progress=None) -> list[Row
                     continue
                 finally:
                     fn = None
-                    _sync(device)
+                    sync(device)
                 flops = 2 * m * k * n
                 gbps = (n * k * wbytes + m * k * 4 + m * n * 4) / ms / 1e6
                 unit_is_bw = m <= 16
@@ -197,19 +193,13 @@ def format_accuracy(table: list[dict]) -> str:
 
 def run(device: torch.device, quick: bool = False, progress_factory=None) -> dict:
     """The whole suite; returns {"rows", "baselines", "extra", "text"}."""
-    if quick:
-        ms_list, shapes, qsize = [1, 16, 256], [(1024, 1024)], (1024, 1024)
-    elif device.type == "cuda":
-        ms_list, shapes, qsize = [1, 16, 256, 2048], [(4096, 4096), (4096, 14336)], (8192, 8192)
-    else:
-        ms_list, shapes, qsize = [1, 16, 256, 2048], [(4096, 4096)], (4096, 4096)
-    n_methods = len(_linear_methods(device, 256, 64, 64))
+    ms_list, shapes, qsize = plan(device, quick)
+    n_methods = len(linear_methods(device, 256, 64, 64))
     total = len(PRESETS) + len(ms_list) * len(shapes) * n_methods
-    pbar = progress_factory(total=total, desc="bench bfp") if progress_factory else None
+    pbar = progress_bar(progress_factory, total, "bench bfp")
     ceilings = measure_ceilings(device)
     rows = run_quantize(device, qsize, pbar) + run_linear(device, ms_list, shapes, pbar)
-    if pbar is not None:
-        pbar.close()
+    pbar.close()
     for r in rows:
         if r.unit == "GB/s":
             r.extra["frac_copy_bw"] = r.metric / ceilings["copy_GBps"]

@@ -93,6 +93,47 @@ def bench(fn: Callable[[int], object], device: torch.device, *, warmup: int = 3,
     return statistics.median(times)
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_ceilings(device: torch.device) -> dict:
+    """What the device can do at best, for the "fraction of peak" columns: copy bandwidth
+    (GB/s, read + write) and, on GPU, bf16 matmul TFLOP/s."""
+    n = (256 << 20) // 4 if device.type == "cpu" else (1 << 30) // 4
+    a = torch.empty(n, device=device)
+    b = torch.empty_like(a)
+    a.fill_(1.0)
+    ms = bench(lambda i: b.copy_(a), device, warmup=2, min_runs=5)
+    out = {"copy_GBps": 2 * a.numel() * 4 / ms / 1e6}
+    if device.type == "cuda":
+        m = 8192
+        x = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+        y = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+        ms = bench(lambda i: x @ y, device, warmup=3, min_runs=10)
+        out["bf16_matmul_TFLOPs"] = 2 * m**3 / ms / 1e9
+    return out
+
+
+class _NoProgress:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def write(self, s: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(factory, total: int, desc: str):
+    """A progress bar from ``factory(total=, desc=)`` (tqdm-like: update, write, close),
+    or one that shows nothing when ``factory`` is None."""
+    return factory(total=total, desc=desc) if factory is not None else _NoProgress()
+
+
 def add_ratios(rows: Sequence[Row], baselines: Sequence[str]) -> None:
     """For each case, set row.ratios[b] = ms(b) / ms(row): > 1 means faster than b."""
     by_case: dict[str, dict[str, Row]] = {}

@@ -18,14 +18,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from llmcore.bench.common import Row, add_ratios, bench
+from llmcore.bench.common import Row, add_ratios, bench, measure_ceilings, progress_bar
 from llmcore.ops import bfp_quantize, decode_attention
 
 BASELINES = ["SDPA", "naive"]
 H, HKV, D = 32, 4, 128
 
 
-def _cases(device: torch.device, quick: bool):
+def cases(device: torch.device, quick: bool):
     if quick:
         return [(1, 256), (4, 512)]
     if device.type == "cuda":
@@ -33,7 +33,12 @@ def _cases(device: torch.device, quick: bool):
     return [(b, c) for b in (1, 8) for c in (1024, 4096, 16384)]
 
 
-def run_case(device: torch.device, batch: int, ctx: int, dtype: torch.dtype) -> list[Row]:
+def cache_dtype(device: torch.device) -> torch.dtype:
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def methods(device: torch.device, batch: int, ctx: int, dtype: torch.dtype):
+    """[(name, timed call, KV bytes per element)] over one fresh full cache."""
     g = torch.Generator(device=device).manual_seed(0)
     kc = torch.randn(batch, ctx, HKV, D, generator=g, device=device, dtype=dtype)
     vc = torch.randn(batch, ctx, HKV, D, generator=g, device=device, dtype=dtype)
@@ -61,11 +66,14 @@ def run_case(device: torch.device, batch: int, ctx: int, dtype: torch.dtype) -> 
 
     elem = torch.finfo(dtype).bits // 8
     dt = str(dtype).removeprefix("torch.")
-    methods = [("SDPA", sdpa, elem), ("naive", naive, elem),
-               (f"llmcore {dt} cache", ours, elem), ("llmcore mxint8 cache", ours_mx, 1 + 1 / 32)]
-    case = f"B={batch} ctx={ctx} {dt}"
+    return [("SDPA", sdpa, elem), ("naive", naive, elem),
+            (f"llmcore {dt} cache", ours, elem), ("llmcore mxint8 cache", ours_mx, 1 + 1 / 32)]
+
+
+def run_case(device: torch.device, batch: int, ctx: int, dtype: torch.dtype) -> list[Row]:
+    case = f"B={batch} ctx={ctx} {str(dtype).removeprefix('torch.')}"
     rows = []
-    for name, fn, bpe in methods:
+    for name, fn, bpe in methods(device, batch, ctx, dtype):
         ms = bench(fn, device, min_runs=5)
         nbytes = 2 * batch * ctx * HKV * D * bpe
         rows.append(Row("decode", case, name, ms, metric=nbytes / ms / 1e6, unit="GB/s",
@@ -75,19 +83,15 @@ def run_case(device: torch.device, batch: int, ctx: int, dtype: torch.dtype) -> 
 
 
 def run(device: torch.device, quick: bool = False, progress_factory=None) -> dict:
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    cases = _cases(device, quick)
-    pbar = progress_factory(total=len(cases), desc="bench decode") if progress_factory else None
-    from llmcore.bench.bfp import measure_ceilings
-
+    dtype = cache_dtype(device)
+    todo = cases(device, quick)
+    pbar = progress_bar(progress_factory, len(todo), "bench decode")
     copy_bw = measure_ceilings(device)["copy_GBps"]
     rows: list[Row] = []
-    for batch, ctx in cases:
+    for batch, ctx in todo:
         rows += run_case(device, batch, ctx, dtype)
-        if pbar is not None:
-            pbar.update(1)
-    if pbar is not None:
-        pbar.close()
+        pbar.update(1)
+    pbar.close()
     add_ratios(rows, BASELINES)
     for r in rows:
         r.extra["frac_copy_bw"] = r.metric / copy_bw

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from llmcore.bench.common import Row, add_ratios, bench
+from llmcore.bench.common import Row, add_ratios, bench, progress_bar
 from llmcore.models import Transformer, TransformerConfig
 
 BASELINES = ["torch fp32"]
@@ -31,14 +31,14 @@ METHODS = [  # name, backend, dtype, quantize, kv storage
 ]
 
 
-def _plan(device: torch.device, quick: bool):
+def plan(device: torch.device, quick: bool):
     """[(preset, batches, decode steps)]"""
     if quick:
         return [("tiny", (1, 8), 8)]
-    plan = [("124M", (1, 8), 32)]
+    out = [("124M", (1, 8), 32)]
     if device.type == "cuda":
-        plan.append(("1B", (1, 8), 32))
-    return plan
+        out.append(("1B", (1, 8), 32))
+    return out
 
 
 def weight_bytes(model: Transformer) -> int:
@@ -64,7 +64,7 @@ def kv_bytes(cfg: TransformerConfig, batch: int, context: float, storage: str,
     return 2 * cfg.n_layers * batch * context * cfg.n_kv_heads * cfg.head_dim * per_elem
 
 
-def _build(preset, backend, dtype, quant, device) -> Transformer:
+def build(preset, backend, dtype, quant, device) -> Transformer:
     torch.manual_seed(0)
     cfg = TransformerConfig.from_name(preset)
     model = Transformer(cfg, backend=backend, device=device, dtype=dtype).eval()
@@ -76,33 +76,40 @@ def _build(preset, backend, dtype, quant, device) -> Transformer:
     return model
 
 
+def timed_calls(model: Transformer, prompt: torch.Tensor, steps: int, storage: str):
+    """(prefill, decode), timed calls ``fn(i)`` over one KV cache: ``prefill`` fills the
+    cache with ``prompt`` [B, T] from empty; ``decode`` rolls it back to the prompt and
+    decodes ``steps`` tokens one at a time. The cache starts out holding the prompt."""
+    b, plen = prompt.shape
+    cache = model.new_cache(b, plen + steps + 1, storage=storage)
+    tok = prompt[:, -1:]
+
+    def prefill(i):
+        cache.reset()
+        return model(prompt, cache=cache)
+
+    def decode(i):
+        cache.rollback(plen)
+        for _ in range(steps):
+            model(tok, cache=cache)
+
+    prefill(0)
+    return prefill, decode
+
+
 @torch.inference_mode()
 def run_preset(device, preset, batches, steps, progress=None) -> list[Row]:
     rows = []
     for name, backend, dtype, quant, storage in METHODS:
-        model = _build(preset, backend, dtype, quant, device)
+        model = build(preset, backend, dtype, quant, device)
         cfg = model.config
         wbytes = weight_bytes(model)
         g = torch.Generator().manual_seed(1)
         for b in batches:
             prompt = torch.randint(0, cfg.vocab_size, (b, PROMPT), generator=g).to(device)
-            cache = model.new_cache(b, PROMPT + steps + 1, storage=storage)
-
-            def prefill(i, model=model, cache=cache, prompt=prompt):
-                cache.reset()
-                return model(prompt, cache=cache)
-
+            prefill, decode = timed_calls(model, prompt, steps, storage)
             runs = 3 if device.type == "cuda" else 2  # keep the full CPU run to minutes
             pre_ms = bench(prefill, device, warmup=1, min_runs=runs, min_time_s=0.0)
-            tok = prompt[:, -1:]
-
-            def decode(i, model=model, cache=cache, tok=tok):
-                cache.rollback(PROMPT)
-                for _ in range(steps):
-                    model(tok, cache=cache)
-
-            cache.reset()
-            model(prompt, cache=cache)
             ms = bench(decode, device, warmup=1, min_runs=runs, min_time_s=0.0) / steps
             kv = kv_bytes(cfg, b, PROMPT + (steps + 1) / 2, storage, dtype)
             bw = (wbytes + kv) / ms / 1e6  # GB/s
@@ -131,7 +138,7 @@ def quality(device, preset: str, rows: int = 4, length: int = 256) -> dict:
     the change is what matters.)"""
     from llmcore.generation import generate
 
-    ref = _build(preset, "llmcore", torch.float32, None, device)
+    ref = build(preset, "llmcore", torch.float32, None, device)
     g = torch.Generator(device=device).manual_seed(3)
     start = torch.randint(0, ref.config.vocab_size, (rows, 1), generator=g, device=device)
     text = generate(ref, start, length - 1, temperature=1.0, generator=g)
@@ -139,7 +146,7 @@ def quality(device, preset: str, rows: int = 4, length: int = 256) -> dict:
     target = text[:, 1:]
     out = {}
     for fmt in ("fp32", "mxint8", "mxint4"):
-        m = ref if fmt == "fp32" else _build(preset, "llmcore", torch.float32, fmt, device)
+        m = ref if fmt == "fp32" else build(preset, "llmcore", torch.float32, fmt, device)
         logp = logp_ref if fmt == "fp32" else torch.log_softmax(m(text).float(), -1)[:, :-1]
         nll = -logp.gather(-1, target.unsqueeze(-1)).mean().item()
         kl = (logp_ref.exp() * (logp_ref - logp)).sum(-1).mean().item()
@@ -150,22 +157,21 @@ def quality(device, preset: str, rows: int = 4, length: int = 256) -> dict:
 
 
 def run(device: torch.device, quick: bool = False, progress_factory=None) -> dict:
-    plan = _plan(device, quick)
-    total = sum(len(METHODS) * len(bs) for _, bs, _ in plan)
-    pbar = progress_factory(total=total, desc="bench generate") if progress_factory else None
+    todo = plan(device, quick)
+    total = sum(len(METHODS) * len(bs) for _, bs, _ in todo)
+    pbar = progress_bar(progress_factory, total, "bench generate")
     rows: list[Row] = []
-    for preset, batches, steps in plan:
+    for preset, batches, steps in todo:
         rows += run_preset(device, preset, batches, steps, pbar)
-    if pbar is not None:
-        pbar.close()
+    pbar.close()
     rows.sort(key=lambda r: (not r.case.startswith("decode"), r.case))
     add_ratios(rows, BASELINES)
     lines = ["Decode bandwidth achieved ((weight bytes + KV bytes read) x steps/s):"]
     lines += [f"  {r.case:18s} {r.method:28s} {r.extra['bandwidth_GBps']:8.2f} GB/s"
               for r in rows if r.case.startswith("decode")]
-    q = quality(device, plan[0][0], rows=2 if quick else 4, length=32 if quick else 256)
+    q = quality(device, todo[0][0], rows=2 if quick else 4, length=32 if quick else 256)
     base = q["fp32"]["perplexity"]
-    lines += ["", f"Quality ({plan[0][0]}, scoring fp32 samples; random weights):",
+    lines += ["", f"Quality ({todo[0][0]}, scoring fp32 samples; random weights):",
               "  weights  perplexity  change    KL vs fp32  top-1 agreement"]
     lines += [f"  {k:7s}  {v['perplexity']:10.2f}  {v['perplexity'] / base - 1:+7.3%}  "
               f"{v['kl_vs_fp32']:10.2e}  {v['top1_agreement']:8.2%}" for k, v in q.items()]

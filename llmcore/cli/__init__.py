@@ -1,0 +1,58 @@
+"""The ``llmcore`` command: one module per subcommand.
+
+  llmcore info                  the build: extension, kernels, devices
+  llmcore bench [SUITE ...]     benchmark suites against their baselines
+  llmcore generate ...          text from a prompt, streamed
+  llmcore chat --model DIR      interactive chat
+
+Run ``llmcore COMMAND --help`` for a command's options.
+
+A command is a module ``llmcore/cli/<name>.py`` with ``add_parser(subparsers)`` (adds
+and returns its argparse sub-parser) and ``run(args) -> int`` (the exit status), listed
+in ``COMMANDS``. Modules whose names start with ``_`` hold shared pieces. User errors
+(:class:`CLIError`, ``ValueError``, ``FileNotFoundError``, ``ImportError``) print one line
+and exit with status 2; set ``LLMCORE_TRACEBACK=1`` to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from llmcore.cli._common import CLIError
+
+# In the order `llmcore --help` lists them.
+COMMANDS = ("info", "bench", "generate", "chat")
+
+USER_ERRORS = (CLIError, ValueError, FileNotFoundError, ImportError)
+
+__all__ = ["COMMANDS", "CLIError", "build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="llmcore", description="BFP GEMM, fused attention and KV-cached decoding "
+        "kernels: benchmarks and text generation.",
+        epilog="Run `llmcore COMMAND --help` for a command's options. Errors in the input "
+        "print one line; LLMCORE_TRACEBACK=1 prints the traceback instead.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        module = importlib.import_module(f"llmcore.cli.{name}")
+        module.add_parser(sub).set_defaults(run=module.run)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except USER_ERRORS as e:
+        if os.environ.get("LLMCORE_TRACEBACK"):
+            raise
+        print(f"llmcore {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
