@@ -4,6 +4,11 @@
   llmcore bench [SUITE ...]     benchmark suites against their baselines
   llmcore generate ...          text from a prompt, streamed
   llmcore chat --model DIR      interactive chat
+  llmcore tokenizer train ...   a byte-level BPE tokenizer from a corpus
+  llmcore data prepare ...      token shards from text/JSONL/Parquet or the stdlib
+  llmcore train RECIPE ...      training runs (pretrain) into a run folder
+  llmcore eval perplexity ...   held-out loss, perplexity, bits per byte (and xz's)
+  llmcore plot RUN_DIR          PNG curves of a run
 
 Run ``llmcore COMMAND --help`` for a command's options.
 
@@ -24,7 +29,7 @@ import sys
 from llmcore.cli._common import CLIError
 
 # In the order `llmcore --help` lists them.
-COMMANDS = ("info", "bench", "generate", "chat")
+COMMANDS = ("info", "bench", "generate", "chat", "tokenizer", "data", "train", "eval", "plot")
 
 USER_ERRORS = (CLIError, ValueError, FileNotFoundError, ImportError)
 
@@ -34,7 +39,7 @@ __all__ = ["COMMANDS", "CLIError", "build_parser", "main"]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="llmcore", description="BFP GEMM, fused attention and KV-cached decoding "
-        "kernels: benchmarks and text generation.",
+        "kernels: benchmarks, text generation and training.",
         epilog="Run `llmcore COMMAND --help` for a command's options. Errors in the input "
         "print one line; LLMCORE_TRACEBACK=1 prints the traceback instead.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
