@@ -41,7 +41,6 @@ def test_backward(case, dtype, device):
     check_dense(q, k, v, causal, scale, True, f"bwd {case_id(case)} d{d} {dtype}")
 
 
-
 def test_inference_mode_and_partial_grads(device):
     """Under inference_mode the output is the same; with only v (or only q) requiring grad
     the others get none and the one that does matches the full backward."""
@@ -65,7 +64,6 @@ def test_inference_mode_and_partial_grads(device):
                     assert t.grad is None
 
 
-
 def test_gqa_grads_summed_over_group(device):
     """k/v grads under GQA are the sums over each group of the grads with k/v repeated."""
     dtype = KERNEL_DTYPES[device.type][0]
@@ -83,7 +81,6 @@ def test_gqa_grads_summed_over_group(device):
     for n, a, rep in (("dk", k.grad, k2.grad), ("dv", v.grad, v2.grad)):
         summed = rep.float().view(b, sk, hkv, h // hkv, d).sum(3)
         torch.testing.assert_close(a.float(), summed, **tol, msg=lambda m, n=n: f"{n}: {m}")
-
 
 
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
@@ -111,7 +108,6 @@ def test_deterministic_backward(varlen, device):
         first, second = grads(), grads()
     for n, a, b_ in zip("qkv", first, second, strict=True):
         assert torch.equal(a, b_), f"d{n} differs between two deterministic runs"
-
 
 
 @pytest.mark.cuda

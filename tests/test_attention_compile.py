@@ -32,7 +32,6 @@ def _dense_samples(device):
     ]
 
 
-
 def _varlen_samples(device):
     dtype = KERNEL_DTYPES[device.type][-1]
     d = head_dim_for(device, 0)
@@ -44,14 +43,11 @@ def _varlen_samples(device):
     return [(q, k, v, cq, ck, max(lq), max(lk), causal, 0.3) for causal in (False, True)]
 
 
-
 FWD_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor",
              "test_aot_dispatch_dynamic")
 
 
-
 BWD_UTILS = ("test_schema", "test_faketensor")
-
 
 
 def test_opcheck_attention(device):
@@ -67,7 +63,6 @@ def test_opcheck_attention(device):
                                   test_utils=BWD_UTILS)
 
 
-
 def test_opcheck_attention_varlen(device):
     for args in _varlen_samples(device):
         torch.library.opcheck(torch.ops.llmcore.attention_varlen_fwd.default, args,
@@ -77,7 +72,6 @@ def test_opcheck_attention_varlen(device):
         g = randn(out.shape, out.dtype, device)
         torch.library.opcheck(torch.ops.llmcore.attention_varlen_bwd.default,
                               (g, q, k, v, out, lse, *args[3:], True), test_utils=BWD_UTILS)
-
 
 
 def test_torch_compile_function(device):
@@ -107,7 +101,6 @@ def test_torch_compile_function(device):
             torch.testing.assert_close(a, e, rtol=0, atol=0, msg=lambda m, n=n: f"d{n}: {m}")
 
 
-
 class TinyCausalSelfAttention(torch.nn.Module):
     """x [B, S, C] -> causal self-attention with GQA; ``use_sdpa`` selects the baseline."""
 
@@ -131,7 +124,6 @@ class TinyCausalSelfAttention(torch.nn.Module):
         return x + self.proj(y.reshape(b, s, -1))
 
 
-
 def test_torch_compile_module(device):
     torch._dynamo.reset()
     dtype = KERNEL_DTYPES[device.type][0]
@@ -149,7 +141,6 @@ def test_torch_compile_module(device):
     for (n, p), eg in zip(m.named_parameters(), e_grads, strict=True):
         torch.testing.assert_close(p.grad, eg, **tol,
                                    msg=lambda msg, n=n: f"grad {n}: {msg}")
-
 
 
 def test_training_matches_sdpa(device):

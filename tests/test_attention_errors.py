@@ -17,7 +17,6 @@ def _good(device, dtype=torch.float32):
                 v=randn((2, 7, 2, d), dtype, device))
 
 
-
 BAD_DENSE = {
     "q 3-D": (lambda t: t.update(q=t["q"][0]), r"\bq\b.*4-D"),
     "k 5-D": (lambda t: t.update(k=t["k"][None]), r"\bk\b.*4-D"),
@@ -35,7 +34,6 @@ BAD_DENSE = {
 }
 
 
-
 @pytest.mark.parametrize("case", list(BAD_DENSE))
 def test_bad_inputs_dense(case, device):
     t = _good(device)
@@ -43,7 +41,6 @@ def test_bad_inputs_dense(case, device):
     mutate(t)
     with pytest.raises((ValueError, TypeError), match=pattern):
         ops.attention(t["q"], t["k"], t["v"])
-
 
 
 @pytest.mark.parametrize("scale", [float("nan"), float("inf"), float("-inf")])
@@ -57,7 +54,6 @@ def test_bad_softmax_scale(scale, device):
         ops.attention_varlen(q, k, v, cu, cu, 5, 5, softmax_scale=scale)
 
 
-
 def _varlen_args(device):
     q = randn((12, 4, 16), torch.float32, device)
     k = randn((15, 2, 16), torch.float32, device)
@@ -68,10 +64,8 @@ def _varlen_args(device):
                 max_seqlen_k=6)
 
 
-
 def _cu(a, like):
     return torch.tensor(a, dtype=like.dtype, device=like.device)
-
 
 
 BAD_VARLEN = {
@@ -102,7 +96,6 @@ BAD_VARLEN = {
 }
 
 
-
 @pytest.mark.parametrize("case", list(BAD_VARLEN))
 def test_bad_inputs_varlen(case, device):
     a = _varlen_args(device)
@@ -110,7 +103,6 @@ def test_bad_inputs_varlen(case, device):
     mutate(a)
     with pytest.raises((ValueError, TypeError), match=pattern):
         ops.attention_varlen(**a)
-
 
 
 @pytest.mark.cuda
@@ -127,7 +119,6 @@ def test_bad_inputs_device_mismatch():
     a["v"] = a["v"].cpu()
     with pytest.raises(ValueError, match="device"):
         ops.attention_varlen(**a)
-
 
 
 def test_bindings_reject_bad_shapes(device):

@@ -47,7 +47,6 @@ def test_kernels_registered(op, device):
     assert _ext.has_kernel(op, device), f"no {device.type} kernel registered for llmcore::{op}"
 
 
-
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("case", FWD_CASES, ids=case_id)
 def test_forward(case, dtype, device):
@@ -56,7 +55,6 @@ def test_forward(case, dtype, device):
     d = head_dim_for(device, FWD_CASES.index(case))
     q, k, v = make_qkv(b, sq, sk, h, hkv, d, dtype, device)
     check_dense(q, k, v, causal, scale, False, f"fwd {case_id(case)} d{d} {dtype}")
-
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
@@ -68,7 +66,6 @@ def test_head_dims(dtype, device):
         check_dense(q, k, v, True, None, True, f"head_dim {d} {dtype}")
 
 
-
 @pytest.mark.parametrize("scale", [0.0, -0.7, 2.5])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_softmax_scale(scale, dtype, device):
@@ -76,7 +73,6 @@ def test_softmax_scale(scale, dtype, device):
     d = head_dim_for(device, 0)
     q, k, v = make_qkv(2, 33, 41, 4, 1, d, dtype, device, requires_grad=True)
     check_dense(q, k, v, False, scale, True, f"softmax_scale {scale} {dtype}")
-
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
@@ -91,7 +87,6 @@ def test_large_logits(dtype, device):
     check_dense(q, k, v, True, None, True, f"large logits {dtype}")
 
 
-
 def test_default_scale_is_inverse_sqrt_head_dim(device):
     dtype = KERNEL_DTYPES[device.type][0]
     d = head_dim_for(device, 1)
@@ -101,7 +96,6 @@ def test_default_scale_is_inverse_sqrt_head_dim(device):
                           return_lse=True)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(la, lb, rtol=0, atol=0)
-
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
@@ -122,7 +116,6 @@ def test_fully_masked_rows(dtype, device):
     assert torch.equal(gq[:, :dead], torch.zeros_like(gq[:, :dead])), "dq of masked rows != 0"
 
 
-
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 def test_empty_keys(causal, dtype, device):
@@ -139,7 +132,6 @@ def test_empty_keys(causal, dtype, device):
     assert k.grad.shape == k.shape and v.grad.shape == v.shape
 
 
-
 @pytest.mark.parametrize("causal", [False, True])
 def test_empty_queries(causal, device):
     dtype = KERNEL_DTYPES[device.type][0]
@@ -151,14 +143,12 @@ def test_empty_queries(causal, device):
     assert torch.equal(k.grad, torch.zeros_like(k)) and torch.equal(v.grad, torch.zeros_like(v))
 
 
-
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_cpu_isa_paths(dtype, cpu_isa):
     """Each CPU kernel path (LLMCORE_CPU_ISA) against the reference."""
     device = torch.device("cpu")
     q, k, v = make_qkv(2, 70, 33, 4, 2, 80, dtype, device, requires_grad=True)
     check_dense(q, k, v, True, None, True, f"isa {cpu_isa} {dtype}")
-
 
 
 def test_single_thread():
@@ -171,7 +161,6 @@ def test_single_thread():
             check_dense(q, k, v, True, None, True, f"1 thread {dtype}")
     finally:
         torch.set_num_threads(prev)
-
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
@@ -192,7 +181,6 @@ def test_noncontiguous_fused_qkv(dtype, device):
             [t.detach().contiguous().requires_grad_(True) for t in (q, k, v)], g)
     assert_same(out, ref_out, "out")
     assert_same(qkv.grad, torch.stack([gq, gk, gv], dim=2), "d(qkv)")
-
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
@@ -219,7 +207,6 @@ def test_noncontiguous_transposed(dtype, device):
         assert_same(a.grad, leaf.grad.transpose(1, 2), f"d{n}")
 
 
-
 def test_noncontiguous_head_dim(device):
     """A strided last axis (every other element) still gives the contiguous result."""
     dtype = KERNEL_DTYPES[device.type][0]
@@ -230,7 +217,6 @@ def test_noncontiguous_head_dim(device):
     out = ops.attention(q, k, v, causal=True)
     assert_same(out, ops.attention(q.contiguous(), k.contiguous(), v.contiguous(),
                                     causal=True), "out with strided head_dim")
-
 
 
 @pytest.mark.parametrize("gqa", ["enable_gqa", "repeat_interleave"])

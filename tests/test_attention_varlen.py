@@ -99,7 +99,6 @@ def test_varlen(dtype, causal, device):
     assert torch.equal(grads[0][rows], torch.zeros_like(grads[0][rows]))
 
 
-
 def test_varlen_loose_max_seqlen(device):
     """max_seqlen_q/k are upper bounds: larger ones give the same result."""
     dtype = KERNEL_DTYPES[device.type][-1]
@@ -114,7 +113,6 @@ def test_varlen_loose_max_seqlen(device):
         assert_same(b_, a, "varlen with loose max_seqlen")
 
 
-
 def test_varlen_all_empty(device):
     dtype = KERNEL_DTYPES[device.type][0]
     d = head_dim_for(device, 0)
@@ -126,7 +124,6 @@ def test_varlen_all_empty(device):
     assert out.shape == (0, 4, d) and lse.shape == (4, 0)
     out.sum().backward()
     assert q.grad.shape == q.shape and k.grad.shape == k.shape
-
 
 
 def test_noncontiguous_varlen_fused_qkv(device):
@@ -149,7 +146,6 @@ def test_noncontiguous_varlen_fused_qkv(device):
             f, [t.detach().contiguous().requires_grad_(True) for t in (q, k, v)], g)
     assert_same(out, ref_out, "varlen out")
     assert_same(qkv.grad, torch.stack(grads, dim=1), "varlen d(qkv)")
-
 
 
 def test_varlen_validate_false(device):

@@ -33,7 +33,11 @@ def use_kernel(op: str, device: torch.device, dtype: torch.dtype | None = None,
     the answer is no and the reference is about to run."""
     if kernel_supported(op, device, dtype, head_dim):
         return True
-    _ext.warn_fallback(name or op, device)
+    why = None
+    if _ext.has_kernel(op, device):  # a kernel, but not for these inputs
+        why = (f"the {device.type} kernel does not take dtype {dtype}"
+               + ("" if head_dim is None else f" with head_dim {head_dim}"))
+    _ext.warn_fallback(name or op, device, why)
     return False
 
 

@@ -32,7 +32,6 @@ FWD_CASES = [
 ]
 
 
-
 GRAD_CASES = [
     (1, 1, 1, 1, 1, False, None),
     (3, 7, 7, 4, 1, True, None),
@@ -45,12 +44,10 @@ GRAD_CASES = [
 ]
 
 
-
 def case_id(c):
     b, sq, sk, h, hkv, causal, scale = c
     return f"b{b}-q{sq}-k{sk}-h{h}x{hkv}" + ("-causal" if causal else "") + (
         f"-s{scale}" if scale is not None else "")
-
 
 
 def head_dim_for(device, i: int) -> int:
@@ -58,13 +55,11 @@ def head_dim_for(device, i: int) -> int:
     return dims[i % len(dims)]
 
 
-
 def make_qkv(b, sq, sk, h, hkv, d, dtype, device, requires_grad=False):
     q = randn((b, sq, h, d), dtype, device)
     k = randn((b, sk, hkv, d), dtype, device)
     v = randn((b, sk, hkv, d), dtype, device)
     return tuple(t.requires_grad_(requires_grad) for t in (q, k, v))
-
 
 
 def reference_dense(q, k, v, causal, scale, grad_out=None):
@@ -83,7 +78,6 @@ def reference_dense(q, k, v, causal, scale, grad_out=None):
     return res
 
 
-
 def run_dense(q, k, v, causal, scale, grad_out=None):
     out, lse = ops.attention(q, k, v, causal=causal, softmax_scale=scale, return_lse=True)
     grads = None
@@ -91,7 +85,6 @@ def run_dense(q, k, v, causal, scale, grad_out=None):
         (out * grad_out).sum().backward()
         grads = [q.grad, k.grad, v.grad]
     return out, lse, grads
-
 
 
 def check_dense(q, k, v, causal, scale, with_grad: bool, what: str):
@@ -112,7 +105,6 @@ def check_dense(q, k, v, causal, scale, with_grad: bool, what: str):
     return out, lse, grads
 
 
-
 class Deterministic:
     """torch.use_deterministic_algorithms(True) for a block, restoring the previous mode."""
 
@@ -126,12 +118,10 @@ class Deterministic:
         return False
 
 
-
 def grads_of(fn, leaves, g):
     out = fn(*leaves)
     (out * g).sum().backward()
     return out.detach(), [t.grad for t in leaves]
-
 
 
 def assert_same(a, b, what):
@@ -139,13 +129,8 @@ def assert_same(a, b, what):
         f"(max |diff| {(a.double() - b.double()).abs().max().item():.3e})"
 
 
-
 LENS_Q = [5, 0, 97, 1, 33, 7, 0]
-
-
-
 LENS_K = [5, 3, 97, 0, 40, 1, 0]
-
 
 
 def cu_of(lens, device):
@@ -153,7 +138,6 @@ def cu_of(lens, device):
     for n in lens:
         c.append(c[-1] + n)
     return torch.tensor(c, dtype=torch.int32, device=device)
-
 
 
 def varlen_close(actual, expected, dtype, what):

@@ -27,8 +27,6 @@ from llmcore.ops import BFPTensor
 from llmcore.reference import decode as ref_decode
 
 MANT_POISON = -128  # never produced by MXINT8 quantisation (mantissas are clamped to +-127)
-
-
 EXP_POISON = 255  # the Inf/NaN block marker: dequantises to NaN, never written for finite data
 
 
