@@ -54,13 +54,16 @@ def _has_kernel(op: str, device_type: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"llmcore::{op}", key)
 
 
-def warn_fallback(op: str, device: torch.device) -> None:
-    """Warn once per (op, device type) that the slow reference path is taken."""
+def warn_fallback(op: str, device: torch.device, why: str | None = None) -> None:
+    """Warn once per (op, device type) that the slow reference path is taken (``why``:
+    the reason, when the kernel exists but not for these inputs)."""
     tag = f"{op}/{device.type}"
     if tag in _warned:
         return
     _warned.add(tag)
-    why = f"the extension failed to load ({LOAD_ERROR})" if _C is None else (
-        f"no llmcore kernel for device type {device.type!r}")
+    if _C is None:
+        why = f"the extension failed to load ({LOAD_ERROR})"
+    elif why is None:
+        why = f"no llmcore kernel for device type {device.type!r}"
     warnings.warn(f"llmcore.{op}: {why}; using the plain-PyTorch reference (slow)",
                   RuntimeWarning, stacklevel=3)

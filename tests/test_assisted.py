@@ -337,7 +337,7 @@ def test_errors(target, drafts):
 
 def test_cli_generate_assisted(tmp_path, capsys):
     pytest.importorskip("tokenizers")
-    from conftest import write_model_dir
+    from helpers import write_model_dir
 
     d = write_model_dir(tmp_path / "target")
     small = write_model_dir(tmp_path / "draft", seed=5, n_layers=1)

@@ -4,7 +4,7 @@ argument (DESIGN §2) — never a crash or an out-of-bounds read. Covers the Pyt
 
 import pytest
 import torch
-from conftest import HAS_CUDA, randn
+from helpers import HAS_CUDA, randn
 
 from llmcore import ops
 from llmcore import reference as ref

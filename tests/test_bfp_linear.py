@@ -1,11 +1,11 @@
 """BFP linear layers (DESIGN §2.2): weight-only ``bfp_linear`` and the activation-quantised
 path / ``bfp_gemm``, against the float64 product of the exact operands from
-llmcore.reference, with a bound tied to fp32 accumulation (see conftest.gemm_tol)."""
+llmcore.reference, with a bound tied to fp32 accumulation (see helpers.gemm_tol)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
+from helpers import (
     FLOAT_DTYPES,
     PRESET_NAMES,
     assert_equal_nan,

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import FLOAT_DTYPES, PRESET_NAMES, assert_equal_nan, randn_blocks
+from helpers import FLOAT_DTYPES, PRESET_NAMES, assert_equal_nan, randn_blocks
 
 from llmcore import _ext, ops
 from llmcore import reference as ref

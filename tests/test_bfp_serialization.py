@@ -5,7 +5,7 @@ import os
 import pytest
 import safetensors.torch
 import torch
-from conftest import HAS_CUDA, PRESET_NAMES, assert_equal_nan, randn, randn_blocks
+from helpers import HAS_CUDA, PRESET_NAMES, assert_equal_nan, randn, randn_blocks
 from safetensors import safe_open
 
 from llmcore import ops

@@ -262,7 +262,7 @@ def test_cli_generate_model_dir_streams_the_library_text(tmp_path, capsys, quant
     """`llmcore generate --model DIR` prints exactly the decoded text of what
     ``generate`` produces for the same options (quantised weights, MXINT8 cache)."""
     pytest.importorskip("tokenizers")
-    from conftest import write_model_dir
+    from helpers import write_model_dir
 
     from llmcore.models import Transformer
     from llmcore.models.hf import load_tokenizer

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "attention/flash_layout.h"
+#include "attention/generated/head_dims.h"
 
 namespace ly = llmcore::attention::layout;
 
@@ -226,7 +227,8 @@ void check_geometry() {
 }  // namespace
 
 int main() {
-  for (int d : {32, 64, 96, 128, 256}) {
+#define LLMCORE_HEAD_DIM_ITEM(d) d,
+  for (int d : {LLMCORE_ATTENTION_FWD_HEAD_DIMS(LLMCORE_HEAD_DIM_ITEM)}) {
     char name[64];
     const Tile q(64, d), k(64, d), v(64, d);
     std::snprintf(name, sizeof name, "S = Q K^T d%d", d);

@@ -64,7 +64,7 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bo
                 shape_str(q.sizes()));
   const int64_t h = q.size(-2), hkv = k.size(-2);
   LLMCORE_CHECK(hkv >= 1 && h % hkv == 0, "q's heads (", h,
-                ") must be a multiple of k's heads (", hkv, ") (GQA/MQA)");
+                ") must be a multiple of k/v's heads (", hkv, ") (GQA/MQA)");
   LLMCORE_CHECK(std::isfinite(scale), "softmax_scale must be finite, got ", scale);
 }
 

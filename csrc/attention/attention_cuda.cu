@@ -81,27 +81,27 @@ unsigned elementwise_blocks(int64_t n) {
   return static_cast<unsigned>(blocks < 65536 * 8 ? blocks : 65536 * 8);  // grid-stride beyond
 }
 
+// One case per generated instantiation (generated/head_dims.h lists the head dims).
 template <typename T>
 cudaError_t dispatch_fwd(const FwdParams& p, cudaStream_t stream) {
+#define LLMCORE_FWD_CASE(D) \
+  case D: return run_flash_fwd<T, D>(p, stream);
   switch (p.head_dim) {
-    case 32: return run_flash_fwd<T, 32>(p, stream);
-    case 64: return run_flash_fwd<T, 64>(p, stream);
-    case 96: return run_flash_fwd<T, 96>(p, stream);
-    case 128: return run_flash_fwd<T, 128>(p, stream);
-    case 256: return run_flash_fwd<T, 256>(p, stream);
+    LLMCORE_ATTENTION_FWD_HEAD_DIMS(LLMCORE_FWD_CASE)
     default: return cudaErrorInvalidValue;
   }
+#undef LLMCORE_FWD_CASE
 }
 
 template <typename T>
 cudaError_t dispatch_bwd_kernels(const BwdParams& p, cudaStream_t stream) {
+#define LLMCORE_BWD_CASE(D) \
+  case D: return run_flash_bwd<T, D>(p, stream);
   switch (p.head_dim) {
-    case 32: return run_flash_bwd<T, 32>(p, stream);
-    case 64: return run_flash_bwd<T, 64>(p, stream);
-    case 96: return run_flash_bwd<T, 96>(p, stream);
-    case 128: return run_flash_bwd<T, 128>(p, stream);
+    LLMCORE_ATTENTION_BWD_HEAD_DIMS(LLMCORE_BWD_CASE)
     default: return cudaErrorInvalidValue;
   }
+#undef LLMCORE_BWD_CASE
 }
 
 template <typename T>

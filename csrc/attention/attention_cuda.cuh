@@ -24,17 +24,15 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+// fwd_head_dim_supported / bwd_head_dim_supported and the head-dim X-macros, generated
+// from llmcore/ops/capabilities.py by generate_kernels.py
+#include "attention/generated/head_dims.h"
+
 namespace llmcore {
 namespace attention {
 namespace cuda {
 
 enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
-
-// Head dims with forward / backward kernels (keep in sync with generate_kernels.py).
-inline bool fwd_head_dim_supported(int d) {
-  return d == 32 || d == 64 || d == 96 || d == 128 || d == 256;
-}
-inline bool bwd_head_dim_supported(int d) { return d == 32 || d == 64 || d == 96 || d == 128; }
 
 struct FwdParams {
   DType dtype = DType::kFloat16;

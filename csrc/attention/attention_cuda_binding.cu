@@ -5,9 +5,9 @@
 // data not 16-byte aligned), allocates outputs and scratch, and calls the framework-free
 // launchers of attention_cuda.cuh on the current stream.
 //
-// CUDA kernels: float16 / bfloat16; head_dim 32, 64, 96, 128, 256 forward and 32, 64, 96,
-// 128 backward; anything else is a ValueError naming the supported set (the Python face
-// sends other cases to the reference). Varlen: cu_seqlens are trusted to be the table the
+// CUDA kernels: float16 / bfloat16; the head dims of generated/head_dims.h (from
+// llmcore/ops/capabilities.py; the backward has fewer); anything else is a ValueError
+// naming the supported set (the Python face sends other cases to the reference). Varlen: cu_seqlens are trusted to be the table the
 // Python face validated on the host (the kernels clamp them to the packed tensors, so a bad
 // table gives wrong rows, never an out-of-bounds access).
 #include <ATen/ATen.h>
@@ -59,17 +59,19 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bo
   CHECK_DIM(q, nd);
   CHECK_DIM(k, nd);
   CHECK_DIM(v, nd);
-  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), op, ": k and v must have the same shape, got ",
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "k and v must have the same shape, got ",
                     shape_str(k.sizes()), " and ", shape_str(v.sizes()));
   if (!packed) CHECK_SIZE(k, 0, q.size(0));
   CHECK_SIZE(k, -1, q.size(-1));
   const int64_t h = q.size(-2), hkv = k.size(-2), d = q.size(-1);
-  TORCH_CHECK_VALUE(hkv > 0 && h % hkv == 0, op, ": q's heads (", h,
-                    ") must be a multiple of k/v's heads (", hkv, ")");
+  TORCH_CHECK_VALUE(hkv > 0 && h % hkv == 0, "q's heads (", h,
+                    ") must be a multiple of k/v's heads (", hkv, ") (GQA/MQA)");
   const bool ok = d <= kIntMax && (backward ? kc::bwd_head_dim_supported(static_cast<int>(d))
                                             : kc::fwd_head_dim_supported(static_cast<int>(d)));
   TORCH_CHECK_VALUE(ok, op, ": the CUDA kernels support head_dim ",
-                    backward ? "32, 64, 96, 128" : "32, 64, 96, 128, 256", ", got ", d);
+                    backward ? LLMCORE_ATTENTION_BWD_HEAD_DIMS_STR
+                             : LLMCORE_ATTENTION_FWD_HEAD_DIMS_STR,
+                    ", got ", d);
   TORCH_CHECK_VALUE(h <= 65535, op, ": at most 65535 heads, got ", h);
   if (!packed) TORCH_CHECK_VALUE(q.size(0) <= 65535, op, ": at most 65535 batches, got ", q.size(0));
   TORCH_CHECK_VALUE(q.size(-3) <= kIntMax && k.size(-3) <= kIntMax, op,

@@ -2,7 +2,7 @@
 // logsumexp, never materialising the Sq x Sk matrix.
 //
 // Shapes: q [.., Sq, H, D], k/v [.., Sk, Hkv, D] (fp16/bf16), out like q, lse fp32 (see
-// attention_cuda.cuh for strides and varlen). D in {32, 64, 96, 128, 256}.
+// attention_cuda.cuh for strides and varlen). D: a head dim of generated/head_dims.h.
 //
 // Algorithm. One CTA of kWarps warps per (query block of kBr = 16 kWarps rows, batch, head);
 // warp w owns query rows 16w .. 16w+15 of the block for the whole kernel.

@@ -136,8 +136,9 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(
   const bool int8 = check_cache(k_cache, v_cache, k_exponent, v_exponent, q.scalar_type(), q,
                                 head_dim, "decode_attention");
   const int64_t kv_heads = k_cache.size(2);
-  TORCH_CHECK_VALUE(kv_heads >= 1 && heads % kv_heads == 0, "decode_attention: q's heads (",
-                    heads, ") must be a multiple of the cache's kv_heads (", kv_heads, ")");
+  TORCH_CHECK_VALUE(kv_heads >= 1 && heads % kv_heads == 0, "q's heads (", heads,
+                    ") must be a multiple of the cache's kv_heads (", kv_heads, "), got q ",
+                    shape_str(q.sizes()), " and k_cache ", shape_str(k_cache.sizes()));
   CHECK_SAME_DEVICE(q, cache_seqlens);
   CHECK_DTYPE(cache_seqlens, at::kInt);
   CHECK_DIM(cache_seqlens, 1);
@@ -205,14 +206,14 @@ void kv_cache_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache,
   CHECK_FLOAT_INPUT(k);
   CHECK_SAME_DEVICE(k, v);
   TORCH_CHECK_VALUE(k.sizes() == v.sizes() && k.scalar_type() == v.scalar_type(),
-                    "kv_cache_append: k and v must match, got ", dtype_name(k.scalar_type()), " ",
-                    shape_str(k.sizes()), " and ", dtype_name(v.scalar_type()), " ",
-                    shape_str(v.sizes()));
+                    "k and v must have the same shape and dtype, got ",
+                    dtype_name(k.scalar_type()), " ", shape_str(k.sizes()), " and ",
+                    dtype_name(v.scalar_type()), " ", shape_str(v.sizes()));
   const int64_t batch = k.size(0), t = k.size(1), kv_heads = k.size(2), head_dim = k.size(3);
   const bool int8 = check_cache(k_cache, v_cache, k_exponent, v_exponent, k.scalar_type(), k,
                                 head_dim, "kv_cache_append");
-  TORCH_CHECK_VALUE(k_cache.size(2) == kv_heads, "kv_cache_append: k has ", kv_heads,
-                    " kv heads, the cache ", k_cache.size(2));
+  TORCH_CHECK_VALUE(k_cache.size(2) == kv_heads, "k_cache.size(2) (kv_heads) must be ",
+                    kv_heads, " (k.size(2)), got shape ", shape_str(k_cache.sizes()));
   CHECK_SAME_DEVICE(k, start_pos);
   CHECK_DTYPE(start_pos, at::kInt);
   CHECK_DIM(start_pos, 1);

@@ -22,52 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmcore.formats import BFPFormat, get_format
-from llmcore.ops.bfp import BFPTensor, bfp_linear, bfp_quantize
-
-
-def _qmm(a: torch.Tensor, b: torch.Tensor, fmt: BFPFormat) -> torch.Tensor:
-    """a [M, R] @ b [P, R]^T with both operands quantised along R (the reduction axis)."""
-    return bfp_linear(a, bfp_quantize(b, fmt), act_format=fmt)
-
-
-class _BFPLinearFunction(torch.autograd.Function):
-    """y = Q(x) Q(W)^T + b with straight-through gradients (see module docstring)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, fmt, act_fmt, grad_fmt, full_backward):
-        wq = bfp_quantize(weight.to(x.dtype) if act_fmt is None else weight, fmt)
-        y = bfp_linear(x, wq, bias, act_format=act_fmt)
-        ctx.save_for_backward(x, weight)
-        ctx.fmt, ctx.grad_fmt, ctx.full_backward = fmt, grad_fmt, full_backward
-        ctx.has_bias = bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight = ctx.saved_tensors
-        lead = x.shape[:-1]
-        gy = grad_y.reshape(-1, grad_y.shape[-1]).float()  # [T, N]
-        x2 = x.reshape(-1, x.shape[-1]).float()  # [T, K]
-        w = weight.float()  # [N, K]
-        grad_x = grad_w = grad_b = None
-        if ctx.full_backward:
-            if ctx.needs_input_grad[0]:
-                grad_x = gy @ w
-            if ctx.needs_input_grad[1]:
-                grad_w = gy.T @ x2
-        else:
-            g = ctx.grad_fmt
-            if ctx.needs_input_grad[0]:
-                grad_x = _qmm(gy, w.T.contiguous(), g)  # [T, K], reduction over N
-            if ctx.needs_input_grad[1]:
-                grad_w = _qmm(gy.T.contiguous(), x2.T.contiguous(), g)  # [N, K], over T
-        if grad_x is not None:
-            grad_x = grad_x.to(x.dtype).reshape(*lead, x.shape[-1])
-        if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = gy.sum(0)
-        return grad_x, grad_w, grad_b, None, None, None, None
+from llmcore.ops.bfp import BFPTensor, bfp_linear, bfp_linear_trainable, bfp_quantize
 
 
 class BFPLinear(nn.Module):
@@ -164,9 +119,9 @@ class BFPLinear(nn.Module):
             q = bfp_quantize(self.weight.detach().to(x.dtype) if self.act_format is None
                              else self.weight.detach(), self.format)
             return bfp_linear(x, q, self.bias, act_format=self.act_format)
-        return _BFPLinearFunction.apply(x, self.weight, self.bias, self.format,
-                                        self.act_format, self.grad_format,
-                                        self.full_precision_backward)
+        grad_format = None if self.full_precision_backward else self.grad_format
+        return bfp_linear_trainable(x, self.weight, self.bias, self.format, self.act_format,
+                                    grad_format)
 
     def extra_repr(self) -> str:
         act = self.act_format.name if self.act_format else None

@@ -6,9 +6,9 @@ probabilities tile by tile. A drop-in for ``F.scaled_dot_product_attention`` in 
 code (note the layout: [batch, seq, heads, head_dim], as flash-attn).
 
 Kernels: CPU for float32 / bfloat16 / float16 and any head_dim; CUDA for float16 /
-bfloat16 with head_dim 32, 64, 96, 128 or 256. Anything else runs the plain-PyTorch
-reference with a one-time warning. The backward pass is deterministic when
-``torch.use_deterministic_algorithms(True)`` is set.
+bfloat16 and the head dims of :mod:`llmcore.ops.capabilities` (32 to 256; the backward
+stops at 128). Anything else runs the plain-PyTorch reference with a one-time warning. The
+backward pass is deterministic when ``torch.use_deterministic_algorithms(True)`` is set.
 """
 
 from __future__ import annotations
@@ -19,29 +19,12 @@ import torch
 
 from llmcore import _ext
 from llmcore import reference as ref
-
-CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-CUDA_DTYPES = (torch.float16, torch.bfloat16)
-CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)
-CUDA_BWD_HEAD_DIMS = (32, 64, 96, 128)  # head_dim 256: CUDA forward, reference backward
+from llmcore.ops._dispatch import kernel_or_reference, use_kernel
 
 
 def _bwd_op(q: torch.Tensor, name: str):
     """The backward kernel, or the reference where the device has none for this shape."""
-    if q.device.type == "cuda" and q.shape[-1] not in CUDA_BWD_HEAD_DIMS:
-        _ext.warn_fallback(name, q.device)
-        return getattr(ref, name)
-    return getattr(torch.ops.llmcore, name)
-
-
-def _kernel_supported(op: str, q: torch.Tensor) -> bool:
-    if not _ext.has_kernel(op, q.device):
-        return False
-    if q.device.type == "cpu":
-        return q.dtype in CPU_DTYPES
-    if q.device.type == "cuda":
-        return q.dtype in CUDA_DTYPES and q.shape[-1] in CUDA_HEAD_DIMS
-    return False
+    return kernel_or_reference(name, q.device, q.dtype, q.shape[-1])
 
 
 def _check_qkv(q, k, v, packed: bool) -> None:
@@ -106,10 +89,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     """
     _check_qkv(q, k, v, packed=False)
     scale = _scale(q, softmax_scale)
-    if _kernel_supported("attention_fwd", q):
+    if use_kernel("attention_fwd", q.device, q.dtype, q.shape[-1], name="attention"):
         out, lse = torch.ops.llmcore.attention_fwd(q, k, v, bool(causal), scale)
     else:
-        _ext.warn_fallback("attention", q.device)
         out, lse = ref.attention_fwd(q.float(), k.float(), v.float(), bool(causal), scale,
                                      upcast=False)
         out, lse = out.to(q.dtype), lse.detach()  # lse is documented as not differentiable
@@ -129,7 +111,8 @@ def _check_cu(name: str, cu, device, n_rows: int) -> None:
 def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                      max_seqlen_q: int, max_seqlen_k: int, causal: bool = False,
-                     softmax_scale: float | None = None, return_lse: bool = False):
+                     softmax_scale: float | None = None, return_lse: bool = False,
+                     validate: bool = True):
     """Attention over packed variable-length sequences.
 
     Parameters
@@ -138,10 +121,17 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     k, v : Tensor [total_k, kv_heads, head_dim]
     cu_seqlens_q, cu_seqlens_k : int32 Tensor [batch + 1]
         Sequence b is rows ``cu[b]:cu[b+1]``; ``cu[0] == 0``, non-decreasing, last entry
-        the total. Checked on the host (one sync) so a bad table never reads out of bounds.
+        the total.
     max_seqlen_q, max_seqlen_k : int
-        Upper bounds of the per-sequence lengths (checked).
+        Upper bounds of the per-sequence lengths.
     causal, softmax_scale, return_lse : as :func:`attention`.
+    validate : bool
+        Check the values of cu_seqlens_q / cu_seqlens_k against the packed tensors and
+        the max_seqlen bounds on the host: a copy of both tables per call, two device
+        syncs on a GPU. A training loop whose batches come from a trusted packer passes
+        False. Unvalidated tables never make a kernel read or write out of bounds (the
+        CUDA kernels clamp the entries to the packed tensors, the CPU kernels check them);
+        a bad one gives wrong rows instead of an error.
 
     Returns
     -------
@@ -153,8 +143,9 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got "
                          f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
-    for name, cu, total, mx in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
-                                ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
+    checks = (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+              ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k))
+    for name, cu, total, mx in checks if validate else ():
         c = cu.cpu()
         lens = c[1:] - c[:-1]
         if c[0].item() != 0 or (lens < 0).any() or c[-1].item() != total:
@@ -164,12 +155,12 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             raise ValueError(f"a sequence in {name} has {lens.max().item()} rows, more than "
                              f"the max_seqlen given ({mx})")
     scale = _scale(q, softmax_scale)
-    if _kernel_supported("attention_varlen_fwd", q):
+    if use_kernel("attention_varlen_fwd", q.device, q.dtype, q.shape[-1],
+                  name="attention_varlen"):
         out, lse = torch.ops.llmcore.attention_varlen_fwd(
             q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
             bool(causal), scale)
     else:
-        _ext.warn_fallback("attention_varlen", q.device)
         out, lse = ref.attention_varlen_fwd(q.float(), k.float(), v.float(), cu_seqlens_q,
                                             cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                             bool(causal), scale, upcast=False)

@@ -15,8 +15,8 @@ import tempfile
 import torch
 
 from llmcore import _ext
-from llmcore import reference as ref
 from llmcore.formats import BFPFormat, check_rounding, get_format
+from llmcore.ops._dispatch import kernel_or_reference
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -190,13 +190,6 @@ def _check_float(name: str, x) -> None:
         raise ValueError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
 
 
-def _kernel_or_ref(op: str, device: torch.device):
-    if _ext.has_kernel(op, device):
-        return getattr(torch.ops.llmcore, op)
-    _ext.warn_fallback(op, device)
-    return getattr(ref, op)
-
-
 def bfp_quantize(x: torch.Tensor, format: str | BFPFormat = "mxint8",
                  rounding: str = "nearest") -> BFPTensor:
     """Quantise ``x`` to a block-floating-point format along its last axis.
@@ -220,7 +213,7 @@ def bfp_quantize(x: torch.Tensor, format: str | BFPFormat = "mxint8",
     even = check_rounding(rounding)
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last axis to quantise, got shape {list(x.shape)}")
-    fn = _kernel_or_ref("bfp_quantize", x.device)
+    fn = kernel_or_reference("bfp_quantize", x.device, x.dtype)
     m, e = fn(x, fmt.mantissa_bits, fmt.block_size, even)
     return BFPTensor(m, e, fmt, x.shape, x.dtype)
 
@@ -232,7 +225,7 @@ def bfp_dequantize(q: BFPTensor, dtype: torch.dtype = torch.float32) -> torch.Te
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     f = q.format
-    fn = _kernel_or_ref("bfp_dequantize", q.device)
+    fn = kernel_or_reference("bfp_dequantize", q.device)
     return fn(q.mantissa, q.exponent, f.mantissa_bits, f.block_size, q.shape[-1], dtype)
 
 
@@ -286,18 +279,54 @@ def bfp_linear(x: torch.Tensor, weight: BFPTensor, bias: torch.Tensor | None = N
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     n = weight.shape[0]
-    f = weight.format
-    if act_format is None:
-        b = None if bias is None else bias.to(x.dtype)
-        fn = _kernel_or_ref("bfp_linear", x.device)
-        y = fn(x2, weight.mantissa, weight.exponent, f.mantissa_bits, f.block_size, b)
-        return y.reshape(*lead, n)
+    if act_format is None:  # the op's registered autograd gives grad x and grad bias
+        return _weight_only_linear(x2, weight, bias).reshape(*lead, n)
     af = get_format(act_format)
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-        y = _ActQuantLinear.apply(x2, bias, weight, af, even)
+        y = _BFPLinearFunction.apply(x2, bias, None, weight, None, af, even, None)
     else:
         y = _act_quant_linear(x2, bias, weight, af, even)
     return y.reshape(*lead, n)
+
+
+def bfp_linear_trainable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         format: str | BFPFormat, act_format: str | BFPFormat | None = None,
+                         grad_format: str | BFPFormat | None = None) -> torch.Tensor:
+    """``y = x @ Q(weight)^T (+ bias)`` with a float master weight, differentiable with
+    respect to x, weight and bias (what :class:`llmcore.nn.BFPLinear` trains with).
+
+    Parameters
+    ----------
+    x : Tensor [..., K]
+    weight : Tensor [N, K]
+        The master weight, quantised to ``format`` on every call (after a cast to x's dtype
+        when ``act_format`` is None).
+    bias : Tensor [N], optional
+    format, act_format : as :func:`bfp_linear` (``format`` is the weight's).
+    grad_format : str or BFPFormat, optional
+        None: both backward GEMMs in full precision. A format: each backward GEMM quantises
+        its operands along its own reduction axis (the MX training recipe).
+
+    Returns
+    -------
+    Tensor [..., N] of x's dtype. Gradients pass straight through the rounding of x and of
+    the weight (see :class:`_BFPLinearFunction`).
+    """
+    fmt = get_format(format)
+    af = None if act_format is None else get_format(act_format)
+    gf = None if grad_format is None else get_format(grad_format)
+    y = _BFPLinearFunction.apply(x.reshape(-1, x.shape[-1]), bias, weight, None, fmt, af,
+                                 False, gf)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _weight_only_linear(x2: torch.Tensor, weight: BFPTensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+    """x2 @ dequant(weight)^T (+ bias cast to x2's dtype), fp32 accumulation."""
+    f = weight.format
+    b = None if bias is None else bias.to(x2.dtype)
+    fn = kernel_or_reference("bfp_linear", x2.device, x2.dtype)
+    return fn(x2, weight.mantissa, weight.exponent, f.mantissa_bits, f.block_size, b)
 
 
 def _act_quant_linear(x2: torch.Tensor, bias: torch.Tensor | None, weight: BFPTensor,
@@ -310,31 +339,76 @@ def _act_quant_linear(x2: torch.Tensor, bias: torch.Tensor | None, weight: BFPTe
         y = q.dequantize(torch.float32) @ weight.dequantize(torch.float32).T
         y = y if b is None else y + b
         return y.to(x2.dtype)
-    fn = _kernel_or_ref("bfp_gemm", x2.device)
+    fn = kernel_or_reference("bfp_gemm", x2.device)
     return fn(q.mantissa, q.exponent, weight.mantissa, weight.exponent, af.mantissa_bits,
               f.mantissa_bits, f.block_size, x2.shape[-1], b, x2.dtype)
 
 
-class _ActQuantLinear(torch.autograd.Function):
-    """Activation-quantised linear with straight-through gradients:
-    d/dx = dY @ dequant(W), d/dbias = sum of dY over rows (the rounding of x is treated as
-    the identity, as in quantisation-aware training)."""
+def _quantized_mm(a: torch.Tensor, b: torch.Tensor, fmt: BFPFormat) -> torch.Tensor:
+    """a [M, R] @ b [P, R]^T in fp32 with both operands quantised along R."""
+    return _act_quant_linear(a, None, bfp_quantize(b, fmt), fmt, False)
+
+
+def _straight_through_grads(grad_y: torch.Tensor, x2: torch.Tensor | None, w: torch.Tensor,
+                            grad_fmt: BFPFormat | None, need_x: bool, need_w: bool,
+                            need_b: bool):
+    """Gradients of ``y = x2 @ w^T + b`` in fp32 with the rounding of x2 and w taken as
+    the identity (straight-through, as in quantisation-aware training):
+    grad_x = dY @ W, grad_w = dY^T @ X, grad_b = sum of dY over rows. With ``grad_fmt``
+    each product quantises its operands along its reduction axis: grad_x = Q(dY) Q(W^T)
+    (over N), grad_w = Q(dY^T) Q(X^T) (over the rows). grad_y [T, N], x2 [T, K], w [N, K]
+    fp32. Returns (grad_x, grad_w, grad_b), None where not needed."""
+    gy = grad_y.float()
+    grad_x = grad_w = grad_b = None
+    if need_x:
+        grad_x = gy @ w if grad_fmt is None else _quantized_mm(gy, w.T.contiguous(), grad_fmt)
+    if need_w:
+        xf = x2.float()
+        grad_w = gy.T @ xf if grad_fmt is None else _quantized_mm(
+            gy.T.contiguous(), xf.T.contiguous(), grad_fmt)
+    if need_b:
+        grad_b = gy.sum(0)
+    return grad_x, grad_w, grad_b
+
+
+class _BFPLinearFunction(torch.autograd.Function):
+    """The autograd of the BFP linear layers that are not the plain weight-only op (whose
+    registered autograd, below, uses the same :func:`_straight_through_grads`).
+
+    ``forward(x2 [T, K], bias [N] | None, master [N, K] | None, weight BFPTensor | None,
+    fmt, af, even, grad_fmt)``: the product with the frozen BFP ``weight``, or with
+    ``master`` quantised to ``fmt``; x2 quantised to ``af`` (None: weight-only). The
+    backward is straight-through to x2, bias and the master weight (W is the master, or
+    the dequantised frozen weight); ``grad_fmt`` None keeps it in full precision.
+    """
 
     @staticmethod
-    def forward(ctx, x2, bias, weight, af, even):
-        ctx.weight, ctx.has_bias, ctx.x_dtype = weight, bias is not None, x2.dtype
+    def forward(ctx, x2, bias, master, weight, fmt, af, even, grad_fmt):
+        if weight is None:
+            weight = bfp_quantize(master.to(x2.dtype) if af is None else master, fmt)
+        y = (_weight_only_linear(x2, weight, bias) if af is None
+             else _act_quant_linear(x2, bias, weight, af, even))
+        ctx.save_for_backward(x2 if master is not None else None, master)
+        ctx.weight = weight if master is None else None
+        ctx.grad_fmt, ctx.x_dtype = grad_fmt, x2.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return _act_quant_linear(x2, bias, weight, af, even)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        grad_x = grad_b = None
-        if ctx.needs_input_grad[0]:
-            w = ctx.weight.dequantize(torch.float32)
-            grad_x = (grad_y.float() @ w).to(ctx.x_dtype)
-        if ctx.has_bias and ctx.needs_input_grad[1]:
-            grad_b = grad_y.float().sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_b, None, None, None
+        x2, master = ctx.saved_tensors
+        w = master.float() if master is not None else ctx.weight.dequantize(torch.float32)
+        need_x, need_b, need_w = ctx.needs_input_grad[:3]
+        grad_x, grad_w, grad_b = _straight_through_grads(
+            grad_y, x2, w, ctx.grad_fmt, need_x, need_w and master is not None,
+            need_b and ctx.bias_dtype is not None)
+        if grad_x is not None:
+            grad_x = grad_x.to(ctx.x_dtype)
+        if grad_w is not None:
+            grad_w = grad_w.to(master.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(ctx.bias_dtype)
+        return grad_x, grad_b, grad_w, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------
@@ -371,10 +445,12 @@ if _ext.available():
 
     def _linear_backward(ctx, grad_y):
         w_m, w_e = ctx.saved_tensors
-        w = torch.ops.llmcore.bfp_dequantize(w_m, w_e, ctx.bits, ctx.block, ctx.k, grad_y.dtype)
-        grad_x = grad_y @ w
-        grad_b = grad_y.sum(0) if ctx.has_bias else None
-        return grad_x, None, None, None, None, grad_b
+        w = torch.ops.llmcore.bfp_dequantize(w_m, w_e, ctx.bits, ctx.block, ctx.k,
+                                             torch.float32)
+        grad_x, _, grad_b = _straight_through_grads(grad_y, None, w, None, True, False,
+                                                    ctx.has_bias)
+        grad_b = None if grad_b is None else grad_b.to(grad_y.dtype)
+        return grad_x.to(grad_y.dtype), None, None, None, None, grad_b
 
     torch.library.register_autograd("llmcore::bfp_linear", _linear_backward,
                                     setup_context=_linear_setup)

@@ -16,12 +16,10 @@ import torch
 
 from llmcore import _ext
 from llmcore import reference as ref
-from llmcore.ops.bfp import BFPTensor
+from llmcore.ops._dispatch import use_kernel
+from llmcore.ops.bfp import FLOAT_DTYPES, BFPTensor
 
 CACHE_FORMAT = "mxint8"  # the only BFP cache format: 8-bit mantissas, blocks of 32 along D
-CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-CUDA_DTYPES = (torch.float16, torch.bfloat16)
-CUDA_HEAD_DIMS = (64, 128, 256)
 
 
 def _split(name: str, cache) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -128,7 +126,7 @@ def decode_attention(q: torch.Tensor, k_cache, v_cache, cache_seqlens: torch.Ten
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise ValueError(f"q must be a 4-D tensor [batch, q_len, heads, head_dim], got "
                          f"{list(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
-    if q.dtype not in CPU_DTYPES:
+    if q.dtype not in FLOAT_DTYPES:
         raise ValueError(f"q must be float32, bfloat16 or float16, got {q.dtype}")
     kc, ke = _split("k_cache", k_cache)
     vc, ve = _split("v_cache", v_cache)
@@ -149,15 +147,10 @@ def decode_attention(q: torch.Tensor, k_cache, v_cache, cache_seqlens: torch.Ten
         if block_table is not None:
             _check_table_values(block_table, lens, kc.shape[1], kc.shape[0], "valid")
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
-    if q.device.type == "cuda":
-        supported = q.dtype in CUDA_DTYPES and d in CUDA_HEAD_DIMS
-    else:
-        supported = q.dtype in CPU_DTYPES
-    if supported and _ext.has_kernel("decode_attention", q.device):
+    if use_kernel("decode_attention", q.device, q.dtype, d):
         out, lse = torch.ops.llmcore.decode_attention(q, kc, vc, cache_seqlens, scale,
                                                       block_table, ke, ve)
     else:
-        _ext.warn_fallback("decode_attention", q.device)
         out, lse = ref.decode_attention(q, kc, vc, cache_seqlens, scale, block_table, ke, ve,
                                         upcast=False)
     return (out, lse) if return_lse else out
@@ -184,9 +177,9 @@ def kv_cache_append(k_cache, v_cache, k: torch.Tensor, v: torch.Tensor, start_po
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{n} must be a 4-D tensor [batch, T, kv_heads, head_dim]")
     if k.shape != v.shape or k.dtype != v.dtype:
-        raise ValueError(f"k and v must match, got {k.dtype} {list(k.shape)} and {v.dtype} "
-                         f"{list(v.shape)}")
-    if k.dtype not in CPU_DTYPES:
+        raise ValueError(f"k and v must have the same shape and dtype, got {k.dtype} "
+                         f"{list(k.shape)} and {v.dtype} {list(v.shape)}")
+    if k.dtype not in FLOAT_DTYPES:
         raise ValueError(f"k must be float32, bfloat16 or float16, got {k.dtype}")
     kc, ke = _split("k_cache", k_cache)
     vc, ve = _split("v_cache", v_cache)
@@ -207,10 +200,9 @@ def kv_cache_append(k_cache, v_cache, k: torch.Tensor, v: torch.Tensor, start_po
             _check_table_values(block_table, sp + t, kc.shape[1], kc.shape[0], "written")
     if t == 0 or b == 0:
         return
-    if _ext.has_kernel("kv_cache_append", k.device):
+    if use_kernel("kv_cache_append", k.device, k.dtype):
         torch.ops.llmcore.kv_cache_append(kc, vc, k, v, start_pos, block_table, ke, ve)
     else:
-        _ext.warn_fallback("kv_cache_append", k.device)
         ref.kv_cache_append(kc, vc, k, v, start_pos, block_table, ke, ve)
 
 

@@ -1,0 +1,99 @@
+"""KV-cached decoding attention (DESIGN §2.4) over a contiguous float cache:
+``ops.decode_attention`` against the float64 reference in llmcore.reference.decode.
+
+Tolerance (STYLE "A reference beside every kernel"): the max error of llmcore against the
+float64 reference is at most twice the max error of PyTorch at the same precision plus a
+small floor (1e-5 for float32, two ulps at magnitude 1 for the half types). "PyTorch at the
+same precision" is the larger error of ``reference.decode_attention(..., upcast=False)``
+(fp32 math, rounded to q's dtype) and of ``reference.attention_fwd(..., upcast=False)`` in
+q's dtype (flash-attention's convention). Cache writes, MXINT8 quantisation, paged vs
+contiguous and rollback-vs-never-appended are checked bit for bit. Memory the kernels must
+not read or write (positions past each length, pages no sequence uses, guard bands around
+the cache) is poisoned with NaN / exponent 255 / mantissa -128.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import KERNEL_DTYPES, need_kernel_dtype, randn
+from helpers.decode import (
+    check_decode,
+    float_cache,
+    head_dim_on,
+    mixed_lengths,
+)
+
+from llmcore import _ext, ops
+
+pytestmark = pytest.mark.filterwarnings("ignore:llmcore.*reference:RuntimeWarning")
+
+
+@pytest.mark.parametrize("op", ["decode_attention", "kv_cache_append"])
+def test_kernel_registered(device, op):
+    assert _ext.has_op(op), f"the extension does not define llmcore::{op} (stale build?)"
+    assert _ext.has_kernel(op, device), f"no llmcore::{op} kernel for {device.type}"
+
+
+DECODE_CASES = [
+    (1, 1, 1, 64, 1, 97, None, False),
+    (5, 2, 4, 128, 1, 97, None, False),
+    (5, 1, 8, 64, 4, 61, None, True),
+    (5, 2, 1, 80, 16, 33, 0.3, False),
+    (5, 3, 4, 64, 16, 7, None, False),
+    (1, 1, 8, 128, 16, 1025, None, False),  # one long sequence: the KV split (flash-decoding)
+    (1, 2, 4, 80, 1, 1025, 0.05, True),
+    (5, 1, 4, 128, 4, 300, 0.05, False),
+]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "b{}_hkv{}_g{}_d{}_q{}_s{}".format(*c))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=str)
+def test_decode_attention_matches_reference(device, isa, dtype, case):
+    need_kernel_dtype(device, dtype)
+    b, hkv, g, d, lq, cap, scale, noncontig = case
+    d = head_dim_on(device, d)
+    lengths = mixed_lengths(b, cap, lq)
+    kc, vc = float_cache(b, cap, hkv, d, dtype, lengths)
+    if noncontig:
+        q = randn((b, hkv * g, lq, d), dtype).transpose(1, 2)
+    else:
+        q = randn((b, lq, hkv * g, d), dtype)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    out, lse = ops.decode_attention(q.to(device), kc.to(device), vc.to(device),
+                                    seqlens.to(device), softmax_scale=scale, return_lse=True)
+    check_decode(out, lse, q, kc, vc, seqlens, scale, what=f"lengths {lengths}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_decode_attention_queries_without_keys(device, dtype):
+    """q_len > length: the first queries see no key (out exactly 0, lse -inf, no NaN)."""
+    need_kernel_dtype(device, dtype)
+    b, hkv, g, d, lq, cap = 4, 2, 4, head_dim_on(device, 80), 16, 40
+    lengths = [0, 1, 15, 16]
+    kc, vc = float_cache(b, cap, hkv, d, dtype, lengths)
+    q = randn((b, lq, hkv * g, d), dtype)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    out, lse = ops.decode_attention(q.to(device), kc.to(device), vc.to(device),
+                                    seqlens.to(device), return_lse=True)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert torch.equal(out[0].cpu(), torch.zeros_like(out[0].cpu()))
+    assert torch.isneginf(lse[0]).all()
+    assert torch.equal(out[1, :15].cpu(), torch.zeros_like(out[1, :15].cpu()))
+    assert torch.isfinite(lse[1, :, 15]).all()
+    check_decode(out, lse, q, kc, vc, seqlens, None, what=f"lengths {lengths}")
+
+
+def test_decode_attention_empty(device):
+    """batch 0 and q_len 0: empty outputs of the right shapes, no crash."""
+    dtype = KERNEL_DTYPES[device.type][-1]
+    kc, vc = (randn((2, 9, 2, 64), dtype, device) for _ in range(2))
+    sl = torch.tensor([3, 9], dtype=torch.int32, device=device)
+    out, lse = ops.decode_attention(randn((2, 0, 4, 64), dtype, device), kc, vc, sl,
+                                    return_lse=True)
+    assert out.shape == (2, 0, 4, 64) and lse.shape == (2, 4, 0)
+    out, lse = ops.decode_attention(randn((0, 1, 4, 64), dtype, device), kc[:0], vc[:0],
+                                    sl[:0], return_lse=True)
+    assert out.shape == (0, 1, 4, 64) and lse.shape == (0, 4, 1) and lse.dtype == torch.float32
+
