@@ -5,15 +5,21 @@
   test yet reproducible.
 - ``cpu_isa``: runs a test once per CPU kernel path (LLMCORE_CPU_ISA, read on every call).
 - ``isa``: the best CPU path and the portable one (one run on CUDA).
+- ``corpus``, ``cache``: a slice of the stdlib and a private LLMCORE_CACHE (training).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import HAS_CUDA
+
+from llmcore.data.corpus import stdlib_root
 
 DEVICES = [
     "cpu",
@@ -73,3 +79,40 @@ def isa(request, device, monkeypatch) -> str:
     else:
         monkeypatch.delenv("LLMCORE_CPU_ISA", raising=False)
     return request.param
+
+
+# A small slice of the real stdlib corpus: enough text for a 512-token BPE and a few dozen
+# steps, small enough to tokenise in a second.
+STDLIB_SLICE = ("json", "email/mime", "collections", "http", "logging", "csv.py", "textwrap.py",
+                "string.py", "shlex.py", "fractions.py", "heapq.py", "bisect.py", "glob.py")
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A folder with a slice of the real standard library (about 90 files)."""
+    out = tmp_path_factory.mktemp("corpus")
+    root = stdlib_root()
+    for name in STDLIB_SLICE:
+        src = root / name
+        files = [src] if src.is_file() else sorted(src.rglob("*.py"))
+        for f in files:
+            if "__pycache__" in f.parts:
+                continue
+            dst = out / f.relative_to(root)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, dst)
+    return out
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory) -> Path:
+    """LLMCORE_CACHE pointed at a session folder: tokenizers and shards made by the tests
+    are shared between them and never touch the user's cache."""
+    path = tmp_path_factory.mktemp("llmcore-cache")
+    old = os.environ.get("LLMCORE_CACHE")
+    os.environ["LLMCORE_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("LLMCORE_CACHE", None)
+    else:
+        os.environ["LLMCORE_CACHE"] = old

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,44 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmcore.data.corpus import stdlib_root
 from llmcore.training import checkpoint as ckpt
 from llmcore.training.config import TrainConfig, apply, load_config
 from llmcore.training.recipes import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
-# A small slice of the real stdlib corpus: enough text for a 512-token BPE and a few dozen
-# steps, small enough to tokenise in a second.
-STDLIB_SLICE = ("json", "email/mime", "collections", "http", "logging", "csv.py", "textwrap.py",
-                "string.py", "shlex.py", "fractions.py", "heapq.py", "bisect.py", "glob.py")
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("corpus")
-    root = stdlib_root()
-    for name in STDLIB_SLICE:
-        src = root / name
-        files = [src] if src.is_file() else sorted(src.rglob("*.py"))
-        for f in files:
-            if "__pycache__" in f.parts:
-                continue
-            dst = out / f.relative_to(root)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(f, dst)
-    return out
-
-
-@pytest.fixture(scope="session")
-def cache(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("llmcore-cache")
-    old = os.environ.get("LLMCORE_CACHE")
-    os.environ["LLMCORE_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("LLMCORE_CACHE", None)
-    else:
-        os.environ["LLMCORE_CACHE"] = old
 
 
 def tiny_values(corpus: Path, **over) -> dict:
