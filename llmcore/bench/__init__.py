@@ -20,6 +20,7 @@ SUITES = {
     "decode": "llmcore.bench.decode",
     "generate": "llmcore.bench.generate",
     "assisted": "llmcore.bench.assisted",
+    "train": "llmcore.bench.train",
 }
 
 

@@ -81,7 +81,9 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, hd]
+        # [B, T, 1, hd], in the projections' dtype: under autocast they are bf16 while the
+        # residual stream (and so cos/sin) stays fp32, and q, k, v must share a dtype
+        cos, sin = cos.unsqueeze(2).to(q.dtype), sin.unsqueeze(2).to(q.dtype)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if cache is None:

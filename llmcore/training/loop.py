@@ -237,22 +237,12 @@ class Trainer:
                            warmup=cfg.warmup, schedule=cfg.schedule, decay_frac=cfg.decay_frac)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                sums: dict[str, float] = {}
-                for micro in range(cfg.grad_accum):
-                    batch = self.batches.batch(step, info.rank * cfg.grad_accum + micro)
-                    batch = {k: v.to(info.device) if isinstance(v, torch.Tensor) else v
-                             for k, v in batch.items()}
-                    with self._sync_context(micro == cfg.grad_accum - 1), self._autocast():
-                        loss, metrics = self.step_fn(self.model, batch)
-                    (loss / cfg.grad_accum).backward()
-                    for k, v in {"loss": loss, **metrics}.items():
-                        sums[k] = sums.get(k, 0.0) + _as_float(v)
-                clip = cfg.clip if cfg.clip > 0 else math.inf
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-                grad_norm = _as_float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
-                                      else grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                micro = [self.batches.batch(step, info.rank * cfg.grad_accum + m)
+                         for m in range(cfg.grad_accum)]
+                sums, grad_norm = train_step(self.model, self.optimizer, params, self.step_fn,
+                                             micro, clip=cfg.clip, device=info.device,
+                                             autocast=self._autocast,
+                                             sync_context=self._sync_context)
                 self.step += 1
                 self.tokens += self.tokens_per_batch * cfg.grad_accum * info.world_size
                 names = sorted(sums)
@@ -321,6 +311,32 @@ class Trainer:
             self.model.train()
 
 
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, params: list,
+               step_fn: StepFn, micro_batches: list[dict], *, clip: float,
+               device: torch.device, autocast=contextlib.nullcontext,
+               sync_context=None) -> tuple[dict[str, float], float]:
+    """One optimizer step over ``micro_batches`` (gradient accumulation): each loss is
+    divided by the number of micro-batches; gradients sync on the last one only
+    (``sync_context(last)``); the global norm is clipped to ``clip`` (0: off). Returns
+    the summed per-micro-batch metrics (loss included) and the gradient norm before
+    clipping."""
+    n = len(micro_batches)
+    sums: dict[str, float] = {}
+    for i, batch in enumerate(micro_batches):
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        ctx = sync_context(i == n - 1) if sync_context is not None else contextlib.nullcontext()
+        with ctx, autocast():
+            loss, metrics = step_fn(model, batch)
+        (loss / n).backward()
+        for k, v in {"loss": loss, **metrics}.items():
+            sums[k] = sums.get(k, 0.0) + _as_float(v)
+    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+    norm = _as_float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sums, norm
+
+
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU; extend as devices are measured.
 _PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
 
@@ -346,4 +362,4 @@ def resume_compatible(run_dir: Path, cfg: TrainConfig) -> None:
 
 
 __all__ = ["BatchSource", "MetricsLog", "StepFn", "Trainer", "TrainingError", "decay_start",
-           "resume_compatible"]
+           "resume_compatible", "train_step"]
