@@ -69,7 +69,7 @@ def _load_model(args):
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.model:
-        from llmcore.models.hf import load_tokenizer
+        from llmcore.tokenizer import load_tokenizer
 
         model = Transformer.from_pretrained(args.model, dtype=dtype, device=device,
                                             quantize=args.quantize, backend=args.backend)
