@@ -90,7 +90,7 @@ def run_preset(device, preset, batches, steps, progress=None) -> list[Row]:
 
             def prefill(i, model=model, cache=cache, prompt=prompt):
                 cache.reset()
-                return model(prompt, cache=cache)
+                return model(prompt, cache=cache, prefill=True)
 
             runs = 3 if device.type == "cuda" else 2  # keep the full CPU run to minutes
             pre_ms = bench(prefill, device, warmup=1, min_runs=runs, min_time_s=0.0)
@@ -102,7 +102,7 @@ def run_preset(device, preset, batches, steps, progress=None) -> list[Row]:
                     model(tok, cache=cache)
 
             cache.reset()
-            model(prompt, cache=cache)
+            model(prompt, cache=cache, prefill=True)
             ms = bench(decode, device, warmup=1, min_runs=runs, min_time_s=0.0) / steps
             kv = kv_bytes(cfg, b, PROMPT + (steps + 1) / 2, storage, dtype)
             bw = (wbytes + kv) / ms / 1e6  # GB/s

@@ -110,10 +110,35 @@ class KVCache(nn.Module):
         self.register_buffer("block_table", block_table, persistent=False)
         self.register_buffer("seqlens", torch.zeros(batch_size, dtype=torch.int32,
                                                     device=device), persistent=False)
+        self._bind()
+
+    def _bind(self) -> None:
+        """Plain references to the buffers and per-layer views of K/V (BFPTensors for
+        MXINT8) for the per-token path: no nn.Module attribute lookup and no BFPTensor
+        construction per layer per step. Rebound whenever the buffers move (``_apply``)."""
+        self._seq, self._table = self.seqlens, self.block_table
+        kv = [(self.k_values, self.k_exponents), (self.v_values, self.v_exponents)]
+        if self.storage == "mxint8":
+            self._views = [tuple(BFPTensor(m[i], e[i], "mxint8", tuple(m[i].shape), self.dtype)
+                                 for m, e in kv) for i in range(self.n_layers)]
+        else:
+            self._views = [(self.k_values[i], self.v_values[i]) for i in range(self.n_layers)]
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._bind()
+        return out
 
     @property
     def device(self) -> torch.device:
-        return self.seqlens.device
+        return self._seq.device
+
+    def layer_kv(self, layer: int):
+        """``layer``'s K and V storage, fresh views [batch, max_seq, kv_heads, head_dim] (or
+        the paged form); BFPTensors for MXINT8 storage."""
+        if self.storage == "mxint8":
+            return self._views[layer]
+        return self.k_values[layer], self.v_values[layer]
 
     @property
     def k(self):
@@ -168,8 +193,8 @@ class KVCache(nn.Module):
                 pages.append(self._free.pop())
                 self._pages[b].append(pages[-1])
         if pages:  # one host-to-device copy for all new pages
-            self.block_table[rows, cols] = torch.tensor(pages, dtype=torch.int32).to(
-                self.device, non_blocking=True)
+            self._table[rows, cols] = torch.tensor(pages, dtype=torch.int32).to(
+                self._table.device, non_blocking=True)
 
     def _check_step(self, what: str, layer: int | None = None) -> None:
         if not self._pending:
@@ -181,14 +206,8 @@ class KVCache(nn.Module):
     def positions(self, num_new: int) -> torch.Tensor:
         """Positions of the next ``num_new`` tokens of each sequence: int64 [batch,
         num_new] on the device (``seqlens[b] + 0 .. num_new - 1``)."""
-        start = self.seqlens.to(torch.int64).unsqueeze(1)
-        return start + torch.arange(num_new, device=self.seqlens.device).unsqueeze(0)
-
-    def _layer(self, values: torch.Tensor, exponents: torch.Tensor | None, layer: int):
-        if exponents is None:
-            return values[layer]
-        m = values[layer]
-        return BFPTensor(m, exponents[layer], "mxint8", tuple(m.shape), self.dtype)
+        start = self._seq.to(torch.int64).unsqueeze(1)
+        return start + torch.arange(num_new, device=self._seq.device).unsqueeze(0)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write this step's k, v [batch, num_new, kv_heads, head_dim] for ``layer``."""
@@ -197,9 +216,8 @@ class KVCache(nn.Module):
         if tuple(k.shape) != want or tuple(v.shape) != want:
             raise ValueError(f"k and v must have shape {list(want)}, got {list(k.shape)} and "
                              f"{list(v.shape)}")
-        kv_cache_append(self._layer(self.k_values, self.k_exponents, layer),
-                        self._layer(self.v_values, self.v_exponents, layer),
-                        k.to(self.dtype), v.to(self.dtype), self.seqlens, self.block_table,
+        kc, vc = self._views[layer]
+        kv_cache_append(kc, vc, k.to(self.dtype), v.to(self.dtype), self._seq, self._table,
                         validate=False)
 
     def attend(self, layer: int, q: torch.Tensor, softmax_scale: float | None = None
@@ -209,11 +227,9 @@ class KVCache(nn.Module):
         self._check_step("attend")
         if q.shape[1] != self._pending:
             raise ValueError(f"q must have {self._pending} new tokens, got shape {list(q.shape)}")
-        return decode_attention(q.to(self.dtype),
-                                self._layer(self.k_values, self.k_exponents, layer),
-                                self._layer(self.v_values, self.v_exponents, layer),
-                                self.seqlens + q.shape[1], softmax_scale, self.block_table,
-                                validate=False)
+        kc, vc = self._views[layer]
+        return decode_attention(q.to(self.dtype), kc, vc, self._seq + q.shape[1],
+                                softmax_scale, self._table, validate=False)
 
     def commit(self) -> None:
         """Make this step's tokens part of every sequence."""
@@ -221,7 +237,7 @@ class KVCache(nn.Module):
             raise RuntimeError("commit() without prepare()")
         n = self._pending
         self._pending = 0
-        self.seqlens.add_(n)
+        self._seq.add_(n)
         self._lengths = [x + n for x in self._lengths]
 
     def cancel(self) -> None:
@@ -251,7 +267,7 @@ class KVCache(nn.Module):
                 while len(self._pages[b]) > keep:
                     self._free.append(self._pages[b].pop())
         if lengths != self._lengths:
-            self.seqlens.copy_(torch.tensor(lengths, dtype=torch.int32), non_blocking=True)
+            self._seq.copy_(torch.tensor(lengths, dtype=torch.int32), non_blocking=True)
             self._lengths = lengths
 
     def reset(self) -> None:

@@ -122,14 +122,14 @@ class Attention(nn.Module):
         if cache.storage != "native" or cache.page_size is not None:
             raise ValueError("backend='torch' needs a native, non-paged KVCache")
         rows = torch.arange(k.shape[0], device=k.device).unsqueeze(1)
-        kc, vc = cache.k_values[self.layer], cache.v_values[self.layer]  # [B, S, Hkv, hd]
+        kc, vc = cache.layer_kv(self.layer)  # [B, S, Hkv, hd]
         kc[rows, positions] = k.to(kc.dtype)
         vc[rows, positions] = v.to(vc.dtype)
 
     def _torch_cached(self, q, cache: KVCache, positions):
         """Masked SDPA over the whole cache buffer: key j is seen by the query at position
         p when j <= p (the mask comes from device positions; no host sync)."""
-        kc, vc = cache.k_values[self.layer], cache.v_values[self.layer]  # [B, S, Hkv, hd]
+        kc, vc = cache.layer_kv(self.layer)  # [B, S, Hkv, hd]
         keys = torch.arange(kc.shape[1], device=q.device)
         mask = keys.view(1, 1, -1) <= positions.unsqueeze(-1)  # [B, T, S]
         o = F.scaled_dot_product_attention(q.transpose(1, 2), kc.transpose(1, 2).to(q.dtype),
