@@ -1,8 +1,12 @@
-"""Training a byte-level BPE tokenizer with the ``tokenizers`` library.
+"""Tokenizers: loading those of Hugging Face model directories (a ``tokenizers.Tokenizer``
+with the directory's special-token ids and its chat template, rendered with jinja2 in a
+sandbox), and training byte-level BPE tokenizers for models trained here.
 
-The saved directory holds ``tokenizer.json`` (read by :func:`load_tokenizer` and by
-transformers' ``PreTrainedTokenizerFast``) and ``tokenizer_config.json`` with the special
-tokens and a simple default chat template.
+Needs the ``tokenizers`` library (and ``jinja2`` for chat templates); nothing here reads
+weights, so trainers and data tools can use it without a model. A trained tokenizer is
+saved as ``tokenizer.json`` (read by :func:`load_tokenizer` and by transformers'
+``PreTrainedTokenizerFast``) plus ``tokenizer_config.json`` with the special tokens and a
+simple default chat template.
 """
 
 from __future__ import annotations
@@ -13,6 +17,106 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
+
+
+class HFTokenizer:
+    """A ``tokenizers.Tokenizer`` with the directory's special tokens and chat template."""
+
+    def __init__(self, tokenizer, config: dict | None = None, generation_config: dict | None = None,
+                 model_config: dict | None = None):
+        self.tokenizer = tokenizer
+        self.config = config or {}
+        self.chat_template = self.config.get("chat_template")
+        if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}]
+            named = {t.get("name"): t.get("template") for t in self.chat_template}
+            self.chat_template = named.get("default") or next(iter(named.values()), None)
+        gen, mod = generation_config or {}, model_config or {}
+        for kind in ("bos", "eos", "pad"):
+            tok = self._token_str(self.config.get(f"{kind}_token"))
+            setattr(self, f"{kind}_token", tok)
+            tid = self.tokenizer.token_to_id(tok) if tok is not None else None
+            if tid is None:
+                tid = gen.get(f"{kind}_token_id", mod.get(f"{kind}_token_id"))
+                if isinstance(tid, list):
+                    tid = tid[0] if tid else None
+            setattr(self, f"{kind}_token_id", tid)
+        if self.eos_token is None and self.eos_token_id is not None:
+            self.eos_token = self.tokenizer.id_to_token(self.eos_token_id)
+        if self.bos_token is None and self.bos_token_id is not None:
+            self.bos_token = self.tokenizer.id_to_token(self.bos_token_id)
+
+    @staticmethod
+    def _token_str(t):
+        if isinstance(t, dict):
+            return t.get("content")
+        return t
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tokenize: bool = False, **kwargs):
+        """Render ``messages`` with the chat template (a string, or ids if ``tokenize``)."""
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat_template (tokenizer_config.json)")
+        try:
+            import jinja2
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError:
+            raise ImportError("rendering a chat template needs jinja2: pip install jinja2") from None
+
+        def raise_exception(msg):
+            raise ValueError(f"chat template error: {msg}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            undefined=jinja2.StrictUndefined
+                                            if kwargs.pop("strict", False) else jinja2.Undefined)
+        env.globals["raise_exception"] = raise_exception
+        env.filters.setdefault("tojson", lambda x, **kw: json.dumps(x, **kw))
+        text = env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+        if tokenize:
+            return self.encode(text, add_special_tokens=False)
+        return text
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+
+def load_tokenizer(path) -> HFTokenizer:
+    """The tokenizer of a local directory (tokenizer.json, via the ``tokenizers`` library)."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    tj = path / "tokenizer.json"
+    if not tj.is_file():
+        raise FileNotFoundError(f"{tj} not found (only the fast tokenizer.json format is "
+                                "supported)")
+    opt = {}
+    for name in ("tokenizer_config.json", "generation_config.json", "config.json"):
+        f = path / name
+        try:
+            opt[name] = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{f} is not valid JSON: {e}") from None
+    return HFTokenizer(Tokenizer.from_file(str(tj)), opt["tokenizer_config.json"],
+                       opt["generation_config.json"], opt["config.json"])
+
+
+# ---------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)  # ids 0, 1, 2 in a tokenizer trained here
 
@@ -78,6 +182,3 @@ def token_byte_lengths(tokenizer) -> list[int]:
         s = tk.id_to_token(i)
         out.append(0 if s is None or s in special else len(s))
     return out
-
-
-from llmcore.models.hf import HFTokenizer, load_tokenizer  # noqa: E402,F401  MERGE-TEMP

@@ -158,6 +158,22 @@ def test_eos_stops_rows_like_generate(target, drafts, kind):
     check_stats(st, emitted)
 
 
+def test_unsorted_eos_list_pads_like_generate(target, drafts):
+    """Without a pad id, rows that stopped are padded with the first EOS id as listed (not
+    the smallest), by generate and assisted_generate alike."""
+    ids = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(11))
+    plain = generate(target, ids, 24)[:, 5:].tolist()
+    stop = next(t for t in plain[0][2:12] if t not in plain[1] and t != 0)
+    other = next(t for t in range(1, 256) if t not in plain[0] + plain[1] and t != stop)
+    eos = [max(stop, other), min(stop, other)]  # e.g. [200, 174]: the pad is eos[0]
+    want = generate(target, ids, 24, eos_token_id=eos)
+    first = plain[0].index(stop)
+    assert want[0, 5 + first + 1:].tolist() == [eos[0]] * (23 - first)
+    for kind in ("identical", "random", "prompt_lookup"):
+        got, _ = assisted_generate(target, drafts[kind], ids, 24, eos_token_id=eos)
+        assert torch.equal(got, want), kind
+
+
 def test_eos_inside_accepted_proposals_is_the_last_token(target, drafts):
     """With an identical draft, whole runs of proposals are accepted; a stop token in the
     middle of one ends the row there (nothing past EOS)."""

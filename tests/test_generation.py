@@ -265,7 +265,7 @@ def test_cli_generate_model_dir_streams_the_library_text(tmp_path, capsys, quant
     from helpers import write_model_dir
 
     from llmcore.models import Transformer
-    from llmcore.models.hf import load_tokenizer
+    from llmcore.tokenizer import load_tokenizer
 
     d = write_model_dir(tmp_path / "m")
     argv = ["generate", "--model", str(d), "--prompt", "w5 w17 w99 w5", "--max-new-tokens", "12",

@@ -179,3 +179,57 @@ def test_errors():
     t = Transformer(TransformerConfig.from_name("tiny"), backend="torch")
     with pytest.raises(ValueError, match="native, non-paged"):
         t(torch.zeros(1, 2, dtype=torch.long), cache=t.new_cache(1, 8, storage="mxint8"))
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("backend", ["torch", "llmcore"])
+def test_decode_step_compiles_to_one_graph(backend, compiler):
+    """Transformer.step (the device work of a cached forward) traces as one graph
+    (fullgraph: no host sync, no branch on the cache's lengths), is reused at every length
+    (no recompile), and gives the eager logits; the cache advances on the device."""
+    torch._dynamo.reset()
+    m = Transformer(TransformerConfig.from_name("tiny"), backend=backend).eval()
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.inference_mode():
+        ref = m(ids)
+        cache = m.new_cache(2, 32)
+        m(ids[:, :8], cache=cache, prefill=True)
+        seqlens = cache.seqlens.data_ptr()
+        m.step = torch.compile(m.step, fullgraph=True, backend=compiler)
+        out = [m(ids[:, 8:9], cache=cache)]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            out += [m(ids[:, i:i + 1], cache=cache) for i in range(9, 12)]
+    torch.testing.assert_close(torch.cat(out, 1), ref[:, 8:], rtol=1e-4, atol=1e-4)
+    assert cache.lengths == [12, 12] and cache.seqlens.tolist() == [12, 12]
+    assert cache.seqlens.data_ptr() == seqlens  # updated in place, never rebuilt
+    torch._dynamo.reset()
+
+
+def test_kv_cache_is_a_module_with_device_lengths():
+    m = Transformer(TransformerConfig.from_name("tiny"))
+    cache = m.new_cache(2, 16, page_size=4)
+    assert isinstance(cache, torch.nn.Module)
+    assert {"seqlens", "block_table", "k_values", "v_values"} <= dict(cache.named_buffers()).keys()
+    assert cache.state_dict() == {}  # a cache is not part of a checkpoint
+    m(torch.zeros(2, 5, dtype=torch.long), cache=cache, prefill=True)
+    with pytest.raises(ValueError, match="empty cache"):
+        m(torch.zeros(2, 1, dtype=torch.long), cache=cache, prefill=True)
+    assert cache.lengths == [5, 5] and cache.seqlens.tolist() == [5, 5]
+    assert all(len(p) == 2 for p in cache._pages)  # a failed step gives its pages back
+
+
+def test_truncated_and_quantized_share_what_they_can():
+    from llmcore.nn import BFPLinear
+
+    m = Transformer(TransformerConfig.from_name("tiny", n_layers=3, tie_embeddings=True))
+    t = m.truncated(2)
+    assert t.config.n_layers == 2 and t.layers[1] is m.layers[1] and t.lm_head is m.lm_head
+    assert t.inv_freq is m.inv_freq and t.lm_head.weight is t.embed_tokens.weight
+    q = m.quantized("mxint8", lm_head=None)
+    assert q.embed_tokens is m.embed_tokens and q.lm_head.weight is m.embed_tokens.weight
+    assert isinstance(q.layers[0].mlp.up_proj, BFPLinear)
+    assert type(m.layers[0].mlp.up_proj) is torch.nn.Linear  # the original is untouched
+    with pytest.raises(ValueError, match="n_layers"):
+        m.truncated(3)
+    with pytest.raises(ValueError, match="already quantised"):
+        q.quantized()

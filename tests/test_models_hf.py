@@ -7,8 +7,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from llmcore.models.hf import load_pretrained, load_tokenizer, save_pretrained  # noqa: E402
 from llmcore.models.transformer import Transformer  # noqa: E402
+from llmcore.tokenizer import load_tokenizer  # noqa: E402
 
 COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               vocab_size=128, intermediate_size=96, max_position_embeddings=128)
@@ -90,8 +90,8 @@ def test_save_pretrained_round_trip(saved, tmp_path):
     hf, d = saved["qwen2"]
     model = Transformer.from_pretrained(d)
     out = tmp_path / "out"
-    save_pretrained(model, out)
-    again = load_pretrained(Transformer, out)
+    model.save_pretrained(out)
+    again = Transformer.from_pretrained(out)
     with torch.no_grad():
         assert torch.equal(again(IDS), model(IDS))
     back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()

@@ -111,7 +111,7 @@ def run(device: torch.device, quick: bool = False, progress_factory=None) -> dic
         """One target call on ``tokens`` new tokens over the prompt's cache, relative to
         t_step (the plain per-token cost)."""
         cache.reset()
-        target(prompt, cache=cache)
+        target(prompt, cache=cache, prefill=True)
         x = prompt[:, :tokens]
 
         def call():

@@ -86,7 +86,7 @@ def timed_calls(model: Transformer, prompt: torch.Tensor, steps: int, storage: s
 
     def prefill(i):
         cache.reset()
-        return model(prompt, cache=cache)
+        return model(prompt, cache=cache, prefill=True)
 
     def decode(i):
         cache.rollback(plen)

@@ -50,7 +50,7 @@ def load_model(args):
     dtype = getattr(torch, args.dtype)
     device = device_from_args(args)
     if args.model:
-        from llmcore.models.hf import load_tokenizer
+        from llmcore.tokenizer import load_tokenizer
 
         model = Transformer.from_pretrained(args.model, dtype=dtype, device=device,
                                             quantize=args.quantize, backend=args.backend)

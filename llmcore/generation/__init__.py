@@ -1,16 +1,16 @@
-"""Text generation: sampling, ``generate`` and ``assisted_generate`` (DESIGN §3)."""
+"""Text generation: sampling, ``generate``, ``assisted_generate`` and its drafters."""
 
-from llmcore.generation.assisted import (
-    AssistedStats,
+from llmcore.generation.assisted import AssistedStats, assisted_generate, predicted_speedup
+from llmcore.generation.drafters import (
+    Drafter,
+    ModelDrafter,
     PromptLookupDrafter,
-    assisted_generate,
     layer_skip_draft,
-    predicted_speedup,
     self_draft,
 )
-from llmcore.generation.generate import generate
+from llmcore.generation.generate import generate, pad_token
 from llmcore.generation.sampling import logits_to_probs, sample_next, top_k_mask, top_p_mask
 
-__all__ = ["AssistedStats", "PromptLookupDrafter", "assisted_generate", "generate", "layer_skip_draft",
-           "logits_to_probs", "predicted_speedup", "sample_next", "self_draft", "top_k_mask",
-           "top_p_mask"]
+__all__ = ["AssistedStats", "Drafter", "ModelDrafter", "PromptLookupDrafter",
+           "assisted_generate", "generate", "layer_skip_draft", "logits_to_probs", "pad_token",
+           "predicted_speedup", "sample_next", "self_draft", "top_k_mask", "top_p_mask"]

@@ -28,18 +28,23 @@ next drafting call. Sequences in a batch accept independently (each has its own 
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from llmcore.generation.generate import check_generation_inputs
+from llmcore.generation.drafters import (
+    MAX_DRAFT_TOKENS,
+    Drafter,
+    ModelDrafter,
+    PromptLookupDrafter,
+    feed,
+)
+from llmcore.generation.generate import check_generation_inputs, finish_batch, pad_token
 from llmcore.generation.sampling import logits_to_probs
 
 SCHEDULES = ("heuristic", "constant")
-MAX_DRAFT_TOKENS = 15  # the target scores at most 16 tokens per call (decode_attention)
 
 
 @dataclass
@@ -128,198 +133,6 @@ def predicted_speedup(alpha: float, gamma: float, cost_ratio: float) -> float:
     return expected / (gamma * cost_ratio + 1)
 
 
-# ---------------------------------------------------------------------------------------
-# Feeding tokens to a model whose sequences grow by different amounts
-# ---------------------------------------------------------------------------------------
-def _feed(model, cache, seqs: Sequence[Sequence[int]], device) -> torch.Tensor | None:
-    """Append each row's tokens ``seqs[b]`` (any lengths, possibly none) to ``cache`` in one
-    forward pass and return the logits [B, T, V] (T = the longest row; entries past a row's
-    length are meaningless). Rows are right-padded with filler, which sits after every real
-    token (so the causal mask hides it from them) and is rolled back afterwards."""
-    width = max(len(s) for s in seqs)
-    if width == 0:
-        return None
-    before = cache.lengths
-    packed = torch.zeros(len(seqs), width, dtype=torch.int64)
-    for b, s in enumerate(seqs):
-        if s:
-            packed[b, :len(s)] = torch.tensor(s, dtype=torch.int64)
-            packed[b, len(s):] = s[-1]
-    logits = model(packed.to(device), cache=cache)
-    if any(len(s) != width for s in seqs):
-        cache.rollback([n + len(s) for n, s in zip(before, seqs, strict=True)])
-    return logits
-
-
-# ---------------------------------------------------------------------------------------
-# Drafters: propose up to k_b tokens per row, with their draft distributions
-# ---------------------------------------------------------------------------------------
-class ModelDrafter:
-    """Proposals from a smaller (or quantised) model with its own KV cache, sampled with
-    the same temperature / top-k / top-p as the target (argmax at temperature 0)."""
-
-    def __init__(self, draft_model, batch: int, max_len: int, cache_storage: str,
-                 vocab: int):
-        dcfg = draft_model.config
-        if dcfg.vocab_size < vocab // 2 or dcfg.vocab_size > 2 * vocab:
-            raise ValueError(f"draft_model's vocab_size ({dcfg.vocab_size}) does not look like "
-                             f"the target's ({vocab}): the two models must share a tokenizer")
-        if dcfg.max_seq_len < max_len - MAX_DRAFT_TOKENS - 2:
-            raise ValueError(f"draft_model's max_seq_len ({dcfg.max_seq_len}) is shorter than "
-                             f"the prompt + max_new_tokens")
-        self.model, self.vocab = draft_model, vocab
-        self.device = draft_model.device
-        self.cache = draft_model.new_cache(batch, max_len, storage=cache_storage)
-        self.calls = 0
-
-    def prefill(self, seqs: list[list[int]]) -> None:
-        """Take in every committed token but the last of each row."""
-        _feed(self.model, self.cache, [s[:-1] for s in seqs], self.device)
-
-    def _fit_vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        """The draft's logits over the target's vocabulary (cut, or padded with -inf)."""
-        logits = logits.float()
-        v = logits.shape[-1]
-        if v >= self.vocab:
-            return logits[:, :self.vocab]
-        pad = logits.new_full((logits.shape[0], self.vocab - v), float("-inf"))
-        return torch.cat([logits, pad], dim=1)
-
-    def propose(self, seqs, ks, sampling, generator):
-        """seqs: each row's committed tokens; ks: proposals wanted per row.
-        Returns (tokens [B, K] int64, q [B, K, V] float32 or None at temperature 0, ks)."""
-        B, K = len(seqs), max(ks)
-        greedy = sampling[0] == 0
-        toks = torch.zeros(B, K, dtype=torch.int64, device=self.device)
-        qs = None if greedy else torch.zeros(B, K, self.vocab, device=self.device)
-        # catch up: each row feeds what its cache lacks (1 token, or 2 after a bonus token)
-        have = self.cache.lengths
-        tails = [s[n:] if k > 0 else [] for s, n, k in zip(seqs, have, ks, strict=True)]
-        logits = _feed(self.model, self.cache, tails, self.device)
-        self.calls += 1
-        last = torch.tensor([max(len(t) - 1, 0) for t in tails], device=self.device)
-        rows = torch.arange(B, device=self.device)
-        step_logits = logits[rows, last]
-        for j in range(K):
-            fitted = self._fit_vocab(step_logits)
-            if greedy:
-                tok = fitted.argmax(-1)
-            else:
-                q = logits_to_probs(fitted, *sampling)
-                qs[:, j] = q
-                tok = torch.multinomial(q, 1, generator=generator).squeeze(-1)
-            toks[:, j] = tok
-            if j + 1 < K:  # feed the proposal to get the next one (rows done with 0s)
-                nxt = [[int(tok[b])] if j + 1 < ks[b] else [] for b in range(B)]
-                out = _feed(self.model, self.cache, nxt, self.device)
-                self.calls += 1
-                step_logits = out[:, 0]
-        return toks, qs, list(ks)
-
-    def commit(self, new_lengths: list[int]) -> None:
-        """After verification: keep what the target kept (each row's committed length minus
-        one: the last token is fed at the next proposal)."""
-        have = self.cache.lengths
-        self.cache.rollback([min(h, n - 1) for h, n in zip(have, new_lengths, strict=True)])
-
-
-class PromptLookupDrafter:
-    """Proposals copied from earlier in the sequence (prompt lookup decoding, Saxena 2023):
-    find the most recent earlier occurrence of the last n tokens (n from ``max_ngram``
-    down to ``min_ngram``) and propose the tokens that followed it. No model, no cache."""
-
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
-        if not (isinstance(max_ngram, int) and isinstance(min_ngram, int)
-                and 1 <= min_ngram <= max_ngram):
-            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got min_ngram={min_ngram!r}, "
-                             f"max_ngram={max_ngram!r}")
-        self.max_ngram, self.min_ngram = max_ngram, min_ngram
-
-    def lookup(self, seq: Sequence[int], k: int) -> list[int]:
-        """Up to ``k`` tokens that followed the latest earlier match of seq's suffix."""
-        n_tok = len(seq)
-        if k <= 0:
-            return []
-        for n in range(min(self.max_ngram, n_tok - 1), self.min_ngram - 1, -1):
-            pattern = list(seq[n_tok - n:])
-            for start in range(n_tok - n - 1, -1, -1):  # latest match first
-                if list(seq[start:start + n]) == pattern:
-                    follow = list(seq[start + n:start + n + k])
-                    if follow:
-                        return follow
-        return []
-
-    def prefill(self, seqs) -> None:
-        pass
-
-    def propose(self, seqs, ks, sampling, generator):
-        """Returns (tokens [B, K], None: the proposals are deterministic (q one-hot), the
-        number found per row: fewer than asked, or none, where nothing matched)."""
-        found = [self.lookup(s, k) for s, k in zip(seqs, ks, strict=True)]
-        K = max(len(f) for f in found)
-        toks = torch.zeros(len(seqs), K, dtype=torch.int64)
-        for b, f in enumerate(found):
-            toks[b, :len(f)] = torch.tensor(f, dtype=torch.int64)
-        return toks, None, [len(f) for f in found]
-
-    def commit(self, new_lengths) -> None:
-        pass
-
-
-def self_draft(model, format: str = "mxint4", lm_head: str | None = "auto"):
-    """A draft model that is ``model`` with BFP weights (``model.quantize(format,
-    lm_head=lm_head)`` on a copy): no second model to train or download. The embedding
-    table is shared with the target, not copied."""
-    from llmcore.nn import BFPLinear
-
-    if any(isinstance(m, BFPLinear) for m in model.modules()):
-        raise ValueError("self_draft needs a model with full-precision linears (this one is "
-                         "already quantised)")
-    emb = model.embed_tokens
-    model.embed_tokens = None  # keep the (large) table out of the copy
-    try:
-        draft = copy.deepcopy(model)
-    finally:
-        model.embed_tokens = emb
-    draft.embed_tokens = emb
-    if model.lm_head.weight is emb.weight:
-        draft.lm_head.weight = emb.weight  # re-tie; quantize() unties into its own copy
-    return draft.quantize(format, lm_head=lm_head).eval()
-
-
-def layer_skip_draft(model, n_layers: int, format: str | None = None):
-    """A draft made of the target's first ``n_layers`` blocks, its final norm and its
-    output head (early exit, as in LayerSkip and Draft & Verify): no second model to train.
-    Without ``format`` every module is shared with the target (no memory); with a BFP
-    ``format`` the kept blocks and the head are copied and quantised (``quantize(format)``),
-    the embedding table is still shared."""
-    from dataclasses import replace
-
-    from torch import nn
-
-    from llmcore.models.transformer import Transformer
-
-    n_total = model.config.n_layers
-    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or not 1 <= n_layers < n_total:
-        raise ValueError(f"n_layers must be an int in [1, {n_total}), got {n_layers!r}")
-    cfg = replace(model.config, n_layers=n_layers)
-    draft = Transformer(cfg, backend=model.backend, device="meta", dtype=model.dtype)
-    draft.embed_tokens = model.embed_tokens
-    draft.inv_freq = model.inv_freq
-    if format is None:
-        draft.layers = nn.ModuleList(model.layers[:n_layers])
-        draft.norm, draft.lm_head = model.norm, model.lm_head
-        return draft.eval()
-    draft.layers = copy.deepcopy(model.layers[:n_layers])
-    draft.norm = copy.deepcopy(model.norm)
-    if model.lm_head.weight is model.embed_tokens.weight:
-        draft.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False, device="meta")
-        draft.lm_head.weight = model.embed_tokens.weight  # quantize() unties by copying
-    else:
-        draft.lm_head = copy.deepcopy(model.lm_head)
-    return draft.quantize(format).eval()
-
-
 def _verify(target_logits, toks, qs, ks, sampling, generator):
     """Per row: (number of proposals kept, the target's token after them).
 
@@ -389,10 +202,8 @@ def assisted_generate(model, draft_model, input_ids: torch.Tensor, max_new_token
     draft_model : the drafter, one of
         a Transformer sharing the target's tokenizer (a smaller model, or
         :func:`self_draft` of the target); ``"prompt_lookup"`` (or ``None``): n-gram
-        matches against the prompt and the text so far; or a drafter object with
-        ``prefill(seqs)``, ``propose(seqs, ks, sampling, generator)`` -> (tokens [B, K],
-        draft probabilities [B, K, V] or None for deterministic proposals, proposals made
-        per row) and ``commit(lengths)`` (see :class:`PromptLookupDrafter`).
+        matches against the prompt and the text so far; or any
+        :class:`~llmcore.generation.drafters.Drafter`.
     input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, eos_token_id,
     pad_token_id, cache_storage, seed, generator : as in :func:`~llmcore.generation.generate`
     num_draft_tokens : int
@@ -408,7 +219,8 @@ def assisted_generate(model, draft_model, input_ids: torch.Tensor, max_new_token
     Returns
     -------
     (tokens, stats): tokens as :func:`generate` returns them (LongTensor [batch,
-    prompt_len + n_new], rows that stopped early padded), and :class:`AssistedStats`.
+    prompt_len + n_new], rows that stopped early padded as ``generate`` pads them:
+    :func:`~llmcore.generation.generate.pad_token`), and :class:`AssistedStats`.
     """
     t0 = time.perf_counter()
     if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) \
@@ -443,7 +255,7 @@ def assisted_generate(model, draft_model, input_ids: torch.Tensor, max_new_token
     elif isinstance(draft_model, str):
         raise ValueError(f"draft_model must be a model, 'prompt_lookup' or None, got "
                          f"{draft_model!r}")
-    elif hasattr(draft_model, "propose"):
+    elif isinstance(draft_model, Drafter):
         drafter = draft_model
     else:
         if draft_model is model:
@@ -457,9 +269,9 @@ def assisted_generate(model, draft_model, input_ids: torch.Tensor, max_new_token
                          f"{generator.device}; put both models on one device")
 
     cache = model.new_cache(batch, room, storage=cache_storage)
-    _feed(model, cache, [s[:-1] for s in seqs], device)
+    feed(model, cache, [s[:-1] for s in seqs], device, prefill=True)
     drafter.prefill(seqs)
-    base_draft_calls = getattr(drafter, "calls", 0)
+    base_draft_calls = drafter.calls
 
     n_new = [0] * batch
     done = [False] * batch
@@ -474,7 +286,7 @@ def assisted_generate(model, draft_model, input_ids: torch.Tensor, max_new_token
         toks_cpu = toks.to("cpu")
         fed = [[] if done[b] else [seqs[b][-1]] + toks_cpu[b, :ks[b]].tolist()
                for b in range(batch)]
-        logits = _feed(model, cache, fed, device)  # [B, K+1, V]
+        logits = feed(model, cache, fed, device)  # [B, K+1, V]
         stats.target_calls += 1
         n_keep, extra = _verify(logits, toks_cpu, qs, ks, sampling, generator)
         emitted: list[list[int]] = []
@@ -512,13 +324,8 @@ def assisted_generate(model, draft_model, input_ids: torch.Tensor, max_new_token
             stream([torch.tensor(e, dtype=torch.int64) for e in emitted])
         if schedule == "heuristic" and any(k > 0 for k in ks):
             gamma = min(gamma + 2, MAX_DRAFT_TOKENS) if full else max(gamma - 1, 1)
-    stats.draft_calls = getattr(drafter, "calls", 0) - base_draft_calls
-
-    fill = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
-    width = max(n_new)
-    out = torch.full((batch, width), fill, dtype=torch.int64)
-    for b in range(batch):
-        gen = seqs[b][lengths[b]:]
-        out[b, :len(gen)] = torch.tensor(gen, dtype=torch.int64)
+    stats.draft_calls = drafter.calls - base_draft_calls
+    out = finish_batch(input_ids, [s[n:] for s, n in zip(seqs, lengths, strict=True)],
+                       pad_token(eos_ids, pad_token_id))
     stats.elapsed_s = time.perf_counter() - t0
-    return torch.cat([input_ids, out.to(input_ids.device, input_ids.dtype)], dim=1), stats
+    return out, stats

@@ -93,6 +93,29 @@ def check_generation_inputs(model, input_ids, max_new_tokens, temperature, top_k
     return eos, starts, lengths
 
 
+def pad_token(eos: Sequence[int], pad_token_id: int | None) -> int:
+    """The token that fills a row's positions after it stopped: ``pad_token_id`` when
+    given, else the first EOS id in the order the caller listed them (``eos_token_id=[200,
+    174]`` pads with 200), else 0. ``generate`` and ``assisted_generate`` both pad so."""
+    if pad_token_id is not None:
+        return pad_token_id
+    return eos[0] if eos else 0
+
+
+def finish_batch(input_ids: torch.Tensor, new_tokens, fill: int) -> torch.Tensor:
+    """The prompt rows as given, then each row's new tokens (a LongTensor [batch, n] or a
+    list of token lists), rows shorter than the longest padded with ``fill``: a tensor
+    [batch, prompt_len + n_new] on input_ids' device, in its dtype."""
+    if isinstance(new_tokens, torch.Tensor):
+        new = new_tokens
+    else:
+        new = torch.full((len(new_tokens), max(len(r) for r in new_tokens)), fill,
+                         dtype=torch.int64)
+        for b, row in enumerate(new_tokens):
+            new[b, :len(row)] = torch.as_tensor(row, dtype=torch.int64)
+    return torch.cat([input_ids, new.to(input_ids.device, input_ids.dtype)], dim=1)
+
+
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None,
@@ -105,14 +128,14 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     Parameters
     ----------
     model : llmcore.models.Transformer (anything with ``config``, ``new_cache`` and
-        ``model(ids, cache=cache)``)
+        ``model(ids, cache=cache, prefill=...)``)
     input_ids : LongTensor [batch, prompt_len]
     attention_mask : [batch, prompt_len] of 0/1, optional
         Marks the real tokens of each row (one contiguous block: left or right padding).
     temperature, top_k, top_p : sampling (temperature 0: greedy)
     eos_token_id : int or list of ints, optional
-        A row stops after producing one of them; its later positions hold ``pad_token_id``
-        (or the first eos id when no pad id is given).
+        A row stops after producing one of them; its later positions hold
+        :func:`pad_token`: ``pad_token_id``, or the first eos id in the order given.
     cache_storage : "native" or "mxint8"
     stream : callable, optional
         Called after each step with that step's new tokens, LongTensor [batch].
@@ -134,7 +157,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     if max_new_tokens == 0:
         return input_ids.clone()
 
-    fill = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    fill = pad_token(eos, pad_token_id)
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(int(seed))
 
@@ -145,7 +168,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     for b, (s, n) in enumerate(zip(starts, lengths, strict=True)):
         packed[b, :n] = ids[b, s:s + n]
     cache = model.new_cache(batch, width + max_new_tokens, storage=cache_storage)
-    logits = model(packed, cache=cache)  # [B, width, V]
+    logits = model(packed, cache=cache, prefill=True)  # [B, width, V]
     cache.rollback(lengths)
     last = torch.tensor(lengths, device=device) - 1
     next_logits = logits[torch.arange(batch, device=device), last]  # [B, V]
@@ -165,5 +188,4 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
                 break
         if step + 1 < max_new_tokens:
             next_logits = model(tok.unsqueeze(1), cache=cache)[:, -1]
-    new = torch.stack(out, dim=1).to(input_ids.device, input_ids.dtype)
-    return torch.cat([input_ids, new], dim=1)
+    return finish_batch(input_ids, torch.stack(out, dim=1), fill)

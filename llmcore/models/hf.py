@@ -1,15 +1,18 @@
-"""Hugging Face checkpoints and tokenizers for :class:`~llmcore.models.Transformer`.
+"""Hugging Face checkpoints: pure conversion between a local directory and a config plus
+tensors. :meth:`Transformer.from_pretrained <llmcore.models.Transformer.from_pretrained>`
+and ``save_pretrained`` build the model around these functions; nothing here imports the
+model (tokenizers live in :mod:`llmcore.tokenizer`).
 
-* :func:`load_pretrained` reads a local Llama/Mistral/Qwen2 directory: ``config.json`` and
+* :func:`read_checkpoint` reads a Llama/Mistral/Qwen2 directory: ``config.json`` and
   ``model.safetensors`` or a sharded ``model.safetensors.index.json``. Only safetensors are
   read; pickled weights (``*.bin``, ``*.pt``) are refused, never unpickled. BFP-quantised
-  checkpoints written by :func:`save_pretrained` load back exactly.
-* :func:`save_pretrained` writes ``config.json`` (HF names, so ``transformers`` reads a
+  checkpoints written by :func:`write_checkpoint` load back exactly.
+* :func:`state_dict_from_checkpoint` names the tensors as a model's state_dict does and
+  reports every mismatch.
+* :func:`write_checkpoint` writes ``config.json`` (HF names, so ``transformers`` reads a
   non-quantised directory back) and ``model.safetensors`` atomically through
   :func:`llmcore.ops.save_bfp` (BFP weights as BFPTensors, recorded under
   ``llmcore_quantization`` in config.json).
-* :func:`load_tokenizer` wraps ``tokenizers.Tokenizer`` with the special-token ids and the
-  chat template of the directory.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from llmcore.formats import BFPFormat, get_format
 from llmcore.models.config import TransformerConfig
@@ -232,127 +235,122 @@ def _quant_format(q: dict) -> BFPFormat:
     return get_format(q["format"])
 
 
-def _build(cls, cfg, backend, device, dtype):
-    with torch.device("meta"):
-        model = cls(cfg, backend=backend, dtype=dtype)
-    model = model.to_empty(device=device if device is not None else "cpu")
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    from llmcore.models.transformer import rope_inv_freq
+@dataclass
+class Checkpoint:
+    """What a Hugging Face directory holds, before any model is built.
 
-    model.inv_freq = rope_inv_freq(cfg).to(model.embed_tokens.weight.device)
-    with torch.no_grad():  # deterministic contents until the checkpoint overwrites them
-        for p in model.parameters():
-            p.zero_()
-    return model
+    config       the TransformerConfig of config.json
+    hf_config    config.json itself
+    tensors      every tensor by name, without the ``model.`` prefix (BFP weights as
+                 BFPTensors)
+    quantized    {module name: BFPFormat} of the linears stored as BFP weights
+    act_format   the activation format recorded for them (None: weight-only)
+    """
+
+    config: TransformerConfig
+    hf_config: dict
+    tensors: dict
+    quantized: dict = field(default_factory=dict)
+    act_format: BFPFormat | str | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The checkpoint's ``torch_dtype`` (float32 when config.json names none)."""
+        return _checkpoint_dtype(self.hf_config)
 
 
-def load_pretrained(cls, path, dtype: torch.dtype | None = None, device=None,
-                    quantize: str | None = None, backend: str = "llmcore"):
-    """Build ``cls`` (a Transformer) from a local Hugging Face directory; see module doc."""
-    from llmcore.nn.bfp_linear import BFPLinear
-
+def read_checkpoint(path, device=None) -> Checkpoint:
+    """Read config.json and the safetensors weights of a local directory (sharded or not)
+    onto ``device`` (default CPU); see the module docstring."""
     path = Path(path)
     hf = read_hf_config(path)
     cfg = config_from_hf(hf, str(path / "config.json"))
-    dtype = dtype or _checkpoint_dtype(hf)
-    files = _weight_files(path)
-    tensors = _load_tensors(files, device)
-    model = _build(cls, cfg, backend, device, dtype)
+    tensors = _load_tensors(_weight_files(path), device)
+    act = (hf.get("llmcore_quantization") or {}).get("act_format")
+    quantized = {k.removesuffix(".weight"): v.format for k, v in tensors.items()
+                 if isinstance(v, BFPTensor) and k.endswith(".weight")}
+    return Checkpoint(cfg, hf, tensors, quantized,
+                      _quant_format(act) if isinstance(act, dict) else act)
 
-    # BFP checkpoint: quantise the linears that carry BFP weights, in their recorded format.
-    qinfo = hf.get("llmcore_quantization") or {}
-    act = qinfo.get("act_format")
-    act_fmt = _quant_format(act) if isinstance(act, dict) else act
-    bfp_names = [k for k, v in tensors.items() if isinstance(v, BFPTensor)]
-    if bfp_names and quantize is not None:
-        raise ValueError(f"{path} is already BFP-quantised; load it with quantize=None")
-    for name in bfp_names:
-        mod_name = name.removesuffix(".weight")
-        try:
-            mod = model.get_submodule(mod_name)
-        except AttributeError:
-            continue  # reported as unexpected below
-        if not name.endswith(".weight") or type(mod) is not nn.Linear:
-            continue
-        parent_name, _, child = mod_name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        if mod_name == "lm_head" and cfg.tie_embeddings:
-            mod.weight = nn.Parameter(mod.weight.detach().clone())
-        setattr(parent, child, BFPLinear.from_linear(mod, tensors[name].format, act_fmt))
-        q = tensors.pop(name)
-        tensors[f"{mod_name}.weight_mantissa"] = q.mantissa
-        tensors[f"{mod_name}.weight_exponent"] = q.exponent
 
-    expected = model.state_dict()
-    tied = cfg.tie_embeddings and model.lm_head.weight is model.embed_tokens.weight
+def _listed(names: list[str], what: str) -> str:
+    more = f" (+{len(names) - 20} more)" if len(names) > 20 else ""
+    return f"{what}: {', '.join(names[:20])}{more}"
+
+
+def state_dict_from_checkpoint(ckpt: Checkpoint, expected: dict, tied: bool, where) -> dict:
+    """The checkpoint's tensors named as ``expected`` (a model's state_dict) names them:
+    BFP weights split into ``weight_mantissa`` / ``weight_exponent`` where the model holds a
+    BFP linear, the head dropped when ``tied`` to the embedding, rotary buffers dropped
+    (they are recomputed). Raises ValueError naming every missing, unexpected or
+    misshapen tensor."""
+    tensors = dict(ckpt.tensors)
+    expected = dict(expected)
+    for name in [k for k, v in tensors.items() if isinstance(v, BFPTensor)]:
+        mod = name.removesuffix(".weight")
+        if f"{mod}.weight_mantissa" in expected:
+            q = tensors.pop(name)
+            tensors[f"{mod}.weight_mantissa"] = q.mantissa
+            tensors[f"{mod}.weight_exponent"] = q.exponent
     if tied:
         tensors.pop("lm_head.weight", None)  # same storage as embed_tokens
         expected.pop("lm_head.weight", None)
-    elif (cfg.tie_embeddings and type(model.lm_head) is nn.Linear
-          and "lm_head.weight" not in tensors and "embed_tokens.weight" in tensors):
-        tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
-    # Qwen2-style checkpoints may carry rotary buffers; they are recomputed.
     for k in [k for k in tensors if k.endswith("rotary_emb.inv_freq")]:
         tensors.pop(k)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     problems = []
     if missing:
-        problems.append(f"missing tensors: {', '.join(missing[:20])}"
-                        + (f" (+{len(missing) - 20} more)" if len(missing) > 20 else ""))
+        problems.append(_listed(missing, "missing tensors"))
     if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected[:20])}"
-                        + (f" (+{len(unexpected) - 20} more)" if len(unexpected) > 20 else ""))
+        problems.append(_listed(unexpected, "unexpected tensors"))
     for k in sorted(set(expected) & set(tensors)):
-        if tuple(tensors[k].shape) != tuple(expected[k].shape):
+        if isinstance(tensors[k], BFPTensor):
+            problems.append(f"tensor {k!r} is BFP-quantised but belongs to no linear layer")
+        elif tuple(tensors[k].shape) != tuple(expected[k].shape):
             problems.append(f"tensor {k!r} has shape {list(tensors[k].shape)}, expected "
                             f"{list(expected[k].shape)}")
     if problems:
-        raise ValueError(f"checkpoint {path} does not match the {cfg.extra.get('architectures')}"
-                         f" config: " + "; ".join(problems))
-    model.load_state_dict(tensors, strict=False)
-    if quantize is not None:
-        model.quantize(quantize)
-    model.eval()
-    return model
+        raise ValueError(f"checkpoint {where} does not match the "
+                         f"{ckpt.config.extra.get('architectures')} config: " + "; ".join(problems))
+    return tensors
 
 
-def save_pretrained(model, path) -> None:
-    """Write ``config.json`` and ``model.safetensors`` (HF layout; BFP weights as
-    BFPTensors) into directory ``path``."""
-    from llmcore.nn.bfp_linear import BFPLinear
+def write_checkpoint(path, config: TransformerConfig, dtype: torch.dtype, state_dict: dict,
+                     quantized: dict | None = None, act_format: BFPFormat | None = None,
+                     tied: bool = False) -> None:
+    """Write ``config.json`` and ``model.safetensors`` (HF layout) into directory ``path``.
 
+    ``state_dict`` uses the model's names; ``quantized`` maps the name of each BFP linear
+    to its weight (a BFPTensor: written in place of its mantissa / exponent buffers and
+    recorded under ``llmcore_quantization``); ``tied``: the head shares the embedding and
+    is not written."""
+    quantized = quantized or {}
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
     tensors: dict = {}
     quant: dict = {}
-    bfp_mods = {n: m for n, m in model.named_modules() if isinstance(m, BFPLinear)}
-    tied = cfg.tie_embeddings and model.lm_head.weight is model.embed_tokens.weight
-    for name, t in model.state_dict().items():
+    for name, t in state_dict.items():
         mod_name, _, leaf = name.rpartition(".")
         hf_name = name if name.startswith("lm_head.") else f"model.{name}"
         if name == "lm_head.weight" and tied:
             continue
-        mod = bfp_mods.get(mod_name)
-        if mod is not None and leaf in ("weight_mantissa", "weight_exponent"):
+        if mod_name in quantized and leaf in ("weight_mantissa", "weight_exponent"):
             if leaf == "weight_mantissa":
-                q = mod.qweight
+                q = quantized[mod_name]
                 tensors[hf_name.rpartition(".")[0] + ".weight"] = q
-                f = q.format
-                quant.setdefault("format", f.name)
-                quant.setdefault("mantissa_bits", f.mantissa_bits)
-                quant.setdefault("block_size", f.block_size)
-                if mod.act_format is not None:
-                    a = mod.act_format
-                    quant["act_format"] = {"format": a.name, "mantissa_bits": a.mantissa_bits,
-                                           "block_size": a.block_size}
+                quant.setdefault("format", q.format.name)
+                quant.setdefault("mantissa_bits", q.format.mantissa_bits)
+                quant.setdefault("block_size", q.format.block_size)
             continue
         tensors[hf_name] = t.detach()
-    for n in bfp_mods:
-        quant.setdefault("modules", []).append(n)
-    hf = config_to_hf(cfg, model.embed_tokens.weight.dtype)
+    if quantized:
+        if act_format is not None:
+            quant["act_format"] = {"format": act_format.name,
+                                   "mantissa_bits": act_format.mantissa_bits,
+                                   "block_size": act_format.block_size}
+        quant["modules"] = list(quantized)
+    hf = config_to_hf(config, dtype)
     if quant:
         hf["llmcore_quantization"] = quant
     save_bfp(tensors, path / "model.safetensors", metadata={"format": "pt"})
@@ -364,97 +362,3 @@ def save_pretrained(model, path) -> None:
         json.dump(hf, f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path / "config.json")
-
-
-# ---------------------------------------------------------------------------------------
-# Tokenizer
-# ---------------------------------------------------------------------------------------
-class HFTokenizer:
-    """A ``tokenizers.Tokenizer`` with the directory's special tokens and chat template."""
-
-    def __init__(self, tokenizer, config: dict | None = None, generation_config: dict | None = None,
-                 model_config: dict | None = None):
-        self.tokenizer = tokenizer
-        self.config = config or {}
-        self.chat_template = self.config.get("chat_template")
-        if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}]
-            named = {t.get("name"): t.get("template") for t in self.chat_template}
-            self.chat_template = named.get("default") or next(iter(named.values()), None)
-        gen, mod = generation_config or {}, model_config or {}
-        for kind in ("bos", "eos", "pad"):
-            tok = self._token_str(self.config.get(f"{kind}_token"))
-            setattr(self, f"{kind}_token", tok)
-            tid = self.tokenizer.token_to_id(tok) if tok is not None else None
-            if tid is None:
-                tid = gen.get(f"{kind}_token_id", mod.get(f"{kind}_token_id"))
-                if isinstance(tid, list):
-                    tid = tid[0] if tid else None
-            setattr(self, f"{kind}_token_id", tid)
-        if self.eos_token is None and self.eos_token_id is not None:
-            self.eos_token = self.tokenizer.id_to_token(self.eos_token_id)
-        if self.bos_token is None and self.bos_token_id is not None:
-            self.bos_token = self.tokenizer.id_to_token(self.bos_token_id)
-
-    @staticmethod
-    def _token_str(t):
-        if isinstance(t, dict):
-            return t.get("content")
-        return t
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.get_vocab_size()
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tokenize: bool = False, **kwargs):
-        """Render ``messages`` with the chat template (a string, or ids if ``tokenize``)."""
-        if not self.chat_template:
-            raise ValueError("this tokenizer has no chat_template (tokenizer_config.json)")
-        try:
-            import jinja2
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-        except ImportError:
-            raise ImportError("rendering a chat template needs jinja2: pip install jinja2") from None
-
-        def raise_exception(msg):
-            raise ValueError(f"chat template error: {msg}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            undefined=jinja2.StrictUndefined
-                                            if kwargs.pop("strict", False) else jinja2.Undefined)
-        env.globals["raise_exception"] = raise_exception
-        env.filters.setdefault("tojson", lambda x, **kw: json.dumps(x, **kw))
-        text = env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
-        if tokenize:
-            return self.encode(text, add_special_tokens=False)
-        return text
-
-    def __len__(self) -> int:
-        return self.vocab_size
-
-
-def load_tokenizer(path) -> HFTokenizer:
-    """The tokenizer of a local directory (tokenizer.json, via the ``tokenizers`` library)."""
-    from tokenizers import Tokenizer
-
-    path = Path(path)
-    tj = path / "tokenizer.json"
-    if not tj.is_file():
-        raise FileNotFoundError(f"{tj} not found (only the fast tokenizer.json format is "
-                                "supported)")
-    opt = {}
-    for name in ("tokenizer_config.json", "generation_config.json", "config.json"):
-        f = path / name
-        opt[name] = _read_json(f) if f.is_file() else None
-    return HFTokenizer(Tokenizer.from_file(str(tj)), opt["tokenizer_config.json"],
-                       opt["generation_config.json"], opt["config.json"])

@@ -1,18 +1,26 @@
-"""KVCache: the keys and values of every layer for a batch of sequences (DESIGN §2.4).
+"""KVCache: the keys and values of every layer for a batch of sequences.
 
-One buffer per K and V holds all layers (``[layers, batch, max_seq, kv_heads, head_dim]``,
-or with paging ``[layers, num_pages, page_size, kv_heads, head_dim]`` plus a block table
-shared by the layers). Storage is a float dtype or MXINT8 (int8 mantissas + one E8M0
-exponent per 32 elements of head_dim: about half the bytes of fp16). Lengths are tracked
-on the host, so every check is free and the kernels are called with ``validate=False``.
+An ``nn.Module`` whose buffers live on the model's device: one buffer per K and V holds all
+layers (``[layers, batch, max_seq, kv_heads, head_dim]``, or with paging ``[layers,
+num_pages, page_size, kv_heads, head_dim]`` plus a block table shared by the layers), and
+``seqlens`` (int32 [batch]) holds each sequence's committed length. Storage is a float
+dtype or MXINT8 (int8 mantissas + one E8M0 exponent per 32 elements of head_dim: about
+half the bytes of fp16).
+
+The lengths are advanced in place on the device (``seqlens.add_``), never rebuilt from the
+host, so a step costs no host-to-device copy and no sync, and the device work of a step
+compiles (``torch.compile(fullgraph=True)``, CUDA graphs). A host mirror of the lengths
+(``lengths``) serves the checks and the error messages only; the page pool is host
+bookkeeping (a page is reserved when a step needs it).
 
 A forward step over T new tokens::
 
-    pos = cache.prepare(T)            # [batch, T] positions (for RoPE); reserves pages
+    cache.prepare(T)                   # host: checks, reserves pages
+    pos = cache.positions(T)           # [batch, T] positions (for RoPE), on the device
     for layer ...:
         cache.append(layer, k, v)      # k, v: [batch, T, kv_heads, head_dim]
         out = cache.attend(layer, q)   # q: [batch, T, heads, head_dim]
-    cache.commit()                    # lengths += T
+    cache.commit()                     # lengths += T (device, in place; and the mirror)
 
 ``rollback(lengths)`` truncates sequences (speculative decoding rejected tokens; pages
 past the new end go back to the pool), ``reset()`` empties the cache.
@@ -23,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from llmcore.formats import get_format
 from llmcore.ops.bfp import BFPTensor
@@ -31,7 +40,7 @@ from llmcore.ops.decode import decode_attention, kv_cache_append
 STORAGES = ("native", "mxint8")
 
 
-class KVCache:
+class KVCache(nn.Module):
     """Keys and values of ``n_layers`` layers for ``batch_size`` sequences.
 
     Parameters
@@ -46,12 +55,18 @@ class KVCache:
         from a pool of ``num_pages`` (default: enough for every sequence at
         ``max_seq_len``) as sequences grow, and returned on rollback/reset.
     num_pages : int, optional
+
+    Buffers (not saved in ``state_dict``): ``k_values`` / ``v_values`` (the float values,
+    or the int8 mantissas of MXINT8 storage), ``k_exponents`` / ``v_exponents`` (MXINT8
+    only, else None), ``seqlens`` (int32 [batch], committed lengths) and ``block_table``
+    (int32 [batch, max_pages] with paging, else None).
     """
 
     def __init__(self, n_layers: int, batch_size: int, max_seq_len: int, n_kv_heads: int,
                  head_dim: int, dtype: torch.dtype = torch.float32, device="cpu",
                  storage: str = "native", page_size: int | None = None,
                  num_pages: int | None = None):
+        super().__init__()
         for name, val in (("n_layers", n_layers), ("batch_size", batch_size),
                           ("max_seq_len", max_seq_len), ("n_kv_heads", n_kv_heads),
                           ("head_dim", head_dim)):
@@ -61,10 +76,11 @@ class KVCache:
             raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
         self.n_layers, self.batch_size, self.max_seq_len = n_layers, batch_size, max_seq_len
         self.n_kv_heads, self.head_dim, self.dtype = n_kv_heads, head_dim, dtype
-        self.device, self.storage = torch.device(device), storage
-        self.page_size = page_size
-        self._lengths = [0] * batch_size
+        self.storage, self.page_size = storage, page_size
+        device = torch.device(device)
+        self._lengths = [0] * batch_size  # host mirror of seqlens: checks and messages only
         self._pending = 0
+        block_table = None
         if page_size is not None:
             if not isinstance(page_size, int) or page_size < 1:
                 raise ValueError(f"page_size must be a positive int, got {page_size!r}")
@@ -75,53 +91,85 @@ class KVCache:
             lead = (n_layers, self.num_pages, page_size)
             self._free = list(range(self.num_pages - 1, -1, -1))  # a stack: pop() -> 0, 1, ..
             self._pages: list[list[int]] = [[] for _ in range(batch_size)]
-            self.block_table = torch.zeros(batch_size, self.max_pages, dtype=torch.int32,
-                                           device=self.device)
+            block_table = torch.zeros(batch_size, self.max_pages, dtype=torch.int32,
+                                      device=device)
+        elif num_pages is not None:
+            raise ValueError("num_pages needs page_size")
         else:
-            if num_pages is not None:
-                raise ValueError("num_pages needs page_size")
             lead = (n_layers, batch_size, max_seq_len)
-            self.block_table = None
         shape = (*lead, n_kv_heads, head_dim)
-        if storage == "mxint8":
-            fmt = get_format("mxint8")
-            eshape = (*lead, n_kv_heads, fmt.exponent_cols(head_dim))
-            self.k = (torch.zeros(shape, dtype=torch.int8, device=self.device),
-                      torch.zeros(eshape, dtype=torch.uint8, device=self.device))
-            self.v = (torch.zeros(shape, dtype=torch.int8, device=self.device),
-                      torch.zeros(eshape, dtype=torch.uint8, device=self.device))
-        else:
-            self.k = torch.zeros(shape, dtype=dtype, device=self.device)
-            self.v = torch.zeros(shape, dtype=dtype, device=self.device)
-        self._seqlens = torch.zeros(batch_size, dtype=torch.int32, device=self.device)
+        mx = storage == "mxint8"
+        vdtype = torch.int8 if mx else dtype
+        eshape = (*lead, n_kv_heads, get_format("mxint8").exponent_cols(head_dim))
+        for kv in ("k", "v"):
+            self.register_buffer(f"{kv}_values", torch.zeros(shape, dtype=vdtype, device=device),
+                                 persistent=False)
+            self.register_buffer(f"{kv}_exponents", torch.zeros(eshape, dtype=torch.uint8,
+                                                                device=device) if mx else None,
+                                 persistent=False)
+        self.register_buffer("block_table", block_table, persistent=False)
+        self.register_buffer("seqlens", torch.zeros(batch_size, dtype=torch.int32,
+                                                    device=device), persistent=False)
+        self._bind()
 
-    # -- lengths ---------------------------------------------------------------------------
+    def _bind(self) -> None:
+        """Plain references to the buffers and per-layer views of K/V (BFPTensors for
+        MXINT8) for the per-token path: no nn.Module attribute lookup and no BFPTensor
+        construction per layer per step. Rebound whenever the buffers move (``_apply``)."""
+        self._seq, self._table = self.seqlens, self.block_table
+        kv = [(self.k_values, self.k_exponents), (self.v_values, self.v_exponents)]
+        if self.storage == "mxint8":
+            self._views = [tuple(BFPTensor(m[i], e[i], "mxint8", tuple(m[i].shape), self.dtype)
+                                 for m, e in kv) for i in range(self.n_layers)]
+        else:
+            self._views = [(self.k_values[i], self.v_values[i]) for i in range(self.n_layers)]
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._bind()
+        return out
+
+    @property
+    def device(self) -> torch.device:
+        return self._seq.device
+
+    def layer_kv(self, layer: int):
+        """``layer``'s K and V storage, fresh views [batch, max_seq, kv_heads, head_dim] (or
+        the paged form); BFPTensors for MXINT8 storage."""
+        if self.storage == "mxint8":
+            return self._views[layer]
+        return self.k_values[layer], self.v_values[layer]
+
+    @property
+    def k(self):
+        """All layers' keys: a tensor, or (mantissas, exponents) for MXINT8 storage."""
+        return self.k_values if self.k_exponents is None else (self.k_values, self.k_exponents)
+
+    @property
+    def v(self):
+        """All layers' values: a tensor, or (mantissas, exponents) for MXINT8 storage."""
+        return self.v_values if self.v_exponents is None else (self.v_values, self.v_exponents)
+
     @property
     def lengths(self) -> list[int]:
-        """Committed length of each sequence."""
+        """Committed length of each sequence (the host mirror of ``seqlens``)."""
         return list(self._lengths)
 
-    @property
-    def seqlens(self) -> torch.Tensor:
-        """int32 [batch] on the cache's device: committed lengths."""
-        return self._seqlens
-
     def nbytes(self) -> int:
-        parts = (*self.k, *self.v) if self.storage == "mxint8" else (self.k, self.v)
-        return sum(t.numel() * t.element_size() for t in parts)
+        parts = (self.k_values, self.v_values, self.k_exponents, self.v_exponents)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
-    def _set_lengths(self, lengths: Sequence[int]) -> None:
-        self._lengths = [int(x) for x in lengths]
-        self._seqlens = torch.tensor(self._lengths, dtype=torch.int32, device=self.device)
-
-    # -- a step ----------------------------------------------------------------------------
-    def prepare(self, num_new: int) -> torch.Tensor:
-        """Reserve room for ``num_new`` tokens per sequence; returns their positions
-        [batch, num_new] (int64, for RoPE)."""
+    # -- a step: host checks ------------------------------------------------------------
+    def prepare(self, num_new: int, prefill: bool = False) -> torch.Tensor:
+        """Check and reserve room for ``num_new`` tokens per sequence (``prefill``: the
+        cache must be empty); returns their positions, as :meth:`positions`."""
         if not isinstance(num_new, int) or num_new < 1:
             raise ValueError(f"num_new must be a positive int, got {num_new!r}")
         if self._pending:
             raise RuntimeError("prepare() called twice without commit()")
+        if prefill and any(self._lengths):
+            raise ValueError(f"a prefill step needs an empty cache, got lengths {self._lengths} "
+                             "(use prefill=False to attend to the cached tokens)")
         longest = max(self._lengths) + num_new
         if longest > self.max_seq_len:
             raise ValueError(f"{num_new} new tokens would make a sequence {longest} long, past "
@@ -129,8 +177,7 @@ class KVCache:
         if self.page_size is not None:
             self._reserve_pages(num_new)
         self._pending = num_new
-        start = self._seqlens.to(torch.int64).unsqueeze(1)
-        return start + torch.arange(num_new, device=self.device).unsqueeze(0)
+        return self.positions(num_new)
 
     def _reserve_pages(self, num_new: int) -> None:
         need = [-(-(n + num_new) // self.page_size) - len(p)
@@ -138,43 +185,51 @@ class KVCache:
         if sum(need) > len(self._free):
             raise RuntimeError(f"KV cache out of pages: need {sum(need)} more, "
                                f"{len(self._free)} free of {self.num_pages}")
+        rows, cols, pages = [], [], []
         for b, n in enumerate(need):
             for _ in range(n):
-                page = self._free.pop()
-                self.block_table[b, len(self._pages[b])] = page
-                self._pages[b].append(page)
+                rows.append(b)
+                cols.append(len(self._pages[b]))
+                pages.append(self._free.pop())
+                self._pages[b].append(pages[-1])
+        if pages:  # one host-to-device copy for all new pages
+            self._table[rows, cols] = torch.tensor(pages, dtype=torch.int32).to(
+                self._table.device, non_blocking=True)
 
-    def _layer(self, pair, layer: int):
-        if self.storage == "mxint8":
-            m, e = pair[0][layer], pair[1][layer]
-            return BFPTensor(m, e, "mxint8", tuple(m.shape), self.dtype)
-        return pair[layer]
+    def _check_step(self, what: str, layer: int | None = None) -> None:
+        if not self._pending:
+            raise RuntimeError(f"{what}() needs prepare(num_new) first")
+        if layer is not None and not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer must be in [0, {self.n_layers}), got {layer}")
+
+    # -- a step: device work (no host sync; compiles) ---------------------------------
+    def positions(self, num_new: int) -> torch.Tensor:
+        """Positions of the next ``num_new`` tokens of each sequence: int64 [batch,
+        num_new] on the device (``seqlens[b] + 0 .. num_new - 1``)."""
+        start = self._seq.to(torch.int64).unsqueeze(1)
+        return start + torch.arange(num_new, device=self._seq.device).unsqueeze(0)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write this step's k, v [batch, num_new, kv_heads, head_dim] for ``layer``."""
-        if not self._pending:
-            raise RuntimeError("append() needs prepare(num_new) first")
-        if not 0 <= layer < self.n_layers:
-            raise ValueError(f"layer must be in [0, {self.n_layers}), got {layer}")
+        self._check_step("append", layer)
         want = (self.batch_size, self._pending, self.n_kv_heads, self.head_dim)
         if tuple(k.shape) != want or tuple(v.shape) != want:
             raise ValueError(f"k and v must have shape {list(want)}, got {list(k.shape)} and "
                              f"{list(v.shape)}")
-        kv_cache_append(self._layer(self.k, layer), self._layer(self.v, layer),
-                        k.to(self.dtype), v.to(self.dtype), self._seqlens, self.block_table,
+        kc, vc = self._views[layer]
+        kv_cache_append(kc, vc, k.to(self.dtype), v.to(self.dtype), self._seq, self._table,
                         validate=False)
 
     def attend(self, layer: int, q: torch.Tensor, softmax_scale: float | None = None
                ) -> torch.Tensor:
         """decode_attention of q [batch, num_new, heads, head_dim] over ``layer``'s cache
         (committed tokens + this step's)."""
-        if not self._pending:
-            raise RuntimeError("attend() needs prepare(num_new) and append() first")
+        self._check_step("attend")
         if q.shape[1] != self._pending:
             raise ValueError(f"q must have {self._pending} new tokens, got shape {list(q.shape)}")
-        return decode_attention(q.to(self.dtype), self._layer(self.k, layer),
-                                self._layer(self.v, layer), self._seqlens + self._pending,
-                                softmax_scale, self.block_table, validate=False)
+        kc, vc = self._views[layer]
+        return decode_attention(q.to(self.dtype), kc, vc, self._seq + q.shape[1],
+                                softmax_scale, self._table, validate=False)
 
     def commit(self) -> None:
         """Make this step's tokens part of every sequence."""
@@ -182,7 +237,13 @@ class KVCache:
             raise RuntimeError("commit() without prepare()")
         n = self._pending
         self._pending = 0
-        self._set_lengths([x + n for x in self._lengths])
+        self._seq.add_(n)
+        self._lengths = [x + n for x in self._lengths]
+
+    def cancel(self) -> None:
+        """Drop a prepared step that will not be committed (its pages return to the pool)."""
+        self._pending = 0
+        self.rollback(self._lengths)
 
     # -- shrinking ---------------------------------------------------------------------------
     def rollback(self, lengths: int | Sequence[int] | torch.Tensor) -> None:
@@ -194,7 +255,7 @@ class KVCache:
             lengths = lengths.tolist()
         if isinstance(lengths, int):
             lengths = [lengths] * self.batch_size
-        lengths = list(lengths)
+        lengths = [int(x) for x in lengths]
         if len(lengths) != self.batch_size:
             raise ValueError(f"lengths must have {self.batch_size} entries, got {len(lengths)}")
         for b, (new, old) in enumerate(zip(lengths, self._lengths, strict=True)):
@@ -205,16 +266,18 @@ class KVCache:
                 keep = -(-new // self.page_size)
                 while len(self._pages[b]) > keep:
                     self._free.append(self._pages[b].pop())
-        self._set_lengths(lengths)
+        if lengths != self._lengths:
+            self._seq.copy_(torch.tensor(lengths, dtype=torch.int32), non_blocking=True)
+            self._lengths = lengths
 
     def reset(self) -> None:
         """Empty every sequence (buffers are kept; pages return to the pool)."""
         self._pending = 0
         self.rollback([0] * self.batch_size)
 
-    def __repr__(self) -> str:
+    def extra_repr(self) -> str:
         paging = f", page_size={self.page_size}, num_pages={self.num_pages}" if self.page_size else ""
-        return (f"KVCache(layers={self.n_layers}, batch={self.batch_size}, "
+        return (f"layers={self.n_layers}, batch={self.batch_size}, "
                 f"max_seq_len={self.max_seq_len}, kv_heads={self.n_kv_heads}, "
                 f"head_dim={self.head_dim}, storage={self.storage}, dtype={self.dtype}{paging}, "
-                f"lengths={self._lengths})")
+                f"lengths={self._lengths}")

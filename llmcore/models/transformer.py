@@ -5,20 +5,31 @@
 when quantised; ``backend="torch"`` runs the same weights through plain PyTorch (SDPA and
 F.linear, a dense cache written by indexing) so any path can be A/B-compared in one
 process. Parameter names follow Hugging Face's Llama (without the ``model.`` prefix), so
-checkpoints load by name.
+checkpoints load by name (:mod:`llmcore.models.hf`).
+
+A cached forward is host checks (``cache.prepare``), then :meth:`Transformer.step` (device
+work only: no host sync, no branch on the cache's lengths; the caller says whether it is a
+prefill), then ``cache.commit()``. ``step`` compiles with ``torch.compile(fullgraph=True)``;
+assigning the compiled function to ``model.step`` makes ``model(ids, cache=cache)`` use it.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llmcore import ops
+from llmcore.formats import get_format
+from llmcore.models import hf
 from llmcore.models.config import TransformerConfig
 from llmcore.models.kv_cache import KVCache
+from llmcore.nn import BFPLinear, quantize_model, replace_linear
 
 BACKENDS = ("llmcore", "torch")
 
@@ -76,7 +87,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=b, **kw)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False, **kw)
 
-    def forward(self, x, cos, sin, cache: KVCache | None, positions, backend: str):
+    def forward(self, x, cos, sin, cache: KVCache | None, positions, backend: str,
+                prefill: bool):
         b, t, _ = x.shape  # x: [B, T, dim]
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
@@ -86,16 +98,17 @@ class Attention(nn.Module):
         cos, sin = cos.unsqueeze(2).to(q.dtype), sin.unsqueeze(2).to(q.dtype)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if cache is None:
+        if cache is not None:
+            if backend == "llmcore":
+                cache.append(self.layer, k, v)
+            else:
+                self._torch_write(k, v, cache, positions)
+        if cache is None or prefill:  # an empty cache: the new tokens see only each other
             o = self._dense(q, k, v, backend)
         elif backend == "llmcore":
-            cache.append(self.layer, k, v)
-            if max(cache.lengths) == 0:  # prefill of an empty cache: plain causal attention
-                o = ops.attention(q, k, v, causal=True)
-            else:
-                o = cache.attend(self.layer, q)
+            o = cache.attend(self.layer, q)
         else:
-            o = self._torch_cached(q, k, v, cache, positions)
+            o = self._torch_cached(q, cache, positions)
         return self.o_proj(o.reshape(b, t, -1))
 
     def _dense(self, q, k, v, backend):
@@ -106,20 +119,23 @@ class Attention(nn.Module):
                                            enable_gqa=self.n_heads != self.n_kv_heads)
         return o.transpose(1, 2)
 
-    def _torch_cached(self, q, k, v, cache: KVCache, positions):
-        """Plain PyTorch over a native contiguous KVCache: index writes and masked SDPA."""
+    def _torch_write(self, k, v, cache: KVCache, positions):
+        """Plain PyTorch writes into a native contiguous KVCache (index assignment)."""
         if cache.storage != "native" or cache.page_size is not None:
             raise ValueError("backend='torch' needs a native, non-paged KVCache")
-        b, t = positions.shape
-        rows = torch.arange(b, device=q.device).unsqueeze(1)
-        kc, vc = cache.k[self.layer], cache.v[self.layer]  # [B, S, Hkv, hd]
+        rows = torch.arange(k.shape[0], device=k.device).unsqueeze(1)
+        kc, vc = cache.layer_kv(self.layer)  # [B, S, Hkv, hd]
         kc[rows, positions] = k.to(kc.dtype)
         vc[rows, positions] = v.to(vc.dtype)
-        n = int(positions.max().item()) + 1
-        keys = torch.arange(n, device=q.device)
-        mask = keys.view(1, 1, n) <= positions.unsqueeze(-1)  # [B, T, n]: causal + own length
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), kc[:, :n].transpose(1, 2).to(q.dtype),
-                                           vc[:, :n].transpose(1, 2).to(q.dtype),
+
+    def _torch_cached(self, q, cache: KVCache, positions):
+        """Masked SDPA over the whole cache buffer: key j is seen by the query at position
+        p when j <= p (the mask comes from device positions; no host sync)."""
+        kc, vc = cache.layer_kv(self.layer)  # [B, S, Hkv, hd]
+        keys = torch.arange(kc.shape[1], device=q.device)
+        mask = keys.view(1, 1, -1) <= positions.unsqueeze(-1)  # [B, T, S]
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), kc.transpose(1, 2).to(q.dtype),
+                                           vc.transpose(1, 2).to(q.dtype),
                                            attn_mask=mask.unsqueeze(1),
                                            enable_gqa=self.n_heads != self.n_kv_heads)
         return o.transpose(1, 2)
@@ -145,8 +161,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, device, dtype)
         self.mlp = MLP(cfg, device, dtype)
 
-    def forward(self, x, cos, sin, cache, positions, backend):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, positions, backend)
+    def forward(self, x, cos, sin, cache, positions, backend, prefill):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, positions, backend,
+                               prefill)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -165,9 +182,29 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config, i, device, dtype) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps, device, dtype)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False, **kw)
-        if config.tie_embeddings:
+        self.register_buffer("inv_freq", None, persistent=False)
+        self._tie_and_rope()
+
+    def _tie_and_rope(self) -> None:
+        """What ties the weights and fills the non-parameter state: the head tied to the
+        embedding (if configured) and the RoPE frequencies."""
+        if self.config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(config).to(device), persistent=False)
+        self.inv_freq = rope_inv_freq(self.config).to(self.embed_tokens.weight.device)
+
+    @classmethod
+    def empty(cls, config: TransformerConfig, backend: str = "llmcore", device=None,
+              dtype: torch.dtype | None = None) -> Transformer:
+        """A model with zero weights, allocated once on ``device`` without a random
+        initialisation (to be filled from a checkpoint)."""
+        with torch.device("meta"):
+            model = cls(config, backend=backend, dtype=dtype)
+        model = model.to_empty(device=device if device is not None else "cpu")
+        model._tie_and_rope()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+        return model
 
     @property
     def device(self) -> torch.device:
@@ -190,7 +227,16 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                prefill: bool = False) -> torch.Tensor:
+        """Logits [B, T, vocab] of ``input_ids`` [B, T].
+
+        With ``cache``, the tokens are appended to it. ``prefill=True`` says the cache is
+        empty (checked): the tokens attend only to each other (flash attention, any
+        length). ``prefill=False`` attends over the cache (``decode_attention`` on the
+        llmcore backend, fastest for a few tokens: decoding and draft verification).
+        A failed step leaves the cache as it was.
+        """
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be an integer tensor [batch, seq], got "
                              f"{input_ids.dtype} {list(input_ids.shape)}")
@@ -200,41 +246,66 @@ class Transformer(nn.Module):
                 raise ValueError(f"sequence of {t} tokens is longer than max_seq_len "
                                  f"{self.config.max_seq_len}")
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
-        else:
-            if cache.batch_size != b:
-                raise ValueError(f"cache holds {cache.batch_size} sequences, input_ids {b}")
-            positions = cache.prepare(t)
+            return self._logits(input_ids, positions, None, True)
+        if cache.batch_size != b:
+            raise ValueError(f"cache holds {cache.batch_size} sequences, input_ids {b}")
+        cache.prepare(t, prefill=prefill)
+        try:
+            logits = self.step(input_ids, cache, prefill)
+        except BaseException:
+            cache.cancel()
+            raise
+        cache.commit()
+        return logits
+
+    def step(self, input_ids: torch.Tensor, cache: KVCache, prefill: bool = False
+             ) -> torch.Tensor:
+        """The device work of a cached forward, between ``cache.prepare(T)`` and
+        ``cache.commit()``: positions from ``cache.seqlens``, k/v written into the cache,
+        attention, logits [B, T, vocab]. No checks and no host sync: this is the part to
+        compile (``torch.compile(model.step, fullgraph=True)``)."""
+        return self._logits(input_ids, cache.positions(input_ids.shape[1]), cache, prefill)
+
+    def _logits(self, input_ids, positions, cache, prefill) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [B, T, dim]
         cos, sin = self.rope(positions, x.dtype)
-        try:
-            for layer in self.layers:
-                x = layer(x, cos, sin, cache, positions, self.backend)
-        except BaseException:
-            if cache is not None:  # leave the cache as it was
-                cache.commit()
-                cache.rollback([n - t for n in cache.lengths])
-            raise
-        if cache is not None:
-            cache.commit()
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, positions, self.backend, prefill)
         return self.lm_head(self.norm(x))
 
+    # -- checkpoints ---------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device=None,
                         quantize: str | None = None, backend: str = "llmcore") -> Transformer:
         """Load a local Hugging Face Llama/Mistral/Qwen2 directory (config.json and
-        safetensors weights, sharded or not); see :mod:`llmcore.models.hf`."""
-        from llmcore.models.hf import load_pretrained
-
-        return load_pretrained(cls, path, dtype=dtype, device=device, quantize=quantize,
-                               backend=backend)
+        safetensors weights, sharded or not; see :mod:`llmcore.models.hf`). A BFP
+        checkpoint written by :meth:`save_pretrained` loads back exactly; ``quantize``
+        quantises a full-precision one (:meth:`quantize`)."""
+        ckpt = hf.read_checkpoint(path, device)
+        if ckpt.quantized and quantize is not None:
+            raise ValueError(f"{path} is already BFP-quantised; load it with quantize=None")
+        model = cls.empty(ckpt.config, backend, device, dtype or ckpt.dtype)
+        linears = {n for n, m in model.named_modules() if type(m) is nn.Linear}
+        for name, fmt in ckpt.quantized.items():
+            if name in linears:
+                replace_linear(model, name, fmt, ckpt.act_format)
+        tied = model.lm_head.weight is model.embed_tokens.weight
+        model.load_state_dict(hf.state_dict_from_checkpoint(ckpt, model.state_dict(), tied,
+                                                            Path(path)), strict=False)
+        if quantize is not None:
+            model.quantize(quantize)
+        return model.eval()
 
     def save_pretrained(self, path: str) -> None:
         """Write config.json and model.safetensors in Hugging Face layout (BFP weights
         included); see :mod:`llmcore.models.hf`."""
-        from llmcore.models.hf import save_pretrained
+        bfp = {n: m for n, m in self.named_modules() if isinstance(m, BFPLinear)}
+        act = next((m.act_format for m in bfp.values() if m.act_format is not None), None)
+        hf.write_checkpoint(path, self.config, self.dtype, self.state_dict(),
+                            {n: m.qweight for n, m in bfp.items()}, act,
+                            tied=self.lm_head.weight is self.embed_tokens.weight)
 
-        save_pretrained(self, path)
-
+    # -- quantised and truncated models --------------------------------------------------
     def quantize(self, format: str = "mxint8", act_format: str | None = None,
                  exclude=(), lm_head: str | None = "auto") -> Transformer:
         """Replace the linear layers by frozen BFP linears (in place).
@@ -245,13 +316,10 @@ class Transformer(nn.Module):
         in 4-bit models: the head is the most sensitive matrix), a format name forces one,
         and ``None`` keeps it in full precision. The head holds a large share of the bytes
         read per decode step (a third of a 124M model), so quantising it is what makes
-        decoding fast. A head tied to the input embedding is untied first: the embedding
-        table stays in full precision for the token lookup. ``exclude`` lists further
-        module names or glob patterns to leave alone.
+        decoding fast. A head tied to the input embedding is untied: the embedding table
+        stays in full precision for the token lookup. ``exclude`` lists further module
+        names or glob patterns to leave alone.
         """
-        from llmcore.formats import get_format
-        from llmcore.nn import BFPLinear, quantize_model
-
         if isinstance(exclude, str):
             exclude = (exclude,)
         fmt = get_format(format)
@@ -261,7 +329,33 @@ class Transformer(nn.Module):
             lm_head = get_format(lm_head)
         quantize_model(self, fmt, act_format, exclude=(*exclude, "lm_head"))
         if lm_head is not None and "lm_head" not in exclude and type(self.lm_head) is nn.Linear:
-            if self.lm_head.weight is self.embed_tokens.weight:
-                self.lm_head.weight = nn.Parameter(self.lm_head.weight.detach().clone())
-            self.lm_head = BFPLinear.from_linear(self.lm_head, lm_head, act_format)
+            replace_linear(self, "lm_head", lm_head, act_format)
         return self
+
+    def quantized(self, format: str = "mxint8", act_format: str | None = None, exclude=(),
+                  lm_head: str | None = "auto") -> Transformer:
+        """A copy with BFP linears (:meth:`quantize` on a copy); this model is untouched.
+        The embedding table and the RoPE frequencies are shared with this model, not
+        copied (a head tied to the embedding stays tied until ``lm_head`` quantises it)."""
+        if any(isinstance(m, BFPLinear) for m in self.modules()):
+            raise ValueError("quantized() needs a model with full-precision linears (this one "
+                             "is already quantised)")
+        emb = self.embed_tokens
+        shared = {id(emb): emb, id(emb.weight): emb.weight, id(self.inv_freq): self.inv_freq}
+        return copy.deepcopy(self, memo=shared).quantize(format, act_format, exclude, lm_head)
+
+    def truncated(self, n_layers: int) -> Transformer:
+        """The first ``n_layers`` blocks, the final norm and the output head as a model of
+        their own (early exit, as LayerSkip drafts). Every module and buffer is shared with
+        this model: no memory, and later changes to one show in the other."""
+        n_total = self.config.n_layers
+        if isinstance(n_layers, bool) or not isinstance(n_layers, int) \
+                or not 1 <= n_layers < n_total:
+            raise ValueError(f"n_layers must be an int in [1, {n_total}), got {n_layers!r}")
+        with torch.device("meta"):
+            out = Transformer(replace(self.config, n_layers=n_layers), self.backend,
+                              dtype=self.dtype)
+        out.embed_tokens, out.norm, out.lm_head = self.embed_tokens, self.norm, self.lm_head
+        out.layers = nn.ModuleList(self.layers[:n_layers])
+        out.inv_freq = self.inv_freq
+        return out.train(self.training)

@@ -134,6 +134,23 @@ def _excluded(name: str, exclude) -> bool:
     return any(name == p or name.endswith("." + p) or fnmatch.fnmatch(name, p) for p in exclude)
 
 
+def replace_linear(model: nn.Module, name: str, format: str | BFPFormat = "mxint8",
+                   act_format: str | BFPFormat | None = None, trainable: bool = False,
+                   **kwargs) -> BFPLinear:
+    """Swap the ``nn.Linear`` submodule ``name`` of ``model`` (in place) for
+    ``BFPLinear.from_linear(...)`` of it and return the new module. A weight shared with
+    another module (a head tied to the embedding) is copied into the BFP weight; the other
+    module keeps the original."""
+    linear = model.get_submodule(name)
+    if type(linear) is not nn.Linear:
+        raise TypeError(f"{name} must be an nn.Linear, got {type(linear).__name__}")
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    mod = BFPLinear.from_linear(linear, format, act_format, trainable, **kwargs)
+    setattr(parent, child, mod)
+    return mod
+
+
 def quantize_model(model: nn.Module, format: str | BFPFormat = "mxint8",
                    act_format: str | BFPFormat | None = None, exclude=("lm_head",),
                    trainable: bool = False, **kwargs) -> nn.Module:
@@ -146,12 +163,10 @@ def quantize_model(model: nn.Module, format: str | BFPFormat = "mxint8",
     if isinstance(exclude, str):
         exclude = (exclude,)
     fmt = get_format(format)
-    targets = [(name, mod) for name, mod in model.named_modules()
+    targets = [name for name, mod in model.named_modules()
                if type(mod) is nn.Linear and not _excluded(name, exclude)]
-    for name, mod in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, BFPLinear.from_linear(mod, fmt, act_format, trainable, **kwargs))
+    for name in targets:
+        replace_linear(model, name, fmt, act_format, trainable, **kwargs)
     return model
 
 
