@@ -24,11 +24,11 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "common/dtype.h"
+
 namespace llmcore {
 namespace attention {
 namespace cuda {
-
-enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
 
 // Head dims with forward / backward kernels (keep in sync with generate_kernels.py).
 inline bool fwd_head_dim_supported(int d) {

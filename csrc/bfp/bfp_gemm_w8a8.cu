@@ -40,28 +40,11 @@ constexpr int kThreads = 256;
 constexpr int kRow = kBK + 16;  // padded shared row, bytes
 constexpr uint32_t kNoScale = 0x100u;  // "outside the matrix": scale 0
 
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+constexpr uint32_t kMmaBias = 0x4B400000u;  // the float 1.5 * 2^23: C of every MMA
 
-__device__ __forceinline__ void mma_k32(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  asm(
-      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%10,%10,%10,%10};\n"
-      : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(0x4B400000));
-}
-__device__ __forceinline__ void mma_k16(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  asm(
-      "mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
-      "{%7,%7,%7,%7};\n"
-      : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(b[0]), "r"(0x4B400000));
-}
+using ptx::cp_async_16;
+using ptx::cp_async_commit;
+using ptx::cp_async_wait;
 
 __device__ __forceinline__ uint32_t lds32(const int8_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
@@ -80,7 +63,7 @@ gemm_int8_kernel(const int8_t* __restrict__ a, int64_t lda, const uint8_t* __res
                  int64_t ldae, const int8_t* __restrict__ b, int64_t ldb,
                  const uint8_t* __restrict__ b_exp, int64_t ldbe, int64_t m, int64_t n, int64_t k,
                  int a_bits, int b_bits, const float* __restrict__ bias, void* __restrict__ y,
-                 FloatType ytype, int64_t ldy) {
+                 DType ytype, int64_t ldy) {
   constexpr int kBlocks = Smem<BLOCK>::kBlocks;
   constexpr int kExpPerThread = kBlocks * kBM / kThreads;  // 1 (B=32) or 2 (B=16)
   static_assert(kBM == kBN && kExpPerThread * kThreads == kBlocks * kBM, "exponent staging");
@@ -153,7 +136,7 @@ gemm_int8_kernel(const int8_t* __restrict__ a, int64_t lda, const uint8_t* __res
       fetch_exps(kt + 1, ea, eb);
     }
     cp_async_commit();
-    cp_async_wait_1();  // stage kt has landed
+    cp_async_wait<1>();  // stage kt has landed
     __syncthreads();
 
 #pragma unroll
@@ -194,8 +177,8 @@ gemm_int8_kernel(const int8_t* __restrict__ a, int64_t lda, const uint8_t* __res
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) {
           int d[4];
-          if (BLOCK == 32) mma_k32(d, af[mt], bf[nt]);
-          else mma_k16(d, af[mt], bf[nt]);
+          if (BLOCK == 32) ptx::mma_16832_s8(d, af[mt], bf[nt], kMmaBias);
+          else ptx::mma_16816_s8(d, af[mt], bf[nt], kMmaBias);
 #pragma unroll
           for (int r = 0; r < 4; ++r) {
             const float dot = __int_as_float(d[r]) - 12582912.0f;  // exact
@@ -220,7 +203,7 @@ gemm_int8_kernel(const int8_t* __restrict__ a, int64_t lda, const uint8_t* __res
         const int64_t col = n0 + wn * 32 + nt * 8 + 2 * t + (r & 1);
         if (row < m && col < n) {
           const float v = acc[mt][nt][r] + (bias != nullptr ? bias[col] : 0.0f);
-          store_float(y, row * ldy + col, ytype, v);
+          store_float(y, ytype, row * ldy + col, v);
         }
       }
     }
@@ -232,7 +215,7 @@ gemm_int8_kernel(const int8_t* __restrict__ a, int64_t lda, const uint8_t* __res
 cudaError_t gemm_int8(const int8_t* a, int64_t lda, const uint8_t* a_exp, int64_t ldae,
                       const int8_t* b, int64_t ldb, const uint8_t* b_exp, int64_t ldbe,
                       int64_t m, int64_t n, int64_t k, int a_bits, int b_bits, int block,
-                      const float* bias_f32, void* y, FloatType ytype, int64_t ldy,
+                      const float* bias_f32, void* y, DType ytype, int64_t ldy,
                       cudaStream_t stream) {
   if (!gemm_int8_supported(a_bits, b_bits, block) || m < 0 || n < 0 || k < 0)
     return cudaErrorInvalidValue;

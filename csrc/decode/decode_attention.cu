@@ -39,7 +39,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "bfp/bfp_cuda_common.cuh"
+#include "bfp/bfp_rule.h"
+#include "common/half_convert.cuh"
+#include "common/ptx.cuh"
 #include "decode/decode_cuda.cuh"
 
 namespace llmcore {
@@ -58,70 +60,14 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -__builtin_huge_valf();
 
-// ---- small PTX wrappers ------------------------------------------------------------------
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global -> shared copy; src_bytes = 0 writes 16 zero bytes and reads nothing.
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// c[16x8] += a[16x16] (row) * b[16x8] (col), fp32 accumulators.
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                          uint32_t b1);
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4],
-                                                  uint32_t b0, uint32_t b1) {
-  asm(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7},"
-      " {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
-                                                         uint32_t b0, uint32_t b1) {
-  asm(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7},"
-      " {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Two floats -> one register of two 16-bit values (lo = a), round to nearest even.
-template <typename T> __device__ __forceinline__ uint32_t pack2(float a, float b);
-template <> __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
-  const __half2 h = __floats2half2_rn(a, b);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
-template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
+// PTX wrappers (common/ptx.cuh); pack2 / from_float are common/half_convert.cuh's.
+using ptx::cp_async_16;
+using ptx::cp_async_commit;
+using ptx::cp_async_wait;
+using ptx::ldmatrix_x4;
+using ptx::ldmatrix_x4_trans;
+using ptx::mma_16816;
+using ptx::smem_addr;
 
 // ---- cache addressing ------------------------------------------------------------------
 
@@ -350,7 +296,7 @@ decode_split_kernel(const DecodeAttentionParams p) {
           float v[4];
 #pragma unroll
           for (int e = 0; e < 4; ++e)
-            v[e] = bfp::cuda::mul_noftz(
+            v[e] = ptx::mul_noftz(
                 __uint_as_float(__byte_perm(u, 0x4b000000u, 0x7440u + e)) - 8388736.0f, s);
           packed[2 * wi] = pack2<T>(v[0], v[1]);
           packed[2 * wi + 1] = pack2<T>(v[2], v[3]);
@@ -518,7 +464,7 @@ decode_split_kernel(const DecodeAttentionParams p) {
     }
     if (num_splits == 1) {
       static_cast<T*>(p.out)[((static_cast<int64_t>(b) * Lq + t) * p.heads + h) * D + d] =
-          bfp::cuda::from_float<T>(val);
+          from_float<T>(val);
       if (d == 0) p.lse[(static_cast<int64_t>(b) * p.heads + h) * Lq + t] = lse;
     } else {
       const int64_t prow =
@@ -546,7 +492,7 @@ combine_splits_kernel(const float* __restrict__ partial_out, const float* __rest
   for (int s = 0; s < num_splits; ++s) m = fmaxf(m, pl[s]);
   T* orow = out + ((b * q_len + t) * heads + h) * head_dim;
   if (m == kNegInf) {  // no split saw a key
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) orow[d] = bfp::cuda::from_float<T>(0.0f);
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) orow[d] = from_float<T>(0.0f);
     if (threadIdx.x == 0) lse[row] = kNegInf;
     return;
   }
@@ -561,7 +507,7 @@ combine_splits_kernel(const float* __restrict__ partial_out, const float* __rest
     float acc = 0.0f;
     for (int s = 0; s < num_splits; ++s)
       if (w[s] != 0.0f) acc += w[s] * po[static_cast<int64_t>(s) * head_dim + d];
-    orow[d] = bfp::cuda::from_float<T>(acc * inv);
+    orow[d] = from_float<T>(acc * inv);
   }
   if (threadIdx.x == 0) lse[row] = m + __logf(total);
 }
