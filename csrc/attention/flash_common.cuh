@@ -1,13 +1,12 @@
 // Device helpers of the attention kernels: fragment packing, quad reductions, 16-byte tile
-// copies with zero-fill, per-sequence geometry, the BOOL_SWITCH dispatch. No torch.
+// copies with zero-fill, per-sequence geometry, the BOOL_SWITCH dispatch. The PTX wrappers
+// (ptx::) are common/ptx.cuh's, the element conversions common/half_convert.cuh's. No torch.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
-
-#include <type_traits>
 
 #include "attention/attention_cuda.cuh"
 #include "attention/flash_layout.h"
@@ -34,14 +33,6 @@ namespace cuda {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kInf = __builtin_huge_valf();
-
-// PTX wrappers (common/ptx.cuh) and element conversions (common/half_convert.cuh).
-using ptx::cp_async_16;
-using ptx::cp_async_commit;
-using ptx::cp_async_wait;
-using ptx::ldmatrix_x4;
-using ptx::ldmatrix_x4_trans;
-using ptx::mma_16816;
 
 // The C registers of one 16x16 slice (two n8 accumulator tiles c0, c1) as an A operand:
 // a0 = (row g, k 2t..) = c0[0..1], a1 = (row g+8) = c0[2..3], a2 = (row g, k 8+2t..) =
@@ -81,7 +72,8 @@ __device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t ld, in
     if (kChunks % kThreads != 0 && idx >= kChunks) break;
     const int r = idx / kChunksPerRow, c = idx % kChunksPerRow;
     const bool ok = r < valid_rows;
-    cp_async_16(smem + r * kStride + c * 8, ok ? gmem + r * ld + c * 8 : fallback, ok ? 16 : 0);
+    ptx::cp_async_16(smem + r * kStride + c * 8, ok ? gmem + r * ld + c * 8 : fallback,
+                     ok ? 16 : 0);
   }
 }
 

@@ -42,10 +42,6 @@ constexpr uint32_t kNoScale = 0x100u;  // "outside the matrix": scale 0
 
 constexpr uint32_t kMmaBias = 0x4B400000u;  // the float 1.5 * 2^23: C of every MMA
 
-using ptx::cp_async_16;
-using ptx::cp_async_commit;
-using ptx::cp_async_wait;
-
 __device__ __forceinline__ uint32_t lds32(const int8_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
 template <int BLOCK>
@@ -87,8 +83,8 @@ gemm_int8_kernel(const int8_t* __restrict__ a, int64_t lda, const uint8_t* __res
       const int kbytes = left <= 0 ? 0 : (left >= 16 ? 16 : static_cast<int>(left));
       const int64_t ra = m0 + row, rb = n0 + row;
       const int na = ra < m ? kbytes : 0, nbb = rb < n ? kbytes : 0;
-      cp_async_16(&sm.a[buf][row][ch * 16], na ? a + ra * lda + gk : a, na);
-      cp_async_16(&sm.b[buf][row][ch * 16], nbb ? b + rb * ldb + gk : b, nbb);
+      ptx::cp_async_16(&sm.a[buf][row][ch * 16], na ? a + ra * lda + gk : a, na);
+      ptx::cp_async_16(&sm.b[buf][row][ch * 16], nbb ? b + rb * ldb + gk : b, nbb);
     }
   };
   auto fetch_exps = [&](int kt, uint32_t (&ea)[kExpPerThread], uint32_t (&eb)[kExpPerThread]) {
@@ -126,7 +122,7 @@ gemm_int8_kernel(const int8_t* __restrict__ a, int64_t lda, const uint8_t* __res
     fetch_exps(0, ea, eb);
     store_exps(0, ea, eb);
   }
-  cp_async_commit();
+  ptx::cp_async_commit();
 
   for (int kt = 0; kt < nkt; ++kt) {
     const int buf = kt & 1;
@@ -135,8 +131,8 @@ gemm_int8_kernel(const int8_t* __restrict__ a, int64_t lda, const uint8_t* __res
       load_tiles(kt + 1, buf ^ 1);
       fetch_exps(kt + 1, ea, eb);
     }
-    cp_async_commit();
-    cp_async_wait<1>();  // stage kt has landed
+    ptx::cp_async_commit();
+    ptx::cp_async_wait<1>();  // stage kt has landed
     __syncthreads();
 
 #pragma unroll

@@ -60,15 +60,6 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -__builtin_huge_valf();
 
-// PTX wrappers (common/ptx.cuh); pack2 / from_float are common/half_convert.cuh's.
-using ptx::cp_async_16;
-using ptx::cp_async_commit;
-using ptx::cp_async_wait;
-using ptx::ldmatrix_x4;
-using ptx::ldmatrix_x4_trans;
-using ptx::mma_16816;
-using ptx::smem_addr;
-
 // ---- cache addressing ------------------------------------------------------------------
 
 // (i0, i1) = (batch or page, row) of position j of sequence b, or false when the page id
@@ -233,16 +224,16 @@ decode_split_kernel(const DecodeAttentionParams p) {
       }
       uint32_t kdst, vdst;
       if (INT8) {
-        kdst = smem_addr(smem + stage * SM::kRawStage + r * D + c * 16);
-        vdst = smem_addr(smem + SM::kRawV + stage * SM::kRawStage + r * D + c * 16);
+        kdst = ptx::smem_addr(smem + stage * SM::kRawStage + r * D + c * 16);
+        vdst = ptx::smem_addr(smem + SM::kRawV + stage * SM::kRawStage + r * D + c * 16);
       } else {
-        kdst = smem_addr(smem + stage * SM::kStage16 + swz<D>(r, c));
-        vdst = smem_addr(smem + 2 * SM::kStage16 + stage * SM::kStage16 + swz<D>(r, c));
+        kdst = ptx::smem_addr(smem + stage * SM::kStage16 + swz<D>(r, c));
+        vdst = ptx::smem_addr(smem + 2 * SM::kStage16 + stage * SM::kStage16 + swz<D>(r, c));
       }
-      cp_async_16(kdst, ksrc, ok ? 16 : 0);
-      cp_async_16(vdst, vsrc, ok ? 16 : 0);
+      ptx::cp_async_16(kdst, ksrc, ok ? 16 : 0);
+      ptx::cp_async_16(vdst, vsrc, ok ? 16 : 0);
     }
-    cp_async_commit();
+    ptx::cp_async_commit();
   };
 
   // MXINT8: the exponents of a tile, loaded into registers one tile ahead (plain loads do
@@ -324,9 +315,9 @@ decode_split_kernel(const DecodeAttentionParams p) {
 #pragma unroll
       for (int ks = 0; ks < kKSteps; ++ks) {
         uint32_t kf[4];
-        ldmatrix_x4(kf, kt + swz<D>(kk + mr + (mi >> 1) * 8, ks * 2 + (mi & 1)));
-        mma_16816<T>(s[0], qf[ks], kf[0], kf[1]);
-        mma_16816<T>(s[1], qf[ks], kf[2], kf[3]);
+        ptx::ldmatrix_x4(kf, kt + swz<D>(kk + mr + (mi >> 1) * 8, ks * 2 + (mi & 1)));
+        ptx::mma_16816<T>(s[0], qf[ks], kf[0], kf[1]);
+        ptx::mma_16816<T>(s[1], qf[ks], kf[2], kf[3]);
       }
       // Mask and online softmax. s[nt][i]: row r_{i/2}, key key0 + nt*8 + 2*(lane%4) + i%2.
       float mx[2] = {kNegInf, kNegInf};
@@ -373,9 +364,9 @@ decode_split_kernel(const DecodeAttentionParams p) {
 #pragma unroll
       for (int dn = 0; dn < kKSteps; ++dn) {
         uint32_t vf[4];
-        ldmatrix_x4_trans(vf, vt + swz<D>(kk + mr + (mi & 1) * 8, dn * 2 + (mi >> 1)));
-        mma_16816<T>(o[2 * dn], pf, vf[0], vf[1]);
-        mma_16816<T>(o[2 * dn + 1], pf, vf[2], vf[3]);
+        ptx::ldmatrix_x4_trans(vf, vt + swz<D>(kk + mr + (mi & 1) * 8, dn * 2 + (mi >> 1)));
+        ptx::mma_16816<T>(o[2 * dn], pf, vf[0], vf[1]);
+        ptx::mma_16816<T>(o[2 * dn + 1], pf, vf[2], vf[3]);
       }
     }
   };
@@ -393,19 +384,19 @@ decode_split_kernel(const DecodeAttentionParams p) {
     if (more) {
       if (INT8) load_exps(start + kTile);
       issue_tile(start + kTile, stage ^ 1);  // that stage was released by the last barrier
-      cp_async_wait<1>();
+      ptx::cp_async_wait<1>();
     } else {
-      cp_async_wait<0>();
+      ptx::cp_async_wait<0>();
     }
     __syncthreads();  // tile i (and its exponents) visible to all
     if (INT8) {
       dequant_tile(stage);
       __syncthreads();
-      compute_tile(start, smem_addr(smem + SM::kConvK), smem_addr(smem + SM::kConvV));
+      compute_tile(start, ptx::smem_addr(smem + SM::kConvK), ptx::smem_addr(smem + SM::kConvV));
       if (more) store_exps(stage ^ 1);
     } else {
-      compute_tile(start, smem_addr(smem + stage * SM::kStage16),
-                   smem_addr(smem + 2 * SM::kStage16 + stage * SM::kStage16));
+      compute_tile(start, ptx::smem_addr(smem + stage * SM::kStage16),
+                   ptx::smem_addr(smem + 2 * SM::kStage16 + stage * SM::kStage16));
     }
     __syncthreads();  // stage (and the dequantised tiles) free for reuse
   }
