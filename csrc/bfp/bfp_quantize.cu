@@ -175,6 +175,7 @@ cudaError_t quantize(const void* x, DType xtype, int64_t rows, int64_t k, int64_
     case DType::kFloat16:
       return quantize_t(static_cast<const __half*>(x), rows, k, ldx, bits, block, round_even,
                         mantissa, ldm, exponent, lde, stream);
+    case DType::kInt8: break;  // not an activation dtype
   }
   return cudaErrorInvalidValue;
 }
@@ -195,6 +196,7 @@ cudaError_t dequantize(const void* mantissa, int64_t ldm, const uint8_t* exponen
     case DType::kFloat16:
       return dequantize_t(m, ldm, exponent, lde, rows, k, bits, block, static_cast<__half*>(y),
                           ldy, stream);
+    case DType::kInt8: break;  // not an activation dtype
   }
   return cudaErrorInvalidValue;
 }
