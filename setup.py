@@ -40,13 +40,11 @@ def _torch_uses_openmp() -> bool:
 
 
 def _sources(cuda: bool) -> list[str]:
-    files = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
-    cuda_files = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
-    # Files whose name contains "cuda" are CUDA-side bindings; they need the CUDA build.
-    cpu = [f for f in files if "cuda" not in os.path.basename(f)]
-    if not cuda:
-        return cpu
-    return cpu + [f for f in files if "cuda" in os.path.basename(f)] + cuda_files
+    # By extension: a .cpp is host code that builds without CUDA; everything that needs nvcc
+    # or the CUDA runtime, the CUDA torch bindings included, is a .cu file.
+    cpp = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    cu = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+    return cpp + cu if cuda else cpp
 
 
 def _gencode(archs: str) -> list[str]:

@@ -309,7 +309,7 @@ def test_text_streamer_waits_for_whole_characters_and_skips_eos():
 
 
 def test_named_draft(tiny):
-    from llmcore.generation.draft_names import named_draft
+    from llmcore.generation.drafters import named_draft
 
     assert named_draft("prompt_lookup", tiny, "mxint8") == ("prompt_lookup", "mxint8")
     draft, kv = named_draft("self-mxint4", tiny)

@@ -9,6 +9,7 @@
 
 #include "bfp/bfp_rule.h"
 
+using namespace llmcore;
 using namespace llmcore::bfp;
 
 static int g_failures = 0;

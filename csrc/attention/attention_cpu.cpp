@@ -2,8 +2,6 @@
 // the two deterministic backward passes, built from the per-ISA tile primitives of
 // attention_cpu_internal.h. Run-time ISA choice lives here too.
 #include <math.h>
-#include <stdlib.h>
-#include <string.h>
 
 #include <algorithm>
 #include <vector>
@@ -14,14 +12,6 @@ namespace llmcore {
 namespace attention {
 namespace cpu {
 namespace {
-
-Isa detect_isa() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma")) return Isa::kAvx512;
-#endif
-  return Isa::kScalar;
-}
 
 const Kernels& kernels() {
 #if defined(__x86_64__)
@@ -62,15 +52,15 @@ Seq sequence(const Problem& p, int64_t b) {
 }
 
 // Address of row `t` (token) of head h of batch b.
-const void* row_ptr(const ConstView& v, FloatType t, int64_t b, int64_t tok, int64_t h) {
+const void* row_ptr(const ConstView& v, DType t, int64_t b, int64_t tok, int64_t h) {
   return static_cast<const char*>(v.data) +
          (b * v.batch_stride + tok * v.row_stride + h * v.head_stride) *
-             static_cast<int64_t>(elem_size(t));
+             static_cast<int64_t>(dtype_size(t));
 }
-void* row_ptr(const View& v, FloatType t, int64_t b, int64_t tok, int64_t h) {
+void* row_ptr(const View& v, DType t, int64_t b, int64_t tok, int64_t h) {
   return static_cast<char*>(v.data) +
          (b * v.batch_stride + tok * v.row_stride + h * v.head_stride) *
-             static_cast<int64_t>(elem_size(t));
+             static_cast<int64_t>(dtype_size(t));
 }
 
 int64_t lse_index(const Problem& p, int64_t b, int64_t h, int64_t tok) {
@@ -120,13 +110,10 @@ void probs_and_dscores(const Kernels& kn, const Problem& p, const Seq& s, int64_
 }  // namespace
 
 Isa active_isa() {
-  static const Isa best = detect_isa();
-  const char* env = getenv("LLMCORE_CPU_ISA");
-  if (env && (!strcmp(env, "scalar") || !strcmp(env, "avx2"))) return Isa::kScalar;
-  return best;
+  static const Isa best =
+      cpu_features().avx512f && cpu_features().fma ? Isa::kAvx512 : Isa::kScalar;
+  return choose_isa(best, /*has_avx2=*/false);
 }
-
-const char* isa_name(Isa isa) { return isa == Isa::kAvx512 ? "avx512" : "scalar"; }
 
 int64_t fwd_items(const Problem& p) {
   return p.batch * p.heads * ceil_div(p.max_seqlen_q, kBlockQ);
@@ -142,7 +129,7 @@ int64_t bwd_kv_items(const Problem& p) {
 void attention_fwd(const Problem& p, View out, float* lse, int64_t item_begin, int64_t item_end) {
   const Kernels& kn = kernels();
   const int64_t D = p.head_dim, Dp = round16(D), group = p.heads / p.kv_heads;
-  const bool f32 = p.dtype == FloatType::kF32;
+  const bool f32 = p.dtype == DType::kFloat32;
   const bool k_direct = f32, v_direct = f32 && D % 16 == 0;
   Scratch scratch(static_cast<size_t>(D * kBlockQ + 2 * kBlockK * Dp + kBlockK * kBlockQ +
                                       kBlockQ * Dp + 3 * kBlockQ));

@@ -40,15 +40,15 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "common/cpu_isa.h"
+#include "common/dtype.h"
+
 namespace llmcore {
 namespace attention {
 namespace cpu {
 
-enum class FloatType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
-enum class Isa : int { kScalar = 0, kAvx512 = 2 };
-
+// kAvx512 or kScalar (common/cpu_isa.h).
 Isa active_isa();
-const char* isa_name(Isa isa);
 
 constexpr int64_t kBlockQ = 128;  // query rows per work item / tile
 constexpr int64_t kBlockK = 64;  // keys per tile (the microkernels' fixed width)
@@ -64,7 +64,7 @@ struct View {
 
 // The problem both directions share. q/k/v (and out, grad_out) have `dtype`.
 struct Problem {
-  FloatType dtype;
+  DType dtype;
   int64_t batch, heads, kv_heads, head_dim;
   int64_t seq_q, seq_k;          // dense lengths (ignored with cu_seqlens)
   const int32_t* cu_seqlens_q;   // [batch + 1] or null (dense)

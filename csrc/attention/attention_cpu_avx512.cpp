@@ -145,7 +145,7 @@ inline __m512 exp512(__m512 x) {
   return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
 }
 
-float dot_row(const void* a, const void* b, FloatType t, int64_t n) {
+float dot_row(const void* a, const void* b, DType t, int64_t n) {
   float acc = 0.0f;
   for (int64_t d = 0; d < n; ++d) acc = __builtin_fmaf(load_float(a, t, d), load_float(b, t, d), acc);
   return acc;
@@ -199,10 +199,10 @@ void softmax_t(float* st, int64_t ld, int64_t nk, int64_t nq, int64_t cut, float
   }
 }
 
-template <FloatType T>
+template <DType T>
 inline __m512 load16_any(const void* p, int64_t i, int64_t n) {
   const __mmask16 m = tail_mask(n);
-  if (T == FloatType::kF32) return _mm512_maskz_loadu_ps(m, static_cast<const float*>(p) + i);
+  if (T == DType::kFloat32) return _mm512_maskz_loadu_ps(m, static_cast<const float*>(p) + i);
   // 16-bit elements: copy the valid ones into a zeroed buffer (AVX-512F has no 16-bit
   // masked load), widen to 32 bits.
   alignas(32) uint16_t tmp[16];
@@ -214,16 +214,16 @@ inline __m512 load16_any(const void* p, int64_t i, int64_t n) {
     for (int x = 0; x < 16; ++x) tmp[x] = x < n ? src[x] : 0;
     h = _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp));
   }
-  if (T == FloatType::kF16) return _mm512_cvtph_ps(h);
+  if (T == DType::kFloat16) return _mm512_cvtph_ps(h);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-template <FloatType T>
+template <DType T>
 void load_rows_t_(const void* src, int64_t row_stride, int64_t rows, int64_t dim, float scale,
                   float* dst, int64_t ldd) {
   const __m512 vs = _mm512_set1_ps(scale);
   for (int64_t r = 0; r < rows; ++r) {
-    const char* sr = static_cast<const char*>(src) + r * row_stride * static_cast<int64_t>(elem_size(T));
+    const char* sr = static_cast<const char*>(src) + r * row_stride * static_cast<int64_t>(dtype_size(T));
     float* dr = dst + r * ldd;
     for (int64_t d = 0; d < ldd; d += 16) {
       const __m512 v = _mm512_mul_ps(load16_any<T>(sr, d, dim - d), vs);
@@ -232,21 +232,21 @@ void load_rows_t_(const void* src, int64_t row_stride, int64_t rows, int64_t dim
   }
 }
 
-void load_rows(const void* src, FloatType t, int64_t row_stride, int64_t rows, int64_t dim,
+void load_rows(const void* src, DType t, int64_t row_stride, int64_t rows, int64_t dim,
                float scale, float* dst, int64_t ldd) {
   switch (t) {
-    case FloatType::kBF16: load_rows_t_<FloatType::kBF16>(src, row_stride, rows, dim, scale, dst, ldd); break;
-    case FloatType::kF16: load_rows_t_<FloatType::kF16>(src, row_stride, rows, dim, scale, dst, ldd); break;
-    default: load_rows_t_<FloatType::kF32>(src, row_stride, rows, dim, scale, dst, ldd);
+    case DType::kBFloat16: load_rows_t_<DType::kBFloat16>(src, row_stride, rows, dim, scale, dst, ldd); break;
+    case DType::kFloat16: load_rows_t_<DType::kFloat16>(src, row_stride, rows, dim, scale, dst, ldd); break;
+    default: load_rows_t_<DType::kFloat32>(src, row_stride, rows, dim, scale, dst, ldd);
   }
 }
 
 // Transposed load: convert 16 rows at a time into a 16x16 buffer, then write its columns
 // with gathers (the tile is reused by a whole block of rows, so this is off the hot path).
-void load_rows_t(const void* src, FloatType t, int64_t row_stride, int64_t rows, int64_t dim,
+void load_rows_t(const void* src, DType t, int64_t row_stride, int64_t rows, int64_t dim,
                  float scale, float* dst, int64_t ldt) {
   alignas(64) float buf[16 * 16];
-  const size_t es = elem_size(t);
+  const size_t es = dtype_size(t);
   const __m512i idx = _mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64,
                                        48, 32, 16, 0);
   for (int64_t r0 = 0; r0 < ldt; r0 += 16) {

@@ -23,12 +23,6 @@ namespace {
 
 namespace cpu = attention::cpu;
 
-cpu::FloatType float_type(at::ScalarType t) {
-  if (t == at::kBFloat16) return cpu::FloatType::kBF16;
-  if (t == at::kHalf) return cpu::FloatType::kF16;
-  return cpu::FloatType::kF32;
-}
-
 at::Tensor lastdim_contiguous(const at::Tensor& x) {
   return x.size(-1) <= 1 || x.stride(-1) == 1 ? x : x.contiguous();
 }
@@ -122,7 +116,7 @@ int64_t check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t batch1,
 cpu::Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           bool packed, bool causal, double scale) {
   cpu::Problem p{};
-  p.dtype = float_type(q.scalar_type());
+  p.dtype = to_dtype(q.scalar_type());
   p.batch = packed ? 0 : q.size(0);
   p.heads = q.size(-2);
   p.kv_heads = k.size(-2);

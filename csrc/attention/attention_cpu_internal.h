@@ -1,9 +1,7 @@
 // Shared pieces of the CPU attention kernels (not part of the API in attention_cpu.h): the
-// per-ISA tile primitives that attention_cpu.cpp builds the algorithm from, and scalar
-// float16/bfloat16 conversions (IEEE round to nearest even, as torch).
+// per-ISA tile primitives that attention_cpu.cpp builds the algorithm from, and row stores
+// by DType. Element conversions (IEEE round to nearest even, as torch): common/half_convert.h.
 #pragma once
-
-#include <string.h>
 
 #include "attention/attention_cpu.h"
 #include "common/half_convert.h"
@@ -24,7 +22,7 @@ struct Kernels {
                     const float* b, int64_t ldb, int64_t n, float* c, int64_t ldc);
   // sum_{d < n} a(d) * b(d) in order, rounded as dot_tile rounds (so that a row that sees
   // one key gets dP - delta = 0 exactly); a, b of type t.
-  float (*dot_row)(const void* a, const void* b, FloatType t, int64_t n);
+  float (*dot_row)(const void* a, const void* b, DType t, int64_t n);
   // p[j] = exp(s[j] - sub) for j < n; returns their sum.
   float (*exp_row)(const float* s, int64_t n, float sub, float* p);
   // Online softmax step on a transposed score tile st[j*ld + i] (key j < nk, query i < nq):
@@ -35,51 +33,26 @@ struct Kernels {
                     float* l, float* alpha);
   // dst[r*ldd + d] = scale * src(r, d) for d < dim, 0 for dim <= d < ldd; src(r, d) at
   // src + r * row_stride + d of type t.
-  void (*load_rows)(const void* src, FloatType t, int64_t row_stride, int64_t rows,
+  void (*load_rows)(const void* src, DType t, int64_t row_stride, int64_t rows,
                     int64_t dim, float scale, float* dst, int64_t ldd);
   // Transposed: dst[d*ldt + r] = scale * src(r, d) for r < rows, 0 for rows <= r < ldt
   // (ldt a multiple of 16, rows <= ldt).
-  void (*load_rows_t)(const void* src, FloatType t, int64_t row_stride, int64_t rows,
+  void (*load_rows_t)(const void* src, DType t, int64_t row_stride, int64_t rows,
                       int64_t dim, float scale, float* dst, int64_t ldt);
 };
 
 namespace scalar { extern const Kernels kKernels; }
 namespace avx512 { extern const Kernels kKernels; }
 
-inline float bits_to_float(uint32_t u) {
-  float f;
-  memcpy(&f, &u, sizeof f);
-  return f;
-}
-inline uint32_t float_to_bits(float f) {
-  uint32_t u;
-  memcpy(&u, &f, sizeof u);
-  return u;
-}
-
-// float16 / bfloat16 conversions: csrc/common/half_convert.h
-using llmcore::bf16_to_f32;
-using llmcore::f16_to_f32;
-using llmcore::f32_to_bf16;
-using llmcore::f32_to_f16;
-
-inline float load_float(const void* p, FloatType t, int64_t i) {
-  switch (t) {
-    case FloatType::kBF16: return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
-    case FloatType::kF16: return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
-  }
-}
-
 // dst[0:n] (type t) = src[0:n] * mul.
-inline void store_row(const float* src, int64_t n, float mul, void* dst, FloatType t) {
+inline void store_row(const float* src, int64_t n, float mul, void* dst, DType t) {
   switch (t) {
-    case FloatType::kBF16: {
+    case DType::kBFloat16: {
       auto* d = static_cast<uint16_t*>(dst);
       for (int64_t i = 0; i < n; ++i) d[i] = f32_to_bf16(src[i] * mul);
       break;
     }
-    case FloatType::kF16: {
+    case DType::kFloat16: {
       auto* d = static_cast<uint16_t*>(dst);
       for (int64_t i = 0; i < n; ++i) d[i] = f32_to_f16(src[i] * mul);
       break;
@@ -90,8 +63,6 @@ inline void store_row(const float* src, int64_t n, float mul, void* dst, FloatTy
     }
   }
 }
-
-inline size_t elem_size(FloatType t) { return t == FloatType::kF32 ? 4 : 2; }
 
 }  // namespace cpu
 }  // namespace attention

@@ -40,7 +40,7 @@ void axpy_tile(const float* a, int64_t a_rs, int64_t a_cs, int64_t m, int64_t k,
   }
 }
 
-float dot_row(const void* a, const void* b, FloatType t, int64_t n) {
+float dot_row(const void* a, const void* b, DType t, int64_t n) {
   float acc = 0.0f;
   for (int64_t d = 0; d < n; ++d) acc += load_float(a, t, d) * load_float(b, t, d);
   return acc;
@@ -80,9 +80,9 @@ void softmax_t(float* st, int64_t ld, int64_t nk, int64_t nq, int64_t cut, float
   }
 }
 
-void load_rows(const void* src, FloatType t, int64_t row_stride, int64_t rows, int64_t dim,
+void load_rows(const void* src, DType t, int64_t row_stride, int64_t rows, int64_t dim,
                float scale, float* dst, int64_t ldd) {
-  const size_t es = elem_size(t);
+  const size_t es = dtype_size(t);
   for (int64_t r = 0; r < rows; ++r) {
     const void* sr = static_cast<const char*>(src) + r * row_stride * static_cast<int64_t>(es);
     float* dr = dst + r * ldd;
@@ -91,9 +91,9 @@ void load_rows(const void* src, FloatType t, int64_t row_stride, int64_t rows, i
   }
 }
 
-void load_rows_t(const void* src, FloatType t, int64_t row_stride, int64_t rows, int64_t dim,
+void load_rows_t(const void* src, DType t, int64_t row_stride, int64_t rows, int64_t dim,
                  float scale, float* dst, int64_t ldt) {
-  const size_t es = elem_size(t);
+  const size_t es = dtype_size(t);
   for (int64_t r = 0; r < rows; ++r) {
     const void* sr = static_cast<const char*>(src) + r * row_stride * static_cast<int64_t>(es);
     for (int64_t d = 0; d < dim; ++d) dst[d * ldt + r] = scale * load_float(sr, t, d);

@@ -27,12 +27,11 @@
 // fwd_head_dim_supported / bwd_head_dim_supported and the head-dim X-macros, generated
 // from llmcore/ops/capabilities.py by generate_kernels.py
 #include "attention/generated/head_dims.h"
+#include "common/dtype.h"
 
 namespace llmcore {
 namespace attention {
 namespace cuda {
-
-enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
 
 struct FwdParams {
   DType dtype = DType::kFloat16;

@@ -33,10 +33,6 @@ namespace kc = llmcore::attention::cuda;
 
 constexpr int64_t kIntMax = std::numeric_limits<int>::max();
 
-kc::DType dtype_of(at::ScalarType t) {
-  return t == at::kHalf ? kc::DType::kFloat16 : kc::DType::kBFloat16;
-}
-
 // x itself when the kernels can read it in place, else a fresh contiguous copy.
 at::Tensor kernel_ready(const at::Tensor& x) {
   bool ok = x.numel() == 0 || (x.stride(-1) == 1 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0);
@@ -98,7 +94,7 @@ void check_varlen(const at::Tensor& q, const at::Tensor& cu_q, const at::Tensor&
 void set_qkv(kc::FwdParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
              const at::Tensor& out, bool packed) {
   const int o = packed ? 1 : 0;  // index shift of the row/head dims
-  p.dtype = dtype_of(q.scalar_type());
+  p.dtype = to_dtype(q.scalar_type());
   p.head_dim = static_cast<int>(q.size(-1));
   p.heads = static_cast<int>(q.size(-2));
   p.kv_heads = static_cast<int>(k.size(-2));

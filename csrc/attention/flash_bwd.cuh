@@ -133,7 +133,7 @@ flash_bwd_dkdv_kernel(const BwdParams p) {
   load_tile<kBc, D, kThreads>(sK, k, p.k_row_stride, si.sk - n0, k_base, tid);
   load_tile<kBc, D, kThreads>(sV, v, p.v_row_stride, si.sk - n0, v_base, tid);
   if (m_first < m_blocks) load_q_block(m_first, 0);
-  cp_async_commit();
+  ptx::cp_async_commit();
 
   const float scale_log2 = p.scale * kLog2e;
   float acc_dk[kDT][4], acc_dv[kDT][4];
@@ -146,10 +146,10 @@ flash_bwd_dkdv_kernel(const BwdParams p) {
     const int st = (mb - m_first) & 1;
     if (mb + 1 < m_blocks) {
       load_q_block(mb + 1, st ^ 1);
-      cp_async_commit();
-      cp_async_wait<1>();
+      ptx::cp_async_commit();
+      ptx::cp_async_wait<1>();
     } else {
-      cp_async_wait<0>();
+      ptx::cp_async_wait<0>();
     }
     __syncthreads();  // this block's Q, dO, lse, dsum are visible
     const int m0 = mb * kBr;
@@ -168,18 +168,18 @@ flash_bwd_dkdv_kernel(const BwdParams p) {
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t ak[4], av[4];
       const int a_off = (wrow + layout::ldm_a_row(lane)) * kStride + kk * 16 + layout::ldm_a_col(lane);
-      ldmatrix_x4(ak, sK + a_off);
-      ldmatrix_x4(av, sV + a_off);
+      ptx::ldmatrix_x4(ak, sK + a_off);
+      ptx::ldmatrix_x4(av, sV + a_off);
 #pragma unroll
       for (int np = 0; np < kQT / 2; ++np) {
         const int b_off = (np * 16 + layout::ldm_b_row(lane)) * kStride + kk * 16 + layout::ldm_b_col(lane);
         uint32_t bq[4], bo[4];
-        ldmatrix_x4(bq, cQ + b_off);
-        ldmatrix_x4(bo, cdO + b_off);
-        mma_16816<T>(s[2 * np], ak, bq[0], bq[1]);
-        mma_16816<T>(s[2 * np + 1], ak, bq[2], bq[3]);
-        mma_16816<T>(dpt[2 * np], av, bo[0], bo[1]);
-        mma_16816<T>(dpt[2 * np + 1], av, bo[2], bo[3]);
+        ptx::ldmatrix_x4(bq, cQ + b_off);
+        ptx::ldmatrix_x4(bo, cdO + b_off);
+        ptx::mma_16816<T>(s[2 * np], ak, bq[0], bq[1]);
+        ptx::mma_16816<T>(s[2 * np + 1], ak, bq[2], bq[3]);
+        ptx::mma_16816<T>(dpt[2 * np], av, bo[0], bo[1]);
+        ptx::mma_16816<T>(dpt[2 * np + 1], av, bo[2], bo[3]);
       }
     }
 
@@ -209,12 +209,12 @@ flash_bwd_dkdv_kernel(const BwdParams p) {
       for (int dp = 0; dp < D / 16; ++dp) {
         const int b_off = (kk * 16 + layout::ldm_a_row(lane)) * kStride + dp * 16 + layout::ldm_a_col(lane);
         uint32_t bo[4], bq[4];
-        ldmatrix_x4_trans(bo, cdO + b_off);
-        ldmatrix_x4_trans(bq, cQ + b_off);
-        mma_16816<T>(acc_dv[2 * dp], ap, bo[0], bo[1]);
-        mma_16816<T>(acc_dv[2 * dp + 1], ap, bo[2], bo[3]);
-        mma_16816<T>(acc_dk[2 * dp], ads, bq[0], bq[1]);
-        mma_16816<T>(acc_dk[2 * dp + 1], ads, bq[2], bq[3]);
+        ptx::ldmatrix_x4_trans(bo, cdO + b_off);
+        ptx::ldmatrix_x4_trans(bq, cQ + b_off);
+        ptx::mma_16816<T>(acc_dv[2 * dp], ap, bo[0], bo[1]);
+        ptx::mma_16816<T>(acc_dv[2 * dp + 1], ap, bo[2], bo[3]);
+        ptx::mma_16816<T>(acc_dk[2 * dp], ads, bq[0], bq[1]);
+        ptx::mma_16816<T>(acc_dk[2 * dp + 1], ads, bq[2], bq[3]);
       }
     }
 
@@ -244,12 +244,12 @@ flash_bwd_dkdv_kernel(const BwdParams p) {
         for (int kk = 0; kk < kBc / 16; ++kk) {
           uint32_t a[4], bk[4];
           // A[m = query][k = key] = dS^T[key][query]: transposed load of dS^T.
-          ldmatrix_x4_trans(a, sdS + (kk * 16 + layout::ldm_b_row(lane)) * kStrideS + rt * 16 +
+          ptx::ldmatrix_x4_trans(a, sdS + (kk * 16 + layout::ldm_b_row(lane)) * kStrideS + rt * 16 +
                                    layout::ldm_b_col(lane));
-          ldmatrix_x4_trans(bk, sK + (kk * 16 + layout::ldm_a_row(lane)) * kStride + c0 +
+          ptx::ldmatrix_x4_trans(bk, sK + (kk * 16 + layout::ldm_a_row(lane)) * kStride + c0 +
                                     layout::ldm_a_col(lane));
-          mma_16816<T>(dq[0], a, bk[0], bk[1]);
-          mma_16816<T>(dq[1], a, bk[2], bk[3]);
+          ptx::mma_16816<T>(dq[0], a, bk[0], bk[1]);
+          ptx::mma_16816<T>(dq[1], a, bk[2], bk[3]);
         }
 #pragma unroll
         for (int j = 0; j < 2; ++j)
@@ -268,7 +268,7 @@ flash_bwd_dkdv_kernel(const BwdParams p) {
     __syncthreads();  // every warp is done with this stage (and dS^T) before refills
   }
 
-  cp_async_wait<0>();  // no copy may still be in flight when the CTA exits (empty loop)
+  ptx::cp_async_wait<0>();  // no copy may still be in flight when the CTA exits (empty loop)
 
   // dK (scaled), dV: straight to dk/dv when heads == kv_heads, else per query head to the
   // fp32 buffers that the group reduction sums.
@@ -342,7 +342,7 @@ flash_bwd_dq_kernel(const BwdParams p) {
   load_tile<kBr, D, kThreads>(sQ, q, p.q_row_stride, si.sq - m0, q_base, tid);
   load_tile<kBr, D, kThreads>(sdO, dout, p.do_row_stride, si.sq - m0, do_base, tid);
   if (n_tiles > 0) load_kv(0, 0);
-  cp_async_commit();
+  ptx::cp_async_commit();
 
   // lse (log2 domain) and dsum of the thread's rows g and g + 8.
   float row_lse[2], row_dsum[2];
@@ -373,10 +373,10 @@ flash_bwd_dq_kernel(const BwdParams p) {
     const int st = nt & 1, n0 = nt * kBc;
     if (nt + 1 < n_tiles) {
       load_kv(nt + 1, st ^ 1);
-      cp_async_commit();
-      cp_async_wait<1>();
+      ptx::cp_async_commit();
+      ptx::cp_async_wait<1>();
     } else {
-      cp_async_wait<0>();
+      ptx::cp_async_wait<0>();
     }
     __syncthreads();  // K_nt, V_nt (and Q, dO) are visible
     const T* cK = sK + st * kBc * kStride;
@@ -392,18 +392,18 @@ flash_bwd_dq_kernel(const BwdParams p) {
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t aq[4], ao[4];
       const int a_off = (wrow + layout::ldm_a_row(lane)) * kStride + kk * 16 + layout::ldm_a_col(lane);
-      ldmatrix_x4(aq, sQ + a_off);
-      ldmatrix_x4(ao, sdO + a_off);
+      ptx::ldmatrix_x4(aq, sQ + a_off);
+      ptx::ldmatrix_x4(ao, sdO + a_off);
 #pragma unroll
       for (int np = 0; np < kNT / 2; ++np) {
         const int b_off = (np * 16 + layout::ldm_b_row(lane)) * kStride + kk * 16 + layout::ldm_b_col(lane);
         uint32_t bk[4], bv[4];
-        ldmatrix_x4(bk, cK + b_off);
-        ldmatrix_x4(bv, cV + b_off);
-        mma_16816<T>(s[2 * np], aq, bk[0], bk[1]);
-        mma_16816<T>(s[2 * np + 1], aq, bk[2], bk[3]);
-        mma_16816<T>(dp[2 * np], ao, bv[0], bv[1]);
-        mma_16816<T>(dp[2 * np + 1], ao, bv[2], bv[3]);
+        ptx::ldmatrix_x4(bk, cK + b_off);
+        ptx::ldmatrix_x4(bv, cV + b_off);
+        ptx::mma_16816<T>(s[2 * np], aq, bk[0], bk[1]);
+        ptx::mma_16816<T>(s[2 * np + 1], aq, bk[2], bk[3]);
+        ptx::mma_16816<T>(dp[2 * np], ao, bv[0], bv[1]);
+        ptx::mma_16816<T>(dp[2 * np + 1], ao, bv[2], bv[3]);
       }
     }
 
@@ -431,17 +431,17 @@ flash_bwd_dq_kernel(const BwdParams p) {
 #pragma unroll
       for (int dd = 0; dd < D / 16; ++dd) {
         uint32_t bk[4];
-        ldmatrix_x4_trans(bk, cK + (kk * 16 + layout::ldm_a_row(lane)) * kStride + dd * 16 +
+        ptx::ldmatrix_x4_trans(bk, cK + (kk * 16 + layout::ldm_a_row(lane)) * kStride + dd * 16 +
                                   layout::ldm_a_col(lane));
-        mma_16816<T>(acc[2 * dd], a, bk[0], bk[1]);
-        mma_16816<T>(acc[2 * dd + 1], a, bk[2], bk[3]);
+        ptx::mma_16816<T>(acc[2 * dd], a, bk[0], bk[1]);
+        ptx::mma_16816<T>(acc[2 * dd + 1], a, bk[2], bk[3]);
       }
     }
     __syncthreads();  // every warp is done with this stage before it is refilled
   }
 
   // dQ = scale * acc, staged through the warp's own Q rows, 16-byte stores.
-  cp_async_wait<0>();
+  ptx::cp_async_wait<0>();
   __syncwarp();
   T* so = sQ + wrow * kStride;
 #pragma unroll

@@ -1,6 +1,6 @@
-// Device helpers of the attention kernels: inline-PTX tensor-core MMA, ldmatrix and
-// cp.async, 16-byte tile copies with zero-fill, per-sequence geometry, the BOOL_SWITCH
-// dispatch. No torch.
+// Device helpers of the attention kernels: fragment packing, quad reductions, 16-byte tile
+// copies with zero-fill, per-sequence geometry, the BOOL_SWITCH dispatch. The PTX wrappers
+// (ptx::) are common/ptx.cuh's, the element conversions common/half_convert.cuh's. No torch.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -8,10 +8,10 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include <type_traits>
-
 #include "attention/attention_cuda.cuh"
 #include "attention/flash_layout.h"
+#include "common/half_convert.cuh"
+#include "common/ptx.cuh"
 
 // Turns a run-time bool into a compile-time constant NAME for the body (flash-attention's
 // static_switch.h).
@@ -33,81 +33,6 @@ namespace cuda {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kInf = __builtin_huge_valf();
-
-// ---- PTX wrappers ---------------------------------------------------------------------
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global -> shared copy; bytes past src_bytes (0 or 16 here) are zero-filled and
-// nothing is read when src_bytes == 0.
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)),
-               "l"(gmem), "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(smem))
-               : "memory");
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(smem))
-               : "memory");
-}
-
-// d += a (16x16) * b (16x8), fp32 accumulators.
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                          uint32_t b1) {
-  if constexpr (std::is_same_v<T, __half>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-// Two floats -> one register of two 16-bit elements (lo = x, the lower column), RN.
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float x, float y) {
-  if constexpr (std::is_same_v<T, __half>) {
-    const __half2 h = __floats2half2_rn(x, y);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  } else {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ float to_float(T x) {
-  if constexpr (std::is_same_v<T, __half>) return __half2float(x);
-  else return __bfloat162float(x);
-}
-template <typename T>
-__device__ __forceinline__ T from_float(float x) {
-  if constexpr (std::is_same_v<T, __half>) return __float2half_rn(x);
-  else return __float2bfloat16_rn(x);
-}
 
 // The C registers of one 16x16 slice (two n8 accumulator tiles c0, c1) as an A operand:
 // a0 = (row g, k 2t..) = c0[0..1], a1 = (row g+8) = c0[2..3], a2 = (row g, k 8+2t..) =
@@ -147,7 +72,8 @@ __device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t ld, in
     if (kChunks % kThreads != 0 && idx >= kChunks) break;
     const int r = idx / kChunksPerRow, c = idx % kChunksPerRow;
     const bool ok = r < valid_rows;
-    cp_async_16(smem + r * kStride + c * 8, ok ? gmem + r * ld + c * 8 : fallback, ok ? 16 : 0);
+    ptx::cp_async_16(smem + r * kStride + c * 8, ok ? gmem + r * ld + c * 8 : fallback,
+                     ok ? 16 : 0);
   }
 }
 

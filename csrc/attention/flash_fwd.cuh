@@ -75,7 +75,7 @@ flash_fwd_kernel(const FwdParams p) {
 
   load_tile<kBr, D, kThreads>(sQ, q, p.q_row_stride, si.sq - m0, q_base, tid);
   if (n_tiles > 0) load_tile<kBc, D, kThreads>(sK, k, p.k_row_stride, si.sk, k_base, tid);
-  cp_async_commit();
+  ptx::cp_async_commit();
 
   const float scale_log2 = p.scale * kLog2e;
   float acc[kDT][4];
@@ -88,10 +88,10 @@ flash_fwd_kernel(const FwdParams p) {
 
   for (int nt = 0; nt < n_tiles; ++nt) {
     const int n0 = nt * kBc;
-    cp_async_wait<0>();
+    ptx::cp_async_wait<0>();
     __syncthreads();  // K_nt (and Q) landed; every warp is done with V_{nt-1}
     load_tile<kBc, D, kThreads>(sV, v + n0 * p.v_row_stride, p.v_row_stride, si.sk - n0, v_base, tid);
-    cp_async_commit();
+    ptx::cp_async_commit();
 
     // S = Q K^T for the warp's 16 rows and the kBc keys.
     float s[kNT][4];
@@ -102,14 +102,14 @@ flash_fwd_kernel(const FwdParams p) {
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t a[4];
-      ldmatrix_x4(a, sQ + (wrow + layout::ldm_a_row(lane)) * kStride + kk * 16 + layout::ldm_a_col(lane));
+      ptx::ldmatrix_x4(a, sQ + (wrow + layout::ldm_a_row(lane)) * kStride + kk * 16 + layout::ldm_a_col(lane));
 #pragma unroll
       for (int np = 0; np < kNT / 2; ++np) {
         uint32_t bk[4];
-        ldmatrix_x4(bk, sK + (np * 16 + layout::ldm_b_row(lane)) * kStride + kk * 16 +
+        ptx::ldmatrix_x4(bk, sK + (np * 16 + layout::ldm_b_row(lane)) * kStride + kk * 16 +
                             layout::ldm_b_col(lane));
-        mma_16816<T>(s[2 * np], a, bk[0], bk[1]);
-        mma_16816<T>(s[2 * np + 1], a, bk[2], bk[3]);
+        ptx::mma_16816<T>(s[2 * np], a, bk[0], bk[1]);
+        ptx::mma_16816<T>(s[2 * np + 1], a, bk[2], bk[3]);
       }
     }
 
@@ -153,12 +153,12 @@ flash_fwd_kernel(const FwdParams p) {
       }
     }
 
-    cp_async_wait<0>();
+    ptx::cp_async_wait<0>();
     __syncthreads();  // V_nt landed; every warp is done reading K_nt
     if (nt + 1 < n_tiles)
       load_tile<kBc, D, kThreads>(sK, k + (n0 + kBc) * p.k_row_stride, p.k_row_stride,
                                   si.sk - n0 - kBc, k_base, tid);
-    cp_async_commit();
+    ptx::cp_async_commit();
 
     // O += P V: P (16 x kBc) from registers, V [kBc][D] by ldmatrix.trans.
 #pragma unroll
@@ -168,10 +168,10 @@ flash_fwd_kernel(const FwdParams p) {
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         uint32_t bv[4];
-        ldmatrix_x4_trans(bv, sV + (kk * 16 + layout::ldm_a_row(lane)) * kStride + dp * 16 +
+        ptx::ldmatrix_x4_trans(bv, sV + (kk * 16 + layout::ldm_a_row(lane)) * kStride + dp * 16 +
                                   layout::ldm_a_col(lane));
-        mma_16816<T>(acc[2 * dp], a, bv[0], bv[1]);
-        mma_16816<T>(acc[2 * dp + 1], a, bv[2], bv[3]);
+        ptx::mma_16816<T>(acc[2 * dp], a, bv[0], bv[1]);
+        ptx::mma_16816<T>(acc[2 * dp + 1], a, bv[2], bv[3]);
       }
     }
   }
@@ -187,7 +187,7 @@ flash_fwd_kernel(const FwdParams p) {
 
   // Stage the warp's 16 output rows in its own Q rows (only this warp reads them), then
   // store 16-byte chunks of whole rows.
-  cp_async_wait<0>();  // nothing in flight may land on sQ (no key tile: Q's copy)
+  ptx::cp_async_wait<0>();  // nothing in flight may land on sQ (no key tile: Q's copy)
   __syncwarp();
   T* so = sQ + wrow * kStride;
 #pragma unroll

@@ -17,11 +17,7 @@
 // groups for every head dim, 96 included (an XOR swizzle needs a power-of-two row).
 #pragma once
 
-#if defined(__CUDACC__)
-#define LLMCORE_HD __host__ __device__ __forceinline__
-#else
-#define LLMCORE_HD inline
-#endif
+#include "common/host_device.h"
 
 namespace llmcore {
 namespace attention {

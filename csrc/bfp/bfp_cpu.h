@@ -33,30 +33,29 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "common/cpu_isa.h"
+#include "common/dtype.h"
+
 namespace llmcore {
 namespace bfp {
 namespace cpu {
 
-enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
-enum class FloatType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
-
-// Best ISA this CPU supports, lowered by LLMCORE_CPU_ISA when set.
+// Best ISA this CPU supports, lowered by LLMCORE_CPU_ISA when set (common/cpu_isa.h).
 Isa active_isa();
-const char* isa_name(Isa isa);
 
 inline int64_t exponent_cols(int64_t k, int block) { return (k + block - 1) / block; }
 inline int64_t mantissa_cols(int64_t k, int bits) { return bits <= 4 ? (k + 1) / 2 : k; }
 
 // Quantise rows [row_begin, row_end) of x (row r starts at x + r * x_row_stride elements,
 // elements contiguous). mant / exp rows have strides mant_row_stride / exp_row_stride bytes.
-void quantize_rows(const void* x, FloatType xt, int64_t x_row_stride, int64_t k, int bits,
+void quantize_rows(const void* x, DType xt, int64_t x_row_stride, int64_t k, int bits,
                    int block, bool round_even, uint8_t* mant, int64_t mant_row_stride,
                    uint8_t* exp, int64_t exp_row_stride, int64_t row_begin, int64_t row_end);
 
 // Dequantise rows [row_begin, row_end) into out (out_row_stride elements, of type ot).
 void dequantize_rows(const uint8_t* mant, int64_t mant_row_stride, const uint8_t* exp,
                      int64_t exp_row_stride, int64_t k, int bits, int block, void* out,
-                     FloatType ot, int64_t out_row_stride, int64_t row_begin, int64_t row_end);
+                     DType ot, int64_t out_row_stride, int64_t row_begin, int64_t row_end);
 
 // Weight-only linear, output columns [n_begin, n_end):
 //   y[m, n] = sum_k x[m, k] * dequant(w)[n, k] (+ bias[n]),  m in [0, M)
@@ -71,7 +70,7 @@ void linear_rows(const float* x, int64_t M, int64_t ldx, int64_t K, const uint8_
 // may be multiplied in bf16 (vdpbf16ps) against weights dequantised to bf16, which is exact
 // (8-bit mantissas fit bf16; bf16 x bf16 products are exact in fp32) where no product is
 // near fp32's subnormal range; otherwise, and for other types, x is widened to fp32.
-void linear_rows_typed(const void* x, FloatType xt, int64_t M, int64_t ldx, int64_t K,
+void linear_rows_typed(const void* x, DType xt, int64_t M, int64_t ldx, int64_t K,
                        const uint8_t* w_mant, int64_t w_row_stride, const uint8_t* w_exp,
                        int64_t exp_row_stride, int bits, int block, const float* bias, float* y,
                        int64_t ldy, int64_t n_begin, int64_t n_end);

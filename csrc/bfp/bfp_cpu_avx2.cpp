@@ -34,13 +34,13 @@ inline float hsum(__m256 v) {
 }
 
 // Row of k elements -> fp32 [k] (padding beyond k is never read unmasked).
-void widen_row(const void* xr, FloatType t, int64_t k, float* out) {
+void widen_row(const void* xr, DType t, int64_t k, float* out) {
   int64_t i = 0;
   const uint16_t* h = static_cast<const uint16_t*>(xr);
-  if (t == FloatType::kF16) {
+  if (t == DType::kFloat16) {
     for (; i + 8 <= k; i += 8)
       _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
-  } else if (t == FloatType::kBF16) {
+  } else if (t == DType::kBFloat16) {
     for (; i + 8 <= k; i += 8) {
       const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i)));
       _mm256_storeu_ps(out + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
@@ -98,16 +98,16 @@ void quantize_row(const float* x, int64_t k, int bits, int block, int8_t* q, uin
   }
 }
 
-void quantize(const void* x, FloatType xt, int64_t x_row_stride, int64_t k, int bits, int block,
+void quantize(const void* x, DType xt, int64_t x_row_stride, int64_t k, int bits, int block,
               bool round_even, uint8_t* mant, int64_t mant_row_stride, uint8_t* exp,
               int64_t exp_row_stride, int64_t row_begin, int64_t row_end) {
-  const int64_t esize = xt == FloatType::kF32 ? 4 : 2;
-  std::vector<float> xf(xt == FloatType::kF32 ? 0 : static_cast<size_t>(k));
+  const int64_t esize = xt == DType::kFloat32 ? 4 : 2;
+  std::vector<float> xf(xt == DType::kFloat32 ? 0 : static_cast<size_t>(k));
   std::vector<int8_t> q(static_cast<size_t>(k + 8));
   for (int64_t r = row_begin; r < row_end; ++r) {
     const void* xr = static_cast<const char*>(x) + r * x_row_stride * esize;
     const float* row = static_cast<const float*>(xr);
-    if (xt != FloatType::kF32) {
+    if (xt != DType::kFloat32) {
       widen_row(xr, xt, k, xf.data());
       row = xf.data();
     }
@@ -125,17 +125,17 @@ void quantize(const void* x, FloatType xt, int64_t x_row_stride, int64_t k, int 
 
 // ---- dequantize -----------------------------------------------------------------------
 void dequantize(const uint8_t* mant, int64_t mant_row_stride, const uint8_t* exp,
-                int64_t exp_row_stride, int64_t k, int bits, int block, void* out, FloatType ot,
+                int64_t exp_row_stride, int64_t k, int bits, int block, void* out, DType ot,
                 int64_t out_row_stride, int64_t row_begin, int64_t row_end) {
   const int64_t nb = exponent_cols(k, block);
-  const int64_t osize = ot == FloatType::kF32 ? 4 : 2;
+  const int64_t osize = ot == DType::kFloat32 ? 4 : 2;
   std::vector<int8_t> q(static_cast<size_t>(k));
   std::vector<float> f(static_cast<size_t>(k + 8));
   for (int64_t r = row_begin; r < row_end; ++r) {
     const uint8_t* mr = mant + r * mant_row_stride;
     for (int64_t i = 0; i < k; ++i) q[i] = static_cast<int8_t>(load_mantissa(mr, bits, i));
     const uint8_t* er = exp + r * exp_row_stride;
-    float* dst = ot == FloatType::kF32
+    float* dst = ot == DType::kFloat32
                      ? reinterpret_cast<float*>(static_cast<char*>(out) + r * out_row_stride * osize)
                      : f.data();
     for (int64_t b = 0; b < nb; ++b) {
@@ -151,7 +151,7 @@ void dequantize(const uint8_t* mant, int64_t mant_row_stride, const uint8_t* exp
       const float ss = block_scale(er[b], bits);
       for (; i < i1; ++i) dst[i] = static_cast<float>(q[i]) * ss;
     }
-    if (ot != FloatType::kF32) {
+    if (ot != DType::kFloat32) {
       void* orow = static_cast<char*>(out) + r * out_row_stride * osize;
       for (int64_t i = 0; i < k; ++i) store_float(orow, ot, i, dst[i]);
     }

@@ -39,22 +39,22 @@ inline __mmask16 tail_mask(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
 }
 
-template <FloatType T>
+template <DType T>
 inline __m512 load16(const void* p, int64_t i, __mmask16 m) {
-  if (T == FloatType::kF32) return _mm512_maskz_loadu_ps(m, static_cast<const float*>(p) + i);
+  if (T == DType::kFloat32) return _mm512_maskz_loadu_ps(m, static_cast<const float*>(p) + i);
   const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p) + i);
-  if (T == FloatType::kF16) return _mm512_cvtph_ps(h);
+  if (T == DType::kFloat16) return _mm512_cvtph_ps(h);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-template <FloatType T>
+template <DType T>
 inline void store16(void* p, int64_t i, __m512 v, __mmask16 m) {
-  if (T == FloatType::kF32) {
+  if (T == DType::kFloat32) {
     _mm512_mask_storeu_ps(static_cast<float*>(p) + i, m, v);
     return;
   }
   __m256i h;
-  if (T == FloatType::kF16) {
+  if (T == DType::kFloat16) {
     h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   } else {  // bf16, round to nearest even; NaN stays quiet NaN (as f32_to_bf16)
     const __m512i u = _mm512_castps_si512(v);
@@ -68,7 +68,7 @@ inline void store16(void* p, int64_t i, __m512 v, __mmask16 m) {
 }
 
 // ---- quantize -------------------------------------------------------------------------
-template <FloatType T, bool kEven>
+template <DType T, bool kEven>
 void quantize_row(const void* xr, int64_t k, int bits, int block, int8_t* q, uint8_t* er) {
   const int64_t nb = exponent_cols(k, block);
   const __m512 lim = _mm512_set1_ps(static_cast<float>(max_mantissa(bits)));
@@ -136,11 +136,11 @@ void unpack_row(const uint8_t* p, int64_t k, int8_t* q) {
   for (; i < k; ++i) q[i] = static_cast<int8_t>(load_mantissa(p, 4, i));
 }
 
-template <FloatType T>
+template <DType T>
 void quantize_t(const void* x, int64_t x_row_stride, int64_t k, int bits, int block,
                 bool round_even, uint8_t* mant, int64_t mant_row_stride, uint8_t* exp,
                 int64_t exp_row_stride, int64_t row_begin, int64_t row_end) {
-  const int64_t esize = T == FloatType::kF32 ? 4 : 2;
+  const int64_t esize = T == DType::kFloat32 ? 4 : 2;
   std::vector<int8_t> tmp(is_packed(bits) ? static_cast<size_t>(k) : 0);
   for (int64_t r = row_begin; r < row_end; ++r) {
     const void* xr = static_cast<const char*>(x) + r * x_row_stride * esize;
@@ -152,23 +152,23 @@ void quantize_t(const void* x, int64_t x_row_stride, int64_t k, int bits, int bl
   }
 }
 
-void quantize(const void* x, FloatType xt, int64_t x_row_stride, int64_t k, int bits, int block,
+void quantize(const void* x, DType xt, int64_t x_row_stride, int64_t k, int bits, int block,
               bool round_even, uint8_t* mant, int64_t mant_row_stride, uint8_t* exp,
               int64_t exp_row_stride, int64_t row_begin, int64_t row_end) {
-  auto f = xt == FloatType::kBF16 ? quantize_t<FloatType::kBF16>
-         : xt == FloatType::kF16  ? quantize_t<FloatType::kF16>
-                                  : quantize_t<FloatType::kF32>;
+  auto f = xt == DType::kBFloat16 ? quantize_t<DType::kBFloat16>
+         : xt == DType::kFloat16  ? quantize_t<DType::kFloat16>
+                                  : quantize_t<DType::kFloat32>;
   f(x, x_row_stride, k, bits, block, round_even, mant, mant_row_stride, exp, exp_row_stride,
     row_begin, row_end);
 }
 
 // ---- dequantize -----------------------------------------------------------------------
-template <FloatType T>
+template <DType T>
 void dequantize_t(const uint8_t* mant, int64_t mant_row_stride, const uint8_t* exp,
                   int64_t exp_row_stride, int64_t k, int bits, int block, void* out,
                   int64_t out_row_stride, int64_t row_begin, int64_t row_end) {
   const int64_t nb = exponent_cols(k, block);
-  const int64_t osize = T == FloatType::kF32 ? 4 : 2;
+  const int64_t osize = T == DType::kFloat32 ? 4 : 2;
   std::vector<int8_t> tmp(is_packed(bits) ? static_cast<size_t>(k) : 0);
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int8_t* q = reinterpret_cast<const int8_t*>(mant + r * mant_row_stride);
@@ -191,11 +191,11 @@ void dequantize_t(const uint8_t* mant, int64_t mant_row_stride, const uint8_t* e
 }
 
 void dequantize(const uint8_t* mant, int64_t mant_row_stride, const uint8_t* exp,
-                int64_t exp_row_stride, int64_t k, int bits, int block, void* out, FloatType ot,
+                int64_t exp_row_stride, int64_t k, int bits, int block, void* out, DType ot,
                 int64_t out_row_stride, int64_t row_begin, int64_t row_end) {
-  auto f = ot == FloatType::kBF16 ? dequantize_t<FloatType::kBF16>
-         : ot == FloatType::kF16  ? dequantize_t<FloatType::kF16>
-                                  : dequantize_t<FloatType::kF32>;
+  auto f = ot == DType::kBFloat16 ? dequantize_t<DType::kBFloat16>
+         : ot == DType::kFloat16  ? dequantize_t<DType::kFloat16>
+                                  : dequantize_t<DType::kFloat32>;
   f(mant, mant_row_stride, exp, exp_row_stride, k, bits, block, out, out_row_stride, row_begin,
     row_end);
 }
@@ -437,15 +437,9 @@ int bf16_min_exponent(const uint16_t* x, int64_t M, int64_t ldx, int64_t K) {
   return (lo >> 7) == 0 ? -127 : (lo >> 7) - 127;
 }
 
-bool cpu_has_bf16() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") != 0;
-  }();
-  return has;
-}
+bool cpu_has_bf16() { return cpu_features().avx512bf16; }
 
-void linear_tiles(const void* x, FloatType xt, int64_t M, int64_t ldx, int64_t K,
+void linear_tiles(const void* x, DType xt, int64_t M, int64_t ldx, int64_t K,
                   const uint8_t* w, int64_t ws, const uint8_t* we, int64_t es, int bits,
                   int block, const float* bias, float* y, int64_t ldy, int64_t n_begin,
                   int64_t n_end) {
@@ -459,7 +453,7 @@ void linear_tiles(const void* x, FloatType xt, int64_t M, int64_t ldx, int64_t K
   // subnormal inputs and results, so every nonzero product must be far above 2^-126:
   // 2^(ex + s) >= 2^-100 keeps any flushed partial sum (< 2^-126 each) well inside the
   // fp32 accumulation bound. Tiles that fail the test go the fp32 way.
-  const bool try_bf16 = xt == FloatType::kBF16 && bits <= 8 && cpu_has_bf16();
+  const bool try_bf16 = xt == DType::kBFloat16 && bits <= 8 && cpu_has_bf16();
   int x_min_exp = 0;
   const int64_t kp16 = (K + 15) / 16 * 16, kp32 = (K + 31) / 32 * 32;
   const uint16_t* xb = nullptr;
@@ -482,7 +476,7 @@ void linear_tiles(const void* x, FloatType xt, int64_t M, int64_t ldx, int64_t K
   int64_t ldxf = ldx;
   auto need_xf = [&] {
     if (xf) return;
-    if (xt == FloatType::kF32 && K == kp16) {
+    if (xt == DType::kFloat32 && K == kp16) {
       xf = static_cast<const float*>(x);
       return;
     }
@@ -490,9 +484,9 @@ void linear_tiles(const void* x, FloatType xt, int64_t M, int64_t ldx, int64_t K
     for (int64_t m = 0; m < M; ++m) {
       for (int64_t i = 0; i < K; i += 16) {
         const __mmask16 mk = tail_mask(K - i);
-        const __m512 v = xt == FloatType::kF32 ? load16<FloatType::kF32>(x, m * ldx + i, mk)
-                       : xt == FloatType::kBF16 ? load16<FloatType::kBF16>(x, m * ldx + i, mk)
-                                                : load16<FloatType::kF16>(x, m * ldx + i, mk);
+        const __m512 v = xt == DType::kFloat32 ? load16<DType::kFloat32>(x, m * ldx + i, mk)
+                       : xt == DType::kBFloat16 ? load16<DType::kBFloat16>(x, m * ldx + i, mk)
+                                                : load16<DType::kFloat16>(x, m * ldx + i, mk);
         _mm512_mask_storeu_ps(b + m * kp16 + i, mk, v);
       }
       for (int64_t i = K; i < kp16; ++i) b[m * kp16 + i] = 0.0f;
@@ -660,7 +654,7 @@ int min_exp_byte(const uint8_t* we, int64_t es, int64_t nb, int64_t n, int nr) {
 }
 
 template <bool kPacked>
-void linear_fused(const void* x, FloatType xt, int64_t M, int64_t ldx, int64_t K,
+void linear_fused(const void* x, DType xt, int64_t M, int64_t ldx, int64_t K,
                   const uint8_t* w, int64_t ws, const uint8_t* we, int64_t es, int bits,
                   int block, const float* bias, float* y, int64_t ldy, int64_t n_begin,
                   int64_t n_end) {
@@ -671,7 +665,7 @@ void linear_fused(const void* x, FloatType xt, int64_t M, int64_t ldx, int64_t K
   const int64_t kp = (K + 31) / 32 * 32, nb = exponent_cols(K, block);
   // x scratch [M][kp], zero padded, chunk-permuted for 4-bit weights.
   auto src = [&](int64_t k) -> int64_t { return kPacked ? (k & ~int64_t{31}) + ((k & 15) << 1) + ((k >> 4) & 1) : k; };
-  const bool try_bf16 = xt == FloatType::kBF16 && cpu_has_bf16();
+  const bool try_bf16 = xt == DType::kBFloat16 && cpu_has_bf16();
   int x_min_exp = 0;
   uint16_t* xb = nullptr;
   if (try_bf16) {
@@ -836,7 +830,7 @@ void pack_b(const GemmPlan& p, const uint8_t* b_mant, int64_t b_row_stride, cons
 
 const Kernels kKernels = {quantize, dequantize, linear, gemm, pack_b};
 
-void linear_typed(const void* x, FloatType xt, int64_t M, int64_t ldx, int64_t K,
+void linear_typed(const void* x, DType xt, int64_t M, int64_t ldx, int64_t K,
                   const uint8_t* w_mant, int64_t w_row_stride, const uint8_t* w_exp,
                   int64_t exp_row_stride, int bits, int block, const float* bias, float* y,
                   int64_t ldy, int64_t n_begin, int64_t n_end) {
@@ -856,7 +850,7 @@ void linear_typed(const void* x, FloatType xt, int64_t M, int64_t ldx, int64_t K
   }
   const float* xf = static_cast<const float*>(x);
   std::vector<float> tmp;
-  if (xt != FloatType::kF32) {
+  if (xt != DType::kFloat32) {
     tmp.resize(static_cast<size_t>(M * K));
     for (int64_t m = 0; m < M; ++m)
       for (int64_t i = 0; i < K; ++i) tmp[m * K + i] = load_float(x, xt, m * ldx + i);

@@ -23,12 +23,6 @@ constexpr int64_t kLinearChunkElems = int64_t{1} << 24;
 // Work per parallel task, in elements touched, so small calls stay on one thread.
 constexpr int64_t kGrainElems = int64_t{1} << 15;
 
-cpu::FloatType float_type(at::ScalarType t) {
-  if (t == at::kBFloat16) return cpu::FloatType::kBF16;
-  if (t == at::kHalf) return cpu::FloatType::kF16;
-  return cpu::FloatType::kF32;
-}
-
 bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
 }
@@ -86,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor> bfp_quantize_cpu(const at::Tensor& x, int64_t
   if (x.numel() == 0) return {mant, exp};
   const at::Tensor xc = x.contiguous();
   const int64_t rows = xc.numel() / k;
-  const cpu::FloatType xt = float_type(x.scalar_type());
+  const DType xt = to_dtype(x.scalar_type());
   const void* xp = xc.data_ptr();
   auto* mp = static_cast<uint8_t*>(mant.data_ptr());
   auto* ep = exp.data_ptr<uint8_t>();
@@ -114,7 +108,7 @@ at::Tensor bfp_dequantize_cpu(const at::Tensor& mantissa, const at::Tensor& expo
   const auto* mp = static_cast<const uint8_t*>(mc.data_ptr());
   const auto* ep = ec.data_ptr<uint8_t>();
   void* op = out.data_ptr();
-  const cpu::FloatType ot = float_type(dtype);
+  const DType ot = to_dtype(dtype);
   const int64_t mcols = mc.size(-1), ecols = ec.size(-1);
   at::parallel_for(0, rows, grain_rows(k), [&](int64_t r0, int64_t r1) {
     cpu::dequantize_rows(mp, mcols, ep, ecols, k, bits, block, op, ot, k, r0, r1);
@@ -156,7 +150,7 @@ at::Tensor bfp_linear_cpu(const at::Tensor& x, const at::Tensor& w_mantissa,
     // x in its own dtype: the kernel widens it, or multiplies bf16 x in bf16 (exactly).
     const at::Tensor xc = x.contiguous();
     const void* xp = xc.data_ptr();
-    const cpu::FloatType xt = float_type(x.scalar_type());
+    const DType xt = to_dtype(x.scalar_type());
     const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
     float* yp = y32.data_ptr<float>();
     at::parallel_for(0, N, grain_rows(K * M), [&](int64_t n0, int64_t n1) {
@@ -173,7 +167,7 @@ at::Tensor bfp_linear_cpu(const at::Tensor& x, const at::Tensor& w_mantissa,
       float* wp = wbuf.data_ptr<float>();
       at::parallel_for(0, rows, grain_rows(K), [&](int64_t r0, int64_t r1) {
         cpu::dequantize_rows(wmp + n0 * wcols, wcols, wep + n0 * ecols, ecols, K, bits, block, wp,
-                             cpu::FloatType::kF32, K, r0, r1);
+                             DType::kFloat32, K, r0, r1);
       });
       const at::Tensor w = wbuf.narrow(0, 0, rows);
       if (rows == N) {

@@ -2,7 +2,6 @@
 // every ISA: it is O((M + N) K), the product is O(M N K)).
 #include "bfp/bfp_cpu_internal.h"
 
-#include <stdlib.h>
 #include <string.h>
 
 #include <vector>
@@ -12,16 +11,10 @@ namespace bfp {
 namespace cpu {
 namespace {
 
-Isa detect_isa() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
-    return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c"))
-    return Isa::kAvx2;
-#endif
+Isa best_isa() {
+  const CpuFeatures& f = cpu_features();
+  if (f.avx512f && f.avx512bw && f.avx512vl && f.avx512vnni) return Isa::kAvx512;
+  if (f.avx2 && f.fma && f.f16c) return Isa::kAvx2;
   return Isa::kScalar;
 }
 
@@ -47,26 +40,11 @@ F pick(F Kernels::*field) {
 }  // namespace
 
 Isa active_isa() {
-  static const Isa best = detect_isa();
-  const char* env = getenv("LLMCORE_CPU_ISA");
-  Isa want = best;
-  if (env && *env) {
-    if (!strcmp(env, "scalar")) want = Isa::kScalar;
-    else if (!strcmp(env, "avx2")) want = Isa::kAvx2;
-  }
-  // An unsupported (or unknown) request falls back to the best available.
-  return static_cast<int>(want) < static_cast<int>(best) ? want : best;
+  static const Isa best = best_isa();
+  return choose_isa(best, /*has_avx2=*/true);
 }
 
-const char* isa_name(Isa isa) {
-  switch (isa) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    default: return "scalar";
-  }
-}
-
-void quantize_rows(const void* x, FloatType xt, int64_t x_row_stride, int64_t k, int bits,
+void quantize_rows(const void* x, DType xt, int64_t x_row_stride, int64_t k, int bits,
                    int block, bool round_even, uint8_t* mant, int64_t mant_row_stride,
                    uint8_t* exp, int64_t exp_row_stride, int64_t row_begin, int64_t row_end) {
   pick(&Kernels::quantize)(x, xt, x_row_stride, k, bits, block, round_even, mant,
@@ -75,7 +53,7 @@ void quantize_rows(const void* x, FloatType xt, int64_t x_row_stride, int64_t k,
 
 void dequantize_rows(const uint8_t* mant, int64_t mant_row_stride, const uint8_t* exp,
                      int64_t exp_row_stride, int64_t k, int bits, int block, void* out,
-                     FloatType ot, int64_t out_row_stride, int64_t row_begin, int64_t row_end) {
+                     DType ot, int64_t out_row_stride, int64_t row_begin, int64_t row_end) {
   pick(&Kernels::dequantize)(mant, mant_row_stride, exp, exp_row_stride, k, bits, block, out, ot,
                              out_row_stride, row_begin, row_end);
 }
@@ -88,7 +66,7 @@ void linear_rows(const float* x, int64_t M, int64_t ldx, int64_t K, const uint8_
                          bias, y, ldy, n_begin, n_end);
 }
 
-void linear_rows_typed(const void* x, FloatType xt, int64_t M, int64_t ldx, int64_t K,
+void linear_rows_typed(const void* x, DType xt, int64_t M, int64_t ldx, int64_t K,
                        const uint8_t* w_mant, int64_t w_row_stride, const uint8_t* w_exp,
                        int64_t exp_row_stride, int bits, int block, const float* bias, float* y,
                        int64_t ldy, int64_t n_begin, int64_t n_end) {
@@ -99,7 +77,7 @@ void linear_rows_typed(const void* x, FloatType xt, int64_t M, int64_t ldx, int6
     return;
   }
 #endif
-  if (xt == FloatType::kF32) {
+  if (xt == DType::kFloat32) {
     linear_rows(static_cast<const float*>(x), M, ldx, K, w_mant, w_row_stride, w_exp,
                 exp_row_stride, bits, block, bias, y, ldy, n_begin, n_end);
     return;

@@ -1,6 +1,6 @@
-// Shared pieces of the CPU BFP kernels (not part of the public API in bfp_cpu.h): scalar
-// float16/bfloat16 conversions with IEEE round-to-nearest-even, and the per-ISA entry
-// points that bfp_cpu_dispatch.cpp chooses between.
+// Shared pieces of the CPU BFP kernels (not part of the public API in bfp_cpu.h): mantissa
+// loads and the per-ISA entry points that bfp_cpu_dispatch.cpp chooses between. Element
+// conversions and loads / stores by DType: common/half_convert.h.
 #pragma once
 
 #include "bfp/bfp_cpu.h"
@@ -10,28 +10,6 @@
 namespace llmcore {
 namespace bfp {
 namespace cpu {
-
-// float16 / bfloat16 conversions: csrc/common/half_convert.h
-using llmcore::bf16_to_f32;
-using llmcore::f16_to_f32;
-using llmcore::f32_to_bf16;
-using llmcore::f32_to_f16;
-
-inline float load_float(const void* p, FloatType t, int64_t i) {
-  switch (t) {
-    case FloatType::kBF16: return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
-    case FloatType::kF16: return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
-  }
-}
-
-inline void store_float(void* p, FloatType t, int64_t i, float v) {
-  switch (t) {
-    case FloatType::kBF16: static_cast<uint16_t*>(p)[i] = f32_to_bf16(v); break;
-    case FloatType::kF16: static_cast<uint16_t*>(p)[i] = f32_to_f16(v); break;
-    default: static_cast<float*>(p)[i] = v;
-  }
-}
 
 // Mantissa i of a row, packed (bits <= 4) or not.
 inline int load_mantissa(const uint8_t* row, int bits, int64_t i) {
@@ -59,7 +37,7 @@ namespace avx2 { extern const Kernels kKernels; }
 namespace avx512 {
 extern const Kernels kKernels;
 // linear_rows_typed on AVX-512 (needs F/BW/VL/VNNI; uses AVX512_BF16 when present).
-void linear_typed(const void* x, FloatType xt, int64_t M, int64_t ldx, int64_t K,
+void linear_typed(const void* x, DType xt, int64_t M, int64_t ldx, int64_t K,
                   const uint8_t* w_mant, int64_t w_row_stride, const uint8_t* w_exp,
                   int64_t exp_row_stride, int bits, int block, const float* bias, float* y,
                   int64_t ldy, int64_t n_begin, int64_t n_end);

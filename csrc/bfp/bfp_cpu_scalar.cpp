@@ -10,11 +10,11 @@ namespace cpu {
 namespace scalar {
 namespace {
 
-void quantize(const void* x, FloatType xt, int64_t x_row_stride, int64_t k, int bits, int block,
+void quantize(const void* x, DType xt, int64_t x_row_stride, int64_t k, int bits, int block,
               bool round_even, uint8_t* mant, int64_t mant_row_stride, uint8_t* exp,
               int64_t exp_row_stride, int64_t row_begin, int64_t row_end) {
   const int64_t nb = exponent_cols(k, block);
-  const size_t esize = xt == FloatType::kF32 ? 4 : 2;
+  const size_t esize = xt == DType::kFloat32 ? 4 : 2;
   for (int64_t r = row_begin; r < row_end; ++r) {
     const void* xr = static_cast<const char*>(x) + r * x_row_stride * static_cast<int64_t>(esize);
     uint8_t* mr = mant + r * mant_row_stride;
@@ -45,7 +45,7 @@ void quantize(const void* x, FloatType xt, int64_t x_row_stride, int64_t k, int 
 }
 
 void dequantize(const uint8_t* mant, int64_t mant_row_stride, const uint8_t* exp,
-                int64_t exp_row_stride, int64_t k, int bits, int block, void* out, FloatType ot,
+                int64_t exp_row_stride, int64_t k, int bits, int block, void* out, DType ot,
                 int64_t out_row_stride, int64_t row_begin, int64_t row_end) {
   for (int64_t r = row_begin; r < row_end; ++r) {
     const uint8_t* mr = mant + r * mant_row_stride;

@@ -28,23 +28,23 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "common/dtype.h"
+
 namespace llmcore {
 namespace bfp {
 namespace cuda {
 
-// Float dtype of an activation / output buffer.
-enum class FloatType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
-
+// Activation / output buffers are DType::kFloat32, kBFloat16 or kFloat16 (common/dtype.h).
 // x [rows, k] (row stride ldx elements) -> mantissa [rows, mcols] (row stride ldm bytes;
 // mcols = k, or ceil(k/2) when packed) and exponent [rows, ceil(k/block)] (row stride lde).
-cudaError_t quantize(const void* x, FloatType xtype, int64_t rows, int64_t k, int64_t ldx,
+cudaError_t quantize(const void* x, DType xtype, int64_t rows, int64_t k, int64_t ldx,
                      int bits, int block, bool round_even, void* mantissa, int64_t ldm,
                      uint8_t* exponent, int64_t lde, cudaStream_t stream);
 
 // (mantissa, exponent) -> y [rows, k] (row stride ldy elements) of ytype.
 cudaError_t dequantize(const void* mantissa, int64_t ldm, const uint8_t* exponent,
                        int64_t lde, int64_t rows, int64_t k, int bits, int block, void* y,
-                       FloatType ytype, int64_t ldy, cudaStream_t stream);
+                       DType ytype, int64_t ldy, cudaStream_t stream);
 
 // Largest M linear_small_m accepts.
 constexpr int kSmallMMax = 16;
@@ -53,7 +53,7 @@ constexpr int kSmallMMax = 16;
 // w_mantissa row stride ldw bytes, w_exponent row stride lde bytes. 1 <= m <= 16.
 // Rows of w that are 16-byte aligned (8-byte when packed) are read with vector loads,
 // others byte by byte. bias may be null.
-cudaError_t linear_small_m(const void* x, FloatType xtype, int64_t m, int64_t k, int64_t ldx,
+cudaError_t linear_small_m(const void* x, DType xtype, int64_t m, int64_t k, int64_t ldx,
                            const void* w_mantissa, int64_t ldw, const uint8_t* w_exponent,
                            int64_t lde, int64_t n, int bits, int block, const void* bias,
                            void* y, int64_t ldy, cudaStream_t stream);
@@ -74,7 +74,7 @@ inline bool gemm_int8_supported(int a_bits, int b_bits, int block) {
 cudaError_t gemm_int8(const int8_t* a, int64_t lda, const uint8_t* a_exp, int64_t ldae,
                       const int8_t* b, int64_t ldb, const uint8_t* b_exp, int64_t ldbe,
                       int64_t m, int64_t n, int64_t k, int a_bits, int b_bits, int block,
-                      const float* bias_f32, void* y, FloatType ytype, int64_t ldy,
+                      const float* bias_f32, void* y, DType ytype, int64_t ldy,
                       cudaStream_t stream);
 
 }  // namespace cuda

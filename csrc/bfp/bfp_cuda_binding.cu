@@ -36,17 +36,10 @@ void check_format(int64_t bits, int64_t block, const char* bits_name) {
   TORCH_CHECK_VALUE(block >= 1 && block <= 1024, "block_size must be in [1, 1024], got ", block);
 }
 
-// The current stream of the current device: c10::cuda::getCurrentCUDAStream is what
-// at::cuda::getCurrentCUDAStream names; c10/cuda/CUDAStream.h spares this file
-// ATen/cuda/CUDAContext.h, which needs the cuBLAS/cuSPARSE headers.
-kc::FloatType float_type(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return kc::FloatType::kFloat32;
-    case at::kBFloat16: return kc::FloatType::kBFloat16;
-    case at::kHalf: return kc::FloatType::kFloat16;
-    default: TORCH_CHECK_VALUE(false, "dtype must be float32, bfloat16 or float16, got ", t);
-  }
-  return kc::FloatType::kFloat32;  // unreachable
+// An output dtype the kernels can write (checked before to_dtype converts it).
+void check_float_dtype(at::ScalarType t) {
+  TORCH_CHECK_VALUE(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf,
+                    "dtype must be float32, bfloat16 or float16, got ", t);
 }
 
 int64_t mantissa_cols(int64_t k, int64_t bits) { return bits <= 4 ? (k + 1) / 2 : k; }
@@ -80,7 +73,7 @@ at::Tensor dequantize_rows(const at::Tensor& mantissa, const at::Tensor& exponen
   at::Tensor y = at::empty({rows, k}, mantissa.options().dtype(dtype));
   const cudaError_t err = kc::dequantize(
       mantissa.data_ptr(), mantissa.size(1), exponent.data_ptr<uint8_t>(), exponent.size(1), rows,
-      k, static_cast<int>(bits), static_cast<int>(block), y.data_ptr(), float_type(dtype), k,
+      k, static_cast<int>(bits), static_cast<int>(block), y.data_ptr(), to_dtype(dtype), k,
       current_stream());
   CHECK_LAUNCH(err, "bfp_dequantize");
   return y;
@@ -105,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor> bfp_quantize_cuda(const at::Tensor& x, int64_
   at::Tensor exponent = at::empty(eshape, x.options().dtype(at::kByte));
   if (rows == 0) return {mantissa, exponent};
   const cudaError_t err = kc::quantize(
-      xc.data_ptr(), float_type(xc.scalar_type()), rows, k, k, static_cast<int>(mantissa_bits),
+      xc.data_ptr(), to_dtype(xc.scalar_type()), rows, k, k, static_cast<int>(mantissa_bits),
       static_cast<int>(block_size), round_even, mantissa.data_ptr(), mshape.back(),
       exponent.data_ptr<uint8_t>(), eshape.back(), current_stream());
   CHECK_LAUNCH(err, "bfp_quantize");
@@ -119,7 +112,7 @@ at::Tensor bfp_dequantize_cuda(const at::Tensor& mantissa, const at::Tensor& exp
   CHECK_SAME_DEVICE(mantissa, exponent);
   check_format(mantissa_bits, block_size, "mantissa_bits");
   TORCH_CHECK_VALUE(k >= 0, "k must be >= 0, got ", k);
-  float_type(dtype);
+  check_float_dtype(dtype);
   check_bfp_operand(mantissa, exponent, mantissa_bits, block_size, k, "bfp_dequantize:");
   const c10::cuda::CUDAGuard guard(mantissa.device());
   std::vector<int64_t> shape(mantissa.sizes().begin(), mantissa.sizes().end());
@@ -180,7 +173,7 @@ at::Tensor bfp_linear_cuda(const at::Tensor& x, const at::Tensor& w_mantissa,
   if (m <= kc::kSmallMMax) {
     const at::Tensor xc = x.contiguous();
     const cudaError_t err = kc::linear_small_m(
-        xc.data_ptr(), float_type(x.scalar_type()), m, k, k, wm.data_ptr(), wm.size(1),
+        xc.data_ptr(), to_dtype(x.scalar_type()), m, k, k, wm.data_ptr(), wm.size(1),
         we.data_ptr<uint8_t>(), we.size(1), n, static_cast<int>(mantissa_bits),
         static_cast<int>(block_size), bias.defined() ? bias.data_ptr() : nullptr, y.data_ptr(),
         n, current_stream());
@@ -222,7 +215,7 @@ at::Tensor bfp_gemm_cuda(const at::Tensor& a_mantissa, const at::Tensor& a_expon
   check_format(a_bits, block_size, "a_bits");
   check_format(b_bits, block_size, "b_bits");
   TORCH_CHECK_VALUE(k >= 0, "k must be >= 0, got ", k);
-  float_type(out_dtype);
+  check_float_dtype(out_dtype);
   check_bfp_operand(a_mantissa, a_exponent, a_bits, block_size, k, "bfp_gemm: a");
   check_bfp_operand(b_mantissa, b_exponent, b_bits, block_size, k, "bfp_gemm: b");
   const int64_t m = a_mantissa.size(0), n = b_mantissa.size(0);
@@ -254,7 +247,7 @@ at::Tensor bfp_gemm_cuda(const at::Tensor& a_mantissa, const at::Tensor& a_expon
         a.data_ptr<int8_t>(), a.size(1), ae.data_ptr<uint8_t>(), ae.size(1),
         bm.data_ptr<int8_t>(), bm.size(1), be.data_ptr<uint8_t>(), be.size(1), m, n, k,
         static_cast<int>(a_bits), static_cast<int>(b_bits), static_cast<int>(block_size),
-        bf.defined() ? bf.data_ptr<float>() : nullptr, y.data_ptr(), float_type(out_dtype), n,
+        bf.defined() ? bf.data_ptr<float>() : nullptr, y.data_ptr(), to_dtype(out_dtype), n,
         current_stream());
     CHECK_LAUNCH(err, "bfp_gemm");
     return y;

@@ -1,6 +1,6 @@
 // Device helpers shared by the BFP CUDA kernels (bfp_quantize.cu, bfp_gemv.cu,
-// bfp_gemm_w8a8.cu): float loads/stores of the three activation dtypes, FTZ-proof
-// multiplies, and the E8M0 block scale. No torch.
+// bfp_gemm_w8a8.cu): the E8M0 block scale and format checks, with the shared PTX wrappers
+// and element conversions of common/. No torch.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -10,54 +10,16 @@
 
 #include "bfp/bfp_cuda.cuh"
 #include "bfp/bfp_rule.h"
+#include "common/half_convert.cuh"
+#include "common/ptx.cuh"
 
 namespace llmcore {
 namespace bfp {
 namespace cuda {
 
-// a * b rounded to nearest, never flushing subnormal inputs or results to zero, whatever
-// -ftz / --use_fast_math says (an explicit mul.rn.f32 has no .ftz).
-__device__ __forceinline__ float mul_noftz(float a, float b) {
-  float r;
-  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-
-// Element loads / stores as fp32. The bf16/fp16 -> fp32 conversions are exact; fp32 ->
-// bf16/fp16 rounds to nearest even (cvt.rn, no FTZ).
-template <typename T> __device__ __forceinline__ float to_float(T v);
-template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-template <> __device__ __forceinline__ float to_float<__half>(__half v) {
-  return __half2float(v);
-}
-
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <> __device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-
-// Run-time dtype versions, for prologues/epilogues that are not worth a template.
-__device__ __forceinline__ float load_float(const void* p, int64_t i, FloatType t) {
-  switch (t) {
-    case FloatType::kBFloat16: return to_float(static_cast<const __nv_bfloat16*>(p)[i]);
-    case FloatType::kFloat16: return to_float(static_cast<const __half*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
-  }
-}
-__device__ __forceinline__ void store_float(void* p, int64_t i, FloatType t, float v) {
-  switch (t) {
-    case FloatType::kBFloat16: static_cast<__nv_bfloat16*>(p)[i] = from_float<__nv_bfloat16>(v); break;
-    case FloatType::kFloat16: static_cast<__half*>(p)[i] = from_float<__half>(v); break;
-    default: static_cast<float*>(p)[i] = v; break;
-  }
-}
+// The FTZ-proof multiply (common/ptx.cuh); to_float / from_float / load_float /
+// store_float of the three activation dtypes are common/half_convert.cuh's.
+using ptx::mul_noftz;
 
 // value = mantissa * scale; exponent byte 255 -> NaN (bfp_rule.h block_scale).
 __device__ __forceinline__ float scale_of(uint8_t exp_byte, int bits) {

@@ -40,28 +40,7 @@ constexpr int kThreads = 256;
 constexpr int kRow = kBK + 16;  // padded shared row, bytes
 constexpr uint32_t kNoScale = 0x100u;  // "outside the matrix": scale 0
 
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
-
-__device__ __forceinline__ void mma_k32(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  asm(
-      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%10,%10,%10,%10};\n"
-      : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(0x4B400000));
-}
-__device__ __forceinline__ void mma_k16(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  asm(
-      "mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
-      "{%7,%7,%7,%7};\n"
-      : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(b[0]), "r"(0x4B400000));
-}
+constexpr uint32_t kMmaBias = 0x4B400000u;  // the float 1.5 * 2^23: C of every MMA
 
 __device__ __forceinline__ uint32_t lds32(const int8_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
@@ -80,7 +59,7 @@ gemm_int8_kernel(const int8_t* __restrict__ a, int64_t lda, const uint8_t* __res
                  int64_t ldae, const int8_t* __restrict__ b, int64_t ldb,
                  const uint8_t* __restrict__ b_exp, int64_t ldbe, int64_t m, int64_t n, int64_t k,
                  int a_bits, int b_bits, const float* __restrict__ bias, void* __restrict__ y,
-                 FloatType ytype, int64_t ldy) {
+                 DType ytype, int64_t ldy) {
   constexpr int kBlocks = Smem<BLOCK>::kBlocks;
   constexpr int kExpPerThread = kBlocks * kBM / kThreads;  // 1 (B=32) or 2 (B=16)
   static_assert(kBM == kBN && kExpPerThread * kThreads == kBlocks * kBM, "exponent staging");
@@ -104,8 +83,8 @@ gemm_int8_kernel(const int8_t* __restrict__ a, int64_t lda, const uint8_t* __res
       const int kbytes = left <= 0 ? 0 : (left >= 16 ? 16 : static_cast<int>(left));
       const int64_t ra = m0 + row, rb = n0 + row;
       const int na = ra < m ? kbytes : 0, nbb = rb < n ? kbytes : 0;
-      cp_async_16(&sm.a[buf][row][ch * 16], na ? a + ra * lda + gk : a, na);
-      cp_async_16(&sm.b[buf][row][ch * 16], nbb ? b + rb * ldb + gk : b, nbb);
+      ptx::cp_async_16(&sm.a[buf][row][ch * 16], na ? a + ra * lda + gk : a, na);
+      ptx::cp_async_16(&sm.b[buf][row][ch * 16], nbb ? b + rb * ldb + gk : b, nbb);
     }
   };
   auto fetch_exps = [&](int kt, uint32_t (&ea)[kExpPerThread], uint32_t (&eb)[kExpPerThread]) {
@@ -143,7 +122,7 @@ gemm_int8_kernel(const int8_t* __restrict__ a, int64_t lda, const uint8_t* __res
     fetch_exps(0, ea, eb);
     store_exps(0, ea, eb);
   }
-  cp_async_commit();
+  ptx::cp_async_commit();
 
   for (int kt = 0; kt < nkt; ++kt) {
     const int buf = kt & 1;
@@ -152,8 +131,8 @@ gemm_int8_kernel(const int8_t* __restrict__ a, int64_t lda, const uint8_t* __res
       load_tiles(kt + 1, buf ^ 1);
       fetch_exps(kt + 1, ea, eb);
     }
-    cp_async_commit();
-    cp_async_wait_1();  // stage kt has landed
+    ptx::cp_async_commit();
+    ptx::cp_async_wait<1>();  // stage kt has landed
     __syncthreads();
 
 #pragma unroll
@@ -194,8 +173,8 @@ gemm_int8_kernel(const int8_t* __restrict__ a, int64_t lda, const uint8_t* __res
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) {
           int d[4];
-          if (BLOCK == 32) mma_k32(d, af[mt], bf[nt]);
-          else mma_k16(d, af[mt], bf[nt]);
+          if (BLOCK == 32) ptx::mma_16832_s8(d, af[mt], bf[nt], kMmaBias);
+          else ptx::mma_16816_s8(d, af[mt], bf[nt], kMmaBias);
 #pragma unroll
           for (int r = 0; r < 4; ++r) {
             const float dot = __int_as_float(d[r]) - 12582912.0f;  // exact
@@ -220,7 +199,7 @@ gemm_int8_kernel(const int8_t* __restrict__ a, int64_t lda, const uint8_t* __res
         const int64_t col = n0 + wn * 32 + nt * 8 + 2 * t + (r & 1);
         if (row < m && col < n) {
           const float v = acc[mt][nt][r] + (bias != nullptr ? bias[col] : 0.0f);
-          store_float(y, row * ldy + col, ytype, v);
+          store_float(y, ytype, row * ldy + col, v);
         }
       }
     }
@@ -232,7 +211,7 @@ gemm_int8_kernel(const int8_t* __restrict__ a, int64_t lda, const uint8_t* __res
 cudaError_t gemm_int8(const int8_t* a, int64_t lda, const uint8_t* a_exp, int64_t ldae,
                       const int8_t* b, int64_t ldb, const uint8_t* b_exp, int64_t ldbe,
                       int64_t m, int64_t n, int64_t k, int a_bits, int b_bits, int block,
-                      const float* bias_f32, void* y, FloatType ytype, int64_t ldy,
+                      const float* bias_f32, void* y, DType ytype, int64_t ldy,
                       cudaStream_t stream) {
   if (!gemm_int8_supported(a_bits, b_bits, block) || m < 0 || n < 0 || k < 0)
     return cudaErrorInvalidValue;

@@ -141,7 +141,7 @@ __device__ __forceinline__ void dequant_step(const uint4& raw, const uint8_t* __
 
 template <int MT, bool PACKED>
 __global__ void __launch_bounds__(kThreads)
-linear_small_m_kernel(const void* __restrict__ x, FloatType xtype, int m, int64_t k, int64_t ldx,
+linear_small_m_kernel(const void* __restrict__ x, DType xtype, int m, int64_t k, int64_t ldx,
                       const uint8_t* __restrict__ w, int64_t ldw, const uint8_t* __restrict__ we,
                       int64_t lde, int64_t n, int bits, int block, const void* __restrict__ bias,
                       void* __restrict__ y, int64_t ldy, int kc, bool vec_ok) {
@@ -171,7 +171,7 @@ linear_small_m_kernel(const void* __restrict__ x, FloatType xtype, int m, int64_
     for (int i = threadIdx.x; i < MT * kc; i += kThreads) {
       const int mm = i / kc, e = i - mm * kc;
       const int64_t c = kc0 + e;
-      xs[mm * kc + staged_pos(e)] = (mm < m && c < k) ? load_float(x, mm * ldx + c, xtype) : 0.0f;
+      xs[mm * kc + staged_pos(e)] = (mm < m && c < k) ? load_float(x, xtype, mm * ldx + c) : 0.0f;
     }
     __syncthreads();
 
@@ -220,15 +220,15 @@ linear_small_m_kernel(const void* __restrict__ x, FloatType xtype, int m, int64_
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
       if (lane == 0 && mm < m && col_ok[j]) {
-        if (bias != nullptr) v += load_float(bias, n0 + j, xtype);
-        store_float(y, mm * ldy + n0 + j, xtype, v);
+        if (bias != nullptr) v += load_float(bias, xtype, n0 + j);
+        store_float(y, xtype, mm * ldy + n0 + j, v);
       }
     }
   }
 }
 
 template <int MT, bool PACKED>
-cudaError_t launch(const void* x, FloatType xtype, int64_t m, int64_t k, int64_t ldx,
+cudaError_t launch(const void* x, DType xtype, int64_t m, int64_t k, int64_t ldx,
                    const uint8_t* w, int64_t ldw, const uint8_t* we, int64_t lde, int64_t n,
                    int bits, int block, const void* bias, void* y, int64_t ldy, bool vec_ok,
                    cudaStream_t stream) {
@@ -244,7 +244,7 @@ cudaError_t launch(const void* x, FloatType xtype, int64_t m, int64_t k, int64_t
 }
 
 template <bool PACKED>
-cudaError_t launch_m(const void* x, FloatType xtype, int64_t m, int64_t k, int64_t ldx,
+cudaError_t launch_m(const void* x, DType xtype, int64_t m, int64_t k, int64_t ldx,
                      const uint8_t* w, int64_t ldw, const uint8_t* we, int64_t lde, int64_t n,
                      int bits, int block, const void* bias, void* y, int64_t ldy, bool vec_ok,
                      cudaStream_t stream) {
@@ -260,7 +260,7 @@ cudaError_t launch_m(const void* x, FloatType xtype, int64_t m, int64_t k, int64
 
 }  // namespace
 
-cudaError_t linear_small_m(const void* x, FloatType xtype, int64_t m, int64_t k, int64_t ldx,
+cudaError_t linear_small_m(const void* x, DType xtype, int64_t m, int64_t k, int64_t ldx,
                            const void* w_mantissa, int64_t ldw, const uint8_t* w_exponent,
                            int64_t lde, int64_t n, int bits, int block, const void* bias,
                            void* y, int64_t ldy, cudaStream_t stream) {

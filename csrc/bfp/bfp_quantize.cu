@@ -160,41 +160,43 @@ cudaError_t dequantize_t(const uint8_t* mantissa, int64_t ldm, const uint8_t* ex
 
 }  // namespace
 
-cudaError_t quantize(const void* x, FloatType xtype, int64_t rows, int64_t k, int64_t ldx,
+cudaError_t quantize(const void* x, DType xtype, int64_t rows, int64_t k, int64_t ldx,
                      int bits, int block, bool round_even, void* mantissa, int64_t ldm,
                      uint8_t* exponent, int64_t lde, cudaStream_t stream) {
   if (!valid_format(bits, block) || rows < 0 || k < 0) return cudaErrorInvalidValue;
   if (rows == 0 || k == 0) return cudaSuccess;
   switch (xtype) {
-    case FloatType::kFloat32:
+    case DType::kFloat32:
       return quantize_t(static_cast<const float*>(x), rows, k, ldx, bits, block, round_even,
                         mantissa, ldm, exponent, lde, stream);
-    case FloatType::kBFloat16:
+    case DType::kBFloat16:
       return quantize_t(static_cast<const __nv_bfloat16*>(x), rows, k, ldx, bits, block,
                         round_even, mantissa, ldm, exponent, lde, stream);
-    case FloatType::kFloat16:
+    case DType::kFloat16:
       return quantize_t(static_cast<const __half*>(x), rows, k, ldx, bits, block, round_even,
                         mantissa, ldm, exponent, lde, stream);
+    case DType::kInt8: break;  // not an activation dtype
   }
   return cudaErrorInvalidValue;
 }
 
 cudaError_t dequantize(const void* mantissa, int64_t ldm, const uint8_t* exponent,
                        int64_t lde, int64_t rows, int64_t k, int bits, int block, void* y,
-                       FloatType ytype, int64_t ldy, cudaStream_t stream) {
+                       DType ytype, int64_t ldy, cudaStream_t stream) {
   if (!valid_format(bits, block) || rows < 0 || k < 0) return cudaErrorInvalidValue;
   if (rows == 0 || k == 0) return cudaSuccess;
   const auto* m = static_cast<const uint8_t*>(mantissa);
   switch (ytype) {
-    case FloatType::kFloat32:
+    case DType::kFloat32:
       return dequantize_t(m, ldm, exponent, lde, rows, k, bits, block, static_cast<float*>(y),
                           ldy, stream);
-    case FloatType::kBFloat16:
+    case DType::kBFloat16:
       return dequantize_t(m, ldm, exponent, lde, rows, k, bits, block,
                           static_cast<__nv_bfloat16*>(y), ldy, stream);
-    case FloatType::kFloat16:
+    case DType::kFloat16:
       return dequantize_t(m, ldm, exponent, lde, rows, k, bits, block, static_cast<__half*>(y),
                           ldy, stream);
+    case DType::kInt8: break;  // not an activation dtype
   }
   return cudaErrorInvalidValue;
 }

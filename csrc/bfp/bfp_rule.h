@@ -13,37 +13,13 @@
 
 #include <stdint.h>
 
-#if defined(__CUDACC__)
-#define LLMCORE_HD __host__ __device__ __forceinline__
-#else
-#define LLMCORE_HD inline
-#endif
+#include "common/host_device.h"
 
 namespace llmcore {
 namespace bfp {
 
 constexpr int kExpBias = 127;
 constexpr uint8_t kNaNExponent = 255;
-
-LLMCORE_HD float bits_to_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  __builtin_memcpy(&f, &u, 4);
-  return f;
-#endif
-}
-
-LLMCORE_HD uint32_t float_to_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  __builtin_memcpy(&u, &f, 4);
-  return u;
-#endif
-}
 
 // 2^k as a float for k in [-149, 127] (subnormal below -126), 0 below, +inf above.
 LLMCORE_HD float exp2i(int k) {

@@ -7,6 +7,8 @@
 
 #include <sstream>
 
+#include "common/dtype.h"
+
 namespace llmcore {
 
 inline std::string shape_str(at::IntArrayRef s) {
@@ -31,6 +33,18 @@ inline const char* dtype_name(at::ScalarType t) {
     case at::kLong: return "int64";
     case at::kBool: return "bool";
     default: return c10::toString(t);
+  }
+}
+
+// The kernels' DType of a tensor dtype; the bindings check dtypes before they convert, so
+// any other dtype here is an internal error.
+inline DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    case at::kChar: return DType::kInt8;
+    default: TORCH_CHECK(false, "llmcore: no kernel dtype for ", dtype_name(t));
   }
 }
 

@@ -39,7 +39,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "bfp/bfp_cuda_common.cuh"
+#include "bfp/bfp_rule.h"
+#include "common/half_convert.cuh"
+#include "common/ptx.cuh"
 #include "decode/decode_cuda.cuh"
 
 namespace llmcore {
@@ -57,71 +59,6 @@ constexpr int kMaxSplits = 256;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -__builtin_huge_valf();
-
-// ---- small PTX wrappers ------------------------------------------------------------------
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global -> shared copy; src_bytes = 0 writes 16 zero bytes and reads nothing.
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// c[16x8] += a[16x16] (row) * b[16x8] (col), fp32 accumulators.
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                          uint32_t b1);
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4],
-                                                  uint32_t b0, uint32_t b1) {
-  asm(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7},"
-      " {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
-                                                         uint32_t b0, uint32_t b1) {
-  asm(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7},"
-      " {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Two floats -> one register of two 16-bit values (lo = a), round to nearest even.
-template <typename T> __device__ __forceinline__ uint32_t pack2(float a, float b);
-template <> __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
-  const __half2 h = __floats2half2_rn(a, b);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
-template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
 
 // ---- cache addressing ------------------------------------------------------------------
 
@@ -287,16 +224,16 @@ decode_split_kernel(const DecodeAttentionParams p) {
       }
       uint32_t kdst, vdst;
       if (INT8) {
-        kdst = smem_addr(smem + stage * SM::kRawStage + r * D + c * 16);
-        vdst = smem_addr(smem + SM::kRawV + stage * SM::kRawStage + r * D + c * 16);
+        kdst = ptx::smem_addr(smem + stage * SM::kRawStage + r * D + c * 16);
+        vdst = ptx::smem_addr(smem + SM::kRawV + stage * SM::kRawStage + r * D + c * 16);
       } else {
-        kdst = smem_addr(smem + stage * SM::kStage16 + swz<D>(r, c));
-        vdst = smem_addr(smem + 2 * SM::kStage16 + stage * SM::kStage16 + swz<D>(r, c));
+        kdst = ptx::smem_addr(smem + stage * SM::kStage16 + swz<D>(r, c));
+        vdst = ptx::smem_addr(smem + 2 * SM::kStage16 + stage * SM::kStage16 + swz<D>(r, c));
       }
-      cp_async_16(kdst, ksrc, ok ? 16 : 0);
-      cp_async_16(vdst, vsrc, ok ? 16 : 0);
+      ptx::cp_async_16(kdst, ksrc, ok ? 16 : 0);
+      ptx::cp_async_16(vdst, vsrc, ok ? 16 : 0);
     }
-    cp_async_commit();
+    ptx::cp_async_commit();
   };
 
   // MXINT8: the exponents of a tile, loaded into registers one tile ahead (plain loads do
@@ -350,7 +287,7 @@ decode_split_kernel(const DecodeAttentionParams p) {
           float v[4];
 #pragma unroll
           for (int e = 0; e < 4; ++e)
-            v[e] = bfp::cuda::mul_noftz(
+            v[e] = ptx::mul_noftz(
                 __uint_as_float(__byte_perm(u, 0x4b000000u, 0x7440u + e)) - 8388736.0f, s);
           packed[2 * wi] = pack2<T>(v[0], v[1]);
           packed[2 * wi + 1] = pack2<T>(v[2], v[3]);
@@ -378,9 +315,9 @@ decode_split_kernel(const DecodeAttentionParams p) {
 #pragma unroll
       for (int ks = 0; ks < kKSteps; ++ks) {
         uint32_t kf[4];
-        ldmatrix_x4(kf, kt + swz<D>(kk + mr + (mi >> 1) * 8, ks * 2 + (mi & 1)));
-        mma_16816<T>(s[0], qf[ks], kf[0], kf[1]);
-        mma_16816<T>(s[1], qf[ks], kf[2], kf[3]);
+        ptx::ldmatrix_x4(kf, kt + swz<D>(kk + mr + (mi >> 1) * 8, ks * 2 + (mi & 1)));
+        ptx::mma_16816<T>(s[0], qf[ks], kf[0], kf[1]);
+        ptx::mma_16816<T>(s[1], qf[ks], kf[2], kf[3]);
       }
       // Mask and online softmax. s[nt][i]: row r_{i/2}, key key0 + nt*8 + 2*(lane%4) + i%2.
       float mx[2] = {kNegInf, kNegInf};
@@ -427,9 +364,9 @@ decode_split_kernel(const DecodeAttentionParams p) {
 #pragma unroll
       for (int dn = 0; dn < kKSteps; ++dn) {
         uint32_t vf[4];
-        ldmatrix_x4_trans(vf, vt + swz<D>(kk + mr + (mi & 1) * 8, dn * 2 + (mi >> 1)));
-        mma_16816<T>(o[2 * dn], pf, vf[0], vf[1]);
-        mma_16816<T>(o[2 * dn + 1], pf, vf[2], vf[3]);
+        ptx::ldmatrix_x4_trans(vf, vt + swz<D>(kk + mr + (mi & 1) * 8, dn * 2 + (mi >> 1)));
+        ptx::mma_16816<T>(o[2 * dn], pf, vf[0], vf[1]);
+        ptx::mma_16816<T>(o[2 * dn + 1], pf, vf[2], vf[3]);
       }
     }
   };
@@ -447,19 +384,19 @@ decode_split_kernel(const DecodeAttentionParams p) {
     if (more) {
       if (INT8) load_exps(start + kTile);
       issue_tile(start + kTile, stage ^ 1);  // that stage was released by the last barrier
-      cp_async_wait<1>();
+      ptx::cp_async_wait<1>();
     } else {
-      cp_async_wait<0>();
+      ptx::cp_async_wait<0>();
     }
     __syncthreads();  // tile i (and its exponents) visible to all
     if (INT8) {
       dequant_tile(stage);
       __syncthreads();
-      compute_tile(start, smem_addr(smem + SM::kConvK), smem_addr(smem + SM::kConvV));
+      compute_tile(start, ptx::smem_addr(smem + SM::kConvK), ptx::smem_addr(smem + SM::kConvV));
       if (more) store_exps(stage ^ 1);
     } else {
-      compute_tile(start, smem_addr(smem + stage * SM::kStage16),
-                   smem_addr(smem + 2 * SM::kStage16 + stage * SM::kStage16));
+      compute_tile(start, ptx::smem_addr(smem + stage * SM::kStage16),
+                   ptx::smem_addr(smem + 2 * SM::kStage16 + stage * SM::kStage16));
     }
     __syncthreads();  // stage (and the dequantised tiles) free for reuse
   }
@@ -518,7 +455,7 @@ decode_split_kernel(const DecodeAttentionParams p) {
     }
     if (num_splits == 1) {
       static_cast<T*>(p.out)[((static_cast<int64_t>(b) * Lq + t) * p.heads + h) * D + d] =
-          bfp::cuda::from_float<T>(val);
+          from_float<T>(val);
       if (d == 0) p.lse[(static_cast<int64_t>(b) * p.heads + h) * Lq + t] = lse;
     } else {
       const int64_t prow =
@@ -546,7 +483,7 @@ combine_splits_kernel(const float* __restrict__ partial_out, const float* __rest
   for (int s = 0; s < num_splits; ++s) m = fmaxf(m, pl[s]);
   T* orow = out + ((b * q_len + t) * heads + h) * head_dim;
   if (m == kNegInf) {  // no split saw a key
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) orow[d] = bfp::cuda::from_float<T>(0.0f);
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) orow[d] = from_float<T>(0.0f);
     if (threadIdx.x == 0) lse[row] = kNegInf;
     return;
   }
@@ -561,7 +498,7 @@ combine_splits_kernel(const float* __restrict__ partial_out, const float* __rest
     float acc = 0.0f;
     for (int s = 0; s < num_splits; ++s)
       if (w[s] != 0.0f) acc += w[s] * po[static_cast<int64_t>(s) * head_dim + d];
-    orow[d] = bfp::cuda::from_float<T>(acc * inv);
+    orow[d] = from_float<T>(acc * inv);
   }
   if (threadIdx.x == 0) lse[row] = m + __logf(total);
 }

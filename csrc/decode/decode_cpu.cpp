@@ -4,12 +4,11 @@
 #include "decode/decode_cpu_internal.h"
 
 #include <math.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include <vector>
 
-#include "bfp/bfp_cpu_internal.h"
+#include "common/half_convert.h"
 #include "bfp/bfp_rule.h"
 
 namespace llmcore {
@@ -22,49 +21,25 @@ namespace {
 constexpr int64_t kMinChunk = 256;
 constexpr int64_t kTile = 16;
 
-Isa detect_isa() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl"))
-    return Isa::kAvx512;
-#endif
-  return Isa::kScalar;
-}
-
-bfp::cpu::FloatType float_type(ElemType t) {
-  if (t == ElemType::kBF16) return bfp::cpu::FloatType::kBF16;
-  if (t == ElemType::kF16) return bfp::cpu::FloatType::kF16;
-  return bfp::cpu::FloatType::kF32;
-}
-
-inline int64_t elem_bytes(ElemType t) {
-  return t == ElemType::kF32 ? 4 : (t == ElemType::kMxint8 ? 1 : 2);
-}
-
 // Row of d elements at element offset `off` of a cache (or exponent offset `eoff`) -> fp32.
-void load_row(const void* base, const uint8_t* exp, ElemType t, int64_t off, int64_t eoff,
+void load_row(const void* base, const uint8_t* exp, DType t, int64_t off, int64_t eoff,
               int64_t d, float* dst) {
-  if (t == ElemType::kMxint8) {
+  if (t == kMxint8) {
     const int8_t* m = static_cast<const int8_t*>(base) + off;
     for (int64_t i = 0; i < d; ++i)
       dst[i] = static_cast<float>(m[i]) * bfp::block_scale(exp[eoff + i / kMxBlock], kMxBits);
     return;
   }
-  const bfp::cpu::FloatType ft = float_type(t);
-  for (int64_t i = 0; i < d; ++i) dst[i] = bfp::cpu::load_float(base, ft, off + i);
+  for (int64_t i = 0; i < d; ++i) dst[i] = load_float(base, t, off + i);
 }
 
 }  // namespace
 
 Isa active_isa() {
-  static const Isa best = detect_isa();
-  const char* env = getenv("LLMCORE_CPU_ISA");
-  if (env && (strcmp(env, "scalar") == 0 || strcmp(env, "avx2") == 0)) return Isa::kScalar;
-  return best;
+  const CpuFeatures& f = cpu_features();
+  static const Isa best = f.avx512f && f.avx512bw && f.avx512vl ? Isa::kAvx512 : Isa::kScalar;
+  return choose_isa(best, /*has_avx2=*/false);
 }
-
-const char* isa_name(Isa isa) { return isa == Isa::kAvx512 ? "avx512" : "scalar"; }
 
 DecodePlan decode_plan(const DecodeArgs& a, int threads) {
   DecodePlan p;
@@ -119,10 +94,10 @@ void decode_task_scalar(const DecodeArgs& a, const DecodePlan& p, float* ws, int
   float* l = m + R;
   float* krow = l + R;
   float* vrow = krow + D;
-  const bfp::cpu::FloatType qt = float_type(a.q_type);
+  const DType qt = a.q_type;
   for (int64_t r = 0; r < R; ++r) {
     const int64_t qo = q_offset(a, p, k.b, k.kvh, r);
-    for (int64_t i = 0; i < D; ++i) q[r * D + i] = bfp::cpu::load_float(a.q, qt, qo + i) * a.scale;
+    for (int64_t i = 0; i < D; ++i) q[r * D + i] = load_float(a.q, qt, qo + i) * a.scale;
     m[r] = -INFINITY;
     l[r] = 0.0f;
   }
@@ -164,7 +139,7 @@ void decode_task_scalar(const DecodeArgs& a, const DecodePlan& p, float* ws, int
 void decode_attention_merge(const DecodeArgs& a, const DecodePlan& p, const float* workspace,
                             void* out, float* lse, int64_t g0, int64_t g1) {
   const int64_t D = a.head_dim, S = p.splits;
-  const bfp::cpu::FloatType ot = float_type(a.q_type);
+  const DType ot = a.q_type;
   float* ws = const_cast<float*>(workspace);
   thread_local std::vector<float> acc, w;
   acc.resize(static_cast<size_t>(D));
@@ -182,13 +157,13 @@ void decode_attention_merge(const DecodeArgs& a, const DecodePlan& p, const floa
       const int64_t h = kvh * p.group + r % p.group, t = r / p.group;
       float* lse_out = lse + (b * a.heads + h) * a.q_len + t;
       if (mx == -INFINITY) {
-        for (int64_t i = 0; i < D; ++i) bfp::cpu::store_float(out, ot, oo + i, 0.0f);
+        for (int64_t i = 0; i < D; ++i) store_float(out, ot, oo + i, 0.0f);
         *lse_out = -INFINITY;
         continue;
       }
       if (S == 1) {
         const float* o = task_out(a, p, ws, g) + r * D;
-        for (int64_t i = 0; i < D; ++i) bfp::cpu::store_float(out, ot, oo + i, o[i]);
+        for (int64_t i = 0; i < D; ++i) store_float(out, ot, oo + i, o[i]);
         *lse_out = mx;
         continue;
       }
@@ -205,7 +180,7 @@ void decode_attention_merge(const DecodeArgs& a, const DecodePlan& p, const floa
         const float ws_ = w[s] / sum;
         for (int64_t i = 0; i < D; ++i) acc[i] += ws_ * o[i];
       }
-      for (int64_t i = 0; i < D; ++i) bfp::cpu::store_float(out, ot, oo + i, acc[i]);
+      for (int64_t i = 0; i < D; ++i) store_float(out, ot, oo + i, acc[i]);
       *lse_out = mx + logf(sum);
     }
   }
@@ -215,8 +190,8 @@ int64_t kv_cache_append_rows(const AppendArgs& a, int64_t r0, int64_t r1) {
   const CacheLayout& c = a.layout;
   const int64_t D = c.d, H = c.hkv, cap = capacity(c);
   const int64_t nb = (D + kMxBlock - 1) / kMxBlock;
-  const int64_t esize = elem_bytes(a.cache_type);
-  const bfp::cpu::FloatType st = float_type(a.src_type);
+  const int64_t esize = dtype_size(a.cache_type);
+  const DType st = a.src_type;
   int64_t skipped = 0;
   float xb[kMxBlock];
   for (int64_t r = r0; r < r1; ++r) {
@@ -234,7 +209,7 @@ int64_t kv_cache_append_rows(const AppendArgs& a, int64_t r0, int64_t r1) {
     for (int64_t h = 0; h < H; ++h) {
       const int64_t src_off = (r * H + h) * D;  // r = b * new_tokens + t
       const int64_t off = loc.i0 * c.stride0 + loc.i1 * c.stride1 + h * c.stride2;
-      if (a.cache_type != ElemType::kMxint8) {
+      if (a.cache_type != kMxint8) {
         memcpy(static_cast<char*>(a.cache) + off * esize,
                static_cast<const char*>(a.src) + src_off * esize, static_cast<size_t>(D * esize));
         continue;
@@ -247,7 +222,7 @@ int64_t kv_cache_append_rows(const AppendArgs& a, int64_t r0, int64_t r1) {
         float amax = 0.0f;
         bool finite = true;
         for (int64_t i = 0; i < n; ++i) {
-          xb[i] = bfp::cpu::load_float(a.src, st, src_off + i0 + i);
+          xb[i] = load_float(a.src, st, src_off + i0 + i);
           const float v = __builtin_fabsf(xb[i]);
           if (!(v <= 3.4028234663852886e38f)) finite = false;  // Inf or NaN
           else if (v > amax) amax = v;

@@ -40,19 +40,22 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "common/cpu_isa.h"
+#include "common/dtype.h"
+
 namespace llmcore {
 namespace decode {
 namespace cpu {
 
-enum class Isa : int { kScalar = 0, kAvx512 = 2 };
-// Element types: of q / out / new tokens (float types) and of a cache (any).
-enum class ElemType : int { kF32 = 0, kBF16 = 1, kF16 = 2, kMxint8 = 3 };
+// Element types (common/dtype.h): of q / out / new tokens kFloat32, kBFloat16 or kFloat16;
+// of a cache one of those, or kInt8 for MXINT8 (int8 mantissas with exponents beside).
+constexpr DType kMxint8 = DType::kInt8;
 
 constexpr int kMxBlock = 32;  // MXINT8 cache: one exponent per 32 elements of D
 constexpr int kMxBits = 8;
 
+// kAvx512 or kScalar (common/cpu_isa.h).
 Isa active_isa();
-const char* isa_name(Isa isa);
 
 // A cache tensor [dim0, rows, hkv, d] (dim0 = B or P, rows = S_max or page_size): element
 // strides of dims 0..2 (dim 3 is contiguous), and the same for the exponent tensor
@@ -73,13 +76,13 @@ inline int64_t capacity(const CacheLayout& c) {
 
 struct DecodeArgs {
   const void* q;  // [batch, q_len, heads, head_dim], contiguous
-  ElemType q_type;
+  DType q_type;
   int64_t batch, q_len, heads, head_dim;
   const void* k;  // cache values, or int8 mantissas
   const void* v;
   const uint8_t* k_exp;  // MXINT8 exponents, else null
   const uint8_t* v_exp;
-  ElemType cache_type;
+  DType cache_type;
   CacheLayout layout;  // of k and v (same shape and strides; exponents likewise)
   const int32_t* seqlens;  // [batch]
   float scale;
@@ -110,10 +113,10 @@ void decode_attention_merge(const DecodeArgs& a, const DecodePlan& p, const floa
 struct AppendArgs {
   void* cache;       // values or int8 mantissas
   uint8_t* exp;      // MXINT8 exponents, else null
-  ElemType cache_type;
+  DType cache_type;
   CacheLayout layout;
   const void* src;   // [batch, new_tokens, hkv, d], contiguous
-  ElemType src_type; // must equal cache_type for a float cache
+  DType src_type; // must equal cache_type for a float cache
   int64_t batch, new_tokens;
   const int32_t* start_pos;  // [batch]
 };

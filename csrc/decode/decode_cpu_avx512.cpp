@@ -24,7 +24,7 @@
 
 #include <vector>
 
-#include "bfp/bfp_cpu_internal.h"
+#include "common/half_convert.h"
 #include "bfp/bfp_rule.h"
 
 #pragma GCC push_options
@@ -67,27 +67,27 @@ inline __m512 exp16(__m512 x) {
 }
 
 // 16 elements at element offset `off` of a cache row, widened to fp32 (MXINT8: unscaled).
-template <ElemType T>
+template <DType T>
 inline __m512 load16(const void* base, int64_t off, __mmask16 m) {
-  if constexpr (T == ElemType::kF32) {
+  if constexpr (T == DType::kFloat32) {
     return _mm512_maskz_loadu_ps(m, static_cast<const float*>(base) + off);
-  } else if constexpr (T == ElemType::kMxint8) {
+  } else if constexpr (T == kMxint8) {
     const __m128i b = _mm_maskz_loadu_epi8(m, static_cast<const int8_t*>(base) + off);
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
   } else {
     const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(base) + off);
-    if constexpr (T == ElemType::kF16) return _mm512_cvtph_ps(h);
+    if constexpr (T == DType::kFloat16) return _mm512_cvtph_ps(h);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
 }
 
 // Row of d elements -> fp32 dst[0 .. nd * 16) (zero padded).
-template <ElemType T>
+template <DType T>
 inline void widen_row(const void* base, const uint8_t* exp, int64_t off, int64_t eoff,
                       int64_t d, int64_t nd, float* dst) {
   for (int64_t c = 0; c < nd; ++c) {
     __m512 x = load16<T>(base, off + 16 * c, tail_mask(d - 16 * c));
-    if constexpr (T == ElemType::kMxint8)
+    if constexpr (T == kMxint8)
       x = _mm512_mul_ps(x, _mm512_set1_ps(bfp::block_scale(exp[eoff + (16 * c) / kMxBlock],
                                                            kMxBits)));
     _mm512_storeu_ps(dst + 16 * c, x);
@@ -186,13 +186,13 @@ void pv_rows(const float* P, int64_t R, const float* const* vp, int64_t n, float
   for (; r < R; ++r) accumulate_pv<1>(P + 16 * r, vp, n, O + r * d16, d16);
 }
 
-template <ElemType CT>
+template <DType CT>
 void task(const DecodeArgs& a, const DecodePlan& p, float* ws, int64_t t) {
   const Task k = task_of(a, p, t);
   const CacheLayout& c = a.layout;
   const int64_t R = p.rows, D = a.head_dim;
   const int64_t nd = (D + 15) / 16, d16 = 16 * nd;
-  const bool in_place = CT == ElemType::kF32 && D % 16 == 0;
+  const bool in_place = CT == DType::kFloat32 && D % 16 == 0;
   thread_local std::vector<float> buf;
   thread_local std::vector<int64_t> lim;  // keys j < lim[r] are visible to query row r
   buf.resize(static_cast<size_t>(2 * R * d16 + 16 * R + 2 * R + (2 * kTile + 1) * d16));
@@ -207,13 +207,11 @@ void task(const DecodeArgs& a, const DecodePlan& p, float* ws, int64_t t) {
   float* zero = vt + kTile * d16;
   memset(zero, 0, sizeof(float) * static_cast<size_t>(d16));
 
-  const bfp::cpu::FloatType qt = a.q_type == ElemType::kBF16 ? bfp::cpu::FloatType::kBF16
-                                 : a.q_type == ElemType::kF16 ? bfp::cpu::FloatType::kF16
-                                                              : bfp::cpu::FloatType::kF32;
+  const DType qt = a.q_type;
   for (int64_t r = 0; r < R; ++r) {
     const int64_t qo = q_offset(a, p, k.b, k.kvh, r);
     for (int64_t i = 0; i < d16; ++i)
-      q[r * d16 + i] = i < D ? bfp::cpu::load_float(a.q, qt, qo + i) * a.scale : 0.0f;
+      q[r * d16 + i] = i < D ? load_float(a.q, qt, qo + i) * a.scale : 0.0f;
     m[r] = -INFINITY;
     l[r] = 0.0f;
     lim[static_cast<size_t>(r)] = k.length - a.q_len + r / p.group + 1;
@@ -223,8 +221,8 @@ void task(const DecodeArgs& a, const DecodePlan& p, float* ws, int64_t t) {
   const float* kp[kTile];
   const float* vp[kTile];
   const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
-  const int64_t row_bytes = D * (CT == ElemType::kF32 ? 4 : (CT == ElemType::kMxint8 ? 1 : 2));
-  const int64_t esz = CT == ElemType::kF32 ? 4 : (CT == ElemType::kMxint8 ? 1 : 2);
+  constexpr int64_t esz = dtype_size(CT);
+  const int64_t row_bytes = D * esz;
   for (int64_t j = k.j0; j < k.j1; j += kTile) {
     const int64_t n = k.j1 - j < kTile ? k.j1 - j : kTile;
     // Rows of one kv head are Hkv * D elements apart: prefetch the tile after next so
@@ -302,10 +300,10 @@ void task(const DecodeArgs& a, const DecodePlan& p, float* ws, int64_t t) {
 
 void decode_task_avx512(const DecodeArgs& a, const DecodePlan& p, float* ws, int64_t t) {
   switch (a.cache_type) {
-    case ElemType::kF32: task<ElemType::kF32>(a, p, ws, t); break;
-    case ElemType::kBF16: task<ElemType::kBF16>(a, p, ws, t); break;
-    case ElemType::kF16: task<ElemType::kF16>(a, p, ws, t); break;
-    case ElemType::kMxint8: task<ElemType::kMxint8>(a, p, ws, t); break;
+    case DType::kFloat32: task<DType::kFloat32>(a, p, ws, t); break;
+    case DType::kBFloat16: task<DType::kBFloat16>(a, p, ws, t); break;
+    case DType::kFloat16: task<DType::kFloat16>(a, p, ws, t); break;
+    case kMxint8: task<kMxint8>(a, p, ws, t); break;
   }
 }
 

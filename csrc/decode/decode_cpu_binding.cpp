@@ -24,15 +24,6 @@ namespace cpu = decode::cpu;
 // Cache rows per parallel task of kv_cache_append, in elements written.
 constexpr int64_t kAppendGrainElems = int64_t{1} << 14;
 
-cpu::ElemType elem_type(at::ScalarType t) {
-  switch (t) {
-    case at::kBFloat16: return cpu::ElemType::kBF16;
-    case at::kHalf: return cpu::ElemType::kF16;
-    case at::kChar: return cpu::ElemType::kMxint8;
-    default: return cpu::ElemType::kF32;
-  }
-}
-
 // The cache pair (k_cache, v_cache, optional exponents) against the new tokens `x`
 // ([B, *, heads, D]: q or k) and the block table.
 void check_cache(const at::Tensor& x, const char* x_name, const at::Tensor& kc,
@@ -152,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(
 
   cpu::DecodeArgs a;
   a.q = qc.data_ptr();
-  a.q_type = elem_type(q.scalar_type());
+  a.q_type = to_dtype(q.scalar_type());
   a.batch = B;
   a.q_len = Lq;
   a.heads = H;
@@ -161,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(
   a.v = vc.data_ptr();
   a.k_exp = ke.has_value() ? ke->data_ptr<uint8_t>() : nullptr;
   a.v_exp = ve.has_value() ? ve->data_ptr<uint8_t>() : nullptr;
-  a.cache_type = elem_type(kc.scalar_type());
+  a.cache_type = to_dtype(kc.scalar_type());
   a.layout = layout_of(kc, ke.has_value() ? &*ke : nullptr, bt.has_value() ? &*bt : nullptr);
   a.seqlens = lens.data_ptr<int32_t>();
   a.scale = static_cast<float>(softmax_scale);
@@ -235,10 +226,10 @@ void kv_cache_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, c
     cpu::AppendArgs a;
     a.cache = cache.data_ptr();
     a.exp = e.has_value() ? e->data_ptr<uint8_t>() : nullptr;
-    a.cache_type = elem_type(cache.scalar_type());
+    a.cache_type = to_dtype(cache.scalar_type());
     a.layout = layout_of(cache, e.has_value() ? &*e : nullptr, bp);
     a.src = (which == 0 ? kx : vx).data_ptr();
-    a.src_type = elem_type(k.scalar_type());
+    a.src_type = to_dtype(k.scalar_type());
     a.batch = B;
     a.new_tokens = T;
     a.start_pos = spp;

@@ -25,11 +25,11 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "common/dtype.h"
+
 namespace llmcore {
 namespace decode {
 namespace cuda {
-
-enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 // Strides of dims 0, 1, 2 of a 4-D buffer, in its elements (bytes for int8/uint8).
 struct Strides3 {

@@ -25,16 +25,6 @@ namespace {
 
 namespace kc = llmcore::decode::cuda;
 
-kc::DType dtype_of(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return kc::DType::kFloat32;
-    case at::kBFloat16: return kc::DType::kBFloat16;
-    case at::kHalf: return kc::DType::kFloat16;
-    default: TORCH_CHECK_VALUE(false, "dtype must be float32, bfloat16 or float16, got ", t);
-  }
-  return kc::DType::kFloat32;  // unreachable
-}
-
 kc::Strides3 strides3(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
 // The cache pair (and exponents) against each other and against head_dim / kv_heads.
@@ -129,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(
                     "decode_attention: q must be float16 or bfloat16 on CUDA, got ",
                     dtype_name(q.scalar_type()));
   const int64_t batch = q.size(0), q_len = q.size(1), heads = q.size(2), head_dim = q.size(3);
-  const kc::DType dt = dtype_of(q.scalar_type());
+  const DType dt = to_dtype(q.scalar_type());
   TORCH_CHECK_VALUE(kc::decode_attention_supported(dt, static_cast<int>(head_dim)),
                     "decode_attention: the CUDA kernel supports head_dim 64, 128 and 256, got ",
                     head_dim);
@@ -226,7 +216,7 @@ void kv_cache_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache,
   const at::Tensor kk = k.contiguous(), vv = v.contiguous(), sp = start_pos.contiguous();
   p.k = kk.data_ptr();
   p.v = vv.data_ptr();
-  p.dtype = dtype_of(k.scalar_type());
+  p.dtype = to_dtype(k.scalar_type());
   p.k_cache = k_cache.data_ptr();
   p.v_cache = v_cache.data_ptr();
   p.k_strides = strides3(k_cache);

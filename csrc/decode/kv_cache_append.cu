@@ -17,7 +17,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "bfp/bfp_cuda_common.cuh"
+#include "bfp/bfp_rule.h"
+#include "common/half_convert.cuh"
+#include "common/ptx.cuh"
 #include "decode/decode_cuda.cuh"
 
 namespace llmcore {
@@ -70,8 +72,7 @@ append_float_kernel(const KvCacheAppendParams p, int64_t total) {
 
 // bfp_rule.h quantize_element with multiplies that keep subnormals.
 __device__ __forceinline__ int quantize_mxint8(float x, int e) {
-  const float v = bfp::cuda::mul_noftz(bfp::cuda::mul_noftz(x, bfp::exp2i(-e)),
-                                       bfp::exp2i(kBits - 2));
+  const float v = ptx::mul_noftz(ptx::mul_noftz(x, bfp::exp2i(-e)), bfp::exp2i(kBits - 2));
   const float r = bfp::round_half_away(v);  // a subnormal v rounds to 0 either way
   const float lim = static_cast<float>(bfp::max_mantissa(kBits));
   const float c = r > lim ? lim : (r < -lim ? -lim : r);
@@ -81,11 +82,11 @@ __device__ __forceinline__ int quantize_mxint8(float x, int e) {
 // Quantise one 32-element block held one element per lane (x = 0 past D) and store it.
 __device__ __forceinline__ void quantize_block(float x, bool in_row, int lane, int8_t* mant,
                                                uint8_t* expo) {
-  uint32_t amax = bfp::float_to_bits(x) & 0x7fffffffu;  // Inf/NaN order on top
+  uint32_t amax = float_to_bits(x) & 0x7fffffffu;  // Inf/NaN order on top
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) amax = max(amax, __shfl_xor_sync(0xffffffffu, amax, off));
   const bool nonfinite = amax >= 0x7f800000u;
-  const int e = bfp::block_exponent(bfp::bits_to_float(amax));
+  const int e = bfp::block_exponent(bits_to_float(amax));
   if (lane == 0)
     *expo = nonfinite ? bfp::kNaNExponent : static_cast<uint8_t>(e + bfp::kExpBias);
   if (in_row) *mant = nonfinite ? 0 : static_cast<int8_t>(quantize_mxint8(x, e));
@@ -110,8 +111,8 @@ append_mxint8_kernel(const KvCacheAppendParams p, int64_t warps_total) {
   const int c = blk * kBlock + lane;
   const bool in_row = c < p.head_dim;
   const int64_t src = row * p.head_dim + c;
-  const float kx = in_row ? bfp::cuda::to_float(static_cast<const T*>(p.k)[src]) : 0.0f;
-  const float vx = in_row ? bfp::cuda::to_float(static_cast<const T*>(p.v)[src]) : 0.0f;
+  const float kx = in_row ? to_float(static_cast<const T*>(p.k)[src]) : 0.0f;
+  const float vx = in_row ? to_float(static_cast<const T*>(p.v)[src]) : 0.0f;
   int8_t* km = static_cast<int8_t*>(p.k_cache) + i0 * p.k_strides.s0 + i1 * p.k_strides.s1 +
                h * p.k_strides.s2 + (in_row ? c : 0);
   int8_t* vm = static_cast<int8_t*>(p.v_cache) + i0 * p.v_strides.s0 + i1 * p.v_strides.s1 +

@@ -9,7 +9,7 @@ import torch
 
 from llmcore.cli._common import CLIError, add_device_arg, device_from_args
 from llmcore.generation import assisted_generate, generate
-from llmcore.generation.draft_names import PROMPT_LOOKUP, SELF_DRAFTS, named_draft
+from llmcore.generation.drafters import PROMPT_LOOKUP, SELF_DRAFTS, named_draft
 from llmcore.generation.streaming import per_token
 from llmcore.models import Transformer, TransformerConfig
 
