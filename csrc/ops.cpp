@@ -5,7 +5,7 @@
 // BFP tensors cross this boundary as two tensors: `mantissa` (int8 [..., K], or for
 // formats of <= 4 mantissa bits uint8 [..., ceil(K/2)] with element 2i in the low nibble
 // and 2i+1 in the high nibble, two's complement) and `exponent` (uint8 [..., ceil(K/B)],
-// E8M0: biased by 127, 255 = NaN block). See DESIGN §2.1 and llmcore/formats.py.
+// E8M0: biased by 127, 255 = NaN block). See docs/formats.md and llmcore/formats.py.
 
 #include <Python.h>
 #include <torch/library.h>

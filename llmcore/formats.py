@@ -1,4 +1,4 @@
-"""Block-floating-point formats (DESIGN §2.1).
+"""Block-floating-point formats (docs/formats.md).
 
 A :class:`BFPFormat` stores ``block_size`` consecutive elements along the last axis as
 signed integer mantissas of ``mantissa_bits`` bits (sign included) that share one 8-bit

@@ -1,4 +1,4 @@
-"""Fused attention, backward (DESIGN §2.3): gradients of ``ops.attention`` against the
+"""Fused attention, backward (docs/attention.md): gradients of ``ops.attention`` against the
 float64 reference, partial gradients, GQA sums, determinism and memory.
 
 Tolerance (STYLE "A reference beside every kernel", as flash-attention's

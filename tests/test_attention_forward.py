@@ -1,4 +1,4 @@
-"""Fused attention, dense forward (DESIGN §2.3): ``ops.attention`` against the float64
+"""Fused attention, dense forward (docs/attention.md): ``ops.attention`` against the float64
 reference in llmcore.reference.attention, edge cases, CPU kernel paths, strided inputs
 and the drop-in for ``F.scaled_dot_product_attention``.
 

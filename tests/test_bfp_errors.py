@@ -1,5 +1,5 @@
 """Bad input to the BFP ops gives a clear ValueError/RuntimeError/TypeError naming the
-argument (DESIGN §2) — never a crash or an out-of-bounds read. Covers the Python face
+argument (docs/ops.md) — never a crash or an out-of-bounds read. Covers the Python face
 (llmcore.ops) and the bindings (torch.ops.llmcore.*) directly."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""BFP linear layers (DESIGN §2.2): weight-only ``bfp_linear`` and the activation-quantised
+"""BFP linear layers (docs/bfp.md): weight-only ``bfp_linear`` and the activation-quantised
 path / ``bfp_gemm``, against the float64 product of the exact operands from
 llmcore.reference, with a bound tied to fp32 accumulation (see helpers.gemm_tol)."""
 
@@ -346,7 +346,7 @@ def test_weight_only_gradients(dtype, lead, name, device):
 def test_act_quantized_gradients(act, device):
     # The docstring: "Differentiable with respect to x and bias". The bias enters linearly,
     # so its gradient is exact; for x, the gradient passes straight through the rounding of
-    # x (the MX training recipe, DESIGN §2.2): dx = dy @ dequant(W).
+    # x (the MX training recipe, docs/bfp.md): dx = dy @ dequant(W).
     k, n = 64, 9
     q = make_weight(n, k, "mxint8", device)
     x = randn((5, k), device=device).requires_grad_()

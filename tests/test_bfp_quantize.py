@@ -1,4 +1,4 @@
-"""BFP quantisation and dequantisation (DESIGN §2.1-2.2): bit-exact against the reference
+"""BFP quantisation and dequantisation (docs/formats.md): bit-exact against the reference
 in llmcore.reference.bfp, plus hand-computed expectations for ties, saturation, zeros,
 subnormals, NaN/Inf blocks and the packed 4-bit layout."""
 

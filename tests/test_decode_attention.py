@@ -1,4 +1,4 @@
-"""KV-cached decoding attention (DESIGN §2.4) over a contiguous float cache:
+"""KV-cached decoding attention (docs/decode.md) over a contiguous float cache:
 ``ops.decode_attention`` against the float64 reference in llmcore.reference.decode.
 
 Tolerance (STYLE "A reference beside every kernel"): the max error of llmcore against the

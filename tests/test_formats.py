@@ -1,4 +1,4 @@
-"""BFP format definitions (DESIGN §2.1): presets, validation, storage arithmetic."""
+"""BFP format definitions (docs/formats.md): presets, validation, storage arithmetic."""
 
 import dataclasses
 
@@ -7,7 +7,7 @@ import pytest
 import llmcore
 from llmcore.formats import PRESETS, BFPFormat, check_rounding, get_format
 
-# DESIGN §2.1 table: name -> (mantissa_bits, block_size)
+# The preset table of docs/formats.md: name -> (mantissa_bits, block_size)
 TABLE = {
     "mxint8": (8, 32),
     "mxint4": (4, 32),

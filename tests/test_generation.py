@@ -289,8 +289,8 @@ def test_cli_generate_bad_model_dir(tmp_path, capsys):
 def test_text_streamer_waits_for_whole_characters_and_skips_eos():
     import io
 
-    from llmcore.byte_tokenizer import ByteTokenizer
     from llmcore.generation.streaming import TextStreamer, TokenIdStreamer, per_token
+    from llmcore.tokenizer import ByteTokenizer
 
     tok = ByteTokenizer()
     assert tok.encode("") == [0] and ByteTokenizer(7).encode("a") == [ord("a") % 7]

@@ -1,4 +1,4 @@
-// Fused attention on the CPU, forward and backward, dense and varlen (DESIGN §2.3).
+// Fused attention on the CPU, forward and backward, dense and varlen (docs/attention.md).
 // Framework-free (raw pointers, sizes, strides; no torch): the torch binding is
 // attention_cpu_binding.cpp, and a plain cmake target compiles these files for native tests.
 //

@@ -1,4 +1,4 @@
-// Framework-free CUDA launchers of the fused attention ops (DESIGN §2.3): FlashAttention-2
+// Framework-free CUDA launchers of the fused attention ops (docs/attention.md): FlashAttention-2
 // style forward and backward, dense and varlen, fp16/bf16, GQA/MQA, bottom-right causal.
 //
 // The story.

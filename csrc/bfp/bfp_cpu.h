@@ -2,7 +2,7 @@
 // Framework-free (raw pointers, sizes, strides; no torch): the torch binding is
 // bfp_cpu_binding.cpp, and a plain cmake target compiles these files for native tests.
 //
-// Storage (DESIGN §2.1, csrc/ops.cpp): a row of K values is `mant` (int8 [K], or for
+// Storage (docs/formats.md, csrc/ops.cpp): a row of K values is `mant` (int8 [K], or for
 // bits <= 4 uint8 [ceil(K/2)], element 2i in the low nibble) plus `exp` (uint8
 // [ceil(K/B)], E8M0 biased by 127, 255 = Inf/NaN block). The per-element rule lives in
 // bfp_rule.h; every ISA path here produces exactly the bytes that rule produces.

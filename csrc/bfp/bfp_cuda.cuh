@@ -1,4 +1,4 @@
-// Framework-free CUDA launchers for the block-floating-point (BFP) ops (DESIGN §2.1-2.2).
+// Framework-free CUDA launchers for the block-floating-point (BFP) ops (docs/bfp.md).
 //
 // The story: a BFP tensor is a matrix of integer mantissas (int8 [rows, K], or for
 // mantissa_bits <= 4 two's-complement nibbles packed two per byte, uint8 [rows, ceil(K/2)])

@@ -5,7 +5,7 @@
 // block size B = 32 or 16 (the same for both operands); bias fp32 [N] or null; y
 // fp32/bf16/fp16 [M, N].
 //
-// Semantics (DESIGN §2.2): for every K block the integer dot product of the mantissas is
+// Semantics (docs/bfp.md): for every K block the integer dot product of the mantissas is
 // exact in int32; it is scaled by 2^(ea-127-(a_bits-2)) * 2^(eb-127-(b_bits-2)) and
 // accumulated in fp32 (a NaN exponent makes the block's scale NaN).
 //

@@ -1,7 +1,7 @@
 // The BFP quantisation rule for one element, shared by the CPU and CUDA kernels.
 // Framework-free: no torch, usable from host and device code.
 //
-// One block x[0..B) with b mantissa bits (DESIGN §2.1, OCP MX scale rule):
+// One block x[0..B) with b mantissa bits (docs/formats.md, OCP MX scale rule):
 //   amax = max |x_i|; any Inf/NaN in the block -> exponent byte 255 (E8M0 NaN), mantissas 0
 //   e    = floor(log2(amax)) clamped to [-127, 127] (all-zero block: e = -127, byte 0)
 //   m_i  = round(x_i * 2^(b-2-e)) clamped to +-(2^(b-1) - 1)

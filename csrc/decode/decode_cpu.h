@@ -1,4 +1,4 @@
-// KV-cached decoding attention and cache writes on the CPU (DESIGN §2.4). Framework-free:
+// KV-cached decoding attention and cache writes on the CPU (docs/decode.md). Framework-free:
 // raw pointers, sizes and strides, no torch. The torch binding is decode_cpu_binding.cpp;
 // cmake/CMakeLists.txt compiles these files without torch for native tests.
 //

@@ -1,4 +1,4 @@
-// Framework-free CUDA launchers for KV-cached decoding (DESIGN §2.4).
+// Framework-free CUDA launchers for KV-cached decoding (docs/decode.md).
 //
 //   decode_attention   attention of Lq new tokens per sequence over a KV cache
 //                      (flash-decoding: split the keys over CTAs, merge by logsumexp;

@@ -1,4 +1,4 @@
-// Writes new keys/values into a KV cache, in place (DESIGN §2.4).
+// Writes new keys/values into a KV cache, in place (docs/decode.md).
 //
 // k, v [B, T, Hkv, D] (contiguous, fp32/bf16/fp16) go to positions start_pos[b] + t of
 // each sequence: cache row (b, pos) when contiguous, (block_table[b][pos / page_size],
@@ -7,7 +7,7 @@
 //
 //  - Float cache (same dtype as k): one thread per element, a plain copy.
 //  - MXINT8 cache: one warp per 32-element block of D of one (b, t, kv head) row, lane i
-//    holding element i (zero past D, as DESIGN §2.1 pads): max |x| as bits reduced by xor
+//    holding element i (zero past D, as docs/formats.md pads): max |x| as bits reduced by xor
 //    shuffles, the shared exponent and the mantissas by bfp_rule.h (8 bits, round half
 //    away from zero) with non-FTZ multiplies: bit-exact with bfp_quantize and
 //    llmcore.reference.bfp. The block's exponent byte goes to k/v_exponent.

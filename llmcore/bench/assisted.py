@@ -1,5 +1,5 @@
 """`llmcore bench assisted`: assisted (speculative) generation against plain greedy
-decoding of the same target (DESIGN §3, §4).
+decoding of the same target (docs/benchmarks.md).
 
 The target is the 124M preset with random weights (``bench generate``'s init), fp32, B=1,
 a 64-token prompt, 64 new tokens. Every method's output is checked to be token for token

@@ -1,6 +1,6 @@
 """Benchmark machinery shared by every suite.
 
-Timing follows DESIGN §4: warm up, rotate inputs so the working set exceeds the last-level
+Timing follows docs/benchmarks.md: warm up, rotate inputs so the working set exceeds the last-level
 cache, take the median of many runs, CUDA events on the GPU. Every result row carries the
 baseline it is compared with, so a suite reports ratios measured in one process.
 """

@@ -1,5 +1,5 @@
 """`llmcore bench generate`: end-to-end decode and prefill of a Llama-shaped model with
-random weights (DESIGN §3, §4).
+random weights (docs/benchmarks.md).
 
 For each preset and batch size, a fixed prompt of 128 tokens is prefilled into a static KV
 cache, then N decode steps (one token per sequence each) are timed. Methods:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from llmcore.byte_tokenizer import ByteTokenizer
 from llmcore.cli._common import CLIError
 from llmcore.cli._model import add_model_args, eos_ids, load_model, make_draft, run_generation
 from llmcore.generation.streaming import TextStreamer, TokenIdStreamer
+from llmcore.tokenizer import ByteTokenizer
 
 
 def add_parser(subparsers):

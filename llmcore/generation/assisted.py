@@ -1,5 +1,5 @@
 """``assisted_generate``: speculative decoding with a draft model, prompt lookup or a
-quantised copy of the target itself (DESIGN §3).
+quantised copy of the target itself (docs/generation.md).
 
 Each step, a drafter proposes up to γ tokens per sequence; the target scores the last
 committed token and all γ proposals in one forward pass over its KV cache

@@ -1,4 +1,4 @@
-"""``generate``: batched autoregressive decoding over a static KV cache (DESIGN §3).
+"""``generate``: batched autoregressive decoding over a static KV cache (docs/generation.md).
 
 Prompts of different lengths come as one padded batch with an ``attention_mask`` (left or
 right padding). Generation is length-aware: the real tokens of every row are moved to the

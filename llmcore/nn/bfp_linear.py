@@ -1,4 +1,4 @@
-"""BFP linear layers and whole-model quantisation (DESIGN §2.2).
+"""BFP linear layers and whole-model quantisation (docs/bfp.md).
 
 :class:`BFPLinear` has two states:
 

@@ -1,4 +1,4 @@
-"""Fused attention (DESIGN §2.3): FlashAttention-style forward and backward.
+"""Fused attention (docs/attention.md): FlashAttention-style forward and backward.
 
 Tiles of K/V stream past a tile of Q with an online softmax; the seq_q x seq_k matrix is
 never materialised; the per-row logsumexp is saved so the backward pass recomputes the

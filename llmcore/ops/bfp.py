@@ -1,4 +1,4 @@
-"""Block-floating-point ops: quantise, dequantise, BFP linear layers (DESIGN §2.2).
+"""Block-floating-point ops: quantise, dequantise, BFP linear layers (docs/bfp.md).
 
 ``bfp_quantize`` turns a float tensor into a :class:`BFPTensor` (int mantissas plus one
 shared E8M0 exponent per block along the last axis); ``bfp_linear`` multiplies by a BFP

@@ -1,4 +1,4 @@
-"""KV-cached decoding attention and cache writes (DESIGN §2.4).
+"""KV-cached decoding attention and cache writes (docs/decode.md).
 
 During generation each new token reads the whole KV cache, so decoding is bound by memory
 bandwidth. ``decode_attention`` reads the cache once per KV head for all query heads of

@@ -1,4 +1,4 @@
-"""Reference attention (DESIGN §2.3): explicit scores, explicit masks, plain autograd.
+"""Reference attention (docs/attention.md): explicit scores, explicit masks, plain autograd.
 
 Layout [batch, seq, heads, head_dim]; k/v may have fewer heads (GQA/MQA); with causal=True
 query i sees keys j <= i + Sk - Sq (bottom-right aligned, as flash-attn). A row that sees

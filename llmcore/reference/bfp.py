@@ -1,4 +1,4 @@
-"""Reference BFP quantisation and matrix products (DESIGN §2.1-2.2), bit-exact.
+"""Reference BFP quantisation and matrix products (docs/formats.md, docs/bfp.md), bit-exact.
 
 Tensors use the storage layout of the ops: ``mantissa`` int8 [..., K] (formats of <= 4
 bits: uint8 [..., ceil(K/2)], element 2i in the low nibble), ``exponent`` uint8

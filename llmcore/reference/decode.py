@@ -1,4 +1,4 @@
-"""Reference KV-cached decoding (DESIGN §2.4): gather each sequence's valid prefix out of
+"""Reference KV-cached decoding (docs/decode.md): gather each sequence's valid prefix out of
 the (contiguous or paged, float or MXINT8) cache and run the float64 attention oracle.
 """
 
