@@ -2,12 +2,7 @@
 reference in llmcore.reference.attention, edge cases, CPU kernel paths, strided inputs
 and the drop-in for ``F.scaled_dot_product_attention``.
 
-Tolerance (STYLE "A reference beside every kernel", as flash-attention's
-tests/test_flash_attn.py with attention_ref): the max error of llmcore against the float64
-reference must be at most twice the max error of the same computation done by PyTorch in
-the inputs' dtype (``reference.attention_fwd(..., upcast=False)``), plus a small floor
-(1e-5 for float32, two ulps at magnitude 1 for the half types). Outputs that are exactly
-determined (fully masked rows: out 0, lse -inf, zero grads) are checked exactly.
+Tolerances: the 2x rule of tests/helpers/attention.py (docs/testing.md).
 """
 
 from __future__ import annotations

@@ -1,15 +1,7 @@
 """KV-cached decoding attention (docs/decode.md) over a contiguous float cache:
 ``ops.decode_attention`` against the float64 reference in llmcore.reference.decode.
 
-Tolerance (STYLE "A reference beside every kernel"): the max error of llmcore against the
-float64 reference is at most twice the max error of PyTorch at the same precision plus a
-small floor (1e-5 for float32, two ulps at magnitude 1 for the half types). "PyTorch at the
-same precision" is the larger error of ``reference.decode_attention(..., upcast=False)``
-(fp32 math, rounded to q's dtype) and of ``reference.attention_fwd(..., upcast=False)`` in
-q's dtype (flash-attention's convention). Cache writes, MXINT8 quantisation, paged vs
-contiguous and rollback-vs-never-appended are checked bit for bit. Memory the kernels must
-not read or write (positions past each length, pages no sequence uses, guard bands around
-the cache) is poisoned with NaN / exponent 255 / mantissa -128.
+Tolerances and poisoning: see tests/helpers/decode.py (docs/testing.md).
 """
 
 from __future__ import annotations

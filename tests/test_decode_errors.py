@@ -113,7 +113,7 @@ def test_kv_cache_append_bad_inputs(device):
 
 def test_binding_checks(device):
     """The ops themselves (no Python face) reject bad shapes and dtypes with a message that
-    names the argument (STYLE "Check at the boundary"). Every case is tried; all misses are
+    names the argument (docs/ops.md: checks at the boundary). Every case is tried; all misses are
     reported together."""
     need_kernel("decode_attention", device)
     need_kernel("kv_cache_append", device)

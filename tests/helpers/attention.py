@@ -1,5 +1,13 @@
 """Helpers of the fused attention tests (tests/test_attention_*.py): inputs, the float64
-reference and PyTorch at the inputs' precision, the 2x accuracy check, varlen tables."""
+reference and PyTorch at the inputs' precision, the 2x accuracy check, varlen tables.
+
+Tolerance (docs/testing.md; as flash-attention's tests/test_flash_attn.py with
+attention_ref): the max error of llmcore against the float64 reference must be at most
+twice the max error of the same computation done by PyTorch in the inputs' dtype
+(``reference.attention_fwd(..., upcast=False)``), plus a small floor (1e-5 for float32,
+two ulps at magnitude 1 for the half types). Outputs that are exactly determined (fully
+masked rows: out 0, lse -inf, zero grads) are checked exactly.
+"""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 test_kv_cache_append.py, test_kvcache.py): caches poisoned past each length, paging, the
 float64 references and the 2x check.
 
-Tolerance (STYLE "A reference beside every kernel"): the max error of llmcore against the
+Tolerance (docs/testing.md): the max error of llmcore against the
 float64 reference is at most twice the max error of PyTorch at the same precision plus a
 small floor (1e-5 for float32, two ulps at magnitude 1 for the half types). "PyTorch at the
 same precision" is the larger error of ``reference.decode_attention(..., upcast=False)``
