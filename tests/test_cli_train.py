@@ -32,6 +32,12 @@ def test_tokenizer_data_train_eval_plot(corpus, cache, tmp_path, capsys):
     assert rc == 0 and "done:" in out and "val_bpb" in out
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["steps"] == 6 and cfg["model"]["dim"] == 32
+    try:
+        import tensorboardX  # noqa: F401
+
+        assert any((run / "tensorboard").iterdir())  # event files when the writer exists
+    except ImportError:
+        assert not (run / "tensorboard").exists()
     rc, out, _ = run_cli(capsys, "eval", "perplexity", "--model", str(run / "final"), "--data",
                          str(corpus), "--val-fraction", "0.2", "--seq-len", "32",
                          "--json", str(tmp_path / "ev.json"))

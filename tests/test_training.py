@@ -113,12 +113,13 @@ def test_atomic_directory_replaces_whole_or_not_at_all(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]
 
 
-def _torchrun(nproc: int, out: Path, values: dict, cache: Path) -> None:
+def _torchrun(nproc: int, out: Path, values: dict, cache: Path, extra: str | None = None
+              ) -> None:
     env = {**os.environ, "LLMCORE_CACHE": str(cache), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", str(ROOT / "tests" / "programs" / "train_dist.py"),
-           str(out), json.dumps(values)]
+           str(out), json.dumps(values), *([extra] if extra else [])]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
@@ -151,6 +152,18 @@ def test_fsdp2_trains_and_its_checkpoint_loads_in_one_process(corpus, cache, tmp
     ckpt.load_model_weights(ref, step)
     ids = torch.randint(0, model.config.vocab_size, (1, 16))
     assert torch.equal(model(ids), ref.eval()(ids))
+    # the sharded (DCP) checkpoint resumes exactly: stop at 3, resume to 6
+    _torchrun(2, tmp_path / "cut", values, cache, "3")
+    assert (tmp_path / "cut" / "checkpoints" / "step_3" / "dcp").is_dir()
+    _torchrun(2, tmp_path / "cut", values, cache, "resume")
+    assert curve(tmp_path / "cut") == curve(tmp_path / "fsdp")
+
+
+def test_bf16_autocast_trains(corpus, cache, tmp_path):
+    pretrain.run(tiny_cfg(corpus, steps=6, dtype="bfloat16"), tmp_path)
+    losses = [r["loss"] for r in read_rows(tmp_path)]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0]
 
 
 def test_bfp_training_tracks_fp32(corpus, cache, tmp_path):
