@@ -55,6 +55,9 @@ def test_loss_decreases_on_stdlib(corpus, cache, tmp_path):
     assert val[-1]["val_loss"] < val[0]["val_loss"]
     assert res["val"]["val_bpb"] == val[-1]["val_bpb"]
     assert (tmp_path / "final" / "model.safetensors").is_file()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["val"]["val_bpb"] == val[-1]["val_bpb"] and summary["steps"] == 40
+    assert summary["xz_9e"]["bpb"] > 0 and summary["params"] > 0
     assert (tmp_path / "samples.jsonl").read_text().count("\n") == 2
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["steps"] == 40 and cfg["vocab_size"] == 512

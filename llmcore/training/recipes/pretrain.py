@@ -147,6 +147,54 @@ def prepare_data(cfg: TrainConfig, progress: bool) -> tuple[Path, Path, Path | N
     return tok_dir, shard_dir, decay_dir
 
 
+def write_summary(run_dir: str | os.PathLike, shards: TokenShards,
+                  xz_limit_bytes: int = 64 << 20) -> dict:
+    """``RUN_DIR/summary.json``: the final validation figures, the ``xz -9e`` baseline on
+    the same validation documents (skipped past ``xz_limit_bytes``), training tokens/s
+    (median over steps), time spent in training steps, the config and the machine."""
+    import json
+    import platform
+    import statistics
+
+    from llmcore.data.corpus import iter_documents
+    from llmcore.evaluation import xz_bits_per_byte
+
+    run_dir = Path(run_dir)
+    cfg = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    train = [r for r in rows if r.get("split") != "val"]
+    val = [r for r in rows if r.get("split") == "val"]
+    per_step = cfg["batch_size"] * cfg["seq_len"] * cfg["grad_accum"]
+    tps = [r["tokens_per_s"] for r in train if r.get("tokens_per_s")]
+    out = {"config": cfg, "steps": train[-1]["step"] if train else 0,
+           "tokens": train[-1]["tokens"] if train else 0,
+           "final_train_loss": train[-1]["loss"] if train else None,
+           "val": val[-1] if val else None, "val_curve": [
+               {k: r[k] for k in ("step", "val_loss", "val_bpb")} for r in val],
+           "tokens_per_s_median": statistics.median(tps) if tps else None,
+           "train_time_s": sum(per_step / t for t in tps),
+           "machine": {
+               "python": platform.python_version(), "torch": torch.__version__,
+               "cpu": platform.processor() or platform.machine(),
+               "threads": torch.get_num_threads(),
+               "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
+    final = run_dir / "final" / "config.json"
+    if final.is_file():
+        from safetensors import safe_open
+
+        hf = json.loads(final.read_text(encoding="utf-8"))
+        with safe_open(str(run_dir / "final" / "model.safetensors"), "pt") as f:
+            out["params"] = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        out["model"] = {k: hf.get(k) for k in ("hidden_size", "num_hidden_layers",
+                                                "num_attention_heads", "num_key_value_heads",
+                                                "intermediate_size", "vocab_size")}
+    if shards.header["splits"]["val"]["bytes"] <= xz_limit_bytes:
+        out["xz_9e"] = xz_bits_per_byte(
+            d.text for d in iter_documents(cfg["data"], "val", cfg["val_fraction"]))
+    (run_dir / "summary.json").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    return out
+
+
 def run(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False,
         stop_at: int | None = None) -> dict:
     """Prepare tokenizer and shards (cached), build the model, train into ``out``,
@@ -200,6 +248,8 @@ def run(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False,
                       tokens_per_batch=cfg.batch_size * cfg.seq_len, tokenizer_dir=tok_dir,
                       flops_per_token=flops_per_token(model.config, cfg.seq_len), dist=info)
     result = trainer.fit(resume=resume, stop_at=stop_at)
+    if info.is_main and trainer.step == cfg.steps:
+        result["summary"] = write_summary(out, shards)
     result["shards"] = str(shard_dir)
     result["tokenizer"] = str(tok_dir)
     return result
