@@ -3,6 +3,7 @@ clearly on bad arguments."""
 
 import importlib
 import json
+import math
 import os
 import pkgutil
 import subprocess
@@ -189,3 +190,29 @@ def test_cli_cuda_without_a_gpu_is_one_line(capsys):
     assert cli.main(["bench", "bfp", "--device", "cuda", "--no-save"]) == 2
     err = capsys.readouterr().err
     assert err == "llmcore bench: --device cuda but no CUDA device is available\n"
+
+
+def test_train_suite_quick(corpus, cache, tmp_path, monkeypatch):
+    """`llmcore bench train` end to end on a small corpus and shape: every method timed,
+    ratios to both baselines, the loss-parity run, JSON written."""
+    from llmcore.bench import train as train_suite
+    from llmcore.data.prepare import ensure_shards, ensure_tokenizer
+    from llmcore.data.shards import TokenShards
+
+    tok = ensure_tokenizer([str(corpus)], 512, 0.2, progress=False)
+    shards = TokenShards(ensure_shards([str(corpus)], tok, 0.2, progress=False))
+    monkeypatch.setattr(train_suite, "data", lambda progress=True: shards)
+    monkeypatch.setattr(train_suite, "plan", lambda device, quick: [("tiny", 2, 64, 2, 1)])
+    monkeypatch.setattr(train_suite, "PARITY_STEPS", {True: 3, False: 3})
+    monkeypatch.setitem(train_suite.SHAPES, "tiny", {"preset": "tiny", "model": {
+        "dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 64}})
+    res = run_suites(["train"], torch.device("cpu"), quick=True, out_dir=str(tmp_path),
+                     progress=False, echo=lambda s: None)["train"]
+    rows = {r.method: r for r in res["rows"]}
+    assert set(rows) == {m[0] for m in train_suite.METHODS}
+    assert all(r.metric > 0 and r.extra["timed_steps"] == 2 for r in rows.values())
+    assert set(rows["llmcore mxint8"].ratios) == set(train_suite.BASELINES)
+    parity = res["extra"]["loss_parity"]
+    assert parity["steps"] == 3 and math.isfinite(parity["relative_gap"])
+    assert json.loads((tmp_path / common.device_slug(torch.device("cpu")) / "train.json")
+                      .read_text())["rows"]

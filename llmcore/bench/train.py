@@ -31,6 +31,7 @@ METHODS = [  # name, backend, autocast dtype, bfp format
     ("llmcore mxint8", "llmcore", "float32", "mxint8"),
 ]
 VOCAB = 8192
+PARITY_STEPS = {True: 40, False: 200}  # quick -> steps of the MXINT8-vs-fp32 loss run
 SHAPES = {
     "tiny": {"preset": "tiny", "model": {"dim": 128, "n_layers": 4, "n_heads": 4,
                                          "n_kv_heads": 2, "ffn_dim": 352}},
@@ -165,7 +166,7 @@ def loss_parity(device, shards, steps: int, progress=None) -> dict:
 def run(device: torch.device, quick: bool = False, progress_factory=None) -> dict:
     shards = data(progress=progress_factory is not None)
     todo = plan(device, quick)
-    parity_steps = 40 if quick else 200
+    parity_steps = PARITY_STEPS[quick]
     total = sum(len(METHODS) * r * k for _, _, _, r, k in todo) + 2 * parity_steps
     pbar = progress_bar(progress_factory, total, "bench train")
     rows: list = []
