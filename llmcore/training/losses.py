@@ -396,7 +396,8 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     m = _mask(mask, "logprobs", logprobs)
     if not 0.0 < clip < 1.0:
         raise ValueError(f"clip must be in (0, 1), got {clip}")
-    lp, old, adv = _zero_outside(lp, m), _zero_outside(old, m).detach(), _zero_outside(adv, m).detach()
+    lp = _zero_outside(lp, m)
+    old, adv = _zero_outside(old, m).detach(), _zero_outside(adv, m).detach()
     diff = lp - old
     ratio = torch.exp(diff)
     unclipped = -adv * ratio
@@ -422,7 +423,8 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     m = _mask(mask, "values", values)
     if not (clip > 0 and math.isfinite(clip)):
         raise ValueError(f"clip must be a finite number > 0, got {clip}")
-    v, old, ret = _zero_outside(v, m), _zero_outside(old, m).detach(), _zero_outside(ret, m).detach()
+    v = _zero_outside(v, m)
+    old, ret = _zero_outside(old, m).detach(), _zero_outside(ret, m).detach()
     v_clipped = torch.clamp(v, old - clip, old + clip)
     unclipped = (v - ret) ** 2
     clipped = (v_clipped - ret) ** 2
