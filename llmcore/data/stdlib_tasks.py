@@ -387,8 +387,8 @@ def _apply(fn, kind: str, cand, text: _Text, rng: random.Random) -> str | None:
         node, j = cand
         if j is None:  # and <-> or: every operator token of the BoolOp
             out = text.code
-            for left, right in reversed(list(zip(node.values, node.values[1:]))):
-                a, b = text.end(left), text.start(right)
+            for k in reversed(range(len(node.values) - 1)):
+                a, b = text.end(node.values[k]), text.start(node.values[k + 1])
                 m = _BOOL_RE.search(out, a, b)
                 if m is None:
                     return None
