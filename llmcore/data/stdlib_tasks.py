@@ -82,10 +82,22 @@ def _docstring_expr(node: ast.AST) -> ast.Expr | None:
     return None
 
 
+def _statements(tree: ast.AST) -> Iterator[ast.AST]:
+    """``tree`` and every statement in it (expressions hold no statements or docstrings)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        for field in ("body", "orelse", "finalbody", "handlers", "cases"):
+            sub = getattr(node, field, None)
+            if isinstance(sub, list):
+                todo += sub
+
+
 def _dump(tree: ast.AST) -> str:
     """``ast.dump`` with every docstring cleaned, so re-indented docstrings compare equal."""
     saved = []
-    for node in ast.walk(tree):
+    for node in _statements(tree):
         doc = _docstring_expr(node)
         if doc is not None:
             saved.append((doc.value, doc.value.value))
@@ -141,9 +153,12 @@ def _function(node, path, qualname, owner, owner_kind, lines, strings, docstring
     if doc is not None and not doc.strip():
         doc = None
     stmts = node.body[1:] if doc is not None else node.body
-    count = sum(isinstance(n, ast.stmt) for s in stmts for n in ast.walk(s))
     body = code = None
-    if doc is not None and stmts and stmts[0].lineno > node.body[0].end_lineno:
+    if doc is None:  # no row comes of it: spare the work
+        return Function(path, qualname, _signature(node), owner, owner_kind,
+                        isinstance(node, ast.AsyncFunctionDef), None, None, None, 0, False)
+    count = sum(isinstance(n, ast.stmt) for s in stmts for n in ast.walk(s))
+    if stmts and stmts[0].lineno > node.body[0].end_lineno:
         # Two tries: docstrings re-indented with the code, then left as they were.
         for keep in (strings, strings | docstrings):
             b = _cut(lines, node.body[0].end_lineno + 1, stmts[-1].end_lineno,
@@ -172,14 +187,19 @@ def extract_functions(source: str, path: str) -> list[Function]:
         warnings.simplefilter("ignore")  # invalid escape sequences in old test files
         tree = ast.parse(source)
     lines = source.split("\n")
-    doc_ids = {id(d.value) for n in ast.walk(tree) if (d := _docstring_expr(n)) is not None}
-    strings: set[int] = set()
-    docstrings: set[int] = set()
+    doc_ids, multiline = set(), []
     for n in ast.walk(tree):
-        if (isinstance(n, ast.JoinedStr) or isinstance(n, ast.Constant)
-                and isinstance(n.value, (str, bytes))) and n.end_lineno > n.lineno:
-            (docstrings if id(n) in doc_ids else strings).update(
-                range(n.lineno + 1, n.end_lineno + 1))
+        if isinstance(n, (ast.Module, ast.ClassDef, *_DEFS)):
+            if (d := _docstring_expr(n)) is not None:
+                doc_ids.add(id(d.value))
+        elif (isinstance(n, ast.JoinedStr) or isinstance(n, ast.Constant)
+              and isinstance(n.value, (str, bytes))) and n.end_lineno > n.lineno:
+            multiline.append(n)
+    strings: set[int] = set()  # lines inside multi-line strings: never re-indented
+    docstrings: set[int] = set()  # the same inside docstrings: re-indented if that is exact
+    for n in multiline:
+        (docstrings if id(n) in doc_ids else strings).update(range(n.lineno + 1,
+                                                                   n.end_lineno + 1))
     out: list[Function] = []
 
     def visit(node, prefix, owner, owner_kind):
