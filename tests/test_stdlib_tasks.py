@@ -112,6 +112,12 @@ def test_extraction_is_exact():
             assert isinstance(ast.parse(fn.code).body[0], ast.FunctionDef | ast.AsyncFunctionDef)
 
 
+def test_byte_order_mark_and_crlf_line_ends():
+    src = '\ufeffdef f(x):\r\n    """Doc."""\r\n    y = x  # c\r\n    return y\r\n'
+    (fn,) = T.extract_functions(src, "a.py")
+    assert fn.body == "y = x  # c\nreturn y\n" and fn.code.startswith("def f(x):\n")
+
+
 def test_skip_reasons_and_prompts():
     f = by_name(T.extract_functions(SOURCE, "m.py"))
     reasons = {q: T.skip_reason(fn) for q, fn in f.items()}

@@ -182,7 +182,7 @@ def extract_functions(source: str, path: str) -> list[Function]:
     """Every function of ``source`` (a module's text; ``path`` names it in the rows), in
     source order, nested functions and methods included. Raises ``SyntaxError`` (or
     ``ValueError`` for null bytes) when the source does not parse."""
-    source = source.replace("\r\n", "\n").replace("\r", "\n")
+    source = source.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # invalid escape sequences in old test files
         tree = ast.parse(source)
