@@ -6,6 +6,8 @@
   llmcore chat --model DIR      interactive chat
   llmcore tokenizer train ...   a byte-level BPE tokenizer from a corpus
   llmcore data prepare ...      token shards from text/JSONL/Parquet or the stdlib
+  llmcore data sft-stdlib ...   instruction set from the stdlib's functions (JSONL)
+  llmcore data preferences-stdlib ...  preference pairs (real vs corrupted function)
   llmcore train RECIPE ...      training runs (pretrain) into a run folder
   llmcore eval perplexity ...   held-out loss, perplexity, bits per byte (and xz's)
   llmcore plot RUN_DIR          PNG curves of a run
