@@ -19,8 +19,11 @@
 //   copy.d2d (the bandwidth ceiling), bfp.gemv (GB/s of the weight + x + y), attention.fwd
 //   (TFLOP/s, 4 Sq Sk D H, halved for causal), each with its fraction of the ceiling
 //   (the copy for bandwidth, LLMCORE_PEAK_TFLOPS or 989 (H100/H200 dense fp16) for compute).
-// Not covered yet: W8A8 GEMM, attention backward, decode (contiguous/paged/MXINT8/split),
-// kv_cache_append: the Python tests (pytest -m cuda) cover them.
+//   decode         fp16 paged cache (GQA 4, q_len 4) with a page id past the end and one of
+//                  -1 (absent keys), 1, 4 and the chosen number of key splits: against an
+//                  fp64 host reference without those pages, the same fixed bound
+// Not covered yet: W8A8 GEMM, attention backward, decode with a contiguous or MXINT8
+// cache, kv_cache_append: the Python tests (pytest -m cuda) cover them.
 //
 // Exit status: 0 when every check passed, 1 otherwise, 2 without a usable GPU.
 #include <cuda_runtime.h>
@@ -40,6 +43,7 @@
 #include "bfp/bfp_cpu.h"
 #include "bfp/bfp_cuda.cuh"
 #include "common/half_convert.h"
+#include "decode/decode_cuda.cuh"
 
 #ifndef LLMCORE_GIT_COMMIT
 #define LLMCORE_GIT_COMMIT "unknown"
@@ -430,6 +434,108 @@ void test_attention(bool reduced) {
                      true, reduced);
 }
 
+// ---- decode attention: paged fp16 cache with out-of-range page ids, 1 and 4 splits ---------
+void test_decode(bool reduced) {
+  namespace dc = llmcore::decode::cuda;
+  const int b = 2, lq = 4, hkv = 2, g = 4, h = hkv * g, d = 128, page = 16;
+  const int max_pages = reduced ? 8 : 64, pages = b * max_pages + 2;
+  const std::vector<int> lens = {max_pages * page - 5, max_pages * page / 2 + 3};
+  std::vector<int> table(size_t(b) * max_pages);
+  for (int i = 0; i < b * max_pages; ++i) table[i] = (i * 7 + 3) % pages;  // shuffled, distinct
+  table[1] = pages + 3;  // sequence 0, positions 16..31: a page id past the end
+  table[max_pages] = -1;  // sequence 1, positions 0..15
+  std::vector<float> qf = randn(size_t(b) * lq * h * d), kf = randn(size_t(pages) * page * hkv * d),
+                     vf = randn(size_t(pages) * page * hkv * d);
+  auto to_half = [](std::vector<float>& f) {
+    std::vector<uint16_t> hb(f.size());
+    for (size_t i = 0; i < f.size(); ++i) {
+      hb[i] = llmcore::f32_to_f16(f[i]);
+      f[i] = llmcore::f16_to_f32(hb[i]);
+    }
+    return hb;
+  };
+  const auto qh = to_half(qf), kh = to_half(kf), vh = to_half(vf);
+  DevBuf<uint16_t> dq(qh.size()), dk(kh.size()), dv(vh.size()), dout(qh.size());
+  DevBuf<float> dlse(size_t(b) * h * lq);
+  DevBuf<int32_t> dtable(table.size()), dlens(lens.size());
+  dq.up(qh);
+  dk.up(kh);
+  dv.up(vh);
+  dtable.up(table);
+  dlens.up(lens);
+
+  dc::DecodeAttentionParams p;
+  p.q = dq.p;
+  p.k_cache = dk.p;
+  p.v_cache = dv.p;
+  p.k_strides = p.v_strides = {int64_t(page) * hkv * d, int64_t(hkv) * d, d};
+  p.geo.dim0 = pages;
+  p.geo.dim1 = page;
+  p.geo.block_table = dtable.p;
+  p.geo.bt_stride = max_pages;
+  p.geo.max_pages = max_pages;
+  p.cache_seqlens = dlens.p;
+  p.batch = b;
+  p.q_len = lq;
+  p.heads = h;
+  p.kv_heads = hkv;
+  p.head_dim = d;
+  p.softmax_scale = static_cast<float>(1.0 / std::sqrt(double(d)));
+  p.dtype = DType::kFloat16;
+  p.out = dout.p;
+  p.lse = dlse.p;
+
+  // fp64 reference: keys j <= len - lq + t whose page id is valid
+  std::vector<double> ref(qh.size(), 0.0), ref_lse(size_t(b) * h * lq, -INFINITY);
+  double max_ref = 0;
+  for (int bb = 0; bb < b; ++bb)
+    for (int t = 0; t < lq; ++t)
+      for (int hh = 0; hh < h; ++hh) {
+        const int hk = hh / g;
+        const float* qv = qf.data() + ((size_t(bb) * lq + t) * h + hh) * d;
+        std::vector<double> sc;
+        std::vector<const float*> vrows;
+        for (int j = 0; j <= lens[bb] - lq + t; ++j) {
+          const int pid = table[size_t(bb) * max_pages + j / page];
+          if (pid < 0 || pid >= pages) continue;
+          const size_t off = ((size_t(pid) * page + j % page) * hkv + hk) * d;
+          double acc = 0;
+          for (int c = 0; c < d; ++c) acc += double(qv[c]) * kf[off + c];
+          sc.push_back(acc * p.softmax_scale);
+          vrows.push_back(vf.data() + off);
+        }
+        if (sc.empty()) continue;
+        const double mx = *std::max_element(sc.begin(), sc.end());
+        double l = 0;
+        for (double& x : sc) l += (x = std::exp(x - mx));
+        double* o = ref.data() + ((size_t(bb) * lq + t) * h + hh) * d;
+        for (size_t j = 0; j < sc.size(); ++j)
+          for (int c = 0; c < d; ++c) o[c] += sc[j] / l * vrows[j][c];
+        for (int c = 0; c < d; ++c) max_ref = std::max(max_ref, std::fabs(o[c]));
+        ref_lse[(size_t(bb) * h + hh) * lq + t] = mx + std::log(l);
+      }
+
+  int dev = 0;
+  CU(cudaGetDevice(&dev));
+  for (int splits : {1, 4, dc::decode_attention_num_splits(p, dev)}) {
+    p.num_splits = splits;
+    const int64_t ws = dc::decode_attention_workspace_floats(p, splits);
+    DevBuf<float> work(ws > 0 ? ws : 1);
+    p.partial_out = ws > 0 ? work.p : nullptr;
+    p.partial_lse = ws > 0 ? work.p + int64_t(b) * h * lq * splits * d : nullptr;
+    CU(dc::decode_attention(p, nullptr));
+    CU(cudaDeviceSynchronize());
+    const auto out = dout.down();
+    const auto lse = dlse.down();
+    double err = 0, lerr = 0;
+    for (size_t i = 0; i < out.size(); ++i) err = std::max(err, std::fabs(llmcore::f16_to_f32(out[i]) - ref[i]));
+    for (size_t i = 0; i < lse.size(); ++i) lerr = std::max(lerr, std::fabs(lse[i] - ref_lse[i]));
+    const double bound = std::ldexp(max_ref, -9) + std::ldexp(1.0, -10);
+    check("decode.paged fp16 bad page ids, splits " + std::to_string(splits), err <= bound && lerr <= 1e-3,
+          fmt("max err %.2e (bound %.2e), lse err %.2e", err, bound, lerr));
+  }
+}
+
 void write_json(const std::string& path) {
   FILE* f = std::fopen(path.c_str(), "w");
   if (!f) {
@@ -485,6 +591,7 @@ int main(int argc, char** argv) {
   test_quantize(reduced);
   test_gemv(reduced);
   test_attention(reduced);
+  test_decode(reduced);
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   int failed = 0;
   for (const Check& c : g_checks) failed += !c.ok;
