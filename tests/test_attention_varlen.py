@@ -18,8 +18,10 @@ from helpers import (
 from helpers.attention import (
     LENS_K,
     LENS_Q,
+    NO_KEY_REPS,
     Deterministic,
     assert_same,
+    assert_zero_every_run,
     cu_of,
     grads_of,
     head_dim_for,
@@ -163,3 +165,54 @@ def test_varlen_validate_false(device):
     if device.type == "cpu":
         with pytest.raises(ValueError, match="non-decreasing"):
             ops.attention_varlen(q, k, v, bad, ck, max(LENS_Q), max(LENS_K), validate=False)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_no_key_sequence_every_run(causal, device):
+    """Lengths q [128, 4], k [0, 8] (fp16, D 128): sequence 0 has no key, so the CUDA
+    forward and deterministic dQ kernels have query blocks without a key tile, whose
+    zero output is staged in shared memory right after the copy of Q (a race if not
+    ordered). On every one of 1000 runs its out, dq must be exactly 0 and its lse -inf;
+    the whole result and gradients to the 2x rule once."""
+    dtype = torch.float16
+    need_kernel_dtype(device, dtype)
+    lq, lk, h, d = [128, 4], [0, 8], 8, 128
+    cq, ck = cu_of(lq, device), cu_of(lk, device)
+    q = randn((sum(lq), h, d), dtype, device).requires_grad_(True)
+    k, v = (randn((sum(lk), h, d), dtype, device).requires_grad_(True) for _ in range(2))
+    g = randn(q.shape, dtype, device)
+    dead = lq[0]
+    what = f"varlen q {lq} k {lk} causal={causal}"
+    reps = NO_KEY_REPS[device.type]
+
+    def fwd():
+        out, lse = ops.attention_varlen(q, k, v, cq, ck, max(lq), max(lk), causal=causal,
+                                        return_lse=True, validate=False)
+        return out[:dead], ~torch.isneginf(lse[:, :dead])
+
+    assert_zero_every_run(fwd, reps, f"{what}: out/lse of the sequence with no key")
+    with Deterministic():
+        out, lse = ops.attention_varlen(q, k, v, cq, ck, max(lq), max(lk), causal=causal,
+                                        return_lse=True)
+
+        def bwd():
+            (dq,) = torch.autograd.grad(out, (q,), g, retain_graph=True)
+            return (dq[:dead],)
+
+        assert_zero_every_run(bwd, reps, f"{what}: deterministic dq of the sequence with no key")
+        grads = torch.autograd.grad(out, (q, k, v), g)
+
+    res = []
+    for upcast in (True, False):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        ins = [t.double() for t in leaves] if upcast else leaves
+        o, lg = ref.attention_varlen_fwd(*ins, cq.cpu(), ck.cpu(), max(lq), max(lk), causal,
+                                         None, upcast=upcast)
+        (o * g.to(o.dtype)).sum().backward()
+        res.append((o, lg, [t.grad if t.grad is not None else torch.zeros_like(t)
+                            for t in leaves]))
+    (o64, l64, g64), (opt, lpt, gpt) = res
+    check_2x(out, o64, opt, dtype, f"{what} out")
+    check_2x(lse, l64, lpt, torch.float32, f"{what} lse")
+    for n, a, e, p in zip("qkv", grads, g64, gpt, strict=True):
+        check_2x(a, e, p, dtype, f"{what} d{n}")

@@ -1,5 +1,6 @@
 """Paged KV caches: ``ops.decode_attention`` with a block table gives the contiguous
-result bit for bit, and the reference's to the 2x rule (see tests/helpers/decode.py).
+result bit for bit, and the reference's to the 2x rule (see tests/helpers/decode.py); page
+ids out of range (validate=False) are absent keys.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from helpers.decode import (
     MANT_POISON,
     as_bfp,
     check_decode,
+    drop_positions,
     float_cache,
     head_dim_on,
     mixed_lengths,
@@ -64,3 +66,52 @@ def test_paged_equals_contiguous(device, storage, page_size):
         else:
             check_decode(out_p, lse_p, q, *paged, seqlens, None, table, what=what)
 
+
+@pytest.mark.parametrize("q_len", [1, 4])
+@pytest.mark.parametrize("storage", ["float", "mxint8"])
+def test_out_of_range_page_ids_are_absent_keys(device, storage, q_len):
+    """validate=False with a block table entry outside [0, num_pages) (past the end, and
+    -1): that page's positions are absent keys, excluded from the softmax (not scored 0,
+    which would add exp(0 - max) to the denominator and scale the output down). Compared
+    with the reference over the cache with those positions removed (the dropped pages
+    come before each sequence's last q_len positions, so the causal limits are the same)."""
+    # q fp16 (the CUDA MXINT8 path's q dtype); fp32 for MXINT8 on the CPU, as above
+    dtype = torch.float32 if storage == "mxint8" and device.type == "cpu" else torch.float16
+    need_kernel_dtype(device, dtype)
+    b, hkv, g, d, cap, page_size = 2, 2, 4, head_dim_on(device, 80), 64, 16
+    lengths = [50, 45]
+    bad_slots = [1, 0]  # slot 1 of sequence 0 (positions 16..31), slot 0 of sequence 1
+    drops = [range(s * page_size, (s + 1) * page_size) for s in bad_slots]
+    q = randn((b, q_len, hkv * g, d), dtype).to(device)
+    if storage == "mxint8":
+        (km, ke), (vm, ve) = mx_cache(b, cap, hkv, d, lengths)
+        parts = [km, ke, vm, ve]
+        poisons = [MANT_POISON, EXP_POISON, MANT_POISON, EXP_POISON]
+    else:
+        parts = float_cache(b, cap, hkv, d, dtype, lengths)
+        poisons = [float("nan")] * 2
+    paged, table = to_paged(parts, lengths, page_size, poisons)
+    num_pages = paged[0].shape[0]
+    table[0, bad_slots[0]] = num_pages + 3
+    table[1, bad_slots[1]] = -1
+    dropped = [drop_positions(p, lengths, drops, poison)
+               for p, poison in zip(parts, poisons, strict=True)]
+    kept_lengths = dropped[0][1]
+    dropped = [t for t, _ in dropped]
+    paged = [p.to(device) for p in paged]
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    kept = torch.tensor(kept_lengths, dtype=torch.int32, device=device)
+    what = f"{storage}, q_len {q_len}, page ids {num_pages + 3} and -1"
+    if storage == "mxint8":
+        args = (as_bfp(*paged[:2], dtype), as_bfp(*paged[2:], dtype))
+    else:
+        args = tuple(paged)
+    with pytest.raises(ValueError):  # validated: the bad ids are an error
+        ops.decode_attention(q, *args, seqlens, block_table=table.to(device))
+    out, lse = ops.decode_attention(q, *args, seqlens, block_table=table.to(device),
+                                    return_lse=True, validate=False)
+    if storage == "mxint8":
+        check_decode(out, lse, q, dropped[0], dropped[2], kept, None, None, dropped[1],
+                     dropped[3], what=what)
+    else:
+        check_decode(out, lse, q, *dropped, kept, None, what=what)

@@ -440,9 +440,11 @@ flash_bwd_dq_kernel(const BwdParams p) {
     __syncthreads();  // every warp is done with this stage before it is refilled
   }
 
-  // dQ = scale * acc, staged through the warp's own Q rows, 16-byte stores.
+  // dQ = scale * acc, staged through the warp's own Q rows, 16-byte stores. A CTA barrier
+  // after the wait: those rows were copied by threads of every warp and, with no key tile
+  // (n_tiles == 0), nothing else orders the copies before the staging stores.
   ptx::cp_async_wait<0>();
-  __syncwarp();
+  __syncthreads();
   T* so = sQ + wrow * kStride;
 #pragma unroll
   for (int j = 0; j < kDT; ++j)

@@ -11,6 +11,7 @@
 #include "attention/attention_cuda.cuh"
 #include "attention/flash_layout.h"
 #include "common/half_convert.cuh"
+#include "common/kernel_setup.h"
 #include "common/ptx.cuh"
 
 // Turns a run-time bool into a compile-time constant NAME for the body (flash-attention's
@@ -94,11 +95,11 @@ __device__ __forceinline__ SeqInfo seq_info(const FwdParams& p, int b) {
   return {q0, k0, static_cast<int>(q1 > q0 ? q1 - q0 : 0), static_cast<int>(k1 > k0 ? k1 - k0 : 0)};
 }
 
-// Opt a kernel into more than 48 KB of dynamic shared memory when it needs it.
+// Opt a kernel into more than 48 KB of dynamic shared memory when it needs it: once per
+// (kernel, device), not per launch (common/kernel_setup.h).
 template <typename Kernel>
 inline cudaError_t set_smem(Kernel kernel, int bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  return cuda_setup::ensure_dynamic_smem(kernel, bytes);
 }
 
 }  // namespace cuda

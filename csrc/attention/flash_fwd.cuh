@@ -19,7 +19,8 @@
 //   Key tiles entirely above the causal diagonal are never visited.
 // Finalise: l = quad sum; out = O / l (0 for a row that saw no key, whose lse is -inf);
 // the warp stages its 16 output rows through its own (no longer needed) Q rows in shared
-// memory and stores them with 16-byte coalesced writes.
+// memory (after a CTA barrier: other warps' Q copies must have landed) and stores them with
+// 16-byte coalesced writes.
 #pragma once
 
 #include "attention/flash_common.cuh"
@@ -186,9 +187,13 @@ flash_fwd_kernel(const FwdParams p) {
   }
 
   // Stage the warp's 16 output rows in its own Q rows (only this warp reads them), then
-  // store 16-byte chunks of whole rows.
-  ptx::cp_async_wait<0>();  // nothing in flight may land on sQ (no key tile: Q's copy)
-  __syncwarp();
+  // store 16-byte chunks of whole rows. Those rows were copied by threads of every warp
+  // (load_tile spreads the chunks over the CTA) and wait_group waits only for the calling
+  // thread's copies: without a key tile (n_tiles == 0, no barrier in the loop) another
+  // warp's late Q copy could land on the staged output. A CTA barrier after the wait
+  // orders every copy before the first staging store.
+  ptx::cp_async_wait<0>();
+  __syncthreads();
   T* so = sQ + wrow * kStride;
 #pragma unroll
   for (int j = 0; j < kDT; ++j)

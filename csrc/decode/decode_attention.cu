@@ -14,7 +14,8 @@
 //  - The keys of a sequence are cut into num_splits contiguous ranges of
 //    max(256, ceil(len/splits) rounded up to the 64-key tile) keys; a CTA streams its
 //    range in tiles of 64 keys through shared memory with cp.async (16-byte copies,
-//    double buffered; rows of absent keys/pages are zero-filled, never read).
+//    double buffered; rows of absent keys/pages are zero-filled and flagged absent in
+//    shared memory, so that the mask excludes them from the softmax).
 //    MXINT8: the raw int8 tile is copied the same way (8.25/16 of the bytes) and
 //    dequantised exactly once per tile, shared -> shared, into q's dtype; its exponents
 //    go through registers one tile ahead.
@@ -41,6 +42,7 @@
 
 #include "bfp/bfp_rule.h"
 #include "common/half_convert.cuh"
+#include "common/kernel_setup.h"
 #include "common/ptx.cuh"
 #include "decode/decode_cuda.cuh"
 
@@ -126,6 +128,10 @@ decode_split_kernel(const DecodeAttentionParams p) {
   static_assert(kTile * kCopyChunks % kThreads == 0 && kTile * kNB % kThreads == 0, "tiling");
 
   extern __shared__ __align__(16) unsigned char smem[];
+  // Per stage and key row of the tile: 1 if the key exists (below kend and, paged, in a
+  // page with an id inside [0, num_pages)), else 0. The mask excludes absent keys: their
+  // rows are zero-filled, and a score of 0 would still add exp(0 - m) to the softmax.
+  __shared__ unsigned char key_ok[2][kTile];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int split = blockIdx.x;
   const int kvh = blockIdx.y % p.kv_heads;
@@ -232,6 +238,9 @@ decode_split_kernel(const DecodeAttentionParams p) {
       }
       ptx::cp_async_16(kdst, ksrc, ok ? 16 : 0);
       ptx::cp_async_16(vdst, vsrc, ok ? 16 : 0);
+      // One thread per row records its flag (published by the barrier that publishes the
+      // tile; the stage's previous flags were released by the barrier that released it).
+      if (c == 0) key_ok[stage][r] = ok ? 1 : 0;
     }
     ptx::cp_async_commit();
   };
@@ -300,8 +309,9 @@ decode_split_kernel(const DecodeAttentionParams p) {
     }
   };
 
-  // The math of one tile (keys start .. start + kTile) from the 16-bit tiles kt, vt.
-  auto compute_tile = [&](int64_t start, uint32_t kt, uint32_t vt) {
+  // The math of one tile (keys start .. start + kTile) from the 16-bit tiles kt, vt; ok:
+  // the tile's key flags.
+  auto compute_tile = [&](int64_t start, uint32_t kt, uint32_t vt, const unsigned char* ok) {
     const int mi = lane >> 3, mr = lane & 7;  // ldmatrix: matrix and row this lane addresses
     for (int kk = part * keys_per_warp; kk < (part + 1) * keys_per_warp; kk += 16) {
       const int64_t key0 = start + kk;
@@ -325,8 +335,9 @@ decode_split_kernel(const DecodeAttentionParams p) {
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          const int64_t j = key0 + nt * 8 + 2 * (lane & 3) + (i & 1);
-          const bool vis = j < kend && j <= lim[i >> 1];
+          const int kr = kk + nt * 8 + 2 * (lane & 3) + (i & 1);  // row in the tile
+          const int64_t j = start + kr;
+          const bool vis = j <= lim[i >> 1] && ok[kr] != 0;  // ok[kr]: j < kend, page valid
           s[nt][i] = vis ? s[nt][i] * scale_log2 : kNegInf;
           mx[i >> 1] = fmaxf(mx[i >> 1], s[nt][i]);
         }
@@ -392,11 +403,12 @@ decode_split_kernel(const DecodeAttentionParams p) {
     if (INT8) {
       dequant_tile(stage);
       __syncthreads();
-      compute_tile(start, ptx::smem_addr(smem + SM::kConvK), ptx::smem_addr(smem + SM::kConvV));
+      compute_tile(start, ptx::smem_addr(smem + SM::kConvK), ptx::smem_addr(smem + SM::kConvV),
+                   key_ok[stage]);
       if (more) store_exps(stage ^ 1);
     } else {
       compute_tile(start, ptx::smem_addr(smem + stage * SM::kStage16),
-                   ptx::smem_addr(smem + 2 * SM::kStage16 + stage * SM::kStage16));
+                   ptx::smem_addr(smem + 2 * SM::kStage16 + stage * SM::kStage16), key_ok[stage]);
     }
     __syncthreads();  // stage (and the dequantised tiles) free for reuse
   }
@@ -568,10 +580,10 @@ int decode_attention_num_splits(const DecodeAttentionParams& p, int device) {
   int smem = 0;
   const KernelFn fn = pick_kernel(p, &smem);
   if (fn == nullptr || !valid_params(p) || p.batch == 0 || p.heads == 0 || p.q_len == 0) return 1;
+  // SM count and occupancy: queried once per (kernel, device), then cached.
   int sms = 0, per_sm = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, kThreads, smem) != cudaSuccess) {
+  if (cuda_setup::multiprocessor_count(device, &sms) != cudaSuccess ||
+      cuda_setup::occupancy_blocks_per_sm(fn, kThreads, smem, &per_sm) != cudaSuccess) {
     cudaGetLastError();  // clear: fall back to one split
     return 1;
   }
@@ -606,7 +618,7 @@ cudaError_t decode_attention(const DecodeAttentionParams& p, cudaStream_t stream
   if (p.num_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr))
     return cudaErrorInvalidValue;
   if (p.batch == 0 || p.q_len == 0 || p.heads == 0) return cudaSuccess;
-  cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  cudaError_t err = cuda_setup::ensure_dynamic_smem(fn, smem);  // once per (kernel, device)
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(p.num_splits),
                   static_cast<unsigned>(p.kv_heads * row_groups(p)),

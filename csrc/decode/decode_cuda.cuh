@@ -12,7 +12,9 @@
 // sequence b lives in page block_table[b * bt_stride + j / page_size], row j % page_size.
 // The capacity of a sequence is dim1 (contiguous) or max_pages * page_size (paged).
 // Positions outside [0, capacity) and page ids outside [0, num_pages) are never touched:
-// the attention kernel treats them as absent keys, the append kernel skips those rows.
+// the attention kernel treats them as absent keys (excluded from the softmax, exactly as
+// if the sequence did not hold them: never scored, not even as 0), the append kernel skips
+// those rows.
 //
 // MXINT8 cache: int8 mantissas [.., head_dim] and E8M0 exponents uint8 [.., ceil(D/32)]
 // (value = m * 2^(e - 127 - 6); e = 255 is a NaN block), the same layout as BFPTensor.

@@ -155,3 +155,15 @@ def need_kernel(op: str, device) -> None:
     if not _ext.has_kernel(op, device):
         pytest.fail(f"no llmcore::{op} kernel for {device.type}")
 
+
+
+def drop_positions(part: torch.Tensor, lengths, drops, poison):
+    """A contiguous cache [B, cap, ...] with positions ``drops[b]`` (a range) removed from
+    sequence b: the later rows move up, poison fills the freed tail. -> (cache, lengths)."""
+    out = torch.full_like(part, poison)
+    new_lengths = []
+    for i, n in enumerate(lengths):
+        keep = [j for j in range(n) if j not in drops[i]]
+        out[i, :len(keep)] = part[i, keep]
+        new_lengths.append(len(keep))
+    return out, new_lengths
