@@ -224,9 +224,14 @@ def test_perplexity_and_bits_per_byte_by_hand(tmp_path):
         assert r["ppl"] == pytest.approx(math.exp(nll / 10), rel=1e-6)
         # bytes of the 10 predicted tokens: 10 * 44 / 11
         assert r["bpb"] == pytest.approx(nll / 40 / math.log(2), rel=1e-6)
+    # capped: ceil(5 / 4) = 2 windows of the 3 (starts 0, 4, 8), spread out: 0 and 4
     capped = evaluate_split(_Fixed(p), sh, "val", 4, 2, max_tokens=5)
-    assert capped["tokens"] == 5
-    assert capped["loss"] == pytest.approx(-sum(math.log(p[t]) for t in tokens[1:6]) / 5)
+    assert capped["tokens"] == 8
+    assert capped["loss"] == pytest.approx(-sum(math.log(p[t]) for t in tokens[1:9]) / 8)
+    spread = evaluate_split(_Fixed(p), sh, "val", 2, 1, max_tokens=4)  # starts 0, 2, 4, 6, 8
+    picked = [1, 2, 5, 6]  # windows 0 and 4: predicted tokens 1-2 and 5-6
+    assert spread["tokens"] == 4
+    assert spread["loss"] == pytest.approx(-sum(math.log(p[tokens[i]]) for i in picked) / 4)
 
 
 def test_xz_baseline_is_lzma_extreme():

@@ -26,8 +26,9 @@ def evaluate_split(model: nn.Module, shards: TokenShards, split: str, seq_len: i
                    batch_size: int, max_tokens: int | None = None, progress: bool = False,
                    rank: int = 0, world_size: int = 1) -> dict:
     """Next-token loss over ``split`` read in consecutive windows (every token predicted
-    once, from as much context as its window gives), capped at ``max_tokens`` predicted
-    tokens. Returns loss (mean NLL), perplexity, bits per byte (NLL sum / the split's
+    once, from as much context as its window gives). With ``max_tokens``, about that many
+    tokens are read in windows spread evenly over the split (a prefix would be a few
+    files, not a sample of the split). Returns loss (mean NLL), perplexity, bits per byte (NLL sum / the split's
     UTF-8 bytes for the tokens read / ln 2), the token count and the NLL sum. With
     ``world_size`` > 1 this rank reads every ``world_size``-th window from ``rank`` on:
     sum ``nll`` and ``tokens`` over ranks and call :func:`summarize`."""
@@ -35,17 +36,20 @@ def evaluate_split(model: nn.Module, shards: TokenShards, split: str, seq_len: i
 
     tokens = shards.tokens(split)
     n = tokens.numel() - 1
-    if max_tokens:
-        n = min(n, max_tokens)
     if n < 1:
         raise ValueError(f"{shards.path}: the {split} split has too few tokens to evaluate")
+    starts = list(range(0, n, seq_len))
+    if max_tokens and max_tokens < n:
+        # windows spread evenly over the split (a prefix would be one or two files)
+        k = max(1, -(-max_tokens // seq_len))
+        starts = [starts[(i * len(starts)) // k] for i in range(k)]
+    starts = starts[rank::world_size]
     device = next(model.parameters()).device
-    starts = list(range(0, n, seq_len))[rank::world_size]
     nll, count = 0.0, 0
     for i in tqdm(range(0, len(starts), batch_size), disable=not progress, desc=f"eval {split}",
                   unit="batch"):
         group = starts[i:i + batch_size]
-        lens = [min(seq_len, n - s) for s in group]
+        lens = [min(seq_len, n - s) for s in group]  # the last window may be short
         width = max(lens)
         x = torch.zeros(len(group), width + 1, dtype=torch.int64)
         y = torch.full((len(group), width), -100, dtype=torch.int64)
