@@ -1,7 +1,9 @@
 """``llmcore plot RUN_DIR``: the curves of a run's ``metrics.jsonl`` as PNG files.
 
 Writes ``plots/loss.png`` (train loss and, where logged, validation loss against step,
-with validation bits per byte on a second panel) and ``plots/lr.png`` (learning rate,
+with validation bits per byte on a second panel — periodic evaluations on a sample of the
+split and the final one on the whole split drawn apart, and the run's ``xz -9e`` baseline
+from ``summary.json`` when present) and ``plots/lr.png`` (learning rate,
 gradient norm and tokens/s). Needs matplotlib (``pip install llmcore[plot]``).
 """
 
@@ -49,10 +51,17 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     has_bpb = any("val_bpb" in r for r in val)
     fig, axes = plt.subplots(1, 2 if has_bpb else 1, figsize=(11 if has_bpb else 6, 4),
                              squeeze=False)
+    full_n = max((r.get("val_tokens", 0) for r in val), default=0)
+    full = [r for r in val if r.get("val_tokens", 0) == full_n]
+    part = [r for r in val if r.get("val_tokens", 0) != full_n]
+    series = [(part, "o-", f"val (sample of {part[0].get('val_tokens', 0):,} tokens)"
+               if part else ""), (full, "*", "val (whole split)" if part else "val")]
     ax = axes[0][0]
     ax.plot(steps, [r["loss"] for r in train], lw=0.8, alpha=0.6, label="train")
-    if any("val_loss" in r for r in val):
-        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val")
+    for rows, style, label in series:
+        if rows and "val_loss" in rows[0]:
+            ax.plot([r["step"] for r in rows], [r["val_loss"] for r in rows], style, ms=8,
+                    label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(f"{name}: loss")
@@ -60,9 +69,16 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     ax.legend()
     if has_bpb:
         ax = axes[0][1]
-        rows = [r for r in val if "val_bpb" in r]
-        ax.plot([r["step"] for r in rows], [r["val_bpb"] for r in rows], "o-", color="C1",
-                label="model (val)")
+        for (rows, style, label), color in zip(series, ("C1", "C3"), strict=True):
+            rows = [r for r in rows if "val_bpb" in r]
+            if rows:
+                ax.plot([r["step"] for r in rows], [r["val_bpb"] for r in rows], style,
+                        color=color, ms=10, label=label)
+        summary = Path(run_dir) / "summary.json"
+        xz = json.loads(summary.read_text()).get("xz_9e") if summary.is_file() else None
+        if xz:
+            ax.axhline(xz["bpb"], color="k", ls="--", lw=1,
+                       label=f"xz -9e, same documents ({xz['bpb']:.3f})")
         ax.set_xlabel("step")
         ax.set_ylabel("bits per byte")
         ax.set_title("held-out bits per byte")
