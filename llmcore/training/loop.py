@@ -158,6 +158,11 @@ class Trainer:
                                  self.tokenizer_dir)
         D.barrier(self.dist)
 
+    def _checkpoint(self) -> None:
+        self.save(self.run_dir / "checkpoints" / f"step_{self.step}")
+        if self.dist.is_main:
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.keep_last)
+
     def _save_sharded(self, path: Path) -> None:
         """FSDP2: every rank writes its shards with torch.distributed.checkpoint (DCP);
         rank 0 also writes the full model as an HF directory and the trainer state."""
@@ -269,13 +274,9 @@ class Trainer:
                 if self.eval_fn is not None and (final or (cfg.eval_every and
                                                            self.step % cfg.eval_every == 0)):
                     last_val = self.evaluate(log, bar, final)
-                if self.step < cfg.steps and cfg.save_every and self.step % cfg.save_every == 0:
-                    self.save(self.run_dir / "checkpoints" / f"step_{self.step}")
-                    if info.is_main:
-                        ckpt.prune_checkpoints(self.run_dir, cfg.keep_last)
-            self.save(self.run_dir / "checkpoints" / f"step_{self.step}")
-            if info.is_main:
-                ckpt.prune_checkpoints(self.run_dir, cfg.keep_last)
+                if self.step < end and cfg.save_every and self.step % cfg.save_every == 0:
+                    self._checkpoint()
+            self._checkpoint()  # the end of this run (or of the piece that stop_at cut)
             if self.step == cfg.steps:
                 full = ckpt.full_state_dict(self.model)  # a collective under FSDP
                 if info.is_main:
