@@ -321,3 +321,16 @@ def test_sharded_evaluation_sums_to_the_whole(tmp_path):
     merged = summarize(sum(p["nll"] for p in parts), 12, sh.bytes_per_token("val"))
     assert merged["bpb"] == pytest.approx(whole["bpb"]) and merged["loss"] == pytest.approx(
         whole["loss"])
+
+
+@pytest.mark.slow
+def test_compiled_training_runs_and_exports(corpus, cache, tmp_path):
+    """compile=true: the model trains under torch.compile (llmcore ops through their fake
+    impls) and the exported model is the plain module's."""
+    pretrain.run(tiny_cfg(corpus, steps=3, warmup=1, compile=True), tmp_path)
+    losses = [r["loss"] for r in read_rows(tmp_path)]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    from llmcore.models import Transformer
+
+    model = Transformer.from_pretrained(str(tmp_path / "final"))
+    assert not any(k.startswith("_orig_mod") for k in model.state_dict())
