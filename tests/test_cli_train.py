@@ -58,6 +58,7 @@ def test_tokenizer_data_train_eval_plot(corpus, cache, tmp_path, capsys):
     (["train", "pretrain", "--data", "/does/not/exist", "--out", "{tmp}/r"], "does not exist"),
     (["eval", "perplexity", "--model", "{tmp}/none"], "is not a directory"),
     (["plot", "{tmp}"], "metrics.jsonl not found"),
+    (["train", "pretrain", "--out", "{tmp}", "--resume"], "no complete checkpoint"),
 ])
 def test_training_commands_fail_with_one_line(argv, msg, cache, tmp_path, capsys):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]

@@ -82,6 +82,16 @@ def test_resume_refuses_a_changed_config(corpus, cache, tmp_path):
         pretrain.run(tiny_cfg(corpus, steps=4, lr=1e-3), tmp_path, resume=True)
 
 
+def test_a_new_run_never_overwrites_an_old_one(corpus, cache, tmp_path):
+    pretrain.run(tiny_cfg(corpus, steps=2, warmup=1), tmp_path / "run")
+    before = (tmp_path / "run" / "final" / "model.safetensors").read_bytes()
+    with pytest.raises(RuntimeError, match="already holds a training run.*--resume"):
+        pretrain.run(tiny_cfg(corpus, steps=2, warmup=1), tmp_path / "run")
+    assert (tmp_path / "run" / "final" / "model.safetensors").read_bytes() == before
+    with pytest.raises(RuntimeError, match="no complete checkpoint"):
+        pretrain.run(tiny_cfg(corpus, steps=2, warmup=1), tmp_path / "empty", resume=True)
+
+
 def test_crash_mid_checkpoint_keeps_the_previous_one(corpus, cache, tmp_path, monkeypatch):
     pretrain.run(tiny_cfg(corpus, steps=8, save_every=4), tmp_path, stop_at=4)
     before = {p.name: p.read_bytes() for p in (tmp_path / "checkpoints" / "step_4").iterdir()}

@@ -53,7 +53,12 @@ def run(args) -> int:
     if args.resume and not args.out:
         raise CLIError("--resume needs --out RUN_DIR (the run to continue)")
     out = args.out or new_run_dir(f"train-{args.recipe}")
-    result = recipe.run(cfg, out, resume=args.resume)
+    from llmcore.training.loop import TrainingError
+
+    try:
+        result = recipe.run(cfg, out, resume=args.resume)
+    except TrainingError as e:  # a run that cannot start or go on: one line, no traceback
+        raise CLIError(str(e)) from None
     val = result.get("val") or {}
     tail = ", ".join(f"{k} {v:.4f}" for k, v in val.items() if k.startswith("val_")
                      and isinstance(v, float))

@@ -216,6 +216,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg, info = self.cfg, self.dist
+        check_run_dir(self.run_dir, resume)
         torch.manual_seed(cfg.seed)
         if cfg.compile:
             self.model = torch.compile(self.model)
@@ -348,6 +349,19 @@ def _mfu(flops_per_s: float, device: torch.device) -> float:
     return flops_per_s / peak if peak else float("nan")
 
 
+def check_run_dir(run_dir: str | os.PathLike, resume: bool) -> None:
+    """A new run must not write over another run's checkpoints or model; ``--resume``
+    needs something to resume."""
+    run_dir = Path(run_dir)
+    found = ckpt.list_checkpoints(run_dir)
+    if not resume and (found or (run_dir / "final").exists()):
+        raise TrainingError(f"{run_dir} already holds a training run: continue it with "
+                            "--resume, or choose another --out")
+    if resume and not found:
+        raise TrainingError(f"--resume: {run_dir} has no complete checkpoint to continue "
+                            "from")
+
+
 def resume_compatible(run_dir: Path, cfg: TrainConfig) -> None:
     """Refuse to resume a run whose saved config differs (except progress/logging keys)."""
     f = run_dir / "config.json"
@@ -362,5 +376,5 @@ def resume_compatible(run_dir: Path, cfg: TrainConfig) -> None:
                             f"{', '.join(diff)}")
 
 
-__all__ = ["BatchSource", "MetricsLog", "StepFn", "Trainer", "TrainingError", "decay_start",
-           "resume_compatible", "train_step"]
+__all__ = ["BatchSource", "MetricsLog", "StepFn", "Trainer", "TrainingError", "check_run_dir",
+           "decay_start", "resume_compatible", "train_step"]

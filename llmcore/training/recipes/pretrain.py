@@ -200,10 +200,11 @@ def run(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False,
     """Prepare tokenizer and shards (cached), build the model, train into ``out``,
     evaluate the whole validation split at the end; returns the summary."""
     from llmcore.training import distributed as D
-    from llmcore.training.loop import Trainer, resume_compatible
+    from llmcore.training.loop import Trainer, check_run_dir, resume_compatible
 
     out = Path(out)
     info = D.setup()
+    check_run_dir(out, resume)  # before any data work: fail fast
     if resume:
         resume_compatible(out, cfg)
     if info.is_main:  # rank 0 fills the cache; the others then find the same directories
