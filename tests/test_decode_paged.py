@@ -9,16 +9,12 @@ import pytest
 import torch
 from helpers import need_kernel_dtype, randn
 from helpers.decode import (
-    EXP_POISON,
-    MANT_POISON,
     as_bfp,
     check_decode,
     drop_positions,
-    float_cache,
     head_dim_on,
     mixed_lengths,
-    mx_cache,
-    to_paged,
+    paged_cache,
 )
 
 from llmcore import ops
@@ -38,14 +34,7 @@ def test_paged_equals_contiguous(device, storage, page_size):
         lengths = mixed_lengths(b, cap, lq)
         q = randn((b, lq, hkv * g, d), dtype).to(device)
         seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
-        if storage == "mxint8":
-            (km, ke), (vm, ve) = mx_cache(b, cap, hkv, d, lengths)
-            parts = [km, ke, vm, ve]
-            poisons = [MANT_POISON, EXP_POISON, MANT_POISON, EXP_POISON]
-        else:
-            parts = float_cache(b, cap, hkv, d, dtype, lengths)
-            poisons = [float("nan")] * 2
-        paged, table = to_paged(parts, lengths, page_size, poisons)
+        parts, paged, table, _ = paged_cache(b, cap, hkv, d, dtype, lengths, page_size, storage)
         parts = [p.to(device) for p in parts]
         paged = [p.to(device) for p in paged]
         if storage == "mxint8":
@@ -83,14 +72,7 @@ def test_out_of_range_page_ids_are_absent_keys(device, storage, q_len):
     bad_slots = [1, 0]  # slot 1 of sequence 0 (positions 16..31), slot 0 of sequence 1
     drops = [range(s * page_size, (s + 1) * page_size) for s in bad_slots]
     q = randn((b, q_len, hkv * g, d), dtype).to(device)
-    if storage == "mxint8":
-        (km, ke), (vm, ve) = mx_cache(b, cap, hkv, d, lengths)
-        parts = [km, ke, vm, ve]
-        poisons = [MANT_POISON, EXP_POISON, MANT_POISON, EXP_POISON]
-    else:
-        parts = float_cache(b, cap, hkv, d, dtype, lengths)
-        poisons = [float("nan")] * 2
-    paged, table = to_paged(parts, lengths, page_size, poisons)
+    parts, paged, table, poisons = paged_cache(b, cap, hkv, d, dtype, lengths, page_size, storage)
     num_pages = paged[0].shape[0]
     table[0, bad_slots[0]] = num_pages + 3
     table[1, bad_slots[1]] = -1

@@ -105,6 +105,21 @@ def to_paged(parts, lengths, page_size: int, poisons):
     return paged, table
 
 
+def paged_cache(b, cap, hkv, d, dtype, lengths, page_size: int, storage: str):
+    """A random cache ("native" float or "mxint8") poisoned past each length, contiguous
+    and scattered into pages: (contiguous parts, paged parts, block_table, the poison of
+    each part)."""
+    if storage == "mxint8":
+        (km, ke), (vm, ve) = mx_cache(b, cap, hkv, d, lengths)
+        parts = [km, ke, vm, ve]
+        poisons = [MANT_POISON, EXP_POISON, MANT_POISON, EXP_POISON]
+    else:
+        parts = float_cache(b, cap, hkv, d, dtype, lengths)
+        poisons = [float("nan")] * 2
+    paged, table = to_paged(parts, lengths, page_size, poisons)
+    return parts, paged, table, poisons
+
+
 def as_bfp(m, e, dtype=torch.float32) -> BFPTensor:
     return BFPTensor(m, e, "mxint8", tuple(m.shape), dtype)
 
