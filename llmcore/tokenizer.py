@@ -194,15 +194,3 @@ def tokenizer_hash(path: str | os.PathLike) -> str:
     if not f.is_file():
         raise FileNotFoundError(f"{f} not found")
     return hashlib.sha256(f.read_bytes()).hexdigest()
-
-
-def token_byte_lengths(tokenizer) -> list[int]:
-    """UTF-8 byte length of each token id of a byte-level BPE tokenizer (0 for special
-    tokens): what bits-per-byte counts per predicted token."""
-    tk = getattr(tokenizer, "tokenizer", tokenizer)
-    special = {t.content for t in tk.get_added_tokens_decoder().values()}
-    out = []
-    for i in range(tk.get_vocab_size()):
-        s = tk.id_to_token(i)
-        out.append(0 if s is None or s in special else len(s))
-    return out

@@ -85,15 +85,8 @@ class _Run:
         self.batches = WindowBatches(shards, cfg.batch_size, cfg.seq_len, cfg.seed)
         self.step, self.times, self.loss = 0, [], float("nan")
 
-    def autocast(self):
-        if self.cfg.dtype == "bfloat16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        import contextlib
-
-        return contextlib.nullcontext()
-
     def advance(self, n: int, timed: bool = True) -> None:
-        from llmcore.training.loop import train_step
+        from llmcore.training.loop import autocast_for, train_step
         from llmcore.training.optim import lr_at
         from llmcore.training.recipes.pretrain import step_fn
 
@@ -105,7 +98,8 @@ class _Run:
             batch = self.batches.batch(self.step, 0)
             t0 = time.perf_counter()
             sums, _ = train_step(self.model, self.opt, self.params, step_fn, [batch],
-                                 clip=c.clip, device=self.device, autocast=self.autocast)
+                                 clip=c.clip, device=self.device,
+                                 autocast=lambda: autocast_for(c.dtype, self.device))
             sync(self.device)
             if timed:
                 self.times.append(time.perf_counter() - t0)
@@ -114,7 +108,7 @@ class _Run:
 
 
 def run_case(device, shards, shape, batch, seq_len, rounds, per_round, progress=None):
-    from llmcore.training.loop import _mfu
+    from llmcore.training.loop import mfu
     from llmcore.training.recipes.pretrain import flops_per_token
 
     steps = 1 + rounds * per_round
@@ -135,7 +129,7 @@ def run_case(device, shards, shape, batch, seq_len, rounds, per_round, progress=
                  "autocast": dtype, "bfp": bfp,
                  "params": sum(p.numel() for p in r.model.parameters())}
         if device.type == "cuda":
-            extra["mfu"] = _mfu(tokens / ms * 1e3 * flops_per_token(r.model.config, seq_len),
+            extra["mfu"] = mfu(tokens / ms * 1e3 * flops_per_token(r.model.config, seq_len),
                                 device)
         rows.append(Row("train", f"{shape} B={batch} T={seq_len}", name, ms,
                         metric=tokens / ms * 1e3, unit="tok/s", extra=extra))

@@ -132,9 +132,7 @@ class Trainer:
 
     # -- pieces ------------------------------------------------------------------------
     def _autocast(self):
-        if self.cfg.dtype == "bfloat16":
-            return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast_for(self.cfg.dtype, self.dist.device)
 
     def _sync_context(self, last_micro: bool):
         m = self.model
@@ -264,7 +262,7 @@ class Trainer:
                 last_train = {"step": self.step, "tokens": self.tokens, **row, "lr": lr,
                               "grad_norm": grad_norm, "tokens_per_s": tps}
                 if self.flops_per_token and info.device.type == "cuda":
-                    last_train["mfu"] = _mfu(tps * self.flops_per_token / info.world_size,
+                    last_train["mfu"] = mfu(tps * self.flops_per_token / info.world_size,
                                              info.device)
                 if self.step % cfg.log_every == 0 or self.step == end:
                     log.write(last_train)
@@ -313,6 +311,13 @@ class Trainer:
             self.model.train()
 
 
+def autocast_for(dtype: str, device: torch.device):
+    """The autocast context of config ``dtype``: bf16 autocast, or none for float32."""
+    if dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, params: list,
                step_fn: StepFn, micro_batches: list[dict], *, clip: float,
                device: torch.device, autocast=contextlib.nullcontext,
@@ -343,7 +348,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, params: list,
 _PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
 
 
-def _mfu(flops_per_s: float, device: torch.device) -> float:
+def mfu(flops_per_s: float, device: torch.device) -> float:
+    """Model FLOPs utilisation: achieved FLOP/s over the device's dense bf16 peak (NaN for
+    a GPU not in the table)."""
     name = torch.cuda.get_device_name(device)
     peak = next((v for k, v in _PEAK_BF16.items() if k in name), None)
     return flops_per_s / peak if peak else float("nan")
@@ -377,4 +384,4 @@ def resume_compatible(run_dir: Path, cfg: TrainConfig) -> None:
 
 
 __all__ = ["BatchSource", "MetricsLog", "StepFn", "Trainer", "TrainingError", "check_run_dir",
-           "decay_start", "resume_compatible", "train_step"]
+           "autocast_for", "decay_start", "mfu", "resume_compatible", "train_step"]
