@@ -61,3 +61,28 @@ def ensure_shards(data: str | Sequence[str], tokenizer_dir: str | os.PathLike,
                                          val_fraction])
     prepare_shards(data, tokenizer_dir, out, val_fraction, progress=progress)
     return out
+
+
+STDLIB_TASKS = {"sft": "write_sft_stdlib", "preference": "write_preferences_stdlib"}
+
+
+def ensure_stdlib_task(kind: str, val_fraction: float = 0.05, progress: bool = True) -> Path:
+    """The stdlib instruction (``"sft"``) or preference set, built into the cache once
+    (a folder with train.jsonl, val.jsonl and stats.json)."""
+    from llmcore.data import stdlib_tasks
+
+    if kind not in STDLIB_TASKS:
+        raise ValueError(f"kind must be one of {tuple(STDLIB_TASKS)}, got {kind!r}")
+    man = manifest("stdlib", val_fraction)
+    out = cache_dir() / "tasks" / _key([kind, "stdlib-tasks-v1", man["sha256"], val_fraction])
+    if (out / "stats.json").is_file():
+        return out
+    if progress:
+        print(f"building the stdlib {kind} set (about a minute, once; cached in {out})",
+              flush=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    getattr(stdlib_tasks, STDLIB_TASKS[kind])(tmp, val_fraction=val_fraction)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out

@@ -34,6 +34,14 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
 }
+# Reward models: the same decoder with a scalar head ``score`` [1, hidden] in place of the
+# language-model head (transformers' *ForSequenceClassification with num_labels = 1).
+REWARD_ARCHITECTURES = {
+    "LlamaForSequenceClassification": "llama",
+    "MistralForSequenceClassification": "mistral",
+    "Qwen2ForSequenceClassification": "qwen2",
+}
+_FAMILY = {**SUPPORTED_ARCHITECTURES, **REWARD_ARCHITECTURES}
 
 # HF config keys mapped onto TransformerConfig fields (everything else goes to extra).
 _KNOWN_KEYS = {
@@ -57,8 +65,9 @@ def _read_json(path: Path) -> dict:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
-def read_hf_config(path: str | os.PathLike) -> dict:
-    """config.json of a local directory, checked for a supported architecture."""
+def read_hf_config(path: str | os.PathLike, reward: bool = False) -> dict:
+    """config.json of a local directory, checked for a supported architecture (a causal
+    LM, or with ``reward=True`` a reward model)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory (expected a local Hugging Face "
@@ -73,7 +82,13 @@ def read_hf_config(path: str | os.PathLike) -> dict:
         raise ValueError(f"{cfg_file}: field 'architectures' is missing; supported: "
                          f"{', '.join(SUPPORTED_ARCHITECTURES)}")
     arch = archs[0]
-    if arch not in SUPPORTED_ARCHITECTURES:
+    if reward and arch not in REWARD_ARCHITECTURES:
+        raise ValueError(f"{cfg_file}: architecture {arch!r} is not a reward model (field "
+                         f"'architectures'); supported: {', '.join(REWARD_ARCHITECTURES)}")
+    if not reward and arch in REWARD_ARCHITECTURES:
+        raise ValueError(f"{cfg_file}: {arch} is a reward model, not a language model: load "
+                         "it with llmcore.models.RewardModel.from_pretrained")
+    if not reward and arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"{cfg_file}: unsupported architecture {arch!r} (field "
                          f"'architectures'); supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     return d
@@ -116,7 +131,7 @@ def _rope(d: dict) -> tuple[float, dict | None]:
 def config_from_hf(d: dict, where: str = "config.json") -> TransformerConfig:
     """A TransformerConfig from a Hugging Face config dict."""
     arch = (d.get("architectures") or ["LlamaForCausalLM"])[0]
-    family = SUPPORTED_ARCHITECTURES.get(arch, "llama")
+    family = _FAMILY.get(arch, "llama")
     theta, scaling = _rope(d)
     n_heads = int(_req(d, "num_attention_heads", where))
     bias = True if family == "qwen2" else bool(d.get("attention_bias", False))
@@ -155,16 +170,20 @@ def _checkpoint_dtype(d: dict) -> torch.dtype:
     return dt
 
 
-def config_to_hf(cfg: TransformerConfig, dtype: torch.dtype) -> dict:
-    """The Hugging Face config dict of a TransformerConfig (inverse of config_from_hf)."""
+def config_to_hf(cfg: TransformerConfig, dtype: torch.dtype, reward: bool = False) -> dict:
+    """The Hugging Face config dict of a TransformerConfig (inverse of config_from_hf);
+    ``reward``: the *ForSequenceClassification form (num_labels 1) of a reward model."""
     extra = dict(cfg.extra)
     arch = (extra.get("architectures") or [None])[0]
-    if arch not in SUPPORTED_ARCHITECTURES:
-        arch = "LlamaForCausalLM"
-    if arch == "Qwen2ForCausalLM" and not cfg.attention_bias:
-        arch = "LlamaForCausalLM"
-    family = SUPPORTED_ARCHITECTURES[arch]
-    d = {k: v for k, v in extra.items() if k not in _KNOWN_KEYS}
+    family = _FAMILY.get(arch, "llama")
+    if family == "qwen2" and not cfg.attention_bias:
+        family = "llama"
+    arch = next(a for a, f in (REWARD_ARCHITECTURES if reward else SUPPORTED_ARCHITECTURES
+                               ).items() if f == family)
+    d = {k: v for k, v in extra.items() if k not in _KNOWN_KEYS | {"id2label", "label2id",
+                                                                    "num_labels"}}
+    if reward:
+        d.update({"num_labels": 1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}})
     d.update({
         "architectures": [arch],
         "model_type": family,
@@ -259,11 +278,12 @@ class Checkpoint:
         return _checkpoint_dtype(self.hf_config)
 
 
-def read_checkpoint(path, device=None) -> Checkpoint:
+def read_checkpoint(path, device=None, reward: bool = False) -> Checkpoint:
     """Read config.json and the safetensors weights of a local directory (sharded or not)
-    onto ``device`` (default CPU); see the module docstring."""
+    onto ``device`` (default CPU); see the module docstring. ``reward``: the directory
+    holds a reward model (its ``score`` head is among the tensors)."""
     path = Path(path)
-    hf = read_hf_config(path)
+    hf = read_hf_config(path, reward)
     cfg = config_from_hf(hf, str(path / "config.json"))
     tensors = _load_tensors(_weight_files(path), device)
     act = (hf.get("llmcore_quantization") or {}).get("act_format")
@@ -318,13 +338,14 @@ def state_dict_from_checkpoint(ckpt: Checkpoint, expected: dict, tied: bool, whe
 
 def write_checkpoint(path, config: TransformerConfig, dtype: torch.dtype, state_dict: dict,
                      quantized: dict | None = None, act_format: BFPFormat | None = None,
-                     tied: bool = False) -> None:
+                     tied: bool = False, reward: bool = False) -> None:
     """Write ``config.json`` and ``model.safetensors`` (HF layout) into directory ``path``.
 
     ``state_dict`` uses the model's names; ``quantized`` maps the name of each BFP linear
     to its weight (a BFPTensor: written in place of its mantissa / exponent buffers and
     recorded under ``llmcore_quantization``); ``tied``: the head shares the embedding and
-    is not written."""
+    is not written; ``reward``: a reward model (its ``score`` head written as is, the config
+    a *ForSequenceClassification one)."""
     quantized = quantized or {}
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -332,7 +353,7 @@ def write_checkpoint(path, config: TransformerConfig, dtype: torch.dtype, state_
     quant: dict = {}
     for name, t in state_dict.items():
         mod_name, _, leaf = name.rpartition(".")
-        hf_name = name if name.startswith("lm_head.") else f"model.{name}"
+        hf_name = name if name.startswith(("lm_head.", "score.")) else f"model.{name}"
         if name == "lm_head.weight" and tied:
             continue
         if mod_name in quantized and leaf in ("weight_mantissa", "weight_exponent"):
@@ -350,7 +371,7 @@ def write_checkpoint(path, config: TransformerConfig, dtype: torch.dtype, state_
                                    "mantissa_bits": act_format.mantissa_bits,
                                    "block_size": act_format.block_size}
         quant["modules"] = list(quantized)
-    hf = config_to_hf(config, dtype)
+    hf = config_to_hf(config, dtype, reward)
     if quant:
         hf["llmcore_quantization"] = quant
     save_bfp(tensors, path / "model.safetensors", metadata={"format": "pt"})

@@ -19,6 +19,7 @@ import copy
 import math
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,41 @@ from llmcore.models.kv_cache import KVCache
 from llmcore.nn import BFPLinear, quantize_model, replace_linear
 
 BACKENDS = ("llmcore", "torch")
+
+
+class Packed(NamedTuple):
+    """Several sequences packed into one row: sequence i is tokens
+    ``cu_seqlens[i]:cu_seqlens[i+1]`` (int32 [n + 1]); ``segment_ids`` [total] the sequence
+    of each token; ``max_seqlen`` the longest."""
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    segment_ids: torch.Tensor
+
+
+def pack_info(cu_seqlens: torch.Tensor, total: int, max_seq_len: int | None = None,
+              device=None) -> tuple[Packed, torch.Tensor]:
+    """Check a ``cu_seqlens`` table against ``total`` packed tokens and return the
+    :class:`Packed` description and the positions [total] (restarting at 0 in each
+    sequence). Raises ValueError naming ``cu_seqlens`` for a malformed table."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 \
+            or cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens must be a 1-D int32 tensor [n_sequences + 1], got "
+                         f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)} "
+                         f"{list(getattr(cu_seqlens, 'shape', []))}")
+    c = cu_seqlens.detach().to("cpu", torch.int64)
+    lens = c[1:] - c[:-1]
+    if c[0].item() != 0 or c[-1].item() != total or (lens <= 0).any():
+        raise ValueError(f"cu_seqlens must start at 0, increase strictly (no empty sequence) "
+                         f"and end at the {total} packed tokens, got {c.tolist()[:16]}")
+    longest = int(lens.max())
+    if max_seq_len is not None and longest > max_seq_len:
+        raise ValueError(f"a packed sequence of {longest} tokens is longer than max_seq_len "
+                         f"{max_seq_len}")
+    seg = torch.repeat_interleave(torch.arange(lens.numel()), lens)
+    positions = torch.arange(total) - c[seg]
+    cu = c.to(device=device, dtype=torch.int32)
+    return Packed(cu, longest, seg.to(device)), positions.to(device)
 
 
 def rope_inv_freq(cfg: TransformerConfig) -> torch.Tensor:
@@ -88,7 +124,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False, **kw)
 
     def forward(self, x, cos, sin, cache: KVCache | None, positions, backend: str,
-                prefill: bool):
+                prefill: bool, packed: Packed | None = None):
         b, t, _ = x.shape  # x: [B, T, dim]
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
@@ -103,7 +139,9 @@ class Attention(nn.Module):
                 cache.append(self.layer, k, v)
             else:
                 self._torch_write(k, v, cache, positions)
-        if cache is None or prefill:  # an empty cache: the new tokens see only each other
+        if packed is not None:  # one row of packed sequences: each sees only itself
+            o = self._packed(q, k, v, backend, packed)
+        elif cache is None or prefill:  # an empty cache: the new tokens see only each other
             o = self._dense(q, k, v, backend)
         elif backend == "llmcore":
             o = cache.attend(self.layer, q)
@@ -116,6 +154,22 @@ class Attention(nn.Module):
             return ops.attention(q, k, v, causal=True)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                            v.transpose(1, 2), is_causal=True,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        return o.transpose(1, 2)
+
+    def _packed(self, q, k, v, backend, packed: Packed):
+        """Causal attention inside each packed sequence (q, k, v [1, total, heads, hd]):
+        ``attention_varlen`` on the llmcore backend, SDPA with a block-diagonal causal mask
+        on the torch backend."""
+        if backend == "llmcore":
+            cu, mx = packed.cu_seqlens, packed.max_seqlen
+            return ops.attention_varlen(q[0], k[0], v[0], cu, cu, mx, mx, causal=True,
+                                        validate=False).unsqueeze(0)
+        seg = packed.segment_ids
+        idx = torch.arange(seg.numel(), device=seg.device)
+        mask = (seg.unsqueeze(1) == seg.unsqueeze(0)) & (idx.unsqueeze(1) >= idx.unsqueeze(0))
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                           v.transpose(1, 2), attn_mask=mask,
                                            enable_gqa=self.n_heads != self.n_kv_heads)
         return o.transpose(1, 2)
 
@@ -161,9 +215,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, device, dtype)
         self.mlp = MLP(cfg, device, dtype)
 
-    def forward(self, x, cos, sin, cache, positions, backend, prefill):
+    def forward(self, x, cos, sin, cache, positions, backend, prefill, packed=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, positions, backend,
-                               prefill)
+                               prefill, packed)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -228,8 +282,14 @@ class Transformer(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                prefill: bool = False) -> torch.Tensor:
+                prefill: bool = False, *, cu_seqlens: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """Logits [B, T, vocab] of ``input_ids`` [B, T].
+
+        ``cu_seqlens`` (int32 [n + 1], no cache) packs several sequences into one row:
+        ``input_ids`` is [1, total], sequence i its tokens ``cu_seqlens[i]:cu_seqlens[i+1]``;
+        each attends only within itself (``attention_varlen``) and its positions restart
+        at 0, so its logits are those it gets alone, and no compute goes to padding.
 
         With ``cache``, the tokens are appended to it. ``prefill=True`` says the cache is
         empty (checked): the tokens attend only to each other (flash attention, any
@@ -241,6 +301,8 @@ class Transformer(nn.Module):
             raise ValueError(f"input_ids must be an integer tensor [batch, seq], got "
                              f"{input_ids.dtype} {list(input_ids.shape)}")
         b, t = input_ids.shape
+        if cu_seqlens is not None:
+            return self.lm_head(self.hidden_states(input_ids, cu_seqlens=cu_seqlens))
         if cache is None:
             if t > self.config.max_seq_len:
                 raise ValueError(f"sequence of {t} tokens is longer than max_seq_len "
@@ -267,11 +329,35 @@ class Transformer(nn.Module):
         return self._logits(input_ids, cache.positions(input_ids.shape[1]), cache, prefill)
 
     def _logits(self, input_ids, positions, cache, prefill) -> torch.Tensor:
+        return self.lm_head(self._hidden(input_ids, positions, cache, prefill))
+
+    def _hidden(self, input_ids, positions, cache, prefill, packed=None) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [B, T, dim]
         cos, sin = self.rope(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, positions, self.backend, prefill)
-        return self.lm_head(self.norm(x))
+            x = layer(x, cos, sin, cache, positions, self.backend, prefill, packed)
+        return self.norm(x)
+
+    def hidden_states(self, input_ids: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """The final normed hidden states [B, T, dim] (what the output head reads; a
+        reward or value head reads them too), without a cache; ``cu_seqlens`` packs
+        sequences into one row as in :meth:`forward`."""
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be an integer tensor [batch, seq], got "
+                             f"{input_ids.dtype} {list(input_ids.shape)}")
+        b, t = input_ids.shape
+        if cu_seqlens is None:
+            if t > self.config.max_seq_len:
+                raise ValueError(f"sequence of {t} tokens is longer than max_seq_len "
+                                 f"{self.config.max_seq_len}")
+            positions = torch.arange(t, device=input_ids.device).expand(b, t)
+            return self._hidden(input_ids, positions, None, True)
+        if b != 1:
+            raise ValueError(f"with cu_seqlens, input_ids must be one packed row [1, total], "
+                             f"got {list(input_ids.shape)}")
+        packed, positions = pack_info(cu_seqlens, t, self.config.max_seq_len, input_ids.device)
+        return self._hidden(input_ids, positions.unsqueeze(0), None, True, packed)
 
     # -- checkpoints ---------------------------------------------------------------------
     @classmethod

@@ -106,8 +106,9 @@ def export_model(model: nn.Module, path: str | os.PathLike,
 
     model = unwrap(model)
     state = full_state_dict(model) if state is None else state
-    plain = Transformer(model.config, backend=model.backend, device="cpu",
-                        dtype=model.embed_tokens.weight.dtype)
+    cls = type(model) if isinstance(model, Transformer) else Transformer  # or a RewardModel
+    plain = cls(model.config, backend=model.backend, device="cpu",
+                dtype=model.embed_tokens.weight.dtype)
     missing, unexpected = plain.load_state_dict(state, strict=False)
     missing = [k for k in missing if k != "lm_head.weight" or not model.config.tie_embeddings]
     if missing or unexpected:
@@ -192,7 +193,7 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike) -> None:
     tensors = {k[len("model."):] if k.startswith("model.") else k: v
                for k, v in load_file(str(f)).items()}
     own = model.state_dict()
-    if model.config.tie_embeddings:
+    if model.config.tie_embeddings and "lm_head.weight" in own:
         tensors.setdefault("lm_head.weight", tensors.get("embed_tokens.weight"))
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))

@@ -26,6 +26,7 @@ SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("float32", "bfloat16")
 BACKENDS = ("llmcore", "torch")
 PARALLEL = ("ddp", "fsdp")
+LOSS_TYPES = ("dpo", "ipo", "hinge", "robust", "slic")
 
 
 @dataclass
@@ -44,6 +45,19 @@ class TrainConfig:
     vocab_size: int = 8192  # for a tokenizer trained by the run
     shards: str | None = None  # prepared shard directory; None: prepare (cached)
     decay_data: str | list | None = None  # data for the final (decay) phase of "wsd"
+    val_data: str | list | None = None  # post-training: held-out rows (else val.jsonl or a split)
+    packing: bool = True  # post-training: pack sequences (attention_varlen), no padding
+    skip_bad_rows: bool = False  # post-training: skip (and count) unusable rows
+    train_rows: int = 0  # post-training: use a seeded subset of this many rows (0: all)
+    # preference and reward recipes
+    loss_type: str = "dpo"  # dpo | ipo | hinge | robust | slic
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    slic_delta: float = 1.0  # SLiC calibration margin δ
+    slic_lam: float = 0.1  # SLiC weight λ of the NLL of the chosen answer
+    ref_model: str | None = None  # reference model directory (default: init_from)
+    ref_cache: bool = True  # precompute reference log-probs once, cached on disk
+    center_coef: float = 0.0  # reward model: weight of the mean (r_c + r_r)^2 term
     # optimisation
     steps: int = 100
     batch_size: int = 8
@@ -69,6 +83,8 @@ class TrainConfig:
     # evaluation, logging and checkpoints
     eval_every: int = 50
     eval_tokens: int = 65536  # val tokens per periodic eval; the final eval reads the split
+    eval_rows: int = 0  # post-training: held-out rows per periodic eval (0: all)
+    eval_before: bool = False  # evaluate the starting model too (a val row at step 0)
     log_every: int = 1
     sample_tokens: int = 64  # generated at each eval (0: none)
     sample_prompt: str = "def "
@@ -88,10 +104,11 @@ class TrainConfig:
             need(_is_int(getattr(self, key)) and getattr(self, key) >= 1, key,
                  "must be an int >= 1")
         for key in ("warmup", "eval_every", "save_every", "eval_tokens", "sample_tokens",
-                    "seed", "vocab_size"):
+                    "seed", "vocab_size", "eval_rows", "train_rows"):
             need(_is_int(getattr(self, key)) and getattr(self, key) >= 0, key,
                  "must be an int >= 0")
-        for key in ("lr", "min_lr", "weight_decay", "clip", "eps"):
+        for key in ("lr", "min_lr", "weight_decay", "clip", "eps", "slic_delta", "slic_lam",
+                    "center_coef"):
             need(_finite(getattr(self, key)) and getattr(self, key) >= 0, key,
                  "must be a finite number >= 0")
         need(self.lr > 0, "lr", "must be > 0")
@@ -100,6 +117,13 @@ class TrainConfig:
             need(_finite(getattr(self, key)) and 0 <= getattr(self, key) < 1, key,
                  "must be in [0, 1)")
         need(self.warmup <= self.steps, "warmup", f"must be <= steps ({self.steps})")
+        need(self.loss_type in LOSS_TYPES, "loss_type", f"must be one of {LOSS_TYPES}")
+        need(_finite(self.beta) and self.beta > 0, "beta", "must be a finite number > 0")
+        need(_finite(self.label_smoothing) and 0 <= self.label_smoothing < 0.5,
+             "label_smoothing", "must be in [0, 0.5)")
+        need(self.label_smoothing == 0 or self.loss_type in ("dpo", "robust"),
+             "label_smoothing", f"applies to loss_type dpo and robust only (loss_type is "
+             f"{self.loss_type!r})")
         need(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
         need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
         need(self.backend in BACKENDS, "backend", f"must be one of {BACKENDS}")
@@ -147,7 +171,7 @@ def _coerce(key: str, value: Any) -> Any:
     """Fit a parsed value to the field's type (ints accepted for floats, "none" for None)."""
     default = FIELDS[key].default
     if isinstance(value, str) and value.lower() in ("none", "null") and key in (
-            "tokenizer", "shards", "decay_data", "bfp", "init_from"):
+            "tokenizer", "shards", "decay_data", "bfp", "init_from", "val_data", "ref_model"):
         return None
     if isinstance(default, float) and _is_int(value):
         return float(value)

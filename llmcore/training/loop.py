@@ -108,7 +108,9 @@ class Trainer:
     sample_fn : (model) -> str, optional
         A generated sample, written to ``samples.jsonl`` at each eval.
     tokens_per_batch : int
-        Tokens in one micro-batch (for tokens/s).
+        Tokens in one micro-batch (for tokens/s), when the batches do not count their own
+        (a batch with an int ``num_tokens`` entry is counted by it; the entry is not passed
+        to ``step_fn``).
     tokenizer_dir : path, optional
         Copied into every saved model directory.
     """
@@ -232,6 +234,9 @@ class Trainer:
                    unit="step", dynamic_ncols=True)
         last_train: dict = {}
         last_val: dict = {}
+        if self.eval_fn is not None and cfg.eval_before and self.step == 0:
+            # the starting model, at step 0, evaluated as fully as the end of the run
+            last_val = self.evaluate(log, bar, final=True)
         t_last, tokens_last = time.perf_counter(), self.tokens
         self.model.train()
         try:
@@ -248,10 +253,13 @@ class Trainer:
                                              autocast=self._autocast,
                                              sync_context=self._sync_context)
                 self.step += 1
-                self.tokens += self.tokens_per_batch * cfg.grad_accum * info.world_size
                 names = sorted(sums)
                 means = D.sum_across([sums[k] / cfg.grad_accum for k in names], info)
                 row = {k: v / info.world_size for k, v in zip(names, means, strict=True)}
+                counted = row.pop("num_tokens", None)  # batches that say how many they hold
+                self.tokens += round(counted * cfg.grad_accum * info.world_size) \
+                    if counted is not None else \
+                    self.tokens_per_batch * cfg.grad_accum * info.world_size
                 if not math.isfinite(row["loss"]):
                     raise TrainingError(f"loss is {row['loss']} at step {self.step}: lower lr, "
                                         "check the data, or set clip (the last checkpoint "
@@ -331,6 +339,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, params: list,
     sums: dict[str, float] = {}
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        if "num_tokens" in batch:  # a count for tokens/s, not an input
+            batch = dict(batch)
+            sums["num_tokens"] = sums.get("num_tokens", 0.0) + float(batch.pop("num_tokens"))
         ctx = sync_context(i == n - 1) if sync_context is not None else contextlib.nullcontext()
         with ctx, autocast():
             loss, metrics = step_fn(model, batch)

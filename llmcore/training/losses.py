@@ -10,7 +10,8 @@ Language modelling:
 * ``bits_per_byte(nll_sum, n_bytes)`` = nll_sum / n_bytes / ln 2 — comparable across
   tokenizers and with compressors, since it counts the bytes of the text, not tokens.
 * ``sequence_logprobs(logits, labels, mask, average=False)`` — Σ_t mask_t · log p(label_t)
-  per sequence (÷ Σ mask with ``average=True``).
+  per sequence (÷ Σ mask with ``average=True``); ``packed_sequence_logprobs`` the same
+  sums (and counts) for sequences packed into one row with ``cu_seqlens``.
 
 Preference optimisation (inputs are per-example sequence log-probs [B]; Δ = (π_c − ref_c) −
 (π_r − ref_r); σ the logistic function). These return per-example losses [B]; the trainer
@@ -110,6 +111,35 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Te
     if average:
         return total / m.sum(-1).clamp(min=1)
     return total
+
+
+def packed_sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor,
+                             cu_seqlens: torch.Tensor, ignore_index: int = -100,
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sums of log p(label) over packed sequences -> (sums [n], counts [n]).
+
+    logits [1, total, V] or [total, V] and labels [1, total] or [total] are aligned (label
+    t is the token after position t, ``ignore_index`` where nothing counts: prompt tokens,
+    and the last token of each sequence); sequence i is rows
+    ``cu_seqlens[i]:cu_seqlens[i+1]``. ``sums / counts.clamp(min=1)`` is the length
+    average. The same numbers as :func:`sequence_logprobs` on each sequence alone.
+    """
+    logits = logits.reshape(-1, logits.shape[-1])
+    labels = labels.reshape(-1)
+    if labels.numel() != logits.shape[0]:
+        raise ValueError(f"logits have {logits.shape[0]} positions, labels {labels.numel()}")
+    c = cu_seqlens.to(device=labels.device, dtype=torch.int64)
+    if c.dim() != 1 or c.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D [n + 1], got {list(cu_seqlens.shape)}")
+    counts = c[1:] - c[:-1]
+    seg = torch.repeat_interleave(torch.arange(counts.numel(), device=labels.device), counts,
+                                  output_size=labels.numel())
+    m = labels != ignore_index
+    lp = -F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="none")
+    n = counts.numel()
+    sums = torch.zeros(n, dtype=lp.dtype, device=lp.device).index_add(0, seg, lp)
+    kept = torch.zeros(n, dtype=torch.int64, device=lp.device).index_add(0, seg, m.long())
+    return sums, kept
 
 
 # ----------------------------------------------------------------------------- checks
