@@ -233,6 +233,8 @@ def test_swaps_only_where_order_matters_and_kinds_can_not_apply():
     assert T.corrupt(lone, "rename_variable", random.Random(0)) is None  # one local name
     assert T.corrupt(lone, "flip_operator", random.Random(0)) is None
     assert T.corrupt(lone, "drop_return", random.Random(0)) is None
+    for seed in range(5):  # swapping two identical statements changes nothing: no pair
+        assert T.corrupt(lone, "swap_statements", random.Random(seed)) is None
     with pytest.raises(ValueError, match="unknown corruption"):
         T.corrupt(lone, "shuffle", random.Random(0))
 

@@ -12,6 +12,12 @@ validation loss of MXINT8 and fp32 training at equal steps (the target: within 2
 
 Shapes: ``tiny`` (dim 128, 4 layers) and ``30M`` (dim 512, 8 layers) at seq 256; the full
 run adds the 124M shape (vocab 4096 instead of GPT-2's 50257: the corpus tokenizer's).
+
+Post-training, on the tiny shape and the stdlib instruction and preference sets: an SFT
+step over the same examples packed into one row (``attention_varlen``, no padding) and
+padded to the longest (tokens/s counts the real tokens, so the ratio is the time saved),
+and a DPO step with cached reference log-probs against one that runs the reference model
+next to the policy (pairs/s; the one-off cost of the cache is reported per pair).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import torch
 
 from llmcore.bench.common import Row, add_ratios, progress_bar, sync
 
-BASELINES = ["torch fp32", "llmcore bf16 autocast"]
+BASELINES = ["torch fp32", "llmcore bf16 autocast", "sft padded", "dpo live reference"]
 METHODS = [  # name, backend, autocast dtype, bfp format
     ("torch fp32", "torch", "float32", None),
     ("llmcore fp32", "llmcore", "float32", None),
@@ -157,20 +163,120 @@ def loss_parity(device, shards, steps: int, progress=None) -> dict:
     return out
 
 
+def post_plan(quick: bool) -> tuple[int, int, int, int]:
+    """(SFT examples per step, DPO pairs per step, rounds, steps per round)."""
+    return (16, 4, 3, 2) if quick else (16, 4, 5, 4)
+
+
+def posttrain_cases(device, examples: list, pairs: list, per_step: int, pairs_per_step: int,
+                    rounds: int, per_round: int, progress=None) -> list:
+    """SFT packed vs padded and DPO cached vs live reference, interleaved (tiny shape)."""
+    from llmcore.training.batching import packed_batch, padded_batch, pair_batch
+    from llmcore.training.loop import train_step
+    from llmcore.training.optim import make_optimizer
+    from llmcore.training.recipes import dpo, sft
+    from llmcore.training.recipes.pretrain import build_model
+    from llmcore.training.reference import reference_logprobs
+
+    cfg = config("tiny", METHODS[1], 1, 512, 100)
+
+    def fresh():
+        m = build_model(cfg, VOCAB).to(device).train()
+        return m, make_optimizer(m, 1e-4, 0.0, (0.9, 0.95)), [p for p in m.parameters()]
+
+    steps = 1 + rounds * per_round
+    need, need_pairs = steps * per_step, steps * pairs_per_step
+    examples, pairs = examples[:need], pairs[:need_pairs]
+    if len(examples) < need or len(pairs) < need_pairs:
+        raise ValueError(f"need {need} examples and {need_pairs} pairs")
+    ref_model = build_model(cfg, VOCAB).to(device).eval().requires_grad_(False)
+    t0 = time.perf_counter()
+    ref = reference_logprobs(ref_model, pairs, pairs_per_step)
+    ref_s_per_pair = (time.perf_counter() - t0) / len(pairs)
+    methods = {"sft padded": lambda i: padded_batch(examples[i * per_step:(i + 1) * per_step], 2),
+               "sft packed": lambda i: packed_batch(examples[i * per_step:(i + 1) * per_step]),
+               "dpo live reference": lambda i: pair_batch(
+                   pairs, range(i * pairs_per_step, (i + 1) * pairs_per_step)),
+               "dpo cached reference": lambda i: dpo.WithReference(None, ref).attach(pair_batch(
+                   pairs, range(i * pairs_per_step, (i + 1) * pairs_per_step)))}
+    step_fns = {"sft padded": sft.step_fn, "sft packed": sft.step_fn,
+                "dpo live reference": dpo.make_step_fn(cfg, ref_model),
+                "dpo cached reference": dpo.make_step_fn(cfg)}
+    state = {name: (*fresh(), []) for name in methods}
+    done = dict.fromkeys(methods, 0)
+
+    def advance(name, n, timed=True):
+        model, opt, params, times = state[name]
+        for _ in range(n):
+            batch = methods[name](done[name])
+            t0 = time.perf_counter()
+            train_step(model, opt, params, step_fns[name], [batch], clip=1.0, device=device)
+            sync(device)
+            if timed:
+                times.append(time.perf_counter() - t0)
+            done[name] += 1
+
+    for name in methods:  # warm-up step, not timed
+        advance(name, 1, timed=False)
+    for _ in range(rounds):
+        for name in methods:
+            advance(name, per_round)
+            if progress is not None:
+                progress.update(per_round)
+    rows = []
+    for name in methods:
+        ms = statistics.median(state[name][3]) * 1e3
+        if name.startswith("sft"):
+            tokens = sum(len(e) for e in examples[:need]) / steps
+            rows.append(Row("train", f"sft {per_step} examples/step", name, ms,
+                            metric=tokens / ms * 1e3, unit="tok/s",
+                            extra={"real_tokens_per_step": tokens, "shape": "tiny"}))
+        else:
+            rows.append(Row("train", f"dpo {pairs_per_step} pairs/step", name, ms,
+                            metric=pairs_per_step / ms * 1e3, unit="pairs/s",
+                            extra={"shape": "tiny", "reference_cache_s_per_pair":
+                                   ref_s_per_pair if "cached" in name else None}))
+    return rows
+
+
+def posttrain_data(progress: bool = True) -> tuple[list, list]:
+    """Encoded stdlib SFT examples and preference pairs (seq 512, the bench tokenizer)."""
+    from llmcore.data.examples import Renderer, encode_rows, read_rows
+    from llmcore.data.prepare import ensure_stdlib_task, ensure_tokenizer
+    from llmcore.tokenizer import load_tokenizer
+
+    r = Renderer(load_tokenizer(ensure_tokenizer("stdlib", VOCAB, progress=progress)), 512)
+    out = []
+    for kind in ("sft", "preference"):
+        rows = read_rows(ensure_stdlib_task(kind, progress=progress) / "train.jsonl", kind)
+        out.append(encode_rows(rows[:400], r, kind, skip_bad_rows=True))
+    return out[0], out[1]
+
+
 def run(device: torch.device, quick: bool = False, progress_factory=None) -> dict:
     shards = data(progress=progress_factory is not None)
     todo = plan(device, quick)
     parity_steps = PARITY_STEPS[quick]
-    total = sum(len(METHODS) * r * k for _, _, _, r, k in todo) + 2 * parity_steps
+    per_step, pairs_step, post_rounds, post_per = post_plan(quick)
+    total = (sum(len(METHODS) * r * k for _, _, _, r, k in todo) + 2 * parity_steps
+             + 4 * post_rounds * post_per)
     pbar = progress_bar(progress_factory, total, "bench train")
     rows: list = []
     for case in todo:
         rows += run_case(device, shards, *case, progress=pbar)
     parity = loss_parity(device, shards, parity_steps, pbar)
+    examples, pairs = posttrain_data(progress_factory is not None)
+    rows += posttrain_cases(device, examples, pairs, per_step, pairs_step, post_rounds,
+                            post_per, pbar)
     pbar.close()
     add_ratios(rows, BASELINES)
     lines = ["Loss after the timed steps (same data, same init):"]
-    lines += [f"  {r.case:22s} {r.method:24s} {r.extra['loss_last']:.4f}" for r in rows]
+    lines += [f"  {r.case:22s} {r.method:24s} {r.extra['loss_last']:.4f}" for r in rows
+              if "loss_last" in r.extra]
+    cache = next(r.extra["reference_cache_s_per_pair"] for r in rows
+                 if r.method == "dpo cached reference")
+    lines += ["", f"Reference cache: computed once before training, {cache * 1e3:.1f} ms per "
+              "pair (the live reference pays that on every step)."]
     lines += ["", f"MXINT8 vs fp32 training, tiny shape, {parity_steps} steps, val loss: "
               f"{parity['llmcore fp32']['val_loss']:.4f} vs "
               f"{parity['llmcore mxint8']['val_loss']:.4f} "

@@ -74,7 +74,7 @@ def ensure_stdlib_task(kind: str, val_fraction: float = 0.05, progress: bool = T
     if kind not in STDLIB_TASKS:
         raise ValueError(f"kind must be one of {tuple(STDLIB_TASKS)}, got {kind!r}")
     man = manifest("stdlib", val_fraction)
-    out = cache_dir() / "tasks" / _key([kind, "stdlib-tasks-v1", man["sha256"], val_fraction])
+    out = cache_dir() / "tasks" / _key([kind, "stdlib-tasks-v2", man["sha256"], val_fraction])
     if (out / "stats.json").is_file():
         return out
     if progress:

@@ -466,8 +466,9 @@ def corrupt(func: Function | str, kind: str, rng: random.Random) -> str | None:
       not self/cls) changed to another local name;
     - ``truncate``: the function body keeps only its first ceil(n/2) of n >= 2 statements.
 
-    The rejected text parses to exactly the corrupted tree (checked), so it differs from
-    the original (after ``ast.dump``) and keeps its formatting elsewhere.
+    The rejected text parses to exactly the corrupted tree (checked), which must differ
+    from the original's (after ``ast.dump``; swapping two identical statements does not
+    count), and keeps its formatting elsewhere.
     """
     code = func.code if isinstance(func, Function) else func
     if code is None:
@@ -476,6 +477,7 @@ def corrupt(func: Function | str, kind: str, rng: random.Random) -> str | None:
     fn = ast.parse(code).body[0]
     if not isinstance(fn, _DEFS):
         raise ValueError("corrupt() needs the source of one function definition")
+    original = _dump(fn)
     order = list(range(len(_candidates(fn, kind))))
     rng.shuffle(order)
     for i in order[:_TRIES]:
@@ -483,8 +485,10 @@ def corrupt(func: Function | str, kind: str, rng: random.Random) -> str | None:
         out = _apply(tree.body[0], kind, _candidates(tree.body[0], kind)[i], text, rng)
         if out is None:
             continue
-        try:
-            ok = _dump(ast.parse(out)) == _dump(tree)
+        try:  # the text is the corrupted tree, and that tree is not the original (a swap
+            # of two identical statements changes nothing)
+            ok = (_dump(ast.parse(out)) == _dump(tree)
+                  and _dump(tree.body[0]) != original)
         except SyntaxError:
             ok = False
         if ok:

@@ -24,8 +24,9 @@ from llmcore.training.losses import bradley_terry_loss
 GROUP_LABELS = ("corruption", "category", "type")  # per-group accuracy, the first present
 
 NAMED_CONFIGS: dict[str, dict] = {
-    "stdlib": {"steps": 150, "batch_size": 8, "seq_len": 512, "lr": 3e-4, "min_lr": 3e-5,
-               "warmup": 10, "weight_decay": 0.0, "eval_every": 50, "eval_before": True,
+    # From the SFT model (init_from=SFT_RUN/final): one epoch of 1200 pairs.
+    "stdlib": {"steps": 150, "batch_size": 8, "seq_len": 512, "lr": 5e-4, "min_lr": 5e-5,
+               "warmup": 10, "weight_decay": 0.0, "eval_every": 75, "eval_before": True, "skip_bad_rows": True,
                "train_rows": 1200},
     "tiny": {"steps": 20, "batch_size": 4, "seq_len": 256, "lr": 1e-3, "min_lr": 1e-4,
              "warmup": 2, "eval_every": 10, "eval_before": True},
