@@ -47,3 +47,33 @@ def test_train_step(benchmark, device, case, method):
     run_pedantic(benchmark, lambda i: run.advance(1, timed=False), device, rounds=2,
                  warmup_rounds=1)
     assert torch.isfinite(torch.tensor(run.loss))
+
+
+def _random_examples(n: int, seed: int = 0):
+    """Examples of the stdlib sets' typical lengths (prompt ~60, answer ~90 tokens, spread
+    out), with random ids: the suite uses the real sets."""
+    from llmcore.data.examples import Encoded, EncodedPair
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        p, a = (int(x) for x in torch.randint(20, 120, (2,), generator=g))
+        ids = torch.randint(3, suite.VOCAB, (p + a,), generator=g).tolist()
+        out.append(Encoded(ids, [0] * p + [1] * a))
+    pairs = [EncodedPair(e, Encoded(e.ids[:-3] + [5, 6, 7], e.mask)) for e in out]
+    return out, pairs
+
+
+@pytest.mark.parametrize("method", ["sft padded", "sft packed", "dpo live reference",
+                                    "dpo cached reference"])
+def test_posttrain_step(benchmark, device, bench_quick, method):
+    per_step, pairs_per_step, rounds, per_round = suite.post_plan(bench_quick)
+    examples, pairs = _random_examples(per_step * 4)
+    state = {}
+
+    def capture(rows):
+        state["rows"] = rows
+    run_pedantic(benchmark, lambda i: capture(suite.posttrain_cases(
+        device, examples, pairs, per_step, pairs_per_step, 1, 1, methods=[method])),
+        device, rounds=1, warmup_rounds=0)
+    assert [r.method for r in state["rows"]] == [method]

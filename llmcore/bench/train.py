@@ -168,9 +168,13 @@ def post_plan(quick: bool) -> tuple[int, int, int, int]:
     return (16, 4, 3, 2) if quick else (16, 4, 5, 4)
 
 
+POST_METHODS = ("sft padded", "sft packed", "dpo live reference", "dpo cached reference")
+
+
 def posttrain_cases(device, examples: list, pairs: list, per_step: int, pairs_per_step: int,
-                    rounds: int, per_round: int, progress=None) -> list:
-    """SFT packed vs padded and DPO cached vs live reference, interleaved (tiny shape)."""
+                    rounds: int, per_round: int, progress=None, methods=POST_METHODS) -> list:
+    """SFT packed vs padded and DPO cached vs live reference, interleaved (tiny shape);
+    ``methods`` a subset of :data:`POST_METHODS`."""
     from llmcore.training.batching import packed_batch, padded_batch, pair_batch
     from llmcore.training.loop import train_step
     from llmcore.training.optim import make_optimizer
@@ -193,7 +197,7 @@ def posttrain_cases(device, examples: list, pairs: list, per_step: int, pairs_pe
     t0 = time.perf_counter()
     ref = reference_logprobs(ref_model, pairs, pairs_per_step)
     ref_s_per_pair = (time.perf_counter() - t0) / len(pairs)
-    methods = {"sft padded": lambda i: padded_batch(examples[i * per_step:(i + 1) * per_step], 2),
+    make = {"sft padded": lambda i: padded_batch(examples[i * per_step:(i + 1) * per_step], 2),
                "sft packed": lambda i: packed_batch(examples[i * per_step:(i + 1) * per_step]),
                "dpo live reference": lambda i: pair_batch(
                    pairs, range(i * pairs_per_step, (i + 1) * pairs_per_step)),
@@ -202,6 +206,10 @@ def posttrain_cases(device, examples: list, pairs: list, per_step: int, pairs_pe
     step_fns = {"sft padded": sft.step_fn, "sft packed": sft.step_fn,
                 "dpo live reference": dpo.make_step_fn(cfg, ref_model),
                 "dpo cached reference": dpo.make_step_fn(cfg)}
+    unknown = set(methods) - set(make)
+    if unknown:
+        raise ValueError(f"unknown post-training bench methods {sorted(unknown)}")
+    methods = {name: make[name] for name in methods}
     state = {name: (*fresh(), []) for name in methods}
     done = dict.fromkeys(methods, 0)
 
