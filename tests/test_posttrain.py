@@ -615,3 +615,18 @@ def test_ddp_preference_run_equals_one_rank_with_accumulation(model_dir, pair_da
     def curve(run):
         return [(r["step"], r["loss"], r["grad_norm"], r["tokens"]) for r in train_rows(run)]
     assert curve(tmp_path / "two") == curve(tmp_path / "one")
+
+
+@pytest.mark.parametrize("recipe, over", [
+    ("sft", {"bfp": "mxint8"}), ("reward", {"bfp": "mxint8"}), ("dpo", {"dtype": "bfloat16"}),
+    ("sft", {"packing": False, "dtype": "bfloat16"})])
+def test_recipes_train_with_bfp_linears_and_bf16(model_dir, sft_data, pair_data, cache,
+                                                 tmp_path, recipe, over):
+    mod = {"sft": sft, "reward": reward, "dpo": dpo}[recipe]
+    data = sft_data if recipe == "sft" else pair_data
+    mod.run(post_cfg(model_dir, data, recipe, steps=4, eval_before=False, **over), tmp_path)
+    rows = train_rows(tmp_path)
+    assert len(rows) == 4 and all(math.isfinite(r["loss"]) for r in rows)
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+    if recipe == "reward":  # the head stays in float; the saved model is a plain reward model
+        RewardModel.from_pretrained(str(tmp_path / "final"))
