@@ -147,6 +147,8 @@ def decode_attention(q: torch.Tensor, k_cache, v_cache, cache_seqlens: torch.Ten
         if block_table is not None:
             _check_table_values(block_table, lens, kc.shape[1], kc.shape[0], "valid")
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
     if use_kernel("decode_attention", q.device, q.dtype, d):
         out, lse = torch.ops.llmcore.decode_attention(q, kc, vc, cache_seqlens, scale,
                                                       block_table, ke, ve)
