@@ -233,3 +233,76 @@ def test_truncated_and_quantized_share_what_they_can():
         m.truncated(3)
     with pytest.raises(ValueError, match="already quantised"):
         q.quantized()
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input at the door: configs, token ids, cache layers
+# ---------------------------------------------------------------------------------------
+_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+BAD_CONFIGS = {
+    "norm_eps NaN": ({"norm_eps": float("nan")}, "norm_eps"),
+    "norm_eps negative": ({"norm_eps": -1e-5}, "norm_eps"),
+    "rope_theta 0": ({"rope_theta": 0.0}, "rope_theta"),
+    "rope_theta inf": ({"rope_theta": float("inf")}, "rope_theta"),
+    "linear factor 0": ({"rope_scaling": {"rope_type": "linear", "factor": 0}}, "factor"),
+    "llama3 without fields": ({"rope_scaling": {"rope_type": "llama3"}}, "llama3.*factor"),
+    "llama3 high <= low": ({"rope_scaling": {**_LLAMA3, "high_freq_factor": 1.0}},
+                           "high_freq_factor"),
+    "rope_scaling a list": ({"rope_scaling": [1, 2]}, "rope_scaling"),
+    "heads 0": ({"n_heads": 0}, "n_heads"),
+    "kv heads negative": ({"n_kv_heads": -2}, "n_kv_heads"),
+    "head_dim negative": ({"head_dim": -4}, "head_dim"),
+    "head_dim odd": ({"head_dim": 7}, "head_dim"),
+    "vocab 10**13": ({"vocab_size": 10**13}, "vocab_size"),
+    "layers a float": ({"n_layers": 2.5}, "n_layers"),
+    "dim a bool": ({"dim": True}, "dim"),
+    "tie a string": ({"tie_embeddings": "yes"}, "tie_embeddings"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_config_rejects_bad_fields(case):
+    fields, name = BAD_CONFIGS[case]
+    with pytest.raises(ValueError, match=name):
+        TransformerConfig(**{"dim": 64, "n_heads": 4, **fields})
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, "float32"])
+def test_model_rejects_non_float_dtype(dtype):
+    with pytest.raises(ValueError, match="dtype"):
+        Transformer(TransformerConfig.from_name("tiny"), dtype=dtype)
+
+
+@pytest.mark.parametrize("bad", [256, -1, 10**6])
+def test_bad_token_id_leaves_the_cache_as_it_was(bad):
+    """The id is checked before the cache is touched; the message names it and the
+    vocabulary; the next valid step works and gives the same logits as a fresh cache."""
+    m = Transformer(TransformerConfig.from_name("tiny"))
+    ids = torch.randint(0, 256, (2, 6))
+    with pytest.raises(ValueError, match=rf"{bad}.*vocabulary \[0, 256\)"):
+        m(torch.tensor([[1, bad]]))
+    c = m.new_cache(2, 16, page_size=4)
+    m(ids[:, :4], cache=c)
+    bad_ids = ids[:, 4:].clone()
+    bad_ids[1, 1] = bad
+    with pytest.raises(ValueError, match=rf"input_ids\[1, 1\] = {bad}"):
+        m(bad_ids, cache=c)
+    assert c.lengths == [4, 4] and c.seqlens.tolist() == [4, 4]
+    out = m(ids[:, 4:], cache=c)
+    fresh = m.new_cache(2, 16, page_size=4)
+    m(ids[:, :4], cache=fresh)
+    torch.testing.assert_close(out, m(ids[:, 4:], cache=fresh))
+
+
+def test_kv_cache_layer_index_checked():
+    m = Transformer(TransformerConfig.from_name("tiny"))
+    c = m.new_cache(1, 8)
+    c.prepare(1)
+    q = torch.randn(1, 1, 4, 16)
+    k = torch.randn(1, 1, 2, 16)
+    for layer in (-1, 2, True, 1.0):
+        with pytest.raises(ValueError, match="layer"):
+            c.attend(layer, q)
+        with pytest.raises(ValueError, match="layer"):
+            c.append(layer, k, k)

@@ -18,6 +18,7 @@ model (tokenizers live in :mod:`llmcore.tokenizer`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from llmcore.formats import BFPFormat, get_format
-from llmcore.models.config import TransformerConfig
+from llmcore.models.config import MAX_SIZE, TransformerConfig, check_rope_scaling
 from llmcore.ops.bfp import BFPTensor, load_bfp, save_bfp
 
 SUPPORTED_ARCHITECTURES = {
@@ -68,7 +69,12 @@ def read_hf_config(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"{cfg_file} not found: a Hugging Face model directory needs "
                                 "a config.json")
     d = _read_json(cfg_file)
+    if not isinstance(d, dict):
+        raise ValueError(f"{cfg_file} must hold a JSON object, got a JSON {type(d).__name__}")
     archs = d.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ValueError(f"{cfg_file}: field 'architectures' must be a list of names, got "
+                         f"{archs!r}")
     if not archs:
         raise ValueError(f"{cfg_file}: field 'architectures' is missing; supported: "
                          f"{', '.join(SUPPORTED_ARCHITECTURES)}")
@@ -85,7 +91,26 @@ def _req(d: dict, key: str, where: str):
     return d[key]
 
 
-def _rope(d: dict) -> tuple[float, dict | None]:
+def _size(d: dict, key: str, where: str, default=None) -> int:
+    """An integer field in [1, MAX_SIZE] (required when ``default`` is None)."""
+    v = _req(d, key, where) if default is None else (d.get(key) or default)
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_SIZE:
+        raise ValueError(f"{where}: field {key!r} must be an integer in [1, {MAX_SIZE}], "
+                         f"got {v!r}")
+    return v
+
+
+def _positive(value, key: str, where: str) -> float:
+    """A finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{where}: field {key!r} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _rope(d: dict) -> tuple[object, dict | None]:
     """(rope_theta, rope_scaling) from either the 4.x (rope_theta + rope_scaling) or the
     5.x (rope_parameters) layout."""
     params = d.get("rope_parameters")
@@ -110,33 +135,49 @@ def _rope(d: dict) -> tuple[float, dict | None]:
                              "(supported: default, linear, llama3)")
     else:
         scaling = None
-    return float(theta), scaling
+    return theta, scaling
 
 
 def config_from_hf(d: dict, where: str = "config.json") -> TransformerConfig:
-    """A TransformerConfig from a Hugging Face config dict."""
+    """A TransformerConfig from a Hugging Face config dict; every field is range-checked
+    and a bad one named by its Hugging Face key."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} must hold a JSON object, got a JSON {type(d).__name__}")
     arch = (d.get("architectures") or ["LlamaForCausalLM"])[0]
     family = SUPPORTED_ARCHITECTURES.get(arch, "llama")
     theta, scaling = _rope(d)
-    n_heads = int(_req(d, "num_attention_heads", where))
-    bias = True if family == "qwen2" else bool(d.get("attention_bias", False))
+    theta = _positive(theta, "rope_theta", where)
+    try:
+        check_rope_scaling(scaling, "rope_scaling")
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    n_heads = _size(d, "num_attention_heads", where)
+    bias = True if family == "qwen2" else d.get("attention_bias", False)
+    head_dim = d.get("head_dim")
     extra = {k: v for k, v in d.items() if k not in _KNOWN_KEYS}
-    cfg = TransformerConfig(
-        dim=int(_req(d, "hidden_size", where)),
-        n_layers=int(_req(d, "num_hidden_layers", where)),
-        n_heads=n_heads,
-        n_kv_heads=int(d.get("num_key_value_heads") or n_heads),
-        vocab_size=int(_req(d, "vocab_size", where)),
-        ffn_dim=int(_req(d, "intermediate_size", where)),
-        norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        rope_theta=theta,
-        rope_scaling=scaling,
-        max_seq_len=int(d.get("max_position_embeddings") or 2048),
-        tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-        attention_bias=bias,
-        head_dim=d.get("head_dim"),
-        extra=extra,
-    )
+    flags = {"tie_word_embeddings": d.get("tie_word_embeddings", False), "attention_bias": bias}
+    for key, v in flags.items():
+        if not isinstance(v, bool):
+            raise ValueError(f"{where}: field {key!r} must be true or false, got {v!r}")
+    try:
+        cfg = TransformerConfig(
+            dim=_size(d, "hidden_size", where),
+            n_layers=_size(d, "num_hidden_layers", where),
+            n_heads=n_heads,
+            n_kv_heads=_size(d, "num_key_value_heads", where, default=n_heads),
+            vocab_size=_size(d, "vocab_size", where),
+            ffn_dim=_size(d, "intermediate_size", where),
+            norm_eps=_positive(d.get("rms_norm_eps", 1e-6), "rms_norm_eps", where),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_seq_len=_size(d, "max_position_embeddings", where, default=2048),
+            tie_embeddings=flags["tie_word_embeddings"],
+            attention_bias=flags["attention_bias"],
+            head_dim=None if head_dim is None else _size(d, "head_dim", where),
+            extra=extra,
+        )
+    except ValueError as e:  # a relation between fields (heads, head_dim)
+        raise ValueError(f"{where}: {e}") from None
     sw = d.get("sliding_window")
     uses_sw = d.get("use_sliding_window", family == "mistral")
     if sw is not None and uses_sw and int(sw) < cfg.max_seq_len and arch not in _warned_sliding:
