@@ -306,3 +306,22 @@ def test_kv_cache_layer_index_checked():
             c.attend(layer, q)
         with pytest.raises(ValueError, match="layer"):
             c.append(layer, k, k)
+
+
+def test_save_pretrained_is_atomic_across_files(tmp_path):
+    """A config JSON cannot encode fails before anything is written: the old config,
+    weights and the files beside them stay byte for byte, and no temporary is left."""
+    path = tmp_path / "model"
+    Transformer(TransformerConfig.from_name("tiny")).save_pretrained(str(path))
+    (path / "tokenizer.json").write_text("{}")
+    before = {f.name: f.read_bytes() for f in path.iterdir()}
+    bad = Transformer(TransformerConfig.from_name("tiny", n_layers=1, extra={"x": {1, 2}}))
+    with pytest.raises(ValueError, match="config.json.*JSON cannot encode"):
+        bad.save_pretrained(str(path))
+    assert {f.name: f.read_bytes() for f in path.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    # a good save replaces config and weights together and keeps the tokenizer
+    Transformer(TransformerConfig.from_name("tiny", n_layers=1)).save_pretrained(str(path))
+    assert Transformer.from_pretrained(str(path)).config.n_layers == 1
+    assert (path / "tokenizer.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

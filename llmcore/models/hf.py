@@ -10,9 +10,10 @@ model (tokenizers live in :mod:`llmcore.tokenizer`).
 * :func:`state_dict_from_checkpoint` names the tensors as a model's state_dict does and
   reports every mismatch.
 * :func:`write_checkpoint` writes ``config.json`` (HF names, so ``transformers`` reads a
-  non-quantised directory back) and ``model.safetensors`` atomically through
-  :func:`llmcore.ops.save_bfp` (BFP weights as BFPTensors, recorded under
-  ``llmcore_quantization`` in config.json).
+  non-quantised directory back) and ``model.safetensors`` (through
+  :func:`llmcore.ops.save_bfp`: BFP weights as BFPTensors, recorded under
+  ``llmcore_quantization`` in config.json), atomically as a pair: the directory is built
+  beside the old one and renamed into place (other files in it are kept).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from llmcore._io import atomic_directory
 from llmcore.formats import BFPFormat, get_format
 from llmcore.models.config import MAX_SIZE, TransformerConfig, check_rope_scaling
 from llmcore.ops.bfp import BFPTensor, load_bfp, save_bfp
@@ -43,6 +45,7 @@ _KNOWN_KEYS = {
     "rope_parameters", "max_position_embeddings", "tie_word_embeddings", "head_dim",
     "attention_bias", "torch_dtype", "dtype", "llmcore_quantization",
 }
+INDEX_FILE = "model.safetensors.index.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _warned_sliding: set = set()
 
@@ -233,7 +236,7 @@ def config_to_hf(cfg: TransformerConfig, dtype: torch.dtype) -> dict:
 # Weights
 # ---------------------------------------------------------------------------------------
 def _weight_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
+    index = path / INDEX_FILE
     single = path / "model.safetensors"
     if index.is_file():
         wm = _read_json(index).get("weight_map")
@@ -368,7 +371,6 @@ def write_checkpoint(path, config: TransformerConfig, dtype: torch.dtype, state_
     is not written."""
     quantized = quantized or {}
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     tensors: dict = {}
     quant: dict = {}
     for name, t in state_dict.items():
@@ -394,12 +396,15 @@ def write_checkpoint(path, config: TransformerConfig, dtype: torch.dtype, state_
     hf = config_to_hf(config, dtype)
     if quant:
         hf["llmcore_quantization"] = quant
-    save_bfp(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    index = path / "model.safetensors.index.json"
-    if index.exists():  # a stale index would shadow the new single file
-        index.unlink()
-    tmp = path / ".config.json.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(hf, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path / "config.json")
+    # Serialise the config first (a value JSON cannot encode fails here, before any write),
+    # then build the new directory beside the old one and rename it into place: a failure
+    # at any point leaves the old checkpoint whole, never old config + new weights.
+    try:
+        text = json.dumps(hf, indent=2, sort_keys=True) + "\n"
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"cannot write {path / 'config.json'}: the config holds a value "
+                         f"JSON cannot encode ({e}); nothing was written") from None
+    # a stale index would shadow the new single file
+    with atomic_directory(path, keep_existing=True, exclude=(INDEX_FILE,)) as tmp:
+        save_bfp(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(text, encoding="utf-8")
