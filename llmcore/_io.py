@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,3 +75,20 @@ def atomic_directory(final: str | os.PathLike, keep_existing: bool = False,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_regular_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """``path`` as a Path if it is a regular file (or a link to one); FileNotFoundError when
+    it does not exist, ValueError when it is a directory, a named pipe, a device or a
+    socket (opening a pipe would block forever)."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} not found") from None
+    if stat.S_ISREG(st.st_mode):
+        return path
+    kind = ("a directory" if stat.S_ISDIR(st.st_mode) else
+            "a named pipe" if stat.S_ISFIFO(st.st_mode) else
+            "a socket" if stat.S_ISSOCK(st.st_mode) else "a device or special file")
+    raise ValueError(f"{what} {path} is {kind}, not a regular file")

@@ -210,3 +210,13 @@ def test_decode_nonfinite_rules(case, q_len, isa, device):
     assert_close_nan(lse, want_lse, 1e-4, f"{case} lse")
     if case in ("beyond length", "hidden new token"):
         assert torch.isfinite(out[:, :-1]).all()
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_paged_cache_page_size_zero(validate):
+    q = torch.randn(1, 1, 2, 16)
+    kc = torch.randn(4, 0, 2, 16)
+    bt = torch.zeros(1, 3, dtype=torch.int32)
+    with pytest.raises(ValueError, match="page_size"):
+        ops.decode_attention(q, kc, kc, torch.tensor([0], dtype=torch.int32), block_table=bt,
+                             validate=validate)

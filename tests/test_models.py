@@ -325,3 +325,96 @@ def test_save_pretrained_is_atomic_across_files(tmp_path):
     assert Transformer.from_pretrained(str(path)).config.n_layers == 1
     assert (path / "tokenizer.json").read_text() == "{}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoint directories checked at the door
+# ---------------------------------------------------------------------------------------
+@pytest.fixture
+def saved_tiny(tmp_path):
+    path = tmp_path / "tiny"
+    Transformer(TransformerConfig.from_name("tiny")).save_pretrained(str(path))
+    return path
+
+
+def _edit_config(path, **fields):
+    import json
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(fields)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_from_pretrained_checks_layers_before_allocating(saved_tiny):
+    import time
+    _edit_config(saved_tiny, num_hidden_layers=1_000_000)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="num_hidden_layers is 1000000.*layers 0-1"):
+        Transformer.from_pretrained(str(saved_tiny))
+    assert time.perf_counter() - t0 < 5
+    _edit_config(saved_tiny, num_hidden_layers=2, vocab_size=2**30)
+    with pytest.raises(ValueError, match=r"embed_tokens.weight' has shape \[256, 64\]"):
+        Transformer.from_pretrained(str(saved_tiny))
+
+
+BAD_HF_CONFIGS = {
+    "a JSON list": ([1, 2], "JSON object"),
+    "heads 0": ({"num_attention_heads": 0}, "'num_attention_heads'"),
+    "eps negative": ({"rms_norm_eps": -1e-6}, "'rms_norm_eps'"),
+    "eps a string": ({"rms_norm_eps": "small"}, "'rms_norm_eps'"),
+    "rope_theta 0": ({"rope_theta": 0}, "'rope_theta'"),
+    "llama3 without fields": ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+                              "low_freq_factor"),
+    "linear factor 0": ({"rope_scaling": {"rope_type": "linear", "factor": 0}}, "factor"),
+    "vocab 10**13": ({"vocab_size": 10**13}, "'vocab_size'"),
+    "layers a list": ({"num_hidden_layers": [2]}, "'num_hidden_layers'"),
+    "tie a string": ({"tie_word_embeddings": "yes"}, "'tie_word_embeddings'"),
+    "architectures a string": ({"architectures": "LlamaForCausalLM"}, "'architectures'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_HF_CONFIGS))
+def test_hf_config_fields_checked(saved_tiny, case):
+    import json
+    change, pattern = BAD_HF_CONFIGS[case]
+    if isinstance(change, dict):
+        _edit_config(saved_tiny, **change)
+    else:
+        (saved_tiny / "config.json").write_text(json.dumps(change))
+    with pytest.raises(ValueError, match=pattern):
+        Transformer.from_pretrained(str(saved_tiny))
+
+
+BAD_WEIGHTS = {
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[:1000]), "truncated"),
+    "empty": (lambda p: p.write_bytes(b""), "empty"),
+    "absurd header length": (lambda p: p.write_bytes((2**62).to_bytes(8, "little") + b"{}"),
+                             "truncated"),
+    "a pickle renamed": (lambda p: torch.save({"x": torch.zeros(1)}, p), "pickle"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_WEIGHTS))
+def test_malformed_weight_file_named(saved_tiny, case):
+    corrupt, why = BAD_WEIGHTS[case]
+    corrupt(saved_tiny / "model.safetensors")
+    with pytest.raises(ValueError, match=rf"model.safetensors in .*tiny is not a valid "
+                                         rf"safetensors file \(.*{why}"):
+        Transformer.from_pretrained(str(saved_tiny))
+
+
+def test_index_pointing_at_pickles_refused(saved_tiny):
+    import json
+    (saved_tiny / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.norm.weight": "pytorch_model.bin"}}))
+    with pytest.raises(ValueError, match="pytorch_model.bin.*never pickles"):
+        Transformer.from_pretrained(str(saved_tiny))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="no named pipes")
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
+def test_non_regular_files_refused(saved_tiny, name):
+    import os
+    (saved_tiny / name).unlink()
+    os.mkfifo(saved_tiny / name)  # opening it for reading would block forever
+    with pytest.raises(ValueError, match="named pipe"):
+        Transformer.from_pretrained(str(saved_tiny))

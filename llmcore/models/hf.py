@@ -21,13 +21,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from llmcore._io import atomic_directory
+from llmcore._io import atomic_directory, check_regular_file
 from llmcore.formats import BFPFormat, get_format
 from llmcore.models.config import MAX_SIZE, TransformerConfig, check_rope_scaling
 from llmcore.ops.bfp import BFPTensor, load_bfp, save_bfp
@@ -68,9 +69,10 @@ def read_hf_config(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"{path} is not a directory (expected a local Hugging Face "
                                 "model directory; nothing is downloaded)")
     cfg_file = path / "config.json"
-    if not cfg_file.is_file():
+    if not cfg_file.exists():
         raise FileNotFoundError(f"{cfg_file} not found: a Hugging Face model directory needs "
                                 "a config.json")
+    check_regular_file(cfg_file, "config")
     d = _read_json(cfg_file)
     if not isinstance(d, dict):
         raise ValueError(f"{cfg_file} must hold a JSON object, got a JSON {type(d).__name__}")
@@ -236,22 +238,32 @@ def config_to_hf(cfg: TransformerConfig, dtype: torch.dtype) -> dict:
 # Weights
 # ---------------------------------------------------------------------------------------
 def _weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a directory, each checked to be a regular file (a named
+    pipe would block the reader forever)."""
     index = path / INDEX_FILE
     single = path / "model.safetensors"
-    if index.is_file():
-        wm = _read_json(index).get("weight_map")
+    if index.exists():
+        check_regular_file(index, "index")
+        d = _read_json(index)
+        wm = d.get("weight_map") if isinstance(d, dict) else None
         if not isinstance(wm, dict) or not wm:
             raise ValueError(f"{index}: field 'weight_map' is missing or empty")
-        files = [path / f for f in sorted(set(wm.values()))]
+        names = sorted(set(map(str, wm.values())))
+        for n in names:
+            if not n.endswith(".safetensors") or Path(n).name != n:
+                raise ValueError(f"{index}: weight_map lists {n!r}; llmcore reads only "
+                                 ".safetensors files beside the index (never pickles)")
+        files = [path / n for n in names]
         for f in files:
-            if not f.is_file():
+            if not f.exists():
                 raise FileNotFoundError(f"{f} (listed in {index.name}) not found")
+            check_regular_file(f, "weight file")
         return files
-    if single.is_file():
-        return [single]
+    if single.exists() or single.is_symlink():
+        return [check_regular_file(single, "weight file")]
     others = sorted(path.glob("*.safetensors"))
     if others:
-        return others
+        return [check_regular_file(f, "weight file") for f in others]
     pickled = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
     if pickled:
         raise ValueError(f"{path} holds only pickled weights ({', '.join(pickled)}); llmcore "
@@ -259,7 +271,58 @@ def _weight_files(path: Path) -> list[Path]:
                          "load with transformers and save_pretrained(..., "
                          "safe_serialization=True)).")
     raise FileNotFoundError(f"no weights in {path}: expected model.safetensors or "
-                            "model.safetensors.index.json")
+                            f"{INDEX_FILE}")
+
+
+def _header_shapes(f: Path) -> dict[str, list[int]]:
+    """Tensor names and shapes of a safetensors file from its header alone (no tensor
+    data is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.fspath(f), framework="pt") as h:
+            return {k: list(h.get_slice(k).get_shape()) for k in h.keys()}
+    except Exception:  # not readable: load_bfp reports the problem with its file name
+        load_bfp(f)
+        raise
+
+
+def _ranges(xs: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    out, xs = [], sorted(xs)
+    i = 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        out.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
+        i = j + 1
+    return ", ".join(out) or "none"
+
+
+def check_shapes_before_loading(cfg: TransformerConfig, shapes: dict, where) -> None:
+    """The checkpoint's tensor names and a few shapes (from the file headers) against the
+    config, before any model is allocated: the layers held must be 0 .. n_layers-1 and the
+    embedding, final norm and layer-0 tensors must have the config's shapes (a config that
+    claims a million layers or a huge vocabulary fails here, in no time)."""
+    names = [n.removeprefix("model.") for n in shapes]
+    held = {int(m.group(1)) for n in names if (m := re.match(r"layers\.(\d+)\.", n))}
+    if held != set(range(cfg.n_layers)):
+        raise ValueError(f"checkpoint {where} does not match its config: num_hidden_layers is "
+                         f"{cfg.n_layers} but the weights hold layers {_ranges(list(held))}")
+    d, hd, f = cfg.dim, cfg.head_dim, cfg.ffn_dim
+    want = {
+        "embed_tokens.weight": [cfg.vocab_size, d], "norm.weight": [d],
+        "layers.0.self_attn.q_proj.weight": [cfg.n_heads * hd, d],
+        "layers.0.self_attn.k_proj.weight": [cfg.n_kv_heads * hd, d],
+        "layers.0.self_attn.o_proj.weight": [d, cfg.n_heads * hd],
+        "layers.0.mlp.gate_proj.weight": [f, d], "layers.0.mlp.down_proj.weight": [d, f],
+    }
+    got = {n.removeprefix("model."): s for n, s in shapes.items()}
+    bad = [f"tensor {n!r} has shape {got[n]}, expected {w}" for n, w in want.items()
+           if n in got and got[n] != w]
+    if bad:
+        raise ValueError(f"checkpoint {where} does not match its config.json: " + "; ".join(bad))
 
 
 def _load_tensors(files: list[Path], device) -> dict:
@@ -309,7 +372,10 @@ def read_checkpoint(path, device=None) -> Checkpoint:
     path = Path(path)
     hf = read_hf_config(path)
     cfg = config_from_hf(hf, str(path / "config.json"))
-    tensors = _load_tensors(_weight_files(path), device)
+    files = _weight_files(path)
+    check_shapes_before_loading(cfg, {n: s for f in files for n, s in _header_shapes(f).items()},
+                                path)
+    tensors = _load_tensors(files, device)
     act = (hf.get("llmcore_quantization") or {}).get("act_format")
     quantized = {k.removesuffix(".weight"): v.format for k, v in tensors.items()
                  if isinstance(v, BFPTensor) and k.endswith(".weight")}

@@ -84,6 +84,9 @@ def _check_cache_pair(q_like: torch.Tensor, kc, vc, ke, ve, block_table, batch: 
                              f"{list(kc.shape)} (pass block_table for a paged cache)")
     else:
         _check_int32("block_table", block_table, "[batch, max_pages]", 2, q_like.device)
+        if kc.shape[1] < 1:
+            raise ValueError(f"a paged cache needs page_size (dim 1 of the cache) >= 1, got "
+                             f"shape {list(kc.shape)}")
         if block_table.shape[0] != batch:
             raise ValueError(f"block_table must have {batch} rows (batch), got "
                              f"{list(block_table.shape)}")
