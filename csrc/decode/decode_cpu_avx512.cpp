@@ -288,7 +288,9 @@ void task(const DecodeArgs& a, const DecodePlan& p, float* ws, int64_t t) {
           _mm512_storeu_ps(o + 16 * cc, _mm512_mul_ps(_mm512_loadu_ps(o + 16 * cc), av));
         m[r] = tmax;
       }
-      const __m512 pv = _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(s, _mm512_set1_ps(m[r]))));
+      // A score of -inf weighs 0 (all -inf: the row sees no key), never exp(-inf + inf).
+      const __mmask16 live = _mm512_mask_cmp_ps_mask(mk, s, neg_inf, _CMP_NEQ_UQ);
+      const __m512 pv = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(s, _mm512_set1_ps(m[r]))));
       l[r] += _mm512_reduce_add_ps(pv);
       _mm512_storeu_ps(S + 16 * r, pv);
     }
