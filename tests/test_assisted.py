@@ -396,3 +396,41 @@ def test_layer_skip_draft(fmt):
     assert torch.equal(got, generate(m, ids, 24))
     with pytest.raises(ValueError, match="n_layers"):
         layer_skip_draft(m, 3)
+
+
+class _BadDrafter:
+    """A drafter breaking the protocol in one way."""
+
+    calls = 0
+
+    def __init__(self, how):
+        self.how = how
+
+    def prefill(self, seqs):
+        pass
+
+    def propose(self, seqs, ks, sampling, generator):
+        b, k = len(seqs), max(ks)
+        toks = torch.zeros(b, k + 3, dtype=torch.int64)
+        if self.how == "too many":
+            return toks, None, [k + 3] * b
+        if self.how == "out of vocab":
+            toks[0, 0] = 10**6
+        if self.how == "negative id":
+            toks[0, 0] = -1
+        if self.how == "float tokens":
+            toks = toks.float()
+        if self.how == "bad q":
+            return toks, torch.zeros(b, k, 7), list(ks)
+        return toks, None, list(ks)
+
+    def commit(self, new_lengths):
+        pass
+
+
+@pytest.mark.parametrize("how", ["too many", "out of vocab", "negative id", "float tokens",
+                                 "bad q"])
+def test_drafter_breaking_the_protocol_is_named(target, how):
+    ids = torch.randint(0, 256, (2, 5))
+    with pytest.raises(ValueError, match="drafter.propose"):
+        assisted_generate(target, _BadDrafter(how), ids, 8, num_draft_tokens=3)

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import KERNEL_DTYPES, randn, run_program
+from helpers import KERNEL_DTYPES, assert_close_nan, randn, run_program
 
 from llmcore import ops
+from llmcore import reference as ref
 
 
 def _good(device, dtype=torch.float32):
@@ -128,3 +129,68 @@ def test_bindings_reject_bad_shapes(device):
     assert p.returncode >= 0, f"binding crashed (signal {-p.returncode}); last output:\n{tail}"
     assert p.returncode == 0, f"bindings accepted or mishandled bad inputs:\n{tail}"
 
+
+
+# ---------------------------------------------------------------------------------------
+# Non-finite values: a NaN a row sees propagates; a masked value never reaches an output
+# (forward and backward, dense and varlen, every CPU kernel path).
+# ---------------------------------------------------------------------------------------
+NAN = float("nan")
+NONFINITE = {
+    # name: (mutate q, k, v in place, causal)
+    "masked v NaN": (lambda q, k, v: v[:, -3:].fill_(NAN), True),
+    "masked v Inf": (lambda q, k, v: v[:, -3:].fill_(float("inf")), True),
+    "masked k NaN": (lambda q, k, v: k[:, -2:, :, 1:3].fill_(NAN), True),
+    "visible k NaN": (lambda q, k, v: k[0, 3, 0, 3:4].fill_(NAN), False),
+    "visible v NaN": (lambda q, k, v: v[1, 0, 1, 0:1].fill_(NAN), True),
+    "NaN query row": (lambda q, k, v: q[0, 4].fill_(NAN), True),
+    "Inf query": (lambda q, k, v: q[1, 2, 0, 5:6].fill_(float("inf")), False),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(NONFINITE))
+def test_nonfinite_rules(case, dtype, cpu_isa):
+    mutate, causal = NONFINITE[case]
+    q, k, v = (randn((2, 70, 2, 24), dtype, "cpu") for _ in range(3))
+    mutate(q, k, v)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out, lse = ops.attention(q, k, v, causal=causal, return_lse=True)
+    ref_out, ref_lse = ref.attention_fwd(q.detach(), k.detach(), v.detach(), causal)
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    assert_close_nan(out, ref_out, tol, f"{case} out")
+    assert_close_nan(lse, ref_lse, 1e-3, f"{case} lse")
+    if case.startswith("masked"):  # rows 0 .. 66 never see the last keys
+        assert torch.isfinite(out[:, :-3]).all()
+    if case in ("visible k NaN", "NaN query row"):
+        row = (0, slice(None), 0) if case == "visible k NaN" else (0, 4)
+        assert out[row].isnan().all()
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = ref.attention_bwd(grad, q.detach(), k.detach(), v.detach(), None, None, causal, None)
+    for name, g, w in zip("qkv", got, want, strict=True):
+        assert_close_nan(g, w, 10 * tol, f"{case} grad_{name}")
+
+
+def test_nonfinite_varlen_stays_in_its_sequence(cpu_isa):
+    """NaN in one packed sequence (and in keys its own causal mask hides) reaches no other."""
+    cu_q = torch.tensor([0, 5, 5, 30], dtype=torch.int32)
+    cu_k = torch.tensor([0, 7, 9, 40], dtype=torch.int32)
+    q, k, v = randn((30, 2, 16), torch.float32, "cpu"), *(randn((40, 1, 16), torch.float32, "cpu")
+                                                         for _ in range(2))
+    v[38:] = NAN  # hidden from every row of sequence 2 but its last ones
+    k[8] = NAN  # sequence 1 has no queries
+    q[2] = NAN  # a NaN query row of sequence 0
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out, lse = ops.attention_varlen(q, k, v, cu_q, cu_k, 25, 31, causal=True, return_lse=True)
+    ref_out, ref_lse = ref.attention_varlen_fwd(q.detach(), k.detach(), v.detach(), cu_q, cu_k,
+                                                25, 31, True)
+    assert_close_nan(out, ref_out, 1e-4, "out")
+    assert_close_nan(lse, ref_lse, 1e-3, "lse")
+    assert out[2].isnan().all() and torch.isfinite(out[torch.arange(30) != 2][:-2]).all()
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = ref.attention_varlen_bwd(grad, q.detach(), k.detach(), v.detach(), None, None, cu_q,
+                                    cu_k, 25, 31, True, None)
+    for name, g, w in zip("qkv", got, want, strict=True):
+        assert_close_nan(g, w, 1e-3, f"grad_{name}")

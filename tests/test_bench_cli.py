@@ -216,3 +216,51 @@ def test_train_suite_quick(corpus, cache, tmp_path, monkeypatch):
     assert parity["steps"] == 3 and math.isfinite(parity["relative_gap"])
     assert json.loads((tmp_path / common.device_slug(torch.device("cpu")) / "train.json")
                       .read_text())["rows"]
+
+
+def _cli_error(argv, capsys) -> str:
+    """Run the CLI in-process; an expected user error is one stderr line and status 2."""
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:  # argparse
+        rc = e.code
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    from llmcore.models import Transformer, TransformerConfig
+
+    path = tmp_path / "m"
+    Transformer(TransformerConfig.from_name("tiny")).save_pretrained(str(path))
+    return path
+
+
+def test_cli_user_errors_are_one_line(tiny_dir, capsys, monkeypatch):
+    monkeypatch.delenv("LLMCORE_TRACEBACK", raising=False)
+    gen = ["generate", "--model", str(tiny_dir), "--prompt", "hi", "--max-new-tokens", "2"]
+    cfg = json.loads((tiny_dir / "config.json").read_text())
+    (tiny_dir / "config.json").write_text(json.dumps([cfg]))
+    assert "JSON object" in _cli_error(gen, capsys)
+    (tiny_dir / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": 0}))
+    assert "num_attention_heads" in _cli_error(gen, capsys)
+    (tiny_dir / "config.json").write_text(json.dumps(cfg))
+    (tiny_dir / "model.safetensors").write_bytes(b"")
+    assert "not a valid safetensors file" in _cli_error(gen, capsys)
+    assert "--threads" in _cli_error(["bench", "--threads", "-1", "--no-save"], capsys)
+    assert "--top-p" in _cli_error(gen + ["--top-p", "2"], capsys)
+    if not torch.cuda.is_available():
+        assert "cuda" in _cli_error(gen + ["--device", "cuda"], capsys)
+
+
+def test_cli_bug_prints_traceback_and_hint(monkeypatch, capsys):
+    from llmcore.cli import info
+
+    monkeypatch.delenv("LLMCORE_TRACEBACK", raising=False)
+    monkeypatch.setattr(info, "run", lambda args: [][1])  # an IndexError: a bug
+    assert cli.main(["info"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "IndexError" in err and "please report it" in err

@@ -356,3 +356,55 @@ def test_device_mismatch():
                      torch.float32)
     with pytest.raises(ERR, match="bias"):
         lib.bfp_gemm(a.mantissa, a.exponent, m, e, 8, 8, 32, 64, randn((5,)), torch.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# load_bfp: files that are not what they claim, named with the problem
+# ---------------------------------------------------------------------------------------
+def _tamper(src, dst, bfp_meta: str):
+    import json as _json
+    data = src.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = _json.loads(data[8:8 + n])
+    header["__metadata__"] = {**header["__metadata__"], "llmcore.bfp": bfp_meta}
+    raw = _json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    dst.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+
+
+BAD_FILES = {
+    "empty": (lambda src, dst: dst.write_bytes(b""), "is empty"),
+    "truncated": (lambda src, dst: dst.write_bytes(src.read_bytes()[:100]), "truncated"),
+    "absurd header": (lambda src, dst: dst.write_bytes((10**15).to_bytes(8, "little") + b"{}"),
+                      "truncated"),
+    "a pickle": (lambda src, dst: torch.save({"w": torch.zeros(2)}, dst), "pickle"),
+    "metadata not JSON": (lambda src, dst: _tamper(src, dst, "{oops"), "llmcore.bfp.*JSON"),
+    "metadata a list": (lambda src, dst: _tamper(src, dst, "[1]"), "llmcore.bfp"),
+    "metadata missing keys": (lambda src, dst: _tamper(src, dst, '{"w": {"format": "mxint8"}}'),
+                              "BFP tensor 'w'.*mantissa_bits"),
+    "metadata names no tensor": (lambda src, dst: _tamper(src, dst, '{"z": {}}'),
+                                 "'z'.*z.mantissa"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_load_bfp_bad_files(case, tmp_path):
+    src = tmp_path / "good.safetensors"
+    ops.save_bfp({"a": torch.randn(4, 8), "w": ops.bfp_quantize(torch.randn(4, 64))}, src)
+    dst = tmp_path / "bad.safetensors"
+    make, pattern = BAD_FILES[case]
+    make(src, dst)
+    with pytest.raises(ValueError, match=rf"bad.safetensors.*{pattern}"):
+        ops.load_bfp(dst)
+
+
+def test_load_bfp_not_a_regular_file(tmp_path):
+    import os
+    with pytest.raises(ValueError, match="is a directory"):
+        ops.load_bfp(tmp_path)
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        ops.load_bfp(tmp_path / "missing.safetensors")
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "pipe.safetensors")
+        with pytest.raises(ValueError, match="named pipe"):  # would block forever if opened
+            ops.load_bfp(tmp_path / "pipe.safetensors")

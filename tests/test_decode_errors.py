@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from helpers import KERNEL_DTYPES, randn, run_program
+from helpers import KERNEL_DTYPES, assert_close_nan, randn, run_program
 from helpers.decode import (
     as_bfp,
     bits,
@@ -171,3 +171,52 @@ def test_unvalidated_inputs_stay_in_bounds(device):
                             f"cache intact {r['guards_intact']}")
     assert not problems, "\n".join(problems)
 
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), float("-inf")])
+def test_decode_bad_softmax_scale(scale, device):
+    q, kc, vc, seqlens = _bad_base(device)
+    with pytest.raises(ValueError, match="softmax_scale"):
+        ops.decode_attention(q, kc, vc, seqlens, softmax_scale=scale)
+
+
+NAN = float("nan")
+DECODE_NONFINITE = {
+    # garbage past cache_seqlens (and on a sequence of length 0) never reaches an output
+    "beyond length": lambda q, kc, vc: (kc[:, 40:].fill_(NAN), vc[:, 40:].fill_(NAN),
+                                        vc[0].fill_(float("inf"))),
+    # the last new token's value is hidden from the earlier new tokens
+    "hidden new token": lambda q, kc, vc: vc[1, 39].fill_(NAN),
+    "visible NaN": lambda q, kc, vc: vc[1, 7, 1, 3:4].fill_(NAN),
+    "NaN query": lambda q, kc, vc: q[1, 0, 2].fill_(NAN),
+}
+
+
+@pytest.mark.parametrize("q_len", [1, 4])
+@pytest.mark.parametrize("case", list(DECODE_NONFINITE))
+def test_decode_nonfinite_rules(case, q_len, isa, device):
+    """The attention rule: a NaN a row sees propagates, a masked value (past the length,
+    or a later new token) never reaches an output; both CPU paths and the reference agree."""
+    if device.type != "cpu":
+        pytest.skip("the CPU kernels (CUDA: see docs/ops.md)")
+    b, cap, hkv, h, d = 3, 48, 2, 4, 32
+    q = randn((b, q_len, h, d), torch.float32, device)
+    kc, vc = (randn((b, cap, hkv, d), torch.float32, device) for _ in range(2))
+    DECODE_NONFINITE[case](q, kc, vc)
+    seqlens = torch.tensor([0, 40, 17], dtype=torch.int32, device=device)
+    out, lse = ops.decode_attention(q, kc, vc, seqlens, return_lse=True)
+    want_out, want_lse = ref.decode_attention(q, kc, vc, seqlens, d ** -0.5)
+    assert_close_nan(out, want_out, 1e-4, f"{case} out")
+    assert_close_nan(lse, want_lse, 1e-4, f"{case} lse")
+    if case in ("beyond length", "hidden new token"):
+        assert torch.isfinite(out[:, :-1]).all()
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_paged_cache_page_size_zero(validate):
+    q = torch.randn(1, 1, 2, 16)
+    kc = torch.randn(4, 0, 2, 16)
+    bt = torch.zeros(1, 3, dtype=torch.int32)
+    with pytest.raises(ValueError, match="page_size"):
+        ops.decode_attention(q, kc, kc, torch.tensor([0], dtype=torch.int32), block_table=bt,
+                             validate=validate)

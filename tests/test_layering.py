@@ -11,7 +11,7 @@ PKG = Path(__file__).resolve().parents[1] / "llmcore"
 
 # Lower numbers are lower layers; a module may import its own layer and lower ones.
 LAYERS = {
-    "_C": 0, "_ext": 0, "formats": 0, "reference": 0,
+    "_C": 0, "_ext": 0, "_io": 0, "formats": 0, "reference": 0,
     "ops": 1,
     "nn": 2,
     "models": 3, "tokenizer": 3, "data": 3,

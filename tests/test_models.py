@@ -233,3 +233,188 @@ def test_truncated_and_quantized_share_what_they_can():
         m.truncated(3)
     with pytest.raises(ValueError, match="already quantised"):
         q.quantized()
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input at the door: configs, token ids, cache layers
+# ---------------------------------------------------------------------------------------
+_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+BAD_CONFIGS = {
+    "norm_eps NaN": ({"norm_eps": float("nan")}, "norm_eps"),
+    "norm_eps negative": ({"norm_eps": -1e-5}, "norm_eps"),
+    "rope_theta 0": ({"rope_theta": 0.0}, "rope_theta"),
+    "rope_theta inf": ({"rope_theta": float("inf")}, "rope_theta"),
+    "linear factor 0": ({"rope_scaling": {"rope_type": "linear", "factor": 0}}, "factor"),
+    "llama3 without fields": ({"rope_scaling": {"rope_type": "llama3"}}, "llama3.*factor"),
+    "llama3 high <= low": ({"rope_scaling": {**_LLAMA3, "high_freq_factor": 1.0}},
+                           "high_freq_factor"),
+    "rope_scaling a list": ({"rope_scaling": [1, 2]}, "rope_scaling"),
+    "heads 0": ({"n_heads": 0}, "n_heads"),
+    "kv heads negative": ({"n_kv_heads": -2}, "n_kv_heads"),
+    "head_dim negative": ({"head_dim": -4}, "head_dim"),
+    "head_dim odd": ({"head_dim": 7}, "head_dim"),
+    "vocab 10**13": ({"vocab_size": 10**13}, "vocab_size"),
+    "layers a float": ({"n_layers": 2.5}, "n_layers"),
+    "dim a bool": ({"dim": True}, "dim"),
+    "tie a string": ({"tie_embeddings": "yes"}, "tie_embeddings"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_config_rejects_bad_fields(case):
+    fields, name = BAD_CONFIGS[case]
+    with pytest.raises(ValueError, match=name):
+        TransformerConfig(**{"dim": 64, "n_heads": 4, **fields})
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, "float32"])
+def test_model_rejects_non_float_dtype(dtype):
+    with pytest.raises(ValueError, match="dtype"):
+        Transformer(TransformerConfig.from_name("tiny"), dtype=dtype)
+
+
+@pytest.mark.parametrize("bad", [256, -1, 10**6])
+def test_bad_token_id_leaves_the_cache_as_it_was(bad):
+    """The id is checked before the cache is touched; the message names it and the
+    vocabulary; the next valid step works and gives the same logits as a fresh cache."""
+    m = Transformer(TransformerConfig.from_name("tiny"))
+    ids = torch.randint(0, 256, (2, 6))
+    with pytest.raises(ValueError, match=rf"{bad}.*vocabulary \[0, 256\)"):
+        m(torch.tensor([[1, bad]]))
+    c = m.new_cache(2, 16, page_size=4)
+    m(ids[:, :4], cache=c)
+    bad_ids = ids[:, 4:].clone()
+    bad_ids[1, 1] = bad
+    with pytest.raises(ValueError, match=rf"input_ids\[1, 1\] = {bad}"):
+        m(bad_ids, cache=c)
+    assert c.lengths == [4, 4] and c.seqlens.tolist() == [4, 4]
+    out = m(ids[:, 4:], cache=c)
+    fresh = m.new_cache(2, 16, page_size=4)
+    m(ids[:, :4], cache=fresh)
+    torch.testing.assert_close(out, m(ids[:, 4:], cache=fresh))
+
+
+def test_kv_cache_layer_index_checked():
+    m = Transformer(TransformerConfig.from_name("tiny"))
+    c = m.new_cache(1, 8)
+    c.prepare(1)
+    q = torch.randn(1, 1, 4, 16)
+    k = torch.randn(1, 1, 2, 16)
+    for layer in (-1, 2, True, 1.0):
+        with pytest.raises(ValueError, match="layer"):
+            c.attend(layer, q)
+        with pytest.raises(ValueError, match="layer"):
+            c.append(layer, k, k)
+
+
+def test_save_pretrained_is_atomic_across_files(tmp_path):
+    """A config JSON cannot encode fails before anything is written: the old config,
+    weights and the files beside them stay byte for byte, and no temporary is left."""
+    path = tmp_path / "model"
+    Transformer(TransformerConfig.from_name("tiny")).save_pretrained(str(path))
+    (path / "tokenizer.json").write_text("{}")
+    before = {f.name: f.read_bytes() for f in path.iterdir()}
+    bad = Transformer(TransformerConfig.from_name("tiny", n_layers=1, extra={"x": {1, 2}}))
+    with pytest.raises(ValueError, match="config.json.*JSON cannot encode"):
+        bad.save_pretrained(str(path))
+    assert {f.name: f.read_bytes() for f in path.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    # a good save replaces config and weights together and keeps the tokenizer
+    Transformer(TransformerConfig.from_name("tiny", n_layers=1)).save_pretrained(str(path))
+    assert Transformer.from_pretrained(str(path)).config.n_layers == 1
+    assert (path / "tokenizer.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoint directories checked at the door
+# ---------------------------------------------------------------------------------------
+@pytest.fixture
+def saved_tiny(tmp_path):
+    path = tmp_path / "tiny"
+    Transformer(TransformerConfig.from_name("tiny")).save_pretrained(str(path))
+    return path
+
+
+def _edit_config(path, **fields):
+    import json
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(fields)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_from_pretrained_checks_layers_before_allocating(saved_tiny):
+    import time
+    _edit_config(saved_tiny, num_hidden_layers=1_000_000)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="num_hidden_layers is 1000000.*layers 0-1"):
+        Transformer.from_pretrained(str(saved_tiny))
+    assert time.perf_counter() - t0 < 5
+    _edit_config(saved_tiny, num_hidden_layers=2, vocab_size=2**30)
+    with pytest.raises(ValueError, match=r"embed_tokens.weight' has shape \[256, 64\]"):
+        Transformer.from_pretrained(str(saved_tiny))
+
+
+BAD_HF_CONFIGS = {
+    "a JSON list": ([1, 2], "JSON object"),
+    "heads 0": ({"num_attention_heads": 0}, "'num_attention_heads'"),
+    "eps negative": ({"rms_norm_eps": -1e-6}, "'rms_norm_eps'"),
+    "eps a string": ({"rms_norm_eps": "small"}, "'rms_norm_eps'"),
+    "rope_theta 0": ({"rope_theta": 0}, "'rope_theta'"),
+    "llama3 without fields": ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+                              "low_freq_factor"),
+    "linear factor 0": ({"rope_scaling": {"rope_type": "linear", "factor": 0}}, "factor"),
+    "vocab 10**13": ({"vocab_size": 10**13}, "'vocab_size'"),
+    "layers a list": ({"num_hidden_layers": [2]}, "'num_hidden_layers'"),
+    "tie a string": ({"tie_word_embeddings": "yes"}, "'tie_word_embeddings'"),
+    "architectures a string": ({"architectures": "LlamaForCausalLM"}, "'architectures'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_HF_CONFIGS))
+def test_hf_config_fields_checked(saved_tiny, case):
+    import json
+    change, pattern = BAD_HF_CONFIGS[case]
+    if isinstance(change, dict):
+        _edit_config(saved_tiny, **change)
+    else:
+        (saved_tiny / "config.json").write_text(json.dumps(change))
+    with pytest.raises(ValueError, match=pattern):
+        Transformer.from_pretrained(str(saved_tiny))
+
+
+BAD_WEIGHTS = {
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[:1000]), "truncated"),
+    "empty": (lambda p: p.write_bytes(b""), "empty"),
+    "absurd header length": (lambda p: p.write_bytes((2**62).to_bytes(8, "little") + b"{}"),
+                             "truncated"),
+    "a pickle renamed": (lambda p: torch.save({"x": torch.zeros(1)}, p), "pickle"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_WEIGHTS))
+def test_malformed_weight_file_named(saved_tiny, case):
+    corrupt, why = BAD_WEIGHTS[case]
+    corrupt(saved_tiny / "model.safetensors")
+    with pytest.raises(ValueError, match=rf"model.safetensors in .*tiny is not a valid "
+                                         rf"safetensors file \(.*{why}"):
+        Transformer.from_pretrained(str(saved_tiny))
+
+
+def test_index_pointing_at_pickles_refused(saved_tiny):
+    import json
+    (saved_tiny / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.norm.weight": "pytorch_model.bin"}}))
+    with pytest.raises(ValueError, match="pytorch_model.bin.*never pickles"):
+        Transformer.from_pretrained(str(saved_tiny))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="no named pipes")
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
+def test_non_regular_files_refused(saved_tiny, name):
+    import os
+    (saved_tiny / name).unlink()
+    os.mkfifo(saved_tiny / name)  # opening it for reading would block forever
+    with pytest.raises(ValueError, match="named pipe"):
+        Transformer.from_pretrained(str(saved_tiny))

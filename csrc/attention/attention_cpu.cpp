@@ -85,10 +85,13 @@ int64_t visible_keys(const Problem& p, const Seq& s, int64_t i) {
 }
 
 // P = exp(S - lse) on the keys row r sees (zero elsewhere), and with dp given,
-// dS = P * (dP - delta) into dp. Rows are of width kBlockK; keys j0 .. j0 + nk.
-void probs_and_dscores(const Kernels& kn, const Problem& p, const Seq& s, int64_t i0,
+// dS = P * (dP - delta) into dp, also zero where hidden (dP of a hidden key may be NaN from a
+// masked value). Rows are of width kBlockK; keys j0 .. j0 + nk. Returns whether any entry
+// was hidden (the tile's products must then skip zeros).
+bool probs_and_dscores(const Kernels& kn, const Problem& p, const Seq& s, int64_t i0,
                        int64_t rows, int64_t j0, int64_t nk, const float* lse,
                        const float* delta, float* sp, float* dp) {
+  bool hidden = false;
   for (int64_t r = 0; r < rows; ++r) {
     float* pr = sp + r * kBlockK;
     const int64_t lim = std::min<int64_t>(nk, visible_keys(p, s, i0 + r) - j0);
@@ -98,13 +101,16 @@ void probs_and_dscores(const Kernels& kn, const Problem& p, const Seq& s, int64_
       kn.exp_row(pr, lim, lr, pr);
       j = lim;
     }
+    hidden |= j < nk;
     for (int64_t x = j; x < nk; ++x) pr[x] = 0.0f;
     if (dp) {
       float* dr = dp + r * kBlockK;
       const float dl = delta[r];
-      for (int64_t x = 0; x < nk; ++x) dr[x] = pr[x] * (dr[x] - dl);
+      for (int64_t x = 0; x < j; ++x) dr[x] = pr[x] * (dr[x] - dl);
+      for (int64_t x = j; x < nk; ++x) dr[x] = 0.0f;
     }
   }
+  return hidden;
 }
 
 }  // namespace
@@ -176,15 +182,17 @@ void attention_fwd(const Problem& p, View out, float* lse, int64_t item_begin, i
       // Key j0 + j is hidden from query i0 + i when i < j0 - i0 - (lk - lq) + j.
       const int64_t cut = p.causal ? j0 - i0 - (s.lk - s.lq) : -(int64_t{1} << 40);
       kn.softmax_t(st, kBlockQ, nk, rows, cut, mrow, lrow, alpha);
+      // Some (query, key) of the tile is hidden when i < cut + j for i = 0, j = nk - 1.
+      const bool hidden = cut + nk - 1 > 0;
       for (int64_t r = 0; r < rows; ++r) {
         if (alpha[r] == 1.0f) continue;
         float* orow = ot + r * Dp;
         for (int64_t d = 0; d < Dp; ++d) orow[d] *= alpha[r];
       }
-      kn.axpy_tile(st, 1, kBlockQ, rows, nk, va, ldv, Dp, ot, Dp);
+      kn.axpy_tile(st, 1, kBlockQ, rows, nk, va, ldv, Dp, ot, Dp, hidden);
     }
     for (int64_t r = 0; r < rows; ++r) {
-      const bool any = lrow[r] > 0.0f;
+      const bool any = lrow[r] != 0.0f;  // l is NaN when the row saw a NaN: it propagates
       store_row(ot + r * Dp, D, any ? 1.0f / lrow[r] : 0.0f,
                 row_ptr(out, p.dtype, it.b, s.q0 + i0 + r, it.h), p.dtype);
       lse[lse_index(p, it.b, it.h, s.q0 + i0 + r)] = any ? mrow[r] + logf(lrow[r]) : kNegInf;
@@ -270,20 +278,20 @@ void kv_pass(const Problem& p, const Backward& g, int64_t item_begin, int64_t it
         }
         kn.dot_tile(qt, Dp, rows, D, kt, kBlockK, kBlockK, st, kBlockK);
         kn.dot_tile(dot, Dp, rows, D, vt, kBlockK, kBlockK, dpt, kBlockK);
-        probs_and_dscores(kn, p, s, i0, rows, j0, nk, lr, dl, st, dpt);
+        const bool hidden = probs_and_dscores(kn, p, s, i0, rows, j0, nk, lr, dl, st, dpt);
         // Blocked sums (a partial per query block) keep the fp32 rounding error near that of
         // a blocked GEMM instead of growing with seq_q * group.
         std::fill(dk_part, dk_part + nk * Dp, 0.0f);
         std::fill(dv_part, dv_part + nk * Dp, 0.0f);
-        kn.axpy_tile(st, 1, kBlockK, nk, rows, dot, Dp, Dp, dv_part, Dp);   // P^T dO
-        kn.axpy_tile(dpt, 1, kBlockK, nk, rows, qt, Dp, Dp, dk_part, Dp);   // dS^T (scale Q)
+        kn.axpy_tile(st, 1, kBlockK, nk, rows, dot, Dp, Dp, dv_part, Dp, hidden);  // P^T dO
+        kn.axpy_tile(dpt, 1, kBlockK, nk, rows, qt, Dp, Dp, dk_part, Dp, hidden);  // dS^T sQ
         for (int64_t x = 0; x < nk * Dp; ++x) {
           dk[x] += dk_part[x];
           dv[x] += dv_part[x];
         }
         if (fused) {
           std::fill(dq_part, dq_part + rows * Dp, 0.0f);
-          kn.axpy_tile(dpt, kBlockK, 1, rows, nk, kr, Dp, Dp, dq_part, Dp);  // dS K
+          kn.axpy_tile(dpt, kBlockK, 1, rows, nk, kr, Dp, Dp, dq_part, Dp, hidden);  // dS K
           float* dq = dq_acc.data() + ((h - hk * group) * s.lq + i0) * Dp;
           for (int64_t x = 0; x < rows * Dp; ++x) dq[x] += dq_part[x];
         }
@@ -360,9 +368,9 @@ void attention_bwd_q(const Problem& p, const Backward& g, int64_t item_begin, in
       kn.load_rows(kp, p.dtype, p.k.row_stride, nk, D, 1.0f, kr, Dp);
       kn.dot_tile(qt, Dp, rows, D, kt, kBlockK, kBlockK, st, kBlockK);
       kn.dot_tile(dot, Dp, rows, D, vt, kBlockK, kBlockK, dpt, kBlockK);
-      probs_and_dscores(kn, p, s, i0, rows, j0, nk, lr, dl, st, dpt);
+      const bool hidden = probs_and_dscores(kn, p, s, i0, rows, j0, nk, lr, dl, st, dpt);
       std::fill(dq_part, dq_part + rows * Dp, 0.0f);
-      kn.axpy_tile(dpt, kBlockK, 1, rows, nk, kr, Dp, Dp, dq_part, Dp);  // dS K
+      kn.axpy_tile(dpt, kBlockK, 1, rows, nk, kr, Dp, Dp, dq_part, Dp, hidden);  // dS K
       for (int64_t x = 0; x < rows * Dp; ++x) dq[x] += dq_part[x];
     }
     for (int64_t r = 0; r < rows; ++r)

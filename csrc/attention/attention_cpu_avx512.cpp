@@ -80,7 +80,10 @@ void dot_tile(const float* a, int64_t lda, int64_t m, int64_t kdim, const float*
   }
 }
 
-template <int R, int NV>
+// Skip: a term whose a is exactly 0 leaves C as it was (a masked-out probability never
+// multiplies a masked-out value: 0 * NaN is NaN). One compare per broadcast, so only the
+// tiles with masked entries pay it.
+template <int R, int NV, bool Skip>
 void axpy_block(const float* a, int64_t a_rs, int64_t a_cs, int64_t k, const float* b,
                 int64_t ldb, float* c, int64_t ldc) {
   __m512 acc[R][NV];
@@ -91,7 +94,12 @@ void axpy_block(const float* a, int64_t a_rs, int64_t a_cs, int64_t k, const flo
     for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + j * ldb + 16 * v);
     for (int r = 0; r < R; ++r) {
       const __m512 x = _mm512_set1_ps(a[r * a_rs + j * a_cs]);
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(x, bv[v], acc[r][v]);
+      if constexpr (Skip) {
+        const __mmask16 nz = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_mask3_fmadd_ps(x, bv[v], acc[r][v], nz);
+      } else {
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(x, bv[v], acc[r][v]);
+      }
     }
   }
   for (int r = 0; r < R; ++r)
@@ -100,35 +108,39 @@ void axpy_block(const float* a, int64_t a_rs, int64_t a_cs, int64_t k, const flo
 
 using AxpyFn = void (*)(const float*, int64_t, int64_t, int64_t, const float*, int64_t, float*,
                         int64_t);
-template <int R>
+template <int R, bool Skip>
 constexpr AxpyFn axpy_fn(int nv) {
-  return nv == 1 ? axpy_block<R, 1> : nv == 2 ? axpy_block<R, 2>
-                                    : nv == 3 ? axpy_block<R, 3> : axpy_block<R, 4>;
+  return nv == 1 ? axpy_block<R, 1, Skip> : nv == 2 ? axpy_block<R, 2, Skip>
+                                          : nv == 3 ? axpy_block<R, 3, Skip>
+                                                    : axpy_block<R, 4, Skip>;
 }
+template <bool Skip>
 AxpyFn axpy_block_fn(int64_t rows, int nv) {
   switch (rows) {
-    case 1: return axpy_fn<1>(nv);
-    case 2: return axpy_fn<2>(nv);
-    case 3: return axpy_fn<3>(nv);
-    case 4: return axpy_fn<4>(nv);
-    case 5: return axpy_fn<5>(nv);
-    default: return axpy_fn<6>(nv);
+    case 1: return axpy_fn<1, Skip>(nv);
+    case 2: return axpy_fn<2, Skip>(nv);
+    case 3: return axpy_fn<3, Skip>(nv);
+    case 4: return axpy_fn<4, Skip>(nv);
+    case 5: return axpy_fn<5, Skip>(nv);
+    default: return axpy_fn<6, Skip>(nv);
   }
 }
 
 void axpy_tile(const float* a, int64_t a_rs, int64_t a_cs, int64_t m, int64_t k, const float* b,
-               int64_t ldb, int64_t n, float* c, int64_t ldc) {
+               int64_t ldb, int64_t n, float* c, int64_t ldc, bool skip_zeros) {
   for (int64_t x = 0; x < n; x += 64) {
     const int nv = static_cast<int>(std::min<int64_t>(4, (n - x) / 16));
     for (int64_t i = 0; i < m; i += kRows) {
       const int64_t rows = std::min<int64_t>(kRows, m - i);
-      axpy_block_fn(rows, nv)(a + i * a_rs, a_rs, a_cs, k, b + x, ldb, c + i * ldc + x, ldc);
+      const AxpyFn fn = skip_zeros ? axpy_block_fn<true>(rows, nv) : axpy_block_fn<false>(rows, nv);
+      fn(a + i * a_rs, a_rs, a_cs, k, b + x, ldb, c + i * ldc + x, ldc);
     }
   }
 }
 
+// NaN stays NaN: max/min return their second operand when either is NaN.
 inline __m512 exp512(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.336544f)), _mm512_set1_ps(88.3762626f));
+  x = _mm512_min_ps(_mm512_set1_ps(88.3762626f), _mm512_max_ps(_mm512_set1_ps(-87.336544f), x));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -178,10 +190,18 @@ void softmax_t(float* st, int64_t ld, int64_t nk, int64_t nq, int64_t cut, float
     };
     const __m512 mold = _mm512_maskz_loadu_ps(live, m + c);
     __m512 mx = mold;
-    for (int64_t j = 0; j < nk; ++j)
-      mx = _mm512_mask_max_ps(mx, visible(j), mx, _mm512_loadu_ps(st + j * ld + c));
-    // Lanes that see nothing yet keep m = -inf, alpha = 1 and get p = 0.
-    const __mmask16 any = _mm512_cmp_ps_mask(mx, ninf, _CMP_NEQ_OQ);
+    // vmaxps drops a NaN in its first operand: track the lanes that saw one (or had m NaN).
+    __mmask16 nan = _mm512_cmp_ps_mask(mold, mold, _CMP_UNORD_Q);
+    for (int64_t j = 0; j < nk; ++j) {
+      const __mmask16 vis = visible(j);
+      const __m512 s = _mm512_loadu_ps(st + j * ld + c);
+      nan |= _mm512_mask_cmp_ps_mask(vis, s, s, _CMP_UNORD_Q);
+      mx = _mm512_mask_max_ps(mx, vis, mx, s);
+    }
+    mx = _mm512_mask_mov_ps(mx, nan, _mm512_set1_ps(NAN));
+    // Lanes that see nothing yet keep m = -inf, alpha = 1 and get p = 0; NaN lanes go on
+    // with NaN.
+    const __mmask16 any = _mm512_cmp_ps_mask(mx, ninf, _CMP_NEQ_UQ);
     const __m512 msafe = _mm512_mask_mov_ps(_mm512_setzero_ps(), any, mx);
     const __m512 a = _mm512_mask_mov_ps(_mm512_set1_ps(1.0f), any, exp512(_mm512_sub_ps(mold, msafe)));
     __m512 sum = _mm512_setzero_ps();

@@ -28,12 +28,12 @@ void dot_tile(const float* a, int64_t lda, int64_t m, int64_t kdim, const float*
 }
 
 void axpy_tile(const float* a, int64_t a_rs, int64_t a_cs, int64_t m, int64_t k, const float* b,
-               int64_t ldb, int64_t n, float* c, int64_t ldc) {
+               int64_t ldb, int64_t n, float* c, int64_t ldc, bool skip_zeros) {
   for (int64_t i = 0; i < m; ++i) {
     float* cr = c + i * ldc;
     for (int64_t j = 0; j < k; ++j) {
       const float x = a[i * a_rs + j * a_cs];
-      if (x == 0.0f) continue;  // masked probabilities: common on the causal diagonal
+      if (skip_zeros && x == 0.0f) continue;  // masked: never 0 * (a masked NaN)
       const float* br = b + j * ldb;
       for (int64_t t = 0; t < n; ++t) cr[t] += x * br[t];
     }
@@ -61,7 +61,10 @@ void softmax_t(float* st, int64_t ld, int64_t nk, int64_t nq, int64_t cut, float
     // Key j is visible to query i when j <= i - cut.
     const int64_t vis = std::min<int64_t>(nk, std::max<int64_t>(0, i - cut + 1));
     float mx = m[i];
-    for (int64_t j = 0; j < vis; ++j) mx = std::max(mx, st[j * ld + i]);
+    for (int64_t j = 0; j < vis; ++j) {
+      const float s = st[j * ld + i];
+      mx = (s != s || mx != mx) ? NAN : std::max(mx, s);  // a visible NaN propagates
+    }
     if (mx == -INFINITY) {  // nothing visible yet
       alpha[i] = 1.0f;
       for (int64_t j = 0; j < nk; ++j) st[j * ld + i] = 0.0f;

@@ -181,9 +181,10 @@ flash_fwd_kernel(const FwdParams p) {
   float inv[2], lse[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
+    // l is NaN when the row saw a NaN score: out and lse are NaN then, as on the CPU.
     const float l = quad_sum(row_sum[i]);
-    inv[i] = l > 0.0f ? 1.0f / l : 0.0f;
-    lse[i] = l > 0.0f ? (row_max[i] + log2f(l)) * kLn2 : -kInf;
+    inv[i] = l != 0.0f ? 1.0f / l : 0.0f;
+    lse[i] = l != 0.0f ? (row_max[i] + log2f(l)) * kLn2 : -kInf;
   }
 
   // Stage the warp's 16 output rows in its own Q rows (only this warp reads them), then

@@ -121,7 +121,9 @@ void decode_task_scalar(const DecodeArgs& a, const DecodePlan& p, float* ws, int
         l[r] *= alpha;
         m[r] = s;
       }
-      const float w = expf(s - m[r]);
+      // A score of -inf weighs 0 (a row whose scores are all -inf sees no key, as in
+      // attention), never exp(-inf - -inf) = NaN.
+      const float w = s == -INFINITY ? 0.0f : expf(s - m[r]);
       l[r] += w;
       for (int64_t i = 0; i < D; ++i) o[i] += w * vrow[i];
     }

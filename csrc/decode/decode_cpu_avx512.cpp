@@ -149,8 +149,10 @@ inline void scores(const float* q, int64_t d16, const float* const* kp, int64_t 
     _mm512_storeu_ps(S + 16 * rr, combine4(u[rr][0], u[rr][1], u[rr][2], u[rr][3]));
 }
 
-// O[rr] += sum_i P[rr][i] * v[i] for RB query rows (stride d16), tile rows i < n.
-template <int RB>
+// O[rr] += sum_i P[rr][i] * v[i] for RB query rows (stride d16), tile rows i < n. Skip:
+// terms with P exactly 0 are left out, so a key hidden from a row (a later new token) never
+// brings its NaN into that row (0 * NaN is NaN).
+template <int RB, bool Skip>
 inline void accumulate_pv(const float* P, const float* const* vp, int64_t n, float* O,
                           int64_t d16) {
   const int64_t nd = d16 / 16;
@@ -159,8 +161,14 @@ inline void accumulate_pv(const float* P, const float* const* vp, int64_t n, flo
     for (int rr = 0; rr < RB; ++rr) o[rr] = _mm512_loadu_ps(O + rr * d16 + 16 * c);
     for (int64_t i = 0; i < n; ++i) {
       const __m512 v = _mm512_loadu_ps(vp[i] + 16 * c);
-      for (int rr = 0; rr < RB; ++rr)
-        o[rr] = _mm512_fmadd_ps(_mm512_set1_ps(P[16 * rr + i]), v, o[rr]);
+      for (int rr = 0; rr < RB; ++rr) {
+        const __m512 x = _mm512_set1_ps(P[16 * rr + i]);
+        if constexpr (Skip)
+          o[rr] = _mm512_mask3_fmadd_ps(
+              x, v, o[rr], _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_NEQ_UQ));
+        else
+          o[rr] = _mm512_fmadd_ps(x, v, o[rr]);
+      }
     }
     for (int rr = 0; rr < RB; ++rr) _mm512_storeu_ps(O + rr * d16 + 16 * c, o[rr]);
   }
@@ -178,12 +186,13 @@ void scores_rows(const float* q, int64_t R, int64_t d16, const float* const* kp,
   }
 }
 
+template <bool Skip>
 void pv_rows(const float* P, int64_t R, const float* const* vp, int64_t n, float* O,
              int64_t d16) {
   int64_t r = 0;
-  for (; r + 8 <= R; r += 8) accumulate_pv<8>(P + 16 * r, vp, n, O + r * d16, d16);
-  for (; r + 4 <= R; r += 4) accumulate_pv<4>(P + 16 * r, vp, n, O + r * d16, d16);
-  for (; r < R; ++r) accumulate_pv<1>(P + 16 * r, vp, n, O + r * d16, d16);
+  for (; r + 8 <= R; r += 8) accumulate_pv<8, Skip>(P + 16 * r, vp, n, O + r * d16, d16);
+  for (; r + 4 <= R; r += 4) accumulate_pv<4, Skip>(P + 16 * r, vp, n, O + r * d16, d16);
+  for (; r < R; ++r) accumulate_pv<1, Skip>(P + 16 * r, vp, n, O + r * d16, d16);
 }
 
 template <DType CT>
@@ -258,10 +267,12 @@ void task(const DecodeArgs& a, const DecodePlan& p, float* ws, int64_t t) {
     }
     if (!valid) continue;
     scores_rows(q, R, d16, kp, n, S);
+    bool hidden = false;  // some valid row of the tile hidden from some query row
     for (int64_t r = 0; r < R; ++r) {
       const int64_t see = lim[static_cast<size_t>(r)] - j;
       const uint32_t causal = see >= kTile ? 0xffffu : (see <= 0 ? 0u : (1u << see) - 1u);
       const __mmask16 mk = static_cast<__mmask16>(valid & causal);
+      hidden |= mk != valid;
       if (!mk) {
         _mm512_storeu_ps(S + 16 * r, _mm512_setzero_ps());
         continue;
@@ -277,11 +288,16 @@ void task(const DecodeArgs& a, const DecodePlan& p, float* ws, int64_t t) {
           _mm512_storeu_ps(o + 16 * cc, _mm512_mul_ps(_mm512_loadu_ps(o + 16 * cc), av));
         m[r] = tmax;
       }
-      const __m512 pv = _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(s, _mm512_set1_ps(m[r]))));
+      // A score of -inf weighs 0 (all -inf: the row sees no key), never exp(-inf + inf).
+      const __mmask16 live = _mm512_mask_cmp_ps_mask(mk, s, neg_inf, _CMP_NEQ_UQ);
+      const __m512 pv = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(s, _mm512_set1_ps(m[r]))));
       l[r] += _mm512_reduce_add_ps(pv);
       _mm512_storeu_ps(S + 16 * r, pv);
     }
-    pv_rows(S, R, vp, n, O, d16);
+    if (hidden)
+      pv_rows<true>(S, R, vp, n, O, d16);
+    else
+      pv_rows<false>(S, R, vp, n, O, d16);
   }
 
   float* out = task_out(a, p, ws, t);

@@ -17,8 +17,10 @@ Run ``llmcore COMMAND --help`` for a command's options.
 A command is a module ``llmcore/cli/<name>.py`` with ``add_parser(subparsers)`` (adds
 and returns its argparse sub-parser) and ``run(args) -> int`` (the exit status), listed
 in ``COMMANDS``. Modules whose names start with ``_`` hold shared pieces. User errors
-(:class:`CLIError`, ``ValueError``, ``FileNotFoundError``, ``ImportError``) print one line
-and exit with status 2; set ``LLMCORE_TRACEBACK=1`` to see the traceback instead.
+(:class:`CLIError`, ``ValueError``, ``OSError`` (``FileNotFoundError`` among them),
+``ImportError``, and a bad command line) print one line and exit with status 2; set
+``LLMCORE_TRACEBACK=1`` to see the traceback instead. Anything else is a bug: its
+traceback is printed with a request to report it, and the status is 1.
 """
 
 from __future__ import annotations
@@ -27,19 +29,30 @@ import argparse
 import importlib
 import os
 import sys
+import traceback
 
 from llmcore.cli._common import CLIError
 
 # In the order `llmcore --help` lists them.
 COMMANDS = ("info", "bench", "generate", "chat", "tokenizer", "data", "train", "eval", "plot")
 
-USER_ERRORS = (CLIError, ValueError, FileNotFoundError, ImportError)
+USER_ERRORS = (CLIError, ValueError, OSError, ImportError)
+BUG_HINT = ("llmcore: this is a bug in llmcore, not in your input; please report it with "
+            "the command line and the traceback above")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``llmcore bench: error: argument --threads: must
+    be >= 1, got -1 (see --help)``, status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 __all__ = ["COMMANDS", "CLIError", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="llmcore", description="BFP GEMM, fused attention and KV-cached decoding "
         "kernels: benchmarks, text generation and training.",
         epilog="Run `llmcore COMMAND --help` for a command's options. Errors in the input "
@@ -63,3 +76,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except Exception:
+        if os.environ.get("LLMCORE_TRACEBACK"):
+            raise
+        traceback.print_exc()
+        print(BUG_HINT, file=sys.stderr)
+        return 1

@@ -3,11 +3,18 @@ a checkpoint or a random preset, sampling, the KV cache, assisted generation."""
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
 
-from llmcore.cli._common import CLIError, add_device_arg, device_from_args
+from llmcore.cli._common import (
+    CLIError,
+    add_device_arg,
+    device_from_args,
+    float_in,
+    int_at_least,
+)
 from llmcore.generation import assisted_generate, generate
 from llmcore.generation.drafters import PROMPT_LOOKUP, SELF_DRAFTS, named_draft
 from llmcore.generation.streaming import per_token
@@ -25,10 +32,10 @@ def add_model_args(p, chat: bool) -> None:
         p.add_argument("--prompt", default="Hello", help="the prompt text")
     else:
         p.add_argument("--system", help="a system message")
-    p.add_argument("--max-new-tokens", type=int, default=128 if not chat else 512)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=128 if not chat else 512)
+    p.add_argument("--temperature", type=float_in(0.0, math.inf, hi_open=True), default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int_at_least(1))
+    p.add_argument("--top-p", type=float_in(0.0, 1.0, lo_open=True))
     p.add_argument("--seed", type=int)
     p.add_argument("--quantize", choices=["mxint8", "mxint4"], help="BFP weights")
     p.add_argument("--kv-cache", choices=["native", "mxint8"], default="native")
@@ -40,7 +47,7 @@ def add_model_args(p, chat: bool) -> None:
                    f"{' / '.join(SELF_DRAFTS)} (the model itself with BFP weights)")
     a.add_argument("--prompt-lookup", action="store_true",
                    help="draft by n-gram lookup in the prompt and the text so far")
-    a.add_argument("--num-draft-tokens", type=int, default=5, help="proposals per step (1..15)")
+    a.add_argument("--num-draft-tokens", type=int_at_least(1), default=5, help="proposals per step (1..15)")
     a.add_argument("--schedule", choices=["heuristic", "constant"], default="heuristic")
     a.add_argument("--stats", action="store_true", help="print acceptance statistics to stderr")
 

@@ -7,7 +7,13 @@ import argparse
 
 import torch
 
-from llmcore.cli._common import RUNS_DIR, add_device_arg, device_from_args, new_run_dir
+from llmcore.cli._common import (
+    RUNS_DIR,
+    add_device_arg,
+    device_from_args,
+    int_at_least,
+    new_run_dir,
+)
 
 EPILOG = f"""\
 output:
@@ -32,7 +38,7 @@ def add_parser(subparsers):
     b.add_argument("--no-save", action="store_true", help="print only, write no files")
     b.add_argument("--no-plot", action="store_true", help="write no PNG")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
-    b.add_argument("--threads", type=int, help="torch.set_num_threads for CPU runs")
+    b.add_argument("--threads", type=int_at_least(1), help="torch.set_num_threads for CPU runs")
     b.add_argument("--list", action="store_true", help="list the suites and exit")
     return b
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+from llmcore.cli._common import float_in, int_at_least
+
 
 def add_parser(subparsers):
     p = subparsers.add_parser("data", help="prepare training data (token shards, "
@@ -13,7 +15,7 @@ def add_parser(subparsers):
     t = sub.add_parser("prepare", help="tokenise text/JSONL/Parquet or stdlib into shards")
     t.add_argument("--data", nargs="+", default=["stdlib"], metavar="stdlib|PATH")
     t.add_argument("--tokenizer", required=True, help="tokenizer directory")
-    t.add_argument("--val-fraction", type=float, default=0.05)
+    t.add_argument("--val-fraction", type=float_in(0.0, 1.0, hi_open=True), default=0.05)
     t.add_argument("--out", required=True, help="shard directory")
     for name, what in (("sft-stdlib", "instruction set: docstring and signature -> body"),
                        ("preferences-stdlib", "preference set: real function vs a "
@@ -21,9 +23,9 @@ def add_parser(subparsers):
         s = sub.add_parser(name, help=f"{what}, from the stdlib's functions (JSONL)")
         s.add_argument("--out", required=True,
                        help="folder for train.jsonl, val.jsonl and stats.json")
-        s.add_argument("--val-fraction", type=float, default=0.05,
+        s.add_argument("--val-fraction", type=float_in(0.0, 1.0, hi_open=True), default=0.05,
                        help="share of source files held out (the pretraining split)")
-        s.add_argument("--max-chars", type=int, default=1500,
+        s.add_argument("--max-chars", type=int_at_least(1), default=1500,
                        help="skip functions whose body is longer (characters)")
     return p
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from llmcore.cli._common import add_device_arg, device_from_args
+from llmcore.cli._common import add_device_arg, device_from_args, float_in, int_at_least
 
 
 def add_parser(subparsers):
@@ -15,10 +15,10 @@ def add_parser(subparsers):
     t.add_argument("--model", required=True, help="model directory (with tokenizer.json)")
     t.add_argument("--data", nargs="+", default=["stdlib"], metavar="stdlib|PATH")
     t.add_argument("--split", choices=["val", "train"], default="val")
-    t.add_argument("--val-fraction", type=float, default=0.05)
-    t.add_argument("--seq-len", type=int, default=256)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--max-tokens", type=int, help="stop after this many predicted tokens")
+    t.add_argument("--val-fraction", type=float_in(0.0, 1.0, hi_open=True), default=0.05)
+    t.add_argument("--seq-len", type=int_at_least(2), default=256)
+    t.add_argument("--batch-size", type=int_at_least(1), default=8)
+    t.add_argument("--max-tokens", type=int_at_least(1), help="stop after this many predicted tokens")
     t.add_argument("--no-xz", action="store_true", help="skip the xz -9e baseline")
     t.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     add_device_arg(t)

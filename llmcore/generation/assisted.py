@@ -182,6 +182,38 @@ def _verify(target_logits, toks, qs, ks, sampling, generator):
 
 
 @torch.inference_mode()
+def _check_proposals(toks, qs, ks, asked: list[int], vocab: int) -> None:
+    """A drafter's answer against the Drafter protocol, before the target sees it: the
+    counts per row within what was asked, the tokens [B, >= max count] inside the
+    vocabulary, q (when given) [B, K, vocab]. A ValueError names what is wrong."""
+    batch = len(asked)
+    if not isinstance(ks, (list, tuple)) or len(ks) != batch or not all(
+            isinstance(k, int) and not isinstance(k, bool) for k in ks):
+        raise ValueError(f"drafter.propose must return {batch} proposal counts (ints), got "
+                         f"{ks!r}")
+    over = [b for b in range(batch) if not 0 <= ks[b] <= asked[b]]
+    if over:
+        b = over[0]
+        raise ValueError(f"drafter.propose returned {ks[b]} proposals for row {b}, asked for "
+                         f"at most {asked[b]}")
+    if not isinstance(toks, torch.Tensor) or toks.dim() != 2 or toks.shape[0] != batch \
+            or toks.shape[1] < max(ks, default=0) or toks.dtype.is_floating_point:
+        got = f"{toks.dtype} {list(toks.shape)}" if isinstance(toks, torch.Tensor) else type(toks)
+        raise ValueError(f"drafter.propose must return integer tokens [{batch}, >= "
+                         f"{max(ks, default=0)}], got {got}")
+    for b in range(batch):
+        row = toks[b, :ks[b]]
+        if row.numel() and (int(row.min()) < 0 or int(row.max()) >= vocab):
+            raise ValueError(f"drafter.propose returned token ids {row.tolist()} for row {b}, "
+                             f"outside the vocabulary [0, {vocab})")
+    if qs is not None and (not isinstance(qs, torch.Tensor) or qs.dim() != 3
+                           or qs.shape[0] != batch or qs.shape[1] < max(ks, default=0)
+                           or qs.shape[2] != vocab):
+        got = list(qs.shape) if isinstance(qs, torch.Tensor) else type(qs).__name__
+        raise ValueError(f"drafter.propose must return q [{batch}, >= {max(ks, default=0)}, "
+                         f"{vocab}] or None, got {got}")
+
+
 def assisted_generate(model, draft_model, input_ids: torch.Tensor, max_new_tokens: int,
                       num_draft_tokens: int = 5, schedule: str = "heuristic",
                       temperature: float = 0.0, top_k: int | None = None,
@@ -280,7 +312,9 @@ def assisted_generate(model, draft_model, input_ids: torch.Tensor, max_new_token
         # proposals wanted per row: never past max_new_tokens (the target adds one more)
         ks = [0 if done[b] else min(gamma, max_new_tokens - n_new[b] - 1) for b in range(batch)]
         if any(k > 0 for k in ks):
+            asked = ks
             toks, qs, ks = drafter.propose(seqs, ks, sampling, generator)
+            _check_proposals(toks, qs, ks, asked, vocab)
         else:
             toks, qs = torch.zeros(batch, 0, dtype=torch.int64), None
         toks_cpu = toks.to("cpu")

@@ -2,7 +2,61 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
+
+# Upper bound of every size field: beyond it a tensor (or an int32 index) cannot hold it,
+# and a typo (vocab_size=10**13) would otherwise surface as an allocator error.
+MAX_SIZE = 2**31 - 1
+_SIZE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim",
+                "max_seq_len", "head_dim")
+# The keys each rope_scaling type needs (Hugging Face names), all positive numbers.
+ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+               "original_max_position_embeddings"),
+}
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_model_dtype(dtype) -> None:
+    """Raise ValueError unless ``dtype`` is None or a floating-point torch dtype (the
+    dtype of a model's weights)."""
+    is_float = getattr(dtype, "is_floating_point", False) is True
+    if dtype is not None and not is_float:
+        raise ValueError(f"dtype must be a floating-point torch dtype (torch.float32, "
+                         f"torch.bfloat16, torch.float16), got {dtype!r}")
+
+
+def check_rope_scaling(scaling, where: str = "rope_scaling") -> None:
+    """Raise ValueError unless ``scaling`` is None or a supported, complete rope_scaling
+    dict (``rope_type`` or ``type``: default, linear, llama3) with positive finite numbers."""
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict):
+        raise ValueError(f"{where} must be a dict or None, got {type(scaling).__name__}")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in (None, "default"):
+        return
+    if kind not in ROPE_SCALING_KEYS:
+        raise ValueError(f"{where}: unsupported rope_scaling type {kind!r} (supported: "
+                         "default, linear, llama3)")
+    for key in ROPE_SCALING_KEYS[kind]:
+        v = scaling.get(key)
+        if v is None:
+            raise ValueError(f"{where}: {kind} scaling needs {key!r}")
+        if not _is_real(v) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{where}[{key!r}] must be a finite number > 0, got {v!r}")
+    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ValueError(f"{where}: high_freq_factor ({scaling['high_freq_factor']}) must be "
+                         f"greater than low_freq_factor ({scaling['low_freq_factor']})")
 
 
 @dataclass
@@ -26,8 +80,17 @@ class TransformerConfig:
     extra: dict = field(default_factory=dict)  # model-specific keys kept for save_pretrained
 
     def __post_init__(self):
+        """Every field is range-checked here, so a bad value fails at the door with a
+        ValueError naming it (never a ZeroDivisionError, NaN logits or an allocator error
+        later)."""
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        for name in _SIZE_FIELDS:
+            v = getattr(self, name)
+            if v is None and name == "head_dim":
+                continue
+            if not _is_int(v) or not 1 <= v <= MAX_SIZE:
+                raise ValueError(f"{name} must be an integer in [1, {MAX_SIZE}], got {v!r}")
         if self.head_dim is None:
             if self.dim % self.n_heads:
                 raise ValueError(f"dim ({self.dim}) must be a multiple of n_heads ({self.n_heads})")
@@ -35,9 +98,18 @@ class TransformerConfig:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
                              f"({self.n_kv_heads})")
-        for name in ("dim", "n_layers", "n_heads", "vocab_size", "ffn_dim", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
+        for name in ("norm_eps", "rope_theta"):
+            v = getattr(self, name)
+            if not _is_real(v) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        for name in ("tie_embeddings", "attention_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"extra must be a dict, got {type(self.extra).__name__}")
+        check_rope_scaling(self.rope_scaling)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -10,23 +10,27 @@ model (tokenizers live in :mod:`llmcore.tokenizer`).
 * :func:`state_dict_from_checkpoint` names the tensors as a model's state_dict does and
   reports every mismatch.
 * :func:`write_checkpoint` writes ``config.json`` (HF names, so ``transformers`` reads a
-  non-quantised directory back) and ``model.safetensors`` atomically through
-  :func:`llmcore.ops.save_bfp` (BFP weights as BFPTensors, recorded under
-  ``llmcore_quantization`` in config.json).
+  non-quantised directory back) and ``model.safetensors`` (through
+  :func:`llmcore.ops.save_bfp`: BFP weights as BFPTensors, recorded under
+  ``llmcore_quantization`` in config.json), atomically as a pair: the directory is built
+  beside the old one and renamed into place (other files in it are kept).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from llmcore._io import atomic_directory, check_regular_file
 from llmcore.formats import BFPFormat, get_format
-from llmcore.models.config import TransformerConfig
+from llmcore.models.config import MAX_SIZE, TransformerConfig, check_rope_scaling
 from llmcore.ops.bfp import BFPTensor, load_bfp, save_bfp
 
 SUPPORTED_ARCHITECTURES = {
@@ -50,6 +54,7 @@ _KNOWN_KEYS = {
     "rope_parameters", "max_position_embeddings", "tie_word_embeddings", "head_dim",
     "attention_bias", "torch_dtype", "dtype", "llmcore_quantization",
 }
+INDEX_FILE = "model.safetensors.index.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _warned_sliding: set = set()
 
@@ -73,11 +78,17 @@ def read_hf_config(path: str | os.PathLike, reward: bool = False) -> dict:
         raise FileNotFoundError(f"{path} is not a directory (expected a local Hugging Face "
                                 "model directory; nothing is downloaded)")
     cfg_file = path / "config.json"
-    if not cfg_file.is_file():
+    if not cfg_file.exists():
         raise FileNotFoundError(f"{cfg_file} not found: a Hugging Face model directory needs "
                                 "a config.json")
+    check_regular_file(cfg_file, "config")
     d = _read_json(cfg_file)
+    if not isinstance(d, dict):
+        raise ValueError(f"{cfg_file} must hold a JSON object, got a JSON {type(d).__name__}")
     archs = d.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ValueError(f"{cfg_file}: field 'architectures' must be a list of names, got "
+                         f"{archs!r}")
     if not archs:
         raise ValueError(f"{cfg_file}: field 'architectures' is missing; supported: "
                          f"{', '.join(SUPPORTED_ARCHITECTURES)}")
@@ -100,7 +111,26 @@ def _req(d: dict, key: str, where: str):
     return d[key]
 
 
-def _rope(d: dict) -> tuple[float, dict | None]:
+def _size(d: dict, key: str, where: str, default=None) -> int:
+    """An integer field in [1, MAX_SIZE] (required when ``default`` is None)."""
+    v = _req(d, key, where) if default is None else (d.get(key) or default)
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_SIZE:
+        raise ValueError(f"{where}: field {key!r} must be an integer in [1, {MAX_SIZE}], "
+                         f"got {v!r}")
+    return v
+
+
+def _positive(value, key: str, where: str) -> float:
+    """A finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{where}: field {key!r} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _rope(d: dict) -> tuple[object, dict | None]:
     """(rope_theta, rope_scaling) from either the 4.x (rope_theta + rope_scaling) or the
     5.x (rope_parameters) layout."""
     params = d.get("rope_parameters")
@@ -125,33 +155,49 @@ def _rope(d: dict) -> tuple[float, dict | None]:
                              "(supported: default, linear, llama3)")
     else:
         scaling = None
-    return float(theta), scaling
+    return theta, scaling
 
 
 def config_from_hf(d: dict, where: str = "config.json") -> TransformerConfig:
-    """A TransformerConfig from a Hugging Face config dict."""
+    """A TransformerConfig from a Hugging Face config dict; every field is range-checked
+    and a bad one named by its Hugging Face key."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} must hold a JSON object, got a JSON {type(d).__name__}")
     arch = (d.get("architectures") or ["LlamaForCausalLM"])[0]
     family = _FAMILY.get(arch, "llama")
     theta, scaling = _rope(d)
-    n_heads = int(_req(d, "num_attention_heads", where))
-    bias = True if family == "qwen2" else bool(d.get("attention_bias", False))
+    theta = _positive(theta, "rope_theta", where)
+    try:
+        check_rope_scaling(scaling, "rope_scaling")
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    n_heads = _size(d, "num_attention_heads", where)
+    bias = True if family == "qwen2" else d.get("attention_bias", False)
+    head_dim = d.get("head_dim")
     extra = {k: v for k, v in d.items() if k not in _KNOWN_KEYS}
-    cfg = TransformerConfig(
-        dim=int(_req(d, "hidden_size", where)),
-        n_layers=int(_req(d, "num_hidden_layers", where)),
-        n_heads=n_heads,
-        n_kv_heads=int(d.get("num_key_value_heads") or n_heads),
-        vocab_size=int(_req(d, "vocab_size", where)),
-        ffn_dim=int(_req(d, "intermediate_size", where)),
-        norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        rope_theta=theta,
-        rope_scaling=scaling,
-        max_seq_len=int(d.get("max_position_embeddings") or 2048),
-        tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-        attention_bias=bias,
-        head_dim=d.get("head_dim"),
-        extra=extra,
-    )
+    flags = {"tie_word_embeddings": d.get("tie_word_embeddings", False), "attention_bias": bias}
+    for key, v in flags.items():
+        if not isinstance(v, bool):
+            raise ValueError(f"{where}: field {key!r} must be true or false, got {v!r}")
+    try:
+        cfg = TransformerConfig(
+            dim=_size(d, "hidden_size", where),
+            n_layers=_size(d, "num_hidden_layers", where),
+            n_heads=n_heads,
+            n_kv_heads=_size(d, "num_key_value_heads", where, default=n_heads),
+            vocab_size=_size(d, "vocab_size", where),
+            ffn_dim=_size(d, "intermediate_size", where),
+            norm_eps=_positive(d.get("rms_norm_eps", 1e-6), "rms_norm_eps", where),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_seq_len=_size(d, "max_position_embeddings", where, default=2048),
+            tie_embeddings=flags["tie_word_embeddings"],
+            attention_bias=flags["attention_bias"],
+            head_dim=None if head_dim is None else _size(d, "head_dim", where),
+            extra=extra,
+        )
+    except ValueError as e:  # a relation between fields (heads, head_dim)
+        raise ValueError(f"{where}: {e}") from None
     sw = d.get("sliding_window")
     uses_sw = d.get("use_sliding_window", family == "mistral")
     if sw is not None and uses_sw and int(sw) < cfg.max_seq_len and arch not in _warned_sliding:
@@ -211,22 +257,32 @@ def config_to_hf(cfg: TransformerConfig, dtype: torch.dtype, reward: bool = Fals
 # Weights
 # ---------------------------------------------------------------------------------------
 def _weight_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
+    """The safetensors files of a directory, each checked to be a regular file (a named
+    pipe would block the reader forever)."""
+    index = path / INDEX_FILE
     single = path / "model.safetensors"
-    if index.is_file():
-        wm = _read_json(index).get("weight_map")
+    if index.exists():
+        check_regular_file(index, "index")
+        d = _read_json(index)
+        wm = d.get("weight_map") if isinstance(d, dict) else None
         if not isinstance(wm, dict) or not wm:
             raise ValueError(f"{index}: field 'weight_map' is missing or empty")
-        files = [path / f for f in sorted(set(wm.values()))]
+        names = sorted(set(map(str, wm.values())))
+        for n in names:
+            if not n.endswith(".safetensors") or Path(n).name != n:
+                raise ValueError(f"{index}: weight_map lists {n!r}; llmcore reads only "
+                                 ".safetensors files beside the index (never pickles)")
+        files = [path / n for n in names]
         for f in files:
-            if not f.is_file():
+            if not f.exists():
                 raise FileNotFoundError(f"{f} (listed in {index.name}) not found")
+            check_regular_file(f, "weight file")
         return files
-    if single.is_file():
-        return [single]
+    if single.exists() or single.is_symlink():
+        return [check_regular_file(single, "weight file")]
     others = sorted(path.glob("*.safetensors"))
     if others:
-        return others
+        return [check_regular_file(f, "weight file") for f in others]
     pickled = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
     if pickled:
         raise ValueError(f"{path} holds only pickled weights ({', '.join(pickled)}); llmcore "
@@ -234,7 +290,58 @@ def _weight_files(path: Path) -> list[Path]:
                          "load with transformers and save_pretrained(..., "
                          "safe_serialization=True)).")
     raise FileNotFoundError(f"no weights in {path}: expected model.safetensors or "
-                            "model.safetensors.index.json")
+                            f"{INDEX_FILE}")
+
+
+def _header_shapes(f: Path) -> dict[str, list[int]]:
+    """Tensor names and shapes of a safetensors file from its header alone (no tensor
+    data is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.fspath(f), framework="pt") as h:
+            return {k: list(h.get_slice(k).get_shape()) for k in h.keys()}
+    except Exception:  # not readable: load_bfp reports the problem with its file name
+        load_bfp(f)
+        raise
+
+
+def _ranges(xs: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    out, xs = [], sorted(xs)
+    i = 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        out.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
+        i = j + 1
+    return ", ".join(out) or "none"
+
+
+def check_shapes_before_loading(cfg: TransformerConfig, shapes: dict, where) -> None:
+    """The checkpoint's tensor names and a few shapes (from the file headers) against the
+    config, before any model is allocated: the layers held must be 0 .. n_layers-1 and the
+    embedding, final norm and layer-0 tensors must have the config's shapes (a config that
+    claims a million layers or a huge vocabulary fails here, in no time)."""
+    names = [n.removeprefix("model.") for n in shapes]
+    held = {int(m.group(1)) for n in names if (m := re.match(r"layers\.(\d+)\.", n))}
+    if held != set(range(cfg.n_layers)):
+        raise ValueError(f"checkpoint {where} does not match its config: num_hidden_layers is "
+                         f"{cfg.n_layers} but the weights hold layers {_ranges(list(held))}")
+    d, hd, f = cfg.dim, cfg.head_dim, cfg.ffn_dim
+    want = {
+        "embed_tokens.weight": [cfg.vocab_size, d], "norm.weight": [d],
+        "layers.0.self_attn.q_proj.weight": [cfg.n_heads * hd, d],
+        "layers.0.self_attn.k_proj.weight": [cfg.n_kv_heads * hd, d],
+        "layers.0.self_attn.o_proj.weight": [d, cfg.n_heads * hd],
+        "layers.0.mlp.gate_proj.weight": [f, d], "layers.0.mlp.down_proj.weight": [d, f],
+    }
+    got = {n.removeprefix("model."): s for n, s in shapes.items()}
+    bad = [f"tensor {n!r} has shape {got[n]}, expected {w}" for n, w in want.items()
+           if n in got and got[n] != w]
+    if bad:
+        raise ValueError(f"checkpoint {where} does not match its config.json: " + "; ".join(bad))
 
 
 def _load_tensors(files: list[Path], device) -> dict:
@@ -285,7 +392,10 @@ def read_checkpoint(path, device=None, reward: bool = False) -> Checkpoint:
     path = Path(path)
     hf = read_hf_config(path, reward)
     cfg = config_from_hf(hf, str(path / "config.json"))
-    tensors = _load_tensors(_weight_files(path), device)
+    files = _weight_files(path)
+    check_shapes_before_loading(cfg, {n: s for f in files for n, s in _header_shapes(f).items()},
+                                path)
+    tensors = _load_tensors(files, device)
     act = (hf.get("llmcore_quantization") or {}).get("act_format")
     quantized = {k.removesuffix(".weight"): v.format for k, v in tensors.items()
                  if isinstance(v, BFPTensor) and k.endswith(".weight")}
@@ -348,7 +458,6 @@ def write_checkpoint(path, config: TransformerConfig, dtype: torch.dtype, state_
     a *ForSequenceClassification one)."""
     quantized = quantized or {}
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     tensors: dict = {}
     quant: dict = {}
     for name, t in state_dict.items():
@@ -374,12 +483,15 @@ def write_checkpoint(path, config: TransformerConfig, dtype: torch.dtype, state_
     hf = config_to_hf(config, dtype, reward)
     if quant:
         hf["llmcore_quantization"] = quant
-    save_bfp(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    index = path / "model.safetensors.index.json"
-    if index.exists():  # a stale index would shadow the new single file
-        index.unlink()
-    tmp = path / ".config.json.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(hf, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path / "config.json")
+    # Serialise the config first (a value JSON cannot encode fails here, before any write),
+    # then build the new directory beside the old one and rename it into place: a failure
+    # at any point leaves the old checkpoint whole, never old config + new weights.
+    try:
+        text = json.dumps(hf, indent=2, sort_keys=True) + "\n"
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"cannot write {path / 'config.json'}: the config holds a value "
+                         f"JSON cannot encode ({e}); nothing was written") from None
+    # a stale index would shadow the new single file
+    with atomic_directory(path, keep_existing=True, exclude=(INDEX_FILE,)) as tmp:
+        save_bfp(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(text, encoding="utf-8")

@@ -199,7 +199,8 @@ class KVCache(nn.Module):
     def _check_step(self, what: str, layer: int | None = None) -> None:
         if not self._pending:
             raise RuntimeError(f"{what}() needs prepare(num_new) first")
-        if layer is not None and not 0 <= layer < self.n_layers:
+        if layer is not None and (not isinstance(layer, int) or isinstance(layer, bool)
+                                  or not 0 <= layer < self.n_layers):
             raise ValueError(f"layer must be in [0, {self.n_layers}), got {layer}")
 
     # -- a step: device work (no host sync; compiles) ---------------------------------
@@ -224,7 +225,7 @@ class KVCache(nn.Module):
                ) -> torch.Tensor:
         """decode_attention of q [batch, num_new, heads, head_dim] over ``layer``'s cache
         (committed tokens + this step's)."""
-        self._check_step("attend")
+        self._check_step("attend", layer)
         if q.shape[1] != self._pending:
             raise ValueError(f"q must have {self._pending} new tokens, got shape {list(q.shape)}")
         kc, vc = self._views[layer]

@@ -28,7 +28,7 @@ from torch import nn
 from llmcore import ops
 from llmcore.formats import get_format
 from llmcore.models import hf
-from llmcore.models.config import TransformerConfig
+from llmcore.models.config import TransformerConfig, check_model_dtype
 from llmcore.models.kv_cache import KVCache
 from llmcore.nn import BFPLinear, quantize_model, replace_linear
 
@@ -221,6 +221,19 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Raise ValueError naming the first id outside [0, vocab_size) (before anything
+    touches a cache: an embedding lookup would raise IndexError on the CPU and a device
+    assert on CUDA). One host sync; skipped under torch.compile."""
+    if torch.compiler.is_compiling() or input_ids.numel() == 0:
+        return
+    bad = (input_ids < 0) | (input_ids >= vocab_size)
+    if bool(bad.any()):
+        pos = bad.nonzero()[0].tolist()
+        raise ValueError(f"input_ids{pos} = {input_ids[tuple(pos)].item()} is outside the "
+                         f"vocabulary [0, {vocab_size})")
+
+
 class Transformer(nn.Module):
     """``model(input_ids)`` -> logits [B, T, vocab]; ``model(input_ids, cache=cache)``
     appends the new tokens to ``cache`` and returns their logits."""
@@ -230,6 +243,7 @@ class Transformer(nn.Module):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_model_dtype(dtype)
         self.config, self.backend = config, backend
         kw = {"device": device, "dtype": dtype}
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim, **kw)
@@ -300,6 +314,7 @@ class Transformer(nn.Module):
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be an integer tensor [batch, seq], got "
                              f"{input_ids.dtype} {list(input_ids.shape)}")
+        check_token_ids(input_ids, self.config.vocab_size)
         b, t = input_ids.shape
         if cu_seqlens is not None:
             return self.lm_head(self.hidden_states(input_ids, cu_seqlens=cu_seqlens))

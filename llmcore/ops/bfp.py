@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from pathlib import Path
 
 import torch
 
 from llmcore import _ext
+from llmcore._io import check_regular_file
 from llmcore.formats import BFPFormat, check_rounding, get_format
 from llmcore.ops._dispatch import kernel_or_reference
 
@@ -162,19 +164,67 @@ def _umask() -> int:
     return mask
 
 
+def _not_safetensors(path: Path, error: Exception) -> ValueError:
+    """The error for a file safetensors cannot open: names the file, its folder and the
+    likely problem."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if size == 0:
+        why = "the file is empty"
+    elif head[:1] == b"\x80" or head[:2] == b"PK":
+        why = "it looks like a pickle / torch.save file, which llmcore never loads"
+    elif size < 8:
+        why = "truncated?"
+    else:
+        n = int.from_bytes(head, "little")
+        why = (f"its header claims {n} bytes but the file has {size - 8} after the length "
+               "field: truncated?" if n > size - 8 else f"{error}")
+    return ValueError(f"{path.name} in {path.parent} is not a valid safetensors file ({why})")
+
+
 def load_bfp(path: str | os.PathLike, device: str | torch.device = "cpu"
              ) -> dict[str, torch.Tensor | BFPTensor]:
-    """Load a file written by :func:`save_bfp` (or any safetensors file)."""
+    """Load a file written by :func:`save_bfp` (or any safetensors file).
+
+    A path that is not a regular file, a file safetensors cannot read, or BFP metadata
+    that does not describe the file's tensors raises ValueError naming the file and the
+    problem (FileNotFoundError for a missing file)."""
     from safetensors import safe_open
 
+    path = check_regular_file(path, "safetensors file")
+    where = f"{path.name} in {path.parent}"
     out: dict[str, torch.Tensor | BFPTensor] = {}
-    with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
-        bfp_meta = json.loads((f.metadata() or {}).get(_BFP_META_KEY, "{}"))
+    try:
+        handle = safe_open(os.fspath(path), framework="pt", device=str(device))
+    except Exception as e:  # safetensors raises its own SafetensorError
+        if isinstance(e, (FileNotFoundError, PermissionError)):
+            raise
+        raise _not_safetensors(path, e) from None
+    with handle as f:
+        raw = (f.metadata() or {}).get(_BFP_META_KEY, "{}")
+        try:
+            bfp_meta = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: metadata {_BFP_META_KEY!r} is not valid JSON ({e})"
+                             ) from None
+        if not isinstance(bfp_meta, dict) or not all(isinstance(m, dict)
+                                                      for m in bfp_meta.values()):
+            raise ValueError(f"{where}: metadata {_BFP_META_KEY!r} must map tensor names to "
+                             f"objects, got {raw[:200]!r}")
         keys = set(f.keys())
         for name, meta in bfp_meta.items():
-            out[name] = BFPTensor.from_parts(f.get_tensor(f"{name}.mantissa"),
-                                             f.get_tensor(f"{name}.exponent"), meta)
-            keys -= {f"{name}.mantissa", f"{name}.exponent"}
+            parts = (f"{name}.mantissa", f"{name}.exponent")
+            if not set(parts) <= keys:
+                raise ValueError(f"{where}: BFP tensor {name!r} in the metadata has no "
+                                 f"{' / '.join(p for p in parts if p not in keys)} tensor")
+            try:
+                out[name] = BFPTensor.from_parts(f.get_tensor(parts[0]), f.get_tensor(parts[1]),
+                                                 meta)
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise ValueError(f"{where}: bad metadata for BFP tensor {name!r} ({meta}): "
+                                 f"{type(e).__name__}: {e}") from None
+            keys -= set(parts)
         for k in sorted(keys):
             out[k] = f.get_tensor(k)
     return out

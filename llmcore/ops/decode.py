@@ -84,6 +84,9 @@ def _check_cache_pair(q_like: torch.Tensor, kc, vc, ke, ve, block_table, batch: 
                              f"{list(kc.shape)} (pass block_table for a paged cache)")
     else:
         _check_int32("block_table", block_table, "[batch, max_pages]", 2, q_like.device)
+        if kc.shape[1] < 1:
+            raise ValueError(f"a paged cache needs page_size (dim 1 of the cache) >= 1, got "
+                             f"shape {list(kc.shape)}")
         if block_table.shape[0] != batch:
             raise ValueError(f"block_table must have {batch} rows (batch), got "
                              f"{list(block_table.shape)}")
@@ -147,6 +150,8 @@ def decode_attention(q: torch.Tensor, k_cache, v_cache, cache_seqlens: torch.Ten
         if block_table is not None:
             _check_table_values(block_table, lens, kc.shape[1], kc.shape[0], "valid")
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
     if use_kernel("decode_attention", q.device, q.dtype, d):
         out, lse = torch.ops.llmcore.decode_attention(q, kc, vc, cache_seqlens, scale,
                                                       block_table, ke, ve)

@@ -203,3 +203,14 @@ def write_model_dir(path, seed: int = 0, **config) -> Path:
     (path / "tokenizer_config.json").write_text(json.dumps(
         {"eos_token": "</s>", "bos_token": "<s>", "chat_template": template}))
     return path
+
+
+def assert_close_nan(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
+    """NaN exactly where ``expected`` has NaN, and within ``tol`` (absolute and relative)
+    elsewhere (Inf must match exactly)."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert torch.equal(a.isnan(), e.isnan()), (
+        f"{what}: NaN at {a.isnan().nonzero().tolist()[:8]}, expected at "
+        f"{e.isnan().nonzero().tolist()[:8]}")
+    keep = ~e.isnan()
+    torch.testing.assert_close(a[keep], e[keep], atol=tol, rtol=tol, msg=lambda m: f"{what}: {m}")
