@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
+import torch
+
 
 @runtime_checkable
 class JudgeLike(Protocol):
@@ -38,4 +40,126 @@ class Judge:
         return [float(self.score(p, r)) for p, r in zip(prompts, responses, strict=True)]
 
 
-__all__ = ["Judge", "JudgeLike"]
+class CodeJudge(Judge):
+    """Verifiable checks, no model: ``parse_weight`` × (the answer parses) +
+    ``doctest_weight`` × (share of the prompt's doctest examples that pass; 0 without
+    examples). See :mod:`llmcore.evaluation.verify`."""
+
+    name = "code"
+
+    def __init__(self, parse_weight: float = 1.0, doctest_weight: float = 1.0,
+                 run_doctests: bool = True, timeout: float = 5.0):
+        self.parse_weight, self.doctest_weight = float(parse_weight), float(doctest_weight)
+        self.run_doctests, self.timeout = run_doctests, timeout
+
+    def score(self, prompt: str, response: str) -> float:
+        from llmcore.evaluation.verify import check_code
+
+        c = check_code(prompt, response, self.run_doctests and self.doctest_weight != 0,
+                       self.timeout)
+        return self.parse_weight * c.parses + self.doctest_weight * (c.doctest_rate or 0.0)
+
+
+class RewardModelJudge(Judge):
+    """A reward model's score of the conversation [user: prompt, assistant: response],
+    rendered with the tokenizer's chat template as in training."""
+
+    name = "reward-model"
+
+    def __init__(self, model, tokenizer, max_len: int | None = None, batch_size: int = 16):
+        from llmcore.data.examples import Renderer
+
+        self.model = model.eval()
+        self.renderer = Renderer(tokenizer, max_len or model.config.max_seq_len)
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_pretrained(cls, path: str, device=None, **kw) -> RewardModelJudge:
+        from llmcore.models import RewardModel
+        from llmcore.tokenizer import load_tokenizer
+
+        return cls(RewardModel.from_pretrained(path, device=device), load_tokenizer(path), **kw)
+
+    @torch.no_grad()
+    def score_many(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        from llmcore.training.batching import packed_batch
+
+        if len(prompts) != len(responses):
+            raise ValueError(f"prompts ({len(prompts)}) and responses ({len(responses)}) "
+                             "must have the same length")
+        seqs = [self.renderer.encode([{"role": "user", "content": p},
+                                      {"role": "assistant", "content": r}], "judge")
+                for p, r in zip(prompts, responses, strict=True)]
+        out: list[float] = []
+        dev = self.model.device
+        for i in range(0, len(seqs), self.batch_size):
+            b = packed_batch(seqs[i:i + self.batch_size])
+            out += self.model(b["input_ids"].to(dev),
+                              cu_seqlens=b["cu_seqlens"].to(dev)).float().cpu().tolist()
+        return out
+
+
+# AlpaGasus (Chen et al., 2023): the grading prompt, asking for a 0-5 accuracy score.
+ALPAGASUS_PROMPT = (
+    "We would like to request your feedback on the performance of AI assistant in response "
+    "to the instruction and the given input displayed following.\n\n"
+    "Instruction: {prompt}\nResponse: {response}\n\n"
+    "Please rate according to the accuracy of the response to the instruction and the input. "
+    "Each assistant receives a score on a scale of 0 to 5, where a higher score indicates "
+    "higher level of the accuracy. Please first output a single line containing the value "
+    "indicating the scores.\nScore: ")
+
+
+class LLMJudge(Judge):
+    """Any llmcore language model as a grader: the AlpaGasus grading prompt, and the grade
+    read from the next-token probabilities of the grade tokens "0" … "5" (renormalised
+    over those six): the expected grade Σ g·p(g). Nothing is parsed from free text, so
+    every answer gets a score, and close calls keep their uncertainty."""
+
+    name = "llm"
+
+    def __init__(self, model, tokenizer, template: str = ALPAGASUS_PROMPT,
+                 grades: Sequence[str] = ("0", "1", "2", "3", "4", "5"), batch_size: int = 8):
+        self.model, self.tok, self.template = model.eval(), tokenizer, template
+        ids = [tokenizer.encode(g, add_special_tokens=False) for g in grades]
+        bad = [g for g, i in zip(grades, ids, strict=True) if len(i) != 1]
+        if bad:
+            raise ValueError(f"grade tokens must each be one token of the tokenizer; "
+                             f"{bad} are not")
+        self.grade_ids = torch.tensor([i[0] for i in ids])
+        self.values = torch.tensor([float(g) for g in grades])
+        self.batch_size = batch_size
+
+    def prompt_ids(self, prompt: str, response: str) -> list[int]:
+        text = self.template.format(prompt=prompt, response=response)
+        ids = self.tok.encode(text, add_special_tokens=False)
+        room = self.model.config.max_seq_len
+        return ids[-room:]  # keep the end: the question about the grade
+
+    @torch.no_grad()
+    def grade_probs(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        """[n, len(grades)] probabilities of each grade (renormalised)."""
+        from llmcore.data.examples import Encoded
+        from llmcore.training.batching import packed_batch
+
+        seqs = [self.prompt_ids(p, r) for p, r in zip(prompts, responses, strict=True)]
+        out = []
+        dev = self.model.device
+        for i in range(0, len(seqs), self.batch_size):
+            part = [Encoded(s, [0] * len(s)) for s in seqs[i:i + self.batch_size]]
+            b = packed_batch(part)
+            cu = b["cu_seqlens"].to(dev)
+            logits = self.model(b["input_ids"].to(dev), cu_seqlens=cu)[0]
+            last = logits[cu[1:].long() - 1].float()  # [n, vocab]: the next token's logits
+            out.append(torch.softmax(last[:, self.grade_ids.to(dev)], -1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, len(self.values))
+
+    def score_many(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        if len(prompts) != len(responses):
+            raise ValueError(f"prompts ({len(prompts)}) and responses ({len(responses)}) "
+                             "must have the same length")
+        return (self.grade_probs(prompts, responses) @ self.values).tolist()
+
+
+__all__ = ["ALPAGASUS_PROMPT", "CodeJudge", "Judge", "JudgeLike", "LLMJudge",
+           "RewardModelJudge"]
