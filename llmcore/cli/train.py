@@ -18,7 +18,7 @@ from llmcore.cli._common import CLIError, new_run_dir
 def add_parser(subparsers):
     from llmcore.training.recipes import RECIPES
 
-    p = subparsers.add_parser("train", help="train a model (pretrain, sft, reward, dpo) into a run folder",
+    p = subparsers.add_parser("train", help="train a model (pretrain, sft, reward, dpo, ppo) into a run folder",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("recipe", choices=sorted(RECIPES), help="what to train")
     p.add_argument("--config", metavar="NAME|FILE.toml",

@@ -65,6 +65,10 @@ def export_model(model: nn.Module, path: str | os.PathLike,
 
     model = unwrap(model)
     state = full_state_dict(model) if state is None else state
+    if hasattr(model, "export_pretrained"):  # a composite model writes its own layout
+        model.export_pretrained(Path(path), state)
+        _copy_tokenizer(tokenizer_dir, path)
+        return
     cls = type(model) if isinstance(model, Transformer) else Transformer  # or a RewardModel
     plain = cls(model.config, backend=model.backend, device="cpu",
                 dtype=model.embed_tokens.weight.dtype)
@@ -73,6 +77,10 @@ def export_model(model: nn.Module, path: str | os.PathLike,
     if missing or unexpected:
         raise RuntimeError(f"cannot export the model: missing {missing}, unexpected {unexpected}")
     plain.save_pretrained(str(path))
+    _copy_tokenizer(tokenizer_dir, path)
+
+
+def _copy_tokenizer(tokenizer_dir, path) -> None:
     if tokenizer_dir is not None:
         for name in ("tokenizer.json", "tokenizer_config.json"):
             src = Path(tokenizer_dir) / name
@@ -146,6 +154,9 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
 def load_model_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Copy the weights of HF directory ``path`` into ``model`` (exact; names checked)."""
     model = unwrap(model)
+    if hasattr(model, "load_pretrained_weights"):  # a composite model reads its own layout
+        model.load_pretrained_weights(Path(path))
+        return
     f = Path(path) / "model.safetensors"
     if not f.is_file():
         raise FileNotFoundError(f"{f} not found")

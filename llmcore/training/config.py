@@ -58,6 +58,7 @@ class TrainConfig:
     ref_model: str | None = None  # reference model directory (default: init_from)
     ref_cache: bool = True  # precompute reference log-probs once, cached on disk
     center_coef: float = 0.0  # reward model: weight of the mean (r_c + r_r)^2 term
+    ppo: dict = field(default_factory=dict)  # ppo recipe settings (see docs/training.md)
     # optimisation
     steps: int = 100
     batch_size: int = 8
@@ -129,6 +130,7 @@ class TrainConfig:
         need(self.backend in BACKENDS, "backend", f"must be one of {BACKENDS}")
         need(self.parallel in PARALLEL, "parallel", f"must be one of {PARALLEL}")
         need(isinstance(self.model, dict), "model", "must be a table of model overrides")
+        need(isinstance(self.ppo, dict), "ppo", "must be a table of ppo settings")
         need(isinstance(self.data, (str, list)) and bool(self.data), "data",
              "must be 'stdlib' or a non-empty list of paths")
         if self.bfp is not None:
@@ -159,6 +161,7 @@ def _finite(v) -> bool:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+TABLES = ("model", "ppo")  # keys holding a table, settable per entry as "table.key"
 
 
 def _unknown(key: str) -> ValueError:
@@ -186,15 +189,16 @@ def _coerce(key: str, value: Any) -> Any:
 
 def apply(cfg: TrainConfig, values: dict, where: str = "config") -> TrainConfig:
     """A copy of ``cfg`` with ``values`` (a flat or nested dict) applied."""
-    out = dataclasses.replace(cfg, model=dict(cfg.model))
+    out = dataclasses.replace(cfg, model=dict(cfg.model), ppo=dict(cfg.ppo))
     for key, value in values.items():
-        if key == "model":
+        if key in TABLES:
             if not isinstance(value, dict):
-                raise ValueError(f"{where}: 'model' must be a table of model overrides")
-            out.model.update(value)
+                raise ValueError(f"{where}: {key!r} must be a table of {key} settings")
+            getattr(out, key).update(value)
             continue
-        if key.startswith("model."):
-            out.model[key[len("model."):]] = value
+        table, dot, sub = key.partition(".")
+        if dot and table in TABLES:
+            getattr(out, table)[sub] = value
             continue
         if key not in FIELDS:
             raise _unknown(key)

@@ -1,7 +1,7 @@
 """Training recipes: each a config, a batch source and a step function on the one loop."""
 
-from llmcore.training.recipes import dpo, pretrain, reward, sft
+from llmcore.training.recipes import dpo, ppo, pretrain, reward, sft
 
-RECIPES = {"pretrain": pretrain, "sft": sft, "reward": reward, "dpo": dpo}
+RECIPES = {"pretrain": pretrain, "sft": sft, "reward": reward, "dpo": dpo, "ppo": ppo}
 
-__all__ = ["RECIPES", "dpo", "pretrain", "reward", "sft"]
+__all__ = ["RECIPES", "dpo", "ppo", "pretrain", "reward", "sft"]
