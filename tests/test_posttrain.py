@@ -630,3 +630,83 @@ def test_recipes_train_with_bfp_linears_and_bf16(model_dir, sft_data, pair_data,
     assert (tmp_path / "final" / "model.safetensors").is_file()
     if recipe == "reward":  # the head stays in float; the saved model is a plain reward model
         RewardModel.from_pretrained(str(tmp_path / "final"))
+
+
+# ------------------------------------------------------------------------------------ ppo
+
+def ppo_cfg(model_dir: Path, data: Path, **over) -> TrainConfig:
+    values = {"recipe": "ppo", "init_from": str(model_dir), "data": str(data), "steps": 48,
+              "batch_size": 8, "seq_len": 64, "lr": 3e-3, "min_lr": 3e-3, "warmup": 0,
+              "schedule": "constant", "eval_every": 0, "progress": False, "tensorboard": False,
+              "seed": 1, "ppo": {"rollout_batch": 16, "ppo_epochs": 4, "max_new_tokens": 8,
+                                 "temperature": 1.0, "rm_weight": 0.0}}
+    values.update(over)
+    return apply(TrainConfig(), values).validate()
+
+
+GOOD = set(WORDS[:8])
+
+
+def _good_word(prompts, answers):
+    """1 when the answer names one of eight of the 24 words (a third of them)."""
+    return [float(any(w in GOOD for w in a.replace(".", " ").split())) for a in answers]
+
+
+@pytest.fixture(scope="module")
+def sft_model(tmp_path_factory, model_dir, sft_data, cache) -> Path:
+    """The tiny model after a short SFT: it answers with words of the task."""
+    out = tmp_path_factory.mktemp("sft-model")
+    sft.run(post_cfg(model_dir, sft_data, "sft", steps=40, eval_before=False), out)
+    return out / "final"
+
+
+def test_ppo_raises_a_verifiable_reward_with_bounded_kl(sft_model, sft_data, cache, tmp_path):
+    from llmcore.training.recipes import ppo
+
+    ppo.run(ppo_cfg(sft_model, sft_data, steps=64, lr=1e-3, min_lr=1e-3), tmp_path,
+            reward_fn=_good_word)
+    rows = train_rows(tmp_path)
+    scores = [r["objective/scores"] for r in rows[::8]]  # one rollout every 8 steps
+    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # policy = reference
+    assert rows[0]["policy/clipfrac"] == 0.0 and rows[0]["policy/approxkl"] < 1e-10
+    first, last = sum(scores[:2]) / 2, sum(scores[-2:]) / 2
+    assert last > first + 0.15, scores
+    assert all(abs(r["objective/kl"]) < 20 for r in rows)
+    names = {"objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward",
+             "objective/non_score_reward", "policy/approxkl", "policy/clipfrac",
+             "loss/policy", "loss/value", "val/clipfrac", "rollout/parse_rate"}
+    assert names <= set(rows[0])
+    final = tmp_path / "final"
+    Transformer.from_pretrained(str(final))  # the policy is a plain model directory
+    assert (final / "value_head.safetensors").is_file()
+
+
+def test_ppo_resume_is_bitwise_identical(model_dir, sft_data, cache, tmp_path):
+    from llmcore.training.recipes import ppo
+
+    cfg = ppo_cfg(model_dir, sft_data, steps=16, save_every=8)
+    ppo.run(cfg, tmp_path / "full", reward_fn=_good_word)
+    ppo.run(cfg, tmp_path / "cut", stop_at=8, reward_fn=_good_word)
+    ppo.run(cfg, tmp_path / "cut", resume=True, reward_fn=_good_word)
+
+    def curve(run):
+        return [(r["step"], r["loss"], r["objective/scores"]) for r in train_rows(run)]
+    assert curve(tmp_path / "cut") == curve(tmp_path / "full")
+
+
+@pytest.mark.parametrize("over, match", [
+    ({"ppo": {"rollout_batch": 0}}, "ppo.rollout_batch"),
+    ({"ppo": {"kl_estimator": "k2"}}, "ppo.kl_estimator"),
+    ({"ppo": {"bogus": 1}}, "unknown ppo setting"),
+    ({"ppo": {"rm_weight": 1.0}}, "ppo.reward_model' is needed"),
+    ({"grad_accum": 2}, "grad_accum"),
+    ({"save_every": 3}, "multiple of the steps per rollout"),
+    ({"seq_len": 8}, "no room for prompts"),
+])
+def test_ppo_settings_are_checked(model_dir, sft_data, cache, tmp_path, over, match):
+    from llmcore.training.recipes import ppo
+
+    values = {"ppo": {"max_new_tokens": 8, "rm_weight": 0.0, **over.pop("ppo", {})}, **over}
+    cfg = ppo_cfg(model_dir, sft_data, **values)
+    with pytest.raises(ValueError, match=match):
+        ppo.run(cfg, tmp_path, reward_fn=None if "reward_model" in match else _good_word)

@@ -119,8 +119,12 @@ class PPOSettings:
              "must be a number > 0 (or absent: a fixed coefficient)")
         need(self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= 1), "top_k",
              "must be an int >= 1")
-        need(self.reward_model is not None or self.parse_weight or self.doctest_weight,
-             "reward_model", "is needed unless parse_weight or doctest_weight gives a reward")
+
+    def check_reward(self, custom: bool) -> None:
+        if not (self.reward_model is not None or self.parse_weight or self.doctest_weight
+                or custom):
+            raise ValueError("config key 'ppo.reward_model' is needed unless ppo.parse_weight "
+                             "or ppo.doctest_weight (or a reward_fn) gives a reward")
 
 
 NAMED_CONFIGS: dict[str, dict] = {
@@ -201,10 +205,10 @@ def _pad(rows: list[torch.Tensor], width: int, value=0.0) -> torch.Tensor:
 class Scorer:
     """The score of each (prompt, answer): reward model and verifiable checks, weighted."""
 
-    def __init__(self, s: PPOSettings, device):
+    def __init__(self, s: PPOSettings, device, reward_fn=None):
         from llmcore.evaluation.judges import CodeJudge, RewardModelJudge
 
-        self.s = s
+        self.s, self.reward_fn = s, reward_fn
         self.rm = (RewardModelJudge.from_pretrained(s.reward_model, device=device)
                    if s.reward_model and s.rm_weight else None)
         self.run_doctests = bool(s.doctest_weight)
@@ -220,7 +224,14 @@ class Scorer:
         parse = torch.tensor([float(c.parses) for c in checks])
         doct = torch.tensor([c.doctest_rate or 0.0 for c in checks])
         total = self.s.rm_weight * rm + self.s.parse_weight * parse + self.s.doctest_weight * doct
-        return {"score": total, "rm": rm, "parse": parse, "doctest": doct}
+        custom = torch.zeros(n)
+        if self.reward_fn is not None:
+            custom = torch.tensor([float(x) for x in self.reward_fn(prompts, answers)])
+            if custom.shape != (n,) or not torch.isfinite(custom).all():
+                raise ValueError(f"reward_fn must return {n} finite numbers, got "
+                                 f"{custom.tolist()[:8]}")
+        return {"score": total + custom, "rm": rm, "parse": parse, "doctest": doct,
+                "custom": custom}
 
 
 class Rollouts:
@@ -442,13 +453,17 @@ def load_prompts(cfg: TrainConfig, renderer, stats: Counter, room: int, info
 
 
 def run(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False,
-        stop_at: int | None = None) -> dict:
-    """PPO from ``init_from`` (the SFT model) on the prompts of ``data`` into ``out``."""
+        stop_at: int | None = None, reward_fn=None) -> dict:
+    """PPO from ``init_from`` (the SFT model) on the prompts of ``data`` into ``out``.
+
+    ``reward_fn(prompts, answers) -> list of floats`` (Python API) adds a reward of your
+    own to the configured ones (weight 1), e.g. a unit test or any verifier."""
     from llmcore.data.examples import Renderer
     from llmcore.tokenizer import load_tokenizer
     from llmcore.training.recipes import posttrain as P
 
     s = PPOSettings.from_table(cfg.ppo)
+    s.check_reward(reward_fn is not None)
     if cfg.grad_accum != 1:
         raise ValueError("config key 'grad_accum' must be 1 for ppo (a step is one minibatch "
                          "of the rollout)")
@@ -465,7 +480,7 @@ def run(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False,
     ref = copy.deepcopy(policy).eval().requires_grad_(False).to(info.device)
     torch.manual_seed(cfg.seed)
     model = ActorCritic(policy)
-    scorer = Scorer(s, info.device)
+    scorer = Scorer(s, info.device, reward_fn)
     source = Rollouts(model, ref, train, tok, cfg, s, scorer)
     if cfg.save_every and cfg.save_every % source.steps_per_rollout:
         raise ValueError(f"config key 'save_every' must be a multiple of the steps per rollout "
