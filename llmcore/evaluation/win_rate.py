@@ -145,7 +145,7 @@ def bootstrap_ci(values: torch.Tensor, resamples: int = 2000, seed: int = 0,
     return lo, hi
 
 
-def _logistic_fit(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-4,
+def _logistic_fit(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-6,
                   iters: int = 50) -> torch.Tensor:
     """Newton's method for soft-label logistic regression, batched: x [B, n, k], y [B, n]
     -> coefficients [B, k]. A small ridge keeps separable data (all wins) finite."""
@@ -205,8 +205,9 @@ def win_rate(prompts: Sequence[str], answers_a: Sequence[str], answers_b: Sequen
         pref = (p_ab + 1 - p_ba) / 2
     else:
         p_ba, pref = None, p_ab
-    if not bool(((pref >= 0) & (pref <= 1)).all()):
-        raise ValueError("the judge returned preferences outside [0, 1] (or NaN)")
+    for p in (p_ab, p_ba):
+        if p is not None and not bool(((p >= 0) & (p <= 1)).all()):
+            raise ValueError("the judge returned preferences outside [0, 1] (or NaN)")
     tie = (pref - 0.5).abs() <= 1e-9  # (p + 1 - p) / 2 is not always exactly 0.5
     len_a = torch.tensor([len(a) for a in answers_a], dtype=torch.float64)
     len_b = torch.tensor([len(b) for b in answers_b], dtype=torch.float64)
