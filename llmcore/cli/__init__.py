@@ -8,8 +8,12 @@
   llmcore data prepare ...      token shards from text/JSONL/Parquet or the stdlib
   llmcore data sft-stdlib ...   instruction set from the stdlib's functions (JSONL)
   llmcore data preferences-stdlib ...  preference pairs (real vs corrupted function)
+  llmcore data mc-stdlib ...    multiple-choice set: the real next line of held-out files
   llmcore train RECIPE ...      training runs (pretrain) into a run folder
   llmcore eval perplexity ...   held-out loss, perplexity, bits per byte (and xz's)
+  llmcore eval multiple-choice  accuracy by log-likelihood (acc, acc_norm, per subject)
+  llmcore eval win-rate ...     pairwise win rate of two models (both orders, CI, LC)
+  llmcore eval contamination    n-gram overlap of an evaluation set with training data
   llmcore plot RUN_DIR          PNG curves of a run
 
 Run ``llmcore COMMAND --help`` for a command's options.

@@ -27,6 +27,13 @@ def add_parser(subparsers):
                        help="share of source files held out (the pretraining split)")
         s.add_argument("--max-chars", type=int_at_least(1), default=1500,
                        help="skip functions whose body is longer (characters)")
+    s = sub.add_parser("mc-stdlib", help="multiple-choice set: which of four lines comes next, "
+                       "from held-out stdlib files (JSONL, for `llmcore eval multiple-choice`)")
+    s.add_argument("--out", required=True, help="folder for test.jsonl, dev.jsonl, stats.json")
+    s.add_argument("--val-fraction", type=float_in(0.0, 1.0, lo_open=True, hi_open=True),
+                   default=0.05, help="share of source files held out (the pretraining split)")
+    s.add_argument("--context-lines", type=int_at_least(1), default=12)
+    s.add_argument("--per-file", type=int_at_least(1), default=8, help="items per file at most")
     return p
 
 
@@ -56,6 +63,13 @@ def run(args) -> int:
             print(f"{split}: {s['tokens']:,} tokens, {s['documents']:,} documents, "
                   f"{s['bytes']:,} bytes")
         print(f"wrote {args.out} ({h['dtype']})")
+        return 0
+    if args.action == "mc-stdlib":
+        from llmcore.evaluation.multiple_choice import write_stdlib_mc
+
+        st = write_stdlib_mc(args.out, args.val_fraction, args.context_lines, args.per_file)
+        print(f"test {st['test']:,} items ({st['subjects']} subjects), dev {st['dev']} items; "
+              f"wrote {args.out}/test.jsonl, dev.jsonl, stats.json (template: plain)")
         return 0
     from llmcore.data.stdlib_tasks import write_preferences_stdlib, write_sft_stdlib
 
