@@ -8,6 +8,8 @@
   llmcore data prepare ...      token shards from text/JSONL/Parquet or the stdlib
   llmcore data sft-stdlib ...   instruction set from the stdlib's functions (JSONL)
   llmcore data preferences-stdlib ...  preference pairs (real vs corrupted function)
+  llmcore data clean ...        extract, filter, deduplicate, redact (JSONL + report)
+  llmcore data quality-train ...  the hashed n-gram quality classifier
   llmcore train RECIPE ...      training runs (pretrain) into a run folder
   llmcore eval perplexity ...   held-out loss, perplexity, bits per byte (and xz's)
   llmcore plot RUN_DIR          PNG curves of a run

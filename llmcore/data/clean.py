@@ -29,6 +29,7 @@ from pathlib import Path
 from llmcore.data.corpus import Document, iter_documents
 from llmcore.data.dedup import NearDuplicateIndex, content_hash
 from llmcore.data.filters import (
+    HTML_SUFFIXES,
     PII_KINDS,
     CodeRules,
     ProseRules,
@@ -282,7 +283,7 @@ def clean_corpus(data: str | Sequence[str], out: str | os.PathLike,
 
     tmp = out / "clean.jsonl.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        for doc in pipeline.run(counted(iter_documents(data))):
+        for doc in pipeline.run(counted(iter_documents(data, suffixes=sorted(HTML_SUFFIXES)))):
             n_out += 1
             bytes_out += len(doc.text.encode("utf-8", errors="replace"))
             f.write(json.dumps({"source": doc.source, "text": doc.text}) + "\n")

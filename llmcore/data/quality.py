@@ -28,7 +28,11 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
+try:
+    import numpy as np
+except ImportError:  # not a dependency of the package, only of the cleaning tools
+    raise ImportError("the cleaning tools need numpy: pip install numpy "
+                      "(or llmcore[clean])") from None
 
 from llmcore.data.corpus import Document, split_of, stdlib_files, stdlib_root
 from llmcore.data.filters import has_generated_marker
@@ -142,6 +146,8 @@ class QualityClassifier:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> QualityClassifier:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"quality model {path} not found")
         try:
             z = np.load(path, allow_pickle=False)
             meta = json.loads(str(z["meta"]))
