@@ -185,7 +185,7 @@ class NearDuplicateIndex:
     with ``verify``, else (0.5, 0.5).
 
     Memory is per kept document: ``bands`` 8-byte band keys in the band tables and, with
-    ``verify``, the ``num_perm`` x 4-byte signature (about 1.5 KB a document in Python
+    ``verify``, the ``num_perm`` x 4-byte signature (about 3 KB a document in Python
     containers with the defaults); documents themselves are not kept.
     """
 
