@@ -9,6 +9,8 @@
   llmcore data sft-stdlib ...   instruction set from the stdlib's functions (JSONL)
   llmcore data preferences-stdlib ...  preference pairs (real vs corrupted function)
   llmcore data mc-stdlib ...    multiple-choice set: the real next line of held-out files
+  llmcore data clean ...        extract, filter, deduplicate, redact (JSONL + report)
+  llmcore data quality-train ...  the hashed n-gram quality classifier
   llmcore train RECIPE ...      training runs (pretrain) into a run folder
   llmcore eval perplexity ...   held-out loss, perplexity, bits per byte (and xz's)
   llmcore eval multiple-choice  accuracy by log-likelihood (acc, acc_norm, per subject)

@@ -1,11 +1,13 @@
-"""``llmcore data``: token shards from a corpus, and instruction / preference sets made
-from the standard library's functions."""
+"""``llmcore data``: token shards from a corpus, instruction / preference sets made from
+the standard library's functions, the cleaning pipeline and its quality classifier."""
 
 from __future__ import annotations
 
 import time
 
-from llmcore.cli._common import float_in, int_at_least
+from llmcore.cli._common import CLIError, float_in, int_at_least
+
+CLEAN_STEPS = ("extract", "heuristics", "quality", "exact_dedup", "near_dedup", "pii")
 
 
 def add_parser(subparsers):
@@ -34,7 +36,96 @@ def add_parser(subparsers):
                    default=0.05, help="share of source files held out (the pretraining split)")
     s.add_argument("--context-lines", type=int_at_least(1), default=12)
     s.add_argument("--per-file", type=int_at_least(1), default=8, help="items per file at most")
+    _add_clean_parsers(sub)
     return p
+
+
+def _add_clean_parsers(sub) -> None:
+    c = sub.add_parser("clean", help="extract, filter, deduplicate and redact documents "
+                       "(JSONL out, with a report of what each step removed)")
+    c.add_argument("--data", nargs="+", default=["stdlib"], metavar="stdlib|PATH",
+                   help="stdlib, or text/JSONL/Parquet/HTML files and folders")
+    c.add_argument("--out", required=True, help="folder for clean.jsonl and report.json")
+    c.add_argument("--steps", default="extract,heuristics,exact_dedup,near_dedup,pii",
+                   help=f"comma-separated, in order, from {','.join(CLEAN_STEPS)} "
+                   "(quality needs --quality-model)")
+    c.add_argument("--html-backend", choices=["resiliparse", "trafilatura", "html.parser"],
+                   help="default: the first of these that is installed")
+    c.add_argument("--near-threshold", type=float_in(0.0, 1.0, True, True), default=0.8,
+                   help="Jaccard similarity of word shingles above which a document is a "
+                   "near duplicate")
+    c.add_argument("--num-perm", type=int_at_least(1), default=128,
+                   help="MinHash permutations")
+    c.add_argument("--shingle", type=int_at_least(1), default=5, help="words per shingle")
+    c.add_argument("--bands", type=int_at_least(1),
+                   help="LSH bands (with --rows; default: optimal for the threshold)")
+    c.add_argument("--rows", type=int_at_least(1), help="LSH rows per band")
+    c.add_argument("--quality-model", help="a model from `llmcore data quality-train`")
+    c.add_argument("--quality-threshold", type=float_in(0.0, 1.0), default=0.5,
+                   help="keep documents the classifier scores at least this")
+    c.add_argument("--workers", type=int_at_least(1), default=1,
+                   help="processes for the steps before the first dedup step")
+    q = sub.add_parser("quality-train", help="train the hashed n-gram quality classifier "
+                       "(default: the stdlib demo split)")
+    q.add_argument("--positive", nargs="+", metavar="PATH", help="good documents")
+    q.add_argument("--negative", nargs="+", metavar="PATH", help="bad documents")
+    q.add_argument("--out", required=True, help="model file (.npz)")
+    q.add_argument("--val-fraction", type=float_in(0.0, 1.0, True, True), default=0.2,
+                   help="share held out (by a hash of each document's source)")
+    q.add_argument("--epochs", type=int_at_least(1), default=20)
+    q.add_argument("--dim", type=int_at_least(2), default=1 << 18,
+                   help="hashed feature buckets")
+    q.add_argument("--ngrams", type=int_at_least(1), default=2, help="longest token n-gram")
+
+
+def _run_clean(args) -> int:
+    from llmcore.data.clean import build_steps, clean_corpus, format_report
+    from llmcore.data.quality import QualityClassifier
+
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    if (args.bands is None) != (args.rows is None):
+        raise CLIError("give --bands and --rows together (or neither)")
+    if args.quality_model and "quality" not in steps:
+        steps.insert(steps.index("heuristics") + 1 if "heuristics" in steps else 0, "quality")
+    model = QualityClassifier.load(args.quality_model) if args.quality_model else None
+    near = {"threshold": args.near_threshold, "num_perm": args.num_perm,
+            "shingle": args.shingle, "bands": args.bands, "rows": args.rows}
+    kw = {"html": args.html_backend, "near": near, "quality_model": model,
+          "quality_threshold": args.quality_threshold}
+    build_steps(steps, **kw)  # a bad step list fails before any file is read
+    data = "stdlib" if args.data == ["stdlib"] else args.data
+    report = clean_corpus(data, args.out, steps, workers=args.workers, **kw)
+    print(format_report(report))
+    print(f"wrote {args.out}/clean.jsonl, report.json")
+    return 0
+
+
+def _run_quality_train(args) -> int:
+    from llmcore.data.corpus import iter_documents
+    from llmcore.data.quality import train_split, train_stdlib
+
+    if (args.positive is None) != (args.negative is None):
+        raise CLIError("give --positive and --negative together (or neither, for the "
+                       "stdlib demo)")
+    fit = {"epochs": args.epochs, "dim": args.dim, "ngrams": args.ngrams}
+    t0 = time.perf_counter()
+    if args.positive is None:
+        model, stats = train_stdlib(args.val_fraction, **fit)
+    else:
+        pos, neg = list(iter_documents(args.positive)), list(iter_documents(args.negative))
+        model, stats = train_split([d.text for d in pos], [d.text for d in neg],
+                                   [d.source for d in pos], [d.source for d in neg],
+                                   args.val_fraction, **fit)
+    model.save(args.out)
+    tr, va = stats["train"], stats["val"]
+    print(f"train: {tr['positive']:,} positive, {tr['negative']:,} negative; accuracy "
+          f"{stats['train_accuracy']:.3f}")
+    acc = "n/a (nothing held out)" if stats["val_accuracy"] is None else \
+        f"{stats['val_accuracy']:.3f}"
+    print(f"held out: {va['positive']:,} positive, {va['negative']:,} negative; accuracy "
+          f"{acc}; {time.perf_counter() - t0:.1f} s")
+    print(f"wrote {args.out}")
+    return 0
 
 
 def _print_counts(stats: dict, seconds: float) -> None:
@@ -54,6 +145,10 @@ def _print_counts(stats: dict, seconds: float) -> None:
 
 
 def run(args) -> int:
+    if args.action == "clean":
+        return _run_clean(args)
+    if args.action == "quality-train":
+        return _run_quality_train(args)
     if args.action == "prepare":
         from llmcore.data.shards import prepare_shards
 

@@ -91,14 +91,17 @@ def stdlib_documents(split: str | None = None, val_fraction: float = 0.05,
         yield Document(key, (root / rel).read_bytes().decode("utf-8", errors="replace"))
 
 
-def _expand(paths: Sequence[str | os.PathLike]) -> list[tuple[str, Path]]:
+def _expand(paths: Sequence[str | os.PathLike],
+            suffixes: Sequence[str] = ()) -> list[tuple[str, Path]]:
     """(key, path) of every data file: the key is the path relative to the directory given
-    (or the file's name), so splits do not depend on where the data lives."""
+    (or the file's name), so splits do not depend on where the data lives. ``suffixes``:
+    more file types to take from folders."""
     files = []
     for p in map(Path, paths):
         if p.is_dir():
             files += [(f.relative_to(p).as_posix(), f) for f in sorted(p.rglob("*"))
-                      if f.is_file() and f.suffix in (*TEXT_SUFFIXES, ".jsonl", ".parquet")]
+                      if f.is_file() and
+                      f.suffix in (*TEXT_SUFFIXES, ".jsonl", ".parquet", *suffixes)]
         elif p.is_file():
             files.append((p.name, p))
         else:
@@ -140,12 +143,15 @@ def _file_documents(key: str, path: Path) -> Iterator[Document]:
 
 
 def iter_documents(data: str | Sequence[str | os.PathLike], split: str | None = None,
-                   val_fraction: float = 0.05) -> Iterator[Document]:
+                   val_fraction: float = 0.05,
+                   suffixes: Sequence[str] = ()) -> Iterator[Document]:
     """Documents of ``data``: ``"stdlib"`` or a list of files/directories.
 
     With ``split``, user files are split like the stdlib: by a hash of each document's
     source (its path relative to the directory given, or the file name; ``:row`` added
     for JSONL/Parquet rows), so the split is the same wherever the data lives.
+    ``suffixes`` adds file types to take from folders (the cleaning pipeline adds
+    ``.html``).
     """
     _check_split(split)
     _check_fraction(val_fraction)
@@ -154,7 +160,7 @@ def iter_documents(data: str | Sequence[str | os.PathLike], split: str | None = 
         return
     if isinstance(data, (str, os.PathLike)):
         data = [data]
-    for key, path in _expand(data):
+    for key, path in _expand(data, suffixes):
         for doc in _file_documents(key, path):
             if split is None or split_of(doc.source, val_fraction) == split:
                 yield doc
