@@ -10,6 +10,7 @@
   llmcore data preferences-stdlib ...  preference pairs (real vs corrupted function)
   llmcore train RECIPE ...      training runs (pretrain) into a run folder
   llmcore eval perplexity ...   held-out loss, perplexity, bits per byte (and xz's)
+  llmcore scaling fit|sweep|plan  scaling laws: Chinchilla fit, our sweep, compute plan
   llmcore plot RUN_DIR          PNG curves of a run
 
 Run ``llmcore COMMAND --help`` for a command's options.
@@ -34,7 +35,8 @@ import traceback
 from llmcore.cli._common import CLIError
 
 # In the order `llmcore --help` lists them.
-COMMANDS = ("info", "bench", "generate", "chat", "tokenizer", "data", "train", "eval", "plot")
+COMMANDS = ("info", "bench", "generate", "chat", "tokenizer", "data", "train", "eval", "scaling",
+            "plot")
 
 USER_ERRORS = (CLIError, ValueError, OSError, ImportError)
 BUG_HINT = ("llmcore: this is a bug in llmcore, not in your input; please report it with "

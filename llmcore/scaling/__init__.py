@@ -9,6 +9,13 @@ compute planner.
   pretraining loop, fitted and plotted as isoFLOP curves.
 """
 
-from llmcore.scaling.chinchilla import ChinchillaFit, check_runs, fit_chinchilla, read_runs
+from llmcore.scaling.chinchilla import (
+    EPOCH_2024,
+    ChinchillaFit,
+    check_runs,
+    fit_chinchilla,
+    plan,
+    read_runs,
+)
 
-__all__ = ["ChinchillaFit", "check_runs", "fit_chinchilla", "read_runs"]
+__all__ = ["EPOCH_2024", "ChinchillaFit", "check_runs", "fit_chinchilla", "plan", "read_runs"]

@@ -96,10 +96,11 @@ def huber_objective(theta, log_n, log_d, log_l, weights=None, delta: float = HUB
 
 def batched_lbfgs(fg, x0: torch.Tensor, max_iter: int = 500, history: int = 10,
                   ftol: float = 1e-10, gtol: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
-    """Minimise S independent problems at once: ``fg(x [k, P], rows [k]) -> (f [k],
-    grad [k, P])`` for the problems ``rows`` (row s depends on x[s] only). L-BFGS with a
-    two-loop recursion per row and a backtracking Armijo line search (step 1 first,
-    halved while the row's sufficient-decrease test fails). A row stops when its
+    """Minimise S independent problems at once: ``fg(x [..., k, P], rows [k]) -> (f
+    [..., k], grad [..., k, P])`` for the problems ``rows`` (row s depends on x[s] only).
+    L-BFGS with a two-loop recursion per row and an Armijo line search: step 1, and for
+    the rows it does not decrease enough the largest of 0.3, 0.09, ..., 0.3^12 that does
+    (evaluated together). A row stops when its
     gradient's max-norm is under ``gtol``, its relative decrease under ``ftol``, or no
     step decreases it. Returns (x [S, P], f(x) [S])."""
     x = x0.detach().clone()
@@ -131,18 +132,21 @@ def batched_lbfgs(fg, x0: torch.Tensor, max_iter: int = 500, history: int = 10,
         gd = (gi * d).sum(-1)
 
         xi, fi = x[idx], fx[idx]
+        f_new, g_new = fg(xi + d, idx)  # the full step, accepted by most rows
+        accepted = torch.isfinite(f_new) & (f_new <= fi + 1e-4 * gd)
         t = torch.ones_like(fi)
-        f_new, g_new = fi.clone(), gi.clone()
-        accepted = torch.zeros_like(fi, dtype=torch.bool)
-        for _ in range(40):
-            todo = torch.nonzero(~accepted).reshape(-1)
-            if todo.numel() == 0:
-                break
-            ft, gt = fg(xi[todo] + t[todo, None] * d[todo], idx[todo])
-            ok = torch.isfinite(ft) & (ft <= fi[todo] + 1e-4 * t[todo] * gd[todo])
-            hit = todo[ok]
-            accepted[hit], f_new[hit], g_new[hit] = True, ft[ok], gt[ok]
-            t[todo[~ok]] *= 0.5
+        back = torch.nonzero(~accepted).reshape(-1)
+        if back.numel():  # the others try 0.3^k, k = 1..12, in one call
+            ts = 0.3 ** torch.arange(1, 13, dtype=x.dtype)[:, None]  # [K, 1]
+            fb, gb = fg(xi[back] + ts[..., None] * d[back], idx[back])  # [K, m], [K, m, P]
+            ok = torch.isfinite(fb) & (fb <= fi[back] + 1e-4 * ts * gd[back])
+            first = ok.to(torch.int8).argmax(0)
+            found = ok.any(0)
+            hit, k = back[found], first[found]
+            cols = torch.nonzero(found).reshape(-1)
+            accepted[hit] = True
+            t[hit] = ts[k, 0]
+            f_new[hit], g_new[hit] = fb[k, cols], gb[k, cols]
         t = torch.where(accepted, t, torch.zeros_like(t))
         x_new = xi + t[:, None] * d
         s_new, y_new = x_new - xi, g_new - gi
@@ -273,6 +277,36 @@ def fit_chinchilla(N, D, L, grid: dict | None = None, delta: float = HUBER_DELTA
     a, b, e, alpha, beta = x[best].tolist()
     return ChinchillaFit(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta,
                          objective=fx[best].item(), num_runs=n.numel(), delta=delta)
+
+
+# Epoch AI's published replication on the digitised runs minus the 5 of highest loss
+# (Besiroglu et al., 2024): the default law of ``llmcore scaling plan``.
+EPOCH_2024 = ChinchillaFit(E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658)
+
+
+def plan(fit: ChinchillaFit, C: float, tokens_per_param=(150.0,)) -> dict:
+    """The compute-optimal run at C FLOPs and, for each over-training ratio r (tokens per
+    parameter), the run of the same compute at that ratio: its size, tokens and predicted
+    loss, the loss it gives up, and the compute it would need to reach the optimal loss
+    at that ratio (``compute_to_match``, found by bisection on log C)."""
+    n_opt, d_opt = fit.compute_optimal(C)
+    best = fit.predict(n_opt, d_opt)
+    out = {"compute": C, "N_opt": n_opt, "D_opt": d_opt, "tokens_per_param": d_opt / n_opt,
+           "loss": best, "law": fit.to_dict(), "over_training": []}
+    for r in tokens_per_param:
+        n, d, loss = fit.at_ratio(C, r)
+        lo, hi = math.log(C) - 60.0, math.log(C) + 60.0  # loss(C') falls monotonically
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            if fit.at_ratio(math.exp(mid), r)[2] > best:
+                lo = mid
+            else:
+                hi = mid
+        match = math.exp(hi)
+        out["over_training"].append({
+            "tokens_per_param": r, "N": n, "D": d, "loss": loss, "loss_increase": loss - best,
+            "params_ratio": n / n_opt, "compute_to_match": match, "compute_ratio": match / C})
+    return out
 
 
 # Column names read by :func:`read_runs`: Epoch AI's digitised Chinchilla table, or plain
