@@ -169,7 +169,7 @@ def test_cli_fit_plan_and_errors(tmp_path, capsys, monkeypatch):
     csv = tmp_path / "runs.csv"
     csv.write_text("N,D,loss\n" + "".join(f"{a},{b},{c}\n" for a, b, c in
                                           zip(n[:40].tolist(), d[:40].tolist(),
-                                              loss[:40].tolist())))
+                                              loss[:40].tolist(), strict=True)))
     assert main(["scaling", "fit", str(csv), "--json", "fit.json"]) == 0
     out = json.loads((tmp_path / "fit.json").read_text())
     assert out["fit"]["alpha"] == pytest.approx(0.34, rel=1e-3)

@@ -123,7 +123,7 @@ def batched_lbfgs(fg, x0: torch.Tensor, max_iter: int = 500, history: int = 10,
             q -= a_j[:, None] * y_hist[j, idx]
             alphas.append(a_j)
         r = gamma[idx, None] * q
-        for j, a_j in zip(reversed(order), reversed(alphas)):
+        for j, a_j in zip(reversed(order), reversed(alphas), strict=True):
             b_j = rho[j, idx] * (y_hist[j, idx] * r).sum(-1)
             r += s_hist[j, idx] * (a_j - b_j)[:, None]
         d = -r
@@ -356,7 +356,7 @@ def read_runs(path, exclude_highest: int = 0) -> tuple[list, list, list]:
     L = [num(r, lc, i) for i, r in enumerate(rows)]
     D = ([num(r, dc, i) for i, r in enumerate(rows)] if dc else
          [num(r, cc, i) / (6.0 * n) if n > 0 else float("nan") for i, (r, n) in
-          enumerate(zip(rows, N))])
+          enumerate(zip(rows, N, strict=True))])
     if exclude_highest < 0 or exclude_highest >= len(rows):
         raise ValueError(f"exclude_highest must be in [0, {len(rows) - 1}], got "
                          f"{exclude_highest}")

@@ -141,7 +141,7 @@ def run_sweep(spec: SweepSpec, out, log=print, fit_grid: dict | None = None) -> 
         fit = fit_chinchilla([r["N"] for r in runs], [r["D"] for r in runs],
                              [r["loss"] for r in runs], grid=fit_grid)
         result["fit"] = fit.to_dict()
-        result["frontier"] = [dict(zip(("C", "N_opt", "D_opt"), (c, *fit.compute_optimal(c))))
+        result["frontier"] = [dict(zip(("C", "N_opt", "D_opt"), (c, *fit.compute_optimal(c)), strict=True))
                               for c in sorted(spec.budgets)]
     else:
         log("fit skipped: it needs at least 5 runs over 2 sizes and 2 token counts")
