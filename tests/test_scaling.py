@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llmcore.cli import main
-from llmcore.scaling import EPOCH_2024, ChinchillaFit, fit_chinchilla, plan, read_runs
+from llmcore.scaling import EPOCH_2024, ChinchillaFit, chinchilla, fit_chinchilla, plan, read_runs
 from llmcore.scaling.chinchilla import huber_objective
 
 DATA = Path(__file__).resolve().parent / "data" / "chinchilla_epoch_2024.csv"
@@ -164,6 +164,7 @@ def test_bad_plan_and_csv_inputs(tmp_path):
 
 def test_cli_fit_plan_and_errors(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(chinchilla, "GRID", SMALL_GRID)  # the command's fit, on fewer starts
     truth = ChinchillaFit(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
     n, d, loss = _synthetic(truth, 0.0)
     csv = tmp_path / "runs.csv"
