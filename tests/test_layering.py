@@ -16,7 +16,7 @@ LAYERS = {
     "nn": 2,
     "models": 3, "tokenizer": 3, "data": 3,
     "generation": 4,
-    "training": 5, "evaluation": 5,
+    "training": 5, "evaluation": 5, "scaling": 5,
     "bench": 6,
     "cli": 7,
 }

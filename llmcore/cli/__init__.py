@@ -11,11 +11,12 @@
   llmcore data mc-stdlib ...    multiple-choice set: the real next line of held-out files
   llmcore data clean ...        extract, filter, deduplicate, redact (JSONL + report)
   llmcore data quality-train ...  the hashed n-gram quality classifier
-  llmcore train RECIPE ...      training runs (pretrain) into a run folder
+  llmcore train RECIPE ...      training runs (pretrain, sft, reward, dpo, ppo) into a run folder
   llmcore eval perplexity ...   held-out loss, perplexity, bits per byte (and xz's)
   llmcore eval multiple-choice  accuracy by log-likelihood (acc, acc_norm, per subject)
   llmcore eval win-rate ...     pairwise win rate of two models (both orders, CI, LC)
   llmcore eval contamination    n-gram overlap of an evaluation set with training data
+  llmcore scaling fit|sweep|plan  scaling laws: Chinchilla fit, our sweep, compute plan
   llmcore plot RUN_DIR          PNG curves of a run
 
 Run ``llmcore COMMAND --help`` for a command's options.
@@ -40,7 +41,8 @@ import traceback
 from llmcore.cli._common import CLIError
 
 # In the order `llmcore --help` lists them.
-COMMANDS = ("info", "bench", "generate", "chat", "tokenizer", "data", "train", "eval", "plot")
+COMMANDS = ("info", "bench", "generate", "chat", "tokenizer", "data", "train", "eval", "scaling",
+            "plot")
 
 USER_ERRORS = (CLIError, ValueError, OSError, ImportError)
 BUG_HINT = ("llmcore: this is a bug in llmcore, not in your input; please report it with "
