@@ -206,12 +206,24 @@ def test_train_suite_quick(corpus, cache, tmp_path, monkeypatch):
     monkeypatch.setattr(train_suite, "PARITY_STEPS", {True: 3, False: 3})
     monkeypatch.setitem(train_suite.SHAPES, "tiny", {"preset": "tiny", "model": {
         "dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 64}})
+    from llmcore.data.examples import Encoded, EncodedPair
+
+    g = torch.Generator().manual_seed(0)
+    ex = [Encoded(torch.randint(3, 512, (n,), generator=g).tolist(), [0] * 8 + [1] * (n - 8))
+          for n in torch.randint(12, 60, (12,), generator=g).tolist()]
+    pairs = [EncodedPair(e, Encoded(e.ids[:-1] + [5], e.mask)) for e in ex]
+    monkeypatch.setattr(train_suite, "posttrain_data", lambda progress=True: (ex, pairs))
+    monkeypatch.setattr(train_suite, "post_plan", lambda quick: (4, 2, 1, 1))
     res = run_suites(["train"], torch.device("cpu"), quick=True, out_dir=str(tmp_path),
                      progress=False, echo=lambda s: None)["train"]
     rows = {r.method: r for r in res["rows"]}
-    assert set(rows) == {m[0] for m in train_suite.METHODS}
-    assert all(r.metric > 0 and r.extra["timed_steps"] == 2 for r in rows.values())
-    assert set(rows["llmcore mxint8"].ratios) == set(train_suite.BASELINES)
+    assert set(rows) == {m[0] for m in train_suite.METHODS} | set(train_suite.POST_METHODS)
+    assert all(r.metric > 0 for r in rows.values())
+    assert all(rows[m[0]].extra["timed_steps"] == 2 for m in train_suite.METHODS)
+    assert set(rows["llmcore mxint8"].ratios) == {"torch fp32", "llmcore bf16 autocast"}
+    assert set(rows["sft packed"].ratios) == {"sft padded"}
+    assert set(rows["dpo cached reference"].ratios) == {"dpo live reference"}
+    assert "Reference cache" in res["text"]
     parity = res["extra"]["loss_parity"]
     assert parity["steps"] == 3 and math.isfinite(parity["relative_gap"])
     assert json.loads((tmp_path / common.device_slug(torch.device("cpu")) / "train.json")
