@@ -6,7 +6,8 @@ of the held-out figures before and after.
 
 ``--init`` is the pretrained model (``llmcore train pretrain --config stdlib``); every run
 uses the recipe's ``stdlib`` named config. Writes ``DIR/posttrain_stdlib.json`` (the
-summaries of every run) and ``DIR/posttrain_stdlib.png``.
+summaries of every run), ``DIR/posttrain_stdlib_metrics.jsonl`` (every logged row) and
+``DIR/posttrain_stdlib.png``. A rerun skips the runs that finished.
 """
 
 from __future__ import annotations
@@ -64,11 +65,12 @@ def plot(runs: Path, out: Path) -> None:
     ax[0, 1].set(title="Reward model: pair accuracy", xlabel="step", ylim=(0.4, 1.0))
     for lt in PREFERENCE:
         t, v = _rows(runs / lt)
-        key = "logps/margins" if lt == "slic" else "rewards/margins"
+        key = "logps/accuracies" if lt == "slic" else "rewards/accuracies"
         ax[1, 0].plot([r["step"] for r in t], _smooth([r[key] for r in t], 20), label=lt)
         ax[1, 1].plot([r["step"] for r in v], [r["val_logps/accuracies"] for r in v], "o-",
                       label=lt)
-    ax[1, 0].set(title="Preference: train margin (reward; SLiC: log-prob)", xlabel="step")
+    ax[1, 0].set(title="Preference: train accuracy (implicit reward; SLiC: log-prob), "
+                 "smoothed", xlabel="step")
     ax[1, 1].set(title="Preference: held-out log P(chosen) > log P(rejected)", xlabel="step")
     for a in ax.flat:
         a.grid(alpha=0.3)
@@ -95,6 +97,10 @@ def main() -> None:
         res[lt] = _run("dpo", runs / lt, [f"init_from={sft_final}", f"loss_type={json.dumps(lt)}",
                                           *quiet])
     (out / "posttrain_stdlib.json").write_text(json.dumps(res, indent=1) + "\n")
+    with open(out / "posttrain_stdlib_metrics.jsonl", "w", encoding="utf-8") as f:
+        for name in ("sft", "reward", *PREFERENCE):  # every logged row, with its run
+            for line in (runs / name / "metrics.jsonl").read_text().splitlines():
+                f.write(json.dumps({"run": name, **json.loads(line)}) + "\n")
     plot(runs, out)
     print(f"{'run':<8} {'metric':<28} {'before':>8} {'after':>8}")
     for name, key in (("sft", "val_loss"), ("reward", "val_accuracy"),
