@@ -303,7 +303,7 @@ def test_bad_rows_through_the_recipe_and_the_cli(tmp_path, model_dir, capsys):
     assert main(args + ["--out", str(tmp_path / "r1")]) == 2
     err = capsys.readouterr().err
     assert f"{d / 'train.jsonl'}:21: missing field 'response'" in err and "Traceback" not in err
-    assert main(args + ["--set", "skip_bad_rows=true", "--out", str(tmp_path / "r2")]) == 0
+    assert main(args + ["--skip-bad-rows", "--out", str(tmp_path / "r2")]) == 0
     summary = json.loads((tmp_path / "r2" / "summary.json").read_text())
     assert summary["data"]["skipped"] == 1 and summary["data"]["train"] == 20
     assert main(["train", "sft", "--out", str(tmp_path / "r3")]) == 2

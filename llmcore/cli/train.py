@@ -31,6 +31,9 @@ def add_parser(subparsers):
     p.add_argument("--out", help="run directory (default: a new folder under ./llmcore-runs)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the run directory's last checkpoint")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="post-training: skip (and count) unusable rows instead of stopping at "
+                   "the first; same as --set skip_bad_rows=true")
     p.add_argument("--list-configs", action="store_true", help="print the named configs")
     return p
 
@@ -46,6 +49,8 @@ def run(args) -> int:
     sets = list(args.sets)
     if args.preset:
         sets.insert(0, f"preset={json.dumps(args.preset)}")
+    if args.skip_bad_rows:
+        sets.append("skip_bad_rows=true")
     if args.data:
         data = "stdlib" if args.data == ["stdlib"] else list(args.data)
         sets.insert(0, f"data={json.dumps(data)}")
