@@ -25,6 +25,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmcore.data.jsonl import iter_jsonl
+
 SPLITS = ("train", "val")
 TEXT_SUFFIXES = (".txt", ".py", ".md", ".rst", ".c", ".h", ".json")
 
@@ -113,17 +115,10 @@ def _expand(paths: Sequence[str | os.PathLike],
 
 def _file_documents(key: str, path: Path) -> Iterator[Document]:
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise ValueError(f"{path}:{i}: each JSONL line needs a string 'text' field")
-                yield Document(f"{key}:{i}", row["text"])
+        for i, row in iter_jsonl(path, objects=False):
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise ValueError(f"{path}:{i}: each JSONL line needs a string 'text' field")
+            yield Document(f"{key}:{i}", row["text"])
     elif path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq

@@ -21,13 +21,14 @@ its question and the right choice. Any other file is one item.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
+
+from llmcore.data.jsonl import iter_jsonl
 
 TEXT_FIELDS = ("question", "prompt", "instruction", "input", "response", "output", "chosen",
                "rejected", "text", "completion")
@@ -63,21 +64,12 @@ def read_eval_items(paths: Sequence[str | os.PathLike]) -> list[tuple[str, str]]
         if path.suffix != ".jsonl":
             items.append((str(path), path.read_text(encoding="utf-8", errors="replace")))
             continue
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{i}: expected a JSON object")
-                text = _row_text(row)
-                if not text:
-                    raise ValueError(f"{path}:{i}: no text field (one of {TEXT_FIELDS}, or "
-                                     "choices with an answer)")
-                items.append((f"{path}:{i}", text))
+        for i, row in iter_jsonl(path):
+            text = _row_text(row)
+            if not text:
+                raise ValueError(f"{path}:{i}: no text field (one of {TEXT_FIELDS}, or "
+                                 "choices with an answer)")
+            items.append((f"{path}:{i}", text))
     if not items:
         raise ValueError("no evaluation items")
     return items

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from llmcore.data.jsonl import iter_jsonl
 from llmcore.training.losses import packed_sequence_logprobs
 
 TEMPLATES = ("cloze", "letters", "plain")
@@ -94,15 +95,8 @@ def read_items(path: str | os.PathLike) -> list[MCItem]:
     """The items of a JSONL file (blank lines skipped)."""
     path = Path(path)
     items = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            items.append(item_from_row(row, f"{path}:{i}"))
+    for i, row in iter_jsonl(path, objects=False):
+        items.append(item_from_row(row, f"{path}:{i}"))
     if not items:
         raise ValueError(f"{path}: no items")
     return items

@@ -22,7 +22,6 @@ log-probabilities of the two labels, never its free text.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from llmcore.data.jsonl import iter_jsonl
 from llmcore.evaluation.judges import JudgeLike
 from llmcore.evaluation.multiple_choice import loglikelihoods
 
@@ -271,23 +271,14 @@ def read_answers(path: str | os.PathLike) -> dict[str, str]:
 
 
 def _rows(path: Path, need_answer: bool):
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{i}: expected a JSON object")
-            p = next((row[k] for k in PROMPT_KEYS if isinstance(row.get(k), str)), None)
-            if p is None:
-                raise ValueError(f"{path}:{i}: no prompt field (one of {PROMPT_KEYS})")
-            a = next((row[k] for k in ANSWER_KEYS if isinstance(row.get(k), str)), None)
-            if need_answer and a is None:
-                raise ValueError(f"{path}:{i}: no answer field (one of {ANSWER_KEYS})")
-            yield p, a
+    for i, row in iter_jsonl(path):
+        p = next((row[k] for k in PROMPT_KEYS if isinstance(row.get(k), str)), None)
+        if p is None:
+            raise ValueError(f"{path}:{i}: no prompt field (one of {PROMPT_KEYS})")
+        a = next((row[k] for k in ANSWER_KEYS if isinstance(row.get(k), str)), None)
+        if need_answer and a is None:
+            raise ValueError(f"{path}:{i}: no answer field (one of {ANSWER_KEYS})")
+        yield p, a
 
 
 @torch.no_grad()
