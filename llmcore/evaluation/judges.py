@@ -91,7 +91,7 @@ class RewardModelJudge(Judge):
                                       {"role": "assistant", "content": r}], "judge")
                 for p, r in zip(prompts, responses, strict=True)]
         out: list[float] = []
-        dev = self.model.device
+        dev = next(self.model.parameters()).device
         for i in range(0, len(seqs), self.batch_size):
             b = packed_batch(seqs[i:i + self.batch_size])
             out += self.model(b["input_ids"].to(dev),
@@ -144,7 +144,7 @@ class LLMJudge(Judge):
 
         seqs = [self.prompt_ids(p, r) for p, r in zip(prompts, responses, strict=True)]
         out = []
-        dev = self.model.device
+        dev = next(self.model.parameters()).device
         for i in range(0, len(seqs), self.batch_size):
             part = [Encoded(s, [0] * len(s)) for s in seqs[i:i + self.batch_size]]
             b = packed_batch(part)

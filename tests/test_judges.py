@@ -1,0 +1,153 @@
+"""The code sandbox, the code checks and the judges (reward model, LLM grader)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from llmcore.evaluation.judges import CodeJudge, Judge, JudgeLike, LLMJudge, RewardModelJudge
+from llmcore.evaluation.verify import assemble, check_code, run_sandboxed
+
+
+@pytest.mark.parametrize("code, why", [
+    ("import os; os.system('true')", "os.system"),
+    ("import subprocess; subprocess.run(['true'])", "subprocess"),
+    ("import socket; socket.socket()", "socket"),
+    ("import os; os.fork()", "os.fork"),
+    ("import ctypes; ctypes.CDLL(None)", "ctypes"),
+    ("open('/tmp/llmcore-sandbox-escape', 'w').write('x')", "outside the sandbox"),
+    ("import os; os.remove('/etc/hostname')", "outside the sandbox"),
+])
+def test_sandbox_refuses_unsafe_code(code, why):
+    r = run_sandboxed(code, timeout=10)
+    assert not r.ok and why in (r.error or ""), r
+    assert not os.path.exists("/tmp/llmcore-sandbox-escape")
+
+
+def test_sandbox_limits_time_and_memory_and_allows_its_own_folder():
+    t0 = time.perf_counter()
+    r = run_sandboxed("while True: pass", timeout=1.0)
+    assert r.timed_out and not r.ok and time.perf_counter() - t0 < 8
+    r = run_sandboxed("x = bytearray(3 * 1024 ** 3)", timeout=10, memory_mb=256)
+    assert not r.ok and "MemoryError" in (r.error or "")
+    r = run_sandboxed("open('f.txt', 'w').write('ok'); assert open('f.txt').read() == 'ok'")
+    assert r.ok, r
+    r = run_sandboxed("import sys; sys.exit(3)")
+    assert not r.ok and "SystemExit" in r.error
+    with pytest.raises(ValueError, match="timeout"):
+        run_sandboxed("pass", timeout=0)
+
+
+PROMPT = ("Write a Python function `add(a, b)` that: Add two numbers.\n\n"
+          ">>> add(1, 2)\n3\n>>> add(2, 2)\n4")
+
+
+def test_code_checks_parse_and_doctests():
+    ok = check_code(PROMPT, "return a + b")
+    assert ok.parses and ok.doctests == 2 and ok.passed == 2 and ok.doctest_rate == 1.0
+    half = check_code(PROMPT, "return 3")
+    assert half.parses and half.passed == 1
+    assert not check_code(PROMPT, "return a +").parses
+    hang = check_code(PROMPT, "while True: pass", timeout=1.0)
+    assert hang.parses and hang.passed == 0
+    src, doc, alone = assemble(PROMPT, "    return a + b\n")
+    assert src == "def add(a, b):\n    return a + b\n" and alone and doc.startswith("Add")
+    method = ("Write a Python function `f(self, x)`, a method of class `C`, that: Doc.\n"
+              ">>> C().f(1)\n1")
+    assert not assemble(method, "return x")[2]  # needs its class: doctests not run
+    assert check_code(method, "return x").doctests == 0
+    assert check_code("any prompt", "x = (1,").parses is False  # free-form: the answer itself
+
+
+def test_code_judge_weights():
+    j = CodeJudge(parse_weight=0.5, doctest_weight=2.0)
+    assert j.score(PROMPT, "return a + b") == pytest.approx(2.5)
+    assert j.score(PROMPT, "return 3") == pytest.approx(1.5)
+    assert j.score_many([PROMPT, PROMPT], ["return a +", "return a + b"]) == [0.0, 2.5]
+    assert isinstance(j, JudgeLike)
+    with pytest.raises(ValueError, match="same length"):
+        j.score_many([PROMPT], [])
+
+
+def test_judge_base_needs_score():
+    class Nothing(Judge):
+        pass
+
+    with pytest.raises(NotImplementedError):
+        Nothing().score_many(["p"], ["r"])
+
+    class Length(Judge):
+        def score(self, prompt, response):
+            return len(response)
+
+    assert Length().score_many(["a", "b"], ["xy", ""]) == [2.0, 0.0]
+
+
+class _Tok:
+    """A hand-built vocabulary: each character is a token (ids 10..), grades "0".."5"."""
+
+    chat_template = None
+    eos_token_id = 1
+
+    def encode(self, text, add_special_tokens=False):
+        return [10 + (ord(c) % 200) for c in text]
+
+
+class _GradeModel(torch.nn.Module):
+    """Puts fixed next-token logits on the grade tokens at every position."""
+
+    def __init__(self, grade_logits: dict[int, float]):
+        super().__init__()
+        self.config = type("C", (), {"max_seq_len": 4096})()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.grade_logits = grade_logits
+
+    def forward(self, ids, cu_seqlens=None):
+        out = torch.full((*ids.shape, 256), -30.0)
+        for tid, v in self.grade_logits.items():
+            out[..., tid] = v
+        return out
+
+
+def test_llm_judge_reads_the_grade_from_token_probabilities():
+    tok = _Tok()
+    ids = {g: tok.encode(g)[0] for g in "012345"}
+    # p(4) = p(5) = 1/2: expected grade 4.5
+    judge = LLMJudge(_GradeModel({ids["4"]: 5.0, ids["5"]: 5.0}), tok)
+    assert judge.score("q", "a") == pytest.approx(4.5, abs=1e-6)
+    probs = judge.grade_probs(["q"], ["a"])[0]
+    assert probs.sum().item() == pytest.approx(1.0) and probs[4] == pytest.approx(0.5)
+    # a grade token far above the others dominates
+    judge = LLMJudge(_GradeModel({ids["1"]: 20.0, ids["3"]: 0.0}), tok)
+    assert judge.score_many(["q", "q2"], ["a", "b"]) == pytest.approx([1.0, 1.0], abs=1e-6)
+
+    class TwoTokenGrades(_Tok):
+        def encode(self, text, add_special_tokens=False):
+            return [1, 2] if text == "3" else super().encode(text)
+
+    with pytest.raises(ValueError, match="one token"):
+        LLMJudge(_GradeModel({}), TwoTokenGrades())
+
+
+def test_reward_model_judge_scores_like_the_model(tmp_path, corpus, cache):
+    from llmcore.data.examples import Renderer
+    from llmcore.data.prepare import ensure_tokenizer
+    from llmcore.models import RewardModel, Transformer, TransformerConfig
+    from llmcore.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(ensure_tokenizer([str(corpus)], 512, 0.2, progress=False))
+    torch.manual_seed(0)
+    rm = RewardModel.from_backbone(Transformer(TransformerConfig.from_name(
+        "tiny", vocab_size=512, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64,
+        max_seq_len=128))).eval()
+    judge = RewardModelJudge(rm, tok, batch_size=2)
+    prompts, answers = ["say hi", "add", "x"], ["hi", "1 + 1", "y"]
+    got = judge.score_many(prompts, answers)
+    r = Renderer(tok, 128)
+    for p, a, g in zip(prompts, answers, got, strict=True):
+        e = r.encode([{"role": "user", "content": p}, {"role": "assistant", "content": a}])
+        with torch.no_grad():
+            assert g == pytest.approx(rm(torch.tensor([e.ids])).item(), abs=1e-5)
