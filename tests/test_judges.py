@@ -151,3 +151,31 @@ def test_reward_model_judge_scores_like_the_model(tmp_path, corpus, cache):
         e = r.encode([{"role": "user", "content": p}, {"role": "assistant", "content": a}])
         with torch.no_grad():
             assert g == pytest.approx(rm(torch.tensor([e.ids])).item(), abs=1e-5)
+
+
+def test_data_filter_keeps_what_the_judge_passes(tmp_path, capsys):
+    import json
+
+    from llmcore.cli import main
+    from llmcore.evaluation.filtering import histogram
+
+    d = tmp_path / "data"
+    d.mkdir()
+    rows = [{"prompt": PROMPT, "response": "return a + b"},
+            {"prompt": PROMPT, "response": "return a +"},  # does not parse
+            {"messages": [{"role": "user", "content": PROMPT},
+                          {"role": "assistant", "content": "return 3"}]}]
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "val.jsonl").write_text(json.dumps(rows[1]) + "\n")
+    assert main(["data", "filter", "--data", str(d), "--judge", "code", "--threshold", "1.5",
+                 "--out", str(tmp_path / "out")]) == 0
+    assert "kept 2 of 3 rows (removed 1)" in capsys.readouterr().out
+    kept = [json.loads(x) for x in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
+    assert kept == [rows[0], rows[2]]  # 2.0 and 1.5 pass, 0.0 does not
+    assert (tmp_path / "out" / "val.jsonl").read_text() == (d / "val.jsonl").read_text()
+    report = json.loads((tmp_path / "out" / "filter.json").read_text())
+    assert report["kept"] == 2 and sum(report["histogram"]["counts"]) == 3
+    assert histogram([1.0, 1.0]) == {"edges": [1.0, 1.0], "counts": [2]}
+    assert main(["data", "filter", "--data", str(d), "--judge", "magic", "--threshold", "1",
+                 "--out", str(tmp_path / "o2")]) == 2
+    assert "expected 'code', 'rm:DIR' or 'llm:DIR'" in capsys.readouterr().err

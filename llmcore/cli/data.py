@@ -36,6 +36,16 @@ def add_parser(subparsers):
                    default=0.05, help="share of source files held out (the pretraining split)")
     s.add_argument("--context-lines", type=int_at_least(1), default=12)
     s.add_argument("--per-file", type=int_at_least(1), default=8, help="items per file at most")
+    f = sub.add_parser("filter", help="keep the SFT rows a judge scores at or above a "
+                       "threshold (AlpaGasus)")
+    f.add_argument("--data", required=True, help="a JSONL file, or a folder with train.jsonl "
+                   "(its val.jsonl is copied unfiltered)")
+    f.add_argument("--judge", required=True, metavar="code|rm:DIR|llm:DIR",
+                   help="code: parse + doctests; rm:DIR a reward model; llm:DIR a language "
+                   "model grading 0-5 (AlpaGasus prompt, grade from token probabilities)")
+    f.add_argument("--threshold", type=float, required=True, help="keep rows scoring >= this")
+    f.add_argument("--out", required=True, help="folder for train.jsonl, val.jsonl, filter.json")
+    f.add_argument("--skip-bad-rows", action="store_true")
     _add_clean_parsers(sub)
     return p
 
@@ -149,6 +159,20 @@ def run(args) -> int:
         return _run_clean(args)
     if args.action == "quality-train":
         return _run_quality_train(args)
+    if args.action == "filter":
+        from llmcore.evaluation.filtering import write_filtered
+        from llmcore.evaluation.judges import make_judge
+
+        r = write_filtered(args.data, args.out, make_judge(args.judge), args.threshold,
+                           args.skip_bad_rows)
+        print(f"kept {r['kept']:,} of {r['rows']:,} rows (removed {r['removed']:,}) at "
+              f"threshold {args.threshold} ({r['judge']} judge, mean score "
+              f"{r['mean_score']:.3f})")
+        h = r["histogram"]
+        for lo, hi, c in zip(h["edges"], h["edges"][1:], h["counts"], strict=False):
+            print(f"  [{lo:8.3f}, {hi:8.3f})  {c:6,}  {'#' * round(40 * c / max(h['counts']))}")
+        print(f"wrote {args.out}/train.jsonl, filter.json")
+        return 0
     if args.action == "prepare":
         from llmcore.data.shards import prepare_shards
 

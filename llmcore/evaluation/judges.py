@@ -161,5 +161,22 @@ class LLMJudge(Judge):
         return (self.grade_probs(prompts, responses) @ self.values).tolist()
 
 
+def make_judge(spec: str, device=None) -> Judge:
+    """A judge from a command-line spec: ``code`` (parse + doctests), ``rm:DIR`` (a reward
+    model directory) or ``llm:DIR`` (a language model directory, AlpaGasus grading)."""
+    kind, _, path = spec.partition(":")
+    if kind == "code" and not path:
+        return CodeJudge()
+    if kind in ("rm", "llm") and path:
+        from llmcore.tokenizer import load_tokenizer
+
+        if kind == "rm":
+            return RewardModelJudge.from_pretrained(path, device=device)
+        from llmcore.models import Transformer
+
+        return LLMJudge(Transformer.from_pretrained(path, device=device), load_tokenizer(path))
+    raise ValueError(f"judge {spec!r}: expected 'code', 'rm:DIR' or 'llm:DIR'")
+
+
 __all__ = ["ALPAGASUS_PROMPT", "CodeJudge", "Judge", "JudgeLike", "LLMJudge",
-           "RewardModelJudge"]
+           "RewardModelJudge", "make_judge"]
