@@ -179,3 +179,58 @@ def test_data_filter_keeps_what_the_judge_passes(tmp_path, capsys):
     assert main(["data", "filter", "--data", str(d), "--judge", "magic", "--threshold", "1",
                  "--out", str(tmp_path / "o2")]) == 2
     assert "expected 'code', 'rm:DIR' or 'llm:DIR'" in capsys.readouterr().err
+
+
+def _tiny_model_and_tok(corpus):
+    from llmcore.data.prepare import ensure_tokenizer
+    from llmcore.models import Transformer, TransformerConfig
+    from llmcore.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(ensure_tokenizer([str(corpus)], 512, 0.2, progress=False))
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig.from_name(
+        "tiny", vocab_size=512, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64,
+        max_seq_len=128)).eval()
+    return model, tok
+
+
+class _LengthJudge(Judge):
+    def score(self, prompt, response):
+        return float(len(response))
+
+
+def test_best_of_n_ranks_samples_by_the_judge(corpus, cache):
+    from llmcore.generation import best_of_n
+
+    model, tok = _tiny_model_and_tok(corpus)
+    r = best_of_n(model, tok, "Say something.", 6, _LengthJudge(), max_new_tokens=12, seed=3)
+    assert len(r["answers"]) == 6 and r["scores"] == sorted(r["scores"], reverse=True)
+    assert r["best"] == r["answers"][0] and r["best_score"] == len(r["best"])
+    assert r["scores"] == [float(len(a)) for a in r["answers"]]
+    with pytest.raises(ValueError, match="n must be"):
+        best_of_n(model, tok, "x", 0, _LengthJudge())
+    with pytest.raises(ValueError, match="sampling"):
+        best_of_n(model, tok, "x", 2, _LengthJudge(), temperature=0.0)
+
+
+def test_self_correct_keeps_the_best_draft_and_feeds_back(corpus, cache):
+    from llmcore.generation import self_correct
+
+    model, tok = _tiny_model_and_tok(corpus)
+    seen = []
+
+    class Critic(Judge):
+        def score(self, prompt, response):
+            return -float(len(seen))  # later drafts score worse
+
+        def feedback(self, prompt, response):
+            seen.append(response)
+            return "too short"
+
+    r = self_correct(model, tok, "Say something.", Critic(), rounds=2, max_new_tokens=8,
+                     temperature=0.8, seed=1)
+    assert len(r["drafts"]) == 3 and r["feedback"] == ["too short"] * 3
+    assert r["final"] == r["drafts"][0] and r["final_score"] == max(r["scores"])
+    fb = CodeJudge().feedback(PROMPT, "return a +")
+    assert fb.startswith("it is not valid Python")
+    assert "1 of 2 doctests fail" in CodeJudge().feedback(PROMPT, "return 3")

@@ -59,6 +59,21 @@ class CodeJudge(Judge):
                        self.timeout)
         return self.parse_weight * c.parses + self.doctest_weight * (c.doctest_rate or 0.0)
 
+    def feedback(self, prompt: str, response: str) -> str:
+        """Words for a revision round (:func:`llmcore.generation.self_correct`)."""
+        import ast
+
+        from llmcore.evaluation.verify import assemble, check_code
+
+        try:
+            ast.parse(assemble(prompt, response)[0])
+        except SyntaxError as e:
+            return f"it is not valid Python: {e.msg} on line {e.lineno}."
+        c = check_code(prompt, response, self.run_doctests, self.timeout)
+        if c.doctests and c.passed < c.doctests:
+            return f"it parses, but {c.doctests - c.passed} of {c.doctests} doctests fail."
+        return "it parses" + (" and passes its doctests." if c.doctests else ".")
+
 
 class RewardModelJudge(Judge):
     """A reward model's score of the conversation [user: prompt, assistant: response],
