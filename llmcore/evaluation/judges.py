@@ -62,11 +62,14 @@ class CodeJudge(Judge):
     def feedback(self, prompt: str, response: str) -> str:
         """Words for a revision round (:func:`llmcore.generation.self_correct`)."""
         import ast
+        import warnings
 
         from llmcore.evaluation.verify import assemble, check_code
 
         try:
-            ast.parse(assemble(prompt, response)[0])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ast.parse(assemble(prompt, response)[0])
         except SyntaxError as e:
             return f"it is not valid Python: {e.msg} on line {e.lineno}."
         c = check_code(prompt, response, self.run_doctests, self.timeout)

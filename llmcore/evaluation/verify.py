@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import warnings
 from dataclasses import dataclass
 
 _SIGNATURE = re.compile(r"Write a Python (?:async )?function `(?P<sig>[^`]+)`"
@@ -180,7 +181,9 @@ def check_code(prompt: str, response: str, run_doctests: bool = True, timeout: f
     """Does the answer parse; and how many of the prompt's doctest examples pass."""
     src, doc, standalone = assemble(prompt, response)
     try:
-        ast.parse(src)
+        with warnings.catch_warnings():  # generated text trips SyntaxWarnings: not ours
+            warnings.simplefilter("ignore")
+            ast.parse(src)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return CodeCheck(False)
     if not (run_doctests and doc and ">>>" in doc and standalone):
