@@ -221,6 +221,14 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def _check_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """input_ids must be an integer tensor [batch, seq] of ids in the vocabulary."""
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be an integer tensor [batch, seq], got "
+                         f"{input_ids.dtype} {list(input_ids.shape)}")
+    check_token_ids(input_ids, vocab_size)
+
+
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     """Raise ValueError naming the first id outside [0, vocab_size) (before anything
     touches a cache: an embedding lookup would raise IndexError on the CPU and a device
@@ -311,19 +319,10 @@ class Transformer(nn.Module):
         llmcore backend, fastest for a few tokens: decoding and draft verification).
         A failed step leaves the cache as it was.
         """
-        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be an integer tensor [batch, seq], got "
-                             f"{input_ids.dtype} {list(input_ids.shape)}")
-        check_token_ids(input_ids, self.config.vocab_size)
-        b, t = input_ids.shape
-        if cu_seqlens is not None:
+        if cache is None:  # the checks and positions are hidden_states'
             return self.lm_head(self.hidden_states(input_ids, cu_seqlens=cu_seqlens))
-        if cache is None:
-            if t > self.config.max_seq_len:
-                raise ValueError(f"sequence of {t} tokens is longer than max_seq_len "
-                                 f"{self.config.max_seq_len}")
-            positions = torch.arange(t, device=input_ids.device).expand(b, t)
-            return self._logits(input_ids, positions, None, True)
+        _check_ids(input_ids, self.config.vocab_size)
+        b, t = input_ids.shape
         if cache.batch_size != b:
             raise ValueError(f"cache holds {cache.batch_size} sequences, input_ids {b}")
         cache.prepare(t, prefill=prefill)
@@ -358,9 +357,7 @@ class Transformer(nn.Module):
         """The final normed hidden states [B, T, dim] (what the output head reads; a
         reward or value head reads them too), without a cache; ``cu_seqlens`` packs
         sequences into one row as in :meth:`forward`."""
-        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be an integer tensor [batch, seq], got "
-                             f"{input_ids.dtype} {list(input_ids.shape)}")
+        _check_ids(input_ids, self.config.vocab_size)
         b, t = input_ids.shape
         if cu_seqlens is None:
             if t > self.config.max_seq_len:
