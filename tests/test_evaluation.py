@@ -475,6 +475,17 @@ def test_eval_commands(model_dir, tmp_path, capsys):
     assert r["n"] == 3 and 0 <= r["win_rate"] <= 1 and len(r["ci"]) == 2
     assert len((tmp_path / "ans" / "a.jsonl").read_text().splitlines()) == 3
 
+    # The code judge: an answer that parses beats one that does not, in both orders.
+    good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": p, "response": "x = 1\n"}
+                                                for p in prompts])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": p, "response": "def (:"}
+                                              for p in prompts])
+    rc, out, _ = run_cli(capsys, "eval", "win-rate", "--a", good, "--b", bad, "--judge", "code",
+                         "--resamples", 50, "--json", tmp_path / "wr_code.json")
+    assert rc == 0
+    r = json.loads((tmp_path / "wr_code.json").read_text())
+    assert r["n"] == 3 and r["win_rate"] == 1.0 and r["judge"] == "pointwise:code"
+
     train = tmp_path / "train"
     train.mkdir()
     (train / "doc.txt").write_text(TRAIN_DOCS[0], encoding="utf-8")
@@ -492,7 +503,9 @@ def test_eval_commands(model_dir, tmp_path, capsys):
     (["eval", "contamination", "--eval", "{tmp}/none.jsonl", "--train", "{tmp}"],
      "does not exist"),
     (["eval", "win-rate", "--a", "{tmp}/ev.jsonl", "--b", "{tmp}/ev.jsonl", "--judge", "gpt4"],
-     "--judge must be llm:MODEL_DIR"),
+     "--judge must be llm:MODEL_DIR, rm:MODEL_DIR or code"),
+    (["eval", "win-rate", "--a", "{tmp}/ev.jsonl", "--b", "{tmp}/ev.jsonl", "--judge",
+      "rm:{tmp}/nowhere"], "is not a directory"),
     (["eval", "win-rate", "--a", "{tmp}/nowhere", "--b", "{tmp}/ev.jsonl", "--judge",
       "llm:{tmp}", "--prompts", "{tmp}/ev.jsonl"], "neither an answers file nor a model"),
     (["eval", "multiple-choice", "--model", "{tmp}", "--data", "{tmp}/ev.jsonl"],

@@ -57,8 +57,12 @@ def add_parser(subparsers):
     w.add_argument("--b", required=True, metavar="MODEL_DIR|ANSWERS.jsonl")
     w.add_argument("--prompts", metavar="FILE", help="JSONL (prompt/instruction field) or one "
                    "prompt per line; default: the prompts of --a's answers file")
-    w.add_argument("--judge", required=True, metavar="llm:MODEL_DIR",
-                   help="llm:DIR: an llmcore model reading the log-probs of ' A' and ' B'")
+    w.add_argument("--judge", required=True, metavar="llm:MODEL_DIR|rm:MODEL_DIR|code",
+                   help="llm: a language model asked which answer is better (A/B log-probs); "
+                        "rm: a reward model's scores compared; code: parse + doctest checks "
+                        "compared (ties count half)")
+    w.add_argument("--margin", type=float, default=0.0,
+                   help="rm/code judges: score differences within this count as a tie")
     w.add_argument("--limit", type=int_at_least(1), help="the first N prompts only")
     w.add_argument("--max-new-tokens", type=int_at_least(1), default=256)
     w.add_argument("--batch-size", type=int_at_least(1), default=8)
@@ -184,8 +188,12 @@ def _win_rate(args) -> int:
     )
 
     kind, _, path = args.judge.partition(":")
-    if kind != "llm" or not path:
-        raise CLIError(f"--judge must be llm:MODEL_DIR, got {args.judge!r}")
+    if not ((kind in ("llm", "rm") and path) or (kind == "code" and not path)):
+        raise CLIError(f"--judge must be llm:MODEL_DIR, rm:MODEL_DIR or code, got {args.judge!r}")
+    if kind in ("llm", "rm") and not os.path.isdir(path):
+        raise CLIError(f"--judge {args.judge}: {path} is not a directory")
+    if not args.margin >= 0:
+        raise CLIError(f"--margin must be >= 0, got {args.margin}")
     if args.prompts:
         prompts = read_prompts(args.prompts)
     elif os.path.isfile(args.a):
@@ -198,8 +206,15 @@ def _win_rate(args) -> int:
     from llmcore.models import Transformer
     from llmcore.tokenizer import load_tokenizer
 
-    judge_model = Transformer.from_pretrained(path, device=device_from_args(args)).eval()
-    judge = LogprobPairwiseJudge(judge_model, load_tokenizer(path))
+    if kind == "llm":
+        judge_model = Transformer.from_pretrained(path, device=device_from_args(args)).eval()
+        judge = LogprobPairwiseJudge(judge_model, load_tokenizer(path))
+    else:
+        from llmcore.evaluation.judges import make_judge
+        from llmcore.evaluation.win_rate import PointwisePairwise
+
+        judge = PointwisePairwise(make_judge(args.judge, device=device_from_args(args)),
+                                  margin=args.margin)
     r = win_rate(prompts, a, b, judge, swap=not args.no_swap, resamples=args.resamples,
                  seed=args.seed)
     print(format_table(r, args.a, args.b))
