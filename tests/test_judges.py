@@ -176,6 +176,20 @@ def test_data_filter_keeps_what_the_judge_passes(tmp_path, capsys):
     report = json.loads((tmp_path / "out" / "filter.json").read_text())
     assert report["kept"] == 2 and sum(report["histogram"]["counts"]) == 3
     assert histogram([1.0, 1.0]) == {"edges": [1.0, 1.0], "counts": [2]}
+    scores = [json.loads(x) for x in (tmp_path / "out" / "scores.jsonl").read_text().splitlines()]
+    assert [x["score"] for x in scores] == [2.0, 0.0, 1.5] and scores[0]["row"].endswith(":1")
+    # --keep-fraction: the best third is the one row scoring 2.0.
+    assert main(["data", "filter", "--data", str(d), "--judge", "code", "--keep-fraction",
+                 "0.33", "--out", str(tmp_path / "o3")]) == 0
+    assert "kept 1 of 3 rows (removed 2) at threshold 2 " in capsys.readouterr().out
+    assert main(["data", "filter", "--data", str(d), "--judge", "code", "--keep-fraction",
+                 "0.66", "--out", str(tmp_path / "o4")]) == 0
+    assert json.loads((tmp_path / "o4" / "filter.json").read_text())["threshold"] == 1.5
+    for bad in (["--keep-fraction", "0"], ["--keep-fraction", "1.5"],
+                ["--threshold", "1", "--keep-fraction", "0.5"]):
+        assert main(["data", "filter", "--data", str(d), "--judge", "code", *bad,
+                     "--out", str(tmp_path / "o5")]) == 2
+        capsys.readouterr()
     assert main(["data", "filter", "--data", str(d), "--judge", "magic", "--threshold", "1",
                  "--out", str(tmp_path / "o2")]) == 2
     assert "expected 'code', 'rm:DIR' or 'llm:DIR'" in capsys.readouterr().err

@@ -43,7 +43,10 @@ def add_parser(subparsers):
     f.add_argument("--judge", required=True, metavar="code|rm:DIR|llm:DIR",
                    help="code: parse + doctests; rm:DIR a reward model; llm:DIR a language "
                    "model grading 0-5 (AlpaGasus prompt, grade from token probabilities)")
-    f.add_argument("--threshold", type=float, required=True, help="keep rows scoring >= this")
+    cut = f.add_mutually_exclusive_group(required=True)
+    cut.add_argument("--threshold", type=float, help="keep rows scoring >= this")
+    cut.add_argument("--keep-fraction", type=float_in(0.0, 1.0, lo_open=True),
+                     help="keep this share of the rows, the best scored")
     f.add_argument("--out", required=True, help="folder for train.jsonl, val.jsonl, filter.json")
     f.add_argument("--skip-bad-rows", action="store_true")
     _add_clean_parsers(sub)
@@ -164,14 +167,14 @@ def run(args) -> int:
         from llmcore.evaluation.judges import make_judge
 
         r = write_filtered(args.data, args.out, make_judge(args.judge), args.threshold,
-                           args.skip_bad_rows)
+                           args.skip_bad_rows, keep_fraction=args.keep_fraction)
         print(f"kept {r['kept']:,} of {r['rows']:,} rows (removed {r['removed']:,}) at "
-              f"threshold {args.threshold} ({r['judge']} judge, mean score "
+              f"threshold {r['threshold']:.4g} ({r['judge']} judge, mean score "
               f"{r['mean_score']:.3f})")
         h = r["histogram"]
         for lo, hi, c in zip(h["edges"], h["edges"][1:], h["counts"], strict=False):
             print(f"  [{lo:8.3f}, {hi:8.3f})  {c:6,}  {'#' * round(40 * c / max(h['counts']))}")
-        print(f"wrote {args.out}/train.jsonl, filter.json")
+        print(f"wrote {args.out}/train.jsonl, scores.jsonl, filter.json")
         return 0
     if args.action == "prepare":
         from llmcore.data.shards import prepare_shards
