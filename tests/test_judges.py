@@ -187,9 +187,10 @@ def test_data_filter_keeps_what_the_judge_passes(tmp_path, capsys):
     assert json.loads((tmp_path / "o4" / "filter.json").read_text())["threshold"] == 1.5
     for bad in (["--keep-fraction", "0"], ["--keep-fraction", "1.5"],
                 ["--threshold", "1", "--keep-fraction", "0.5"]):
-        assert main(["data", "filter", "--data", str(d), "--judge", "code", *bad,
-                     "--out", str(tmp_path / "o5")]) == 2
-        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:  # argparse refuses these
+            main(["data", "filter", "--data", str(d), "--judge", "code", *bad,
+                  "--out", str(tmp_path / "o5")])
+        assert e.value.code == 2 and "--keep-fraction" in capsys.readouterr().err
     assert main(["data", "filter", "--data", str(d), "--judge", "magic", "--threshold", "1",
                  "--out", str(tmp_path / "o2")]) == 2
     assert "expected 'code', 'rm:DIR' or 'llm:DIR'" in capsys.readouterr().err
