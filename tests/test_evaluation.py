@@ -464,6 +464,16 @@ def test_eval_commands(model_dir, tmp_path, capsys):
     r = json.loads((tmp_path / "mc.json").read_text())
     assert r["n"] == 6 and set(r["subjects"]) == {"math", "count"} and len(r["rows"]) == 6
 
+    leak = tmp_path / "leak"
+    leak.mkdir()
+    (leak / "notes.txt").write_text("We know that 3 plus one? 4, always.\n", encoding="utf-8")
+    rc, out, _ = run_cli(capsys, "eval", "multiple-choice", "--model", model_dir, "--data", mc,
+                         "--exclude-contaminated", leak, "--ngram", 3, "--val-fraction", 0.01,
+                         "--json", tmp_path / "mc_clean.json", "--device", "cpu")
+    assert rc == 0 and "dropped 1 of 6 items" in out
+    r = json.loads((tmp_path / "mc_clean.json").read_text())
+    assert r["n"] == 5 and r["excluded_contaminated"] == [f"{mc}:4"]
+
     prompts = ["Say hello.", "Name a colour.", "Count to three."]
     b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": p, "response": "no"} for p in prompts])
     rc, out, _ = run_cli(capsys, "eval", "win-rate", "--a", model_dir, "--b", b, "--prompts", b,

@@ -48,6 +48,11 @@ def add_parser(subparsers):
                    default=0.05, help="the held-out share of files (stdlib)")
     m.add_argument("--max-tokens", type=int_at_least(16), default=4096,
                    help="tokens per packed forward pass")
+    m.add_argument("--exclude-contaminated", nargs="+", metavar="stdlib|PATH",
+                   help="drop the items sharing an --ngram-word sequence (question + right "
+                        "answer) with these training documents (their train split) first")
+    m.add_argument("--ngram", type=int_at_least(1), default=13,
+                   help="n-gram length in words for --exclude-contaminated")
     m.add_argument("--json", metavar="FILE", help="also write the figures (and every item's "
                    "log-likelihoods) as JSON")
     add_device_arg(m)
@@ -137,6 +142,11 @@ def _multiple_choice(args) -> int:
         raise CLIError(f"--shots {args.shots} needs --dev FILE.jsonl")
     items = read_items(data)[:args.limit]
     dev_items = read_items(dev) if dev and args.shots else []
+    excluded = []
+    if args.exclude_contaminated:
+        items, excluded = _decontaminate(items, args)
+        if not items:
+            raise CLIError("--exclude-contaminated removed every item")
     model = Transformer.from_pretrained(args.model, device=device_from_args(args)).eval()
     tok = load_tokenizer(args.model)
     r = evaluate_multiple_choice(model, tok, items, dev_items, args.shots, template,
@@ -147,8 +157,28 @@ def _multiple_choice(args) -> int:
           f"{sum(1 / len(i.choices) for i in items) / len(items):.3f})")
     if args.json:
         _write_json(args.json, {"model": args.model, "data": str(data), "shots": args.shots,
-                                "template": template, **r.to_dict(rows=True)})
+                                "template": template, "excluded_contaminated": excluded,
+                                **r.to_dict(rows=True)})
     return 0
+
+
+def _decontaminate(items, args):
+    """``items`` less those sharing an ``args.ngram``-word sequence (question plus right
+    answer) with the train split of ``args.exclude_contaminated``; and the removed ones'
+    sources."""
+    from llmcore.data.corpus import iter_documents
+    from llmcore.evaluation.contamination import check_contamination
+
+    spec = args.exclude_contaminated
+    data = "stdlib" if spec == ["stdlib"] else spec
+    texts = [(str(i), f"{it.question}\n{it.choices[it.answer]}") for i, it in enumerate(items)]
+    train = (d.text for d in iter_documents(data, "train", args.val_fraction))
+    r = check_contamination(texts, train, args.ngram)
+    bad = {int(row["id"]) for row in r["rows"] if row["contaminated"]}
+    print(f"--exclude-contaminated: dropped {len(bad)} of {len(items)} items sharing a "
+          f"{args.ngram}-word sequence with {' '.join(spec)} (train split)")
+    return ([it for i, it in enumerate(items) if i not in bad],
+            [items[i].source or str(i) for i in sorted(bad)])
 
 
 def _answers(spec: str, prompts, args, name: str) -> list[str]:
