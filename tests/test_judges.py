@@ -151,6 +151,15 @@ def test_reward_model_judge_scores_like_the_model(tmp_path, corpus, cache):
         e = r.encode([{"role": "user", "content": p}, {"role": "assistant", "content": a}])
         with torch.no_grad():
             assert g == pytest.approx(rm(torch.tensor([e.ids])).item(), abs=1e-5)
+    # A prompt that fills max_seq_len alone: the conversation is cut from the left, so the
+    # scored last token still follows the answer.
+    long_prompt = "word " * 400
+    got = judge.score_many([long_prompt], ["tail"])
+    e = Renderer(tok, 1 << 30).encode([{"role": "user", "content": long_prompt},
+                                       {"role": "assistant", "content": "tail"}])
+    assert len(e.ids) > 128
+    with torch.no_grad():
+        assert got[0] == pytest.approx(rm(torch.tensor([e.ids[-128:]])).item(), abs=1e-5)
 
 
 def test_data_filter_keeps_what_the_judge_passes(tmp_path, capsys):

@@ -98,6 +98,20 @@ class RewardModelJudge(Judge):
 
         return cls(RewardModel.from_pretrained(path, device=device), load_tokenizer(path), **kw)
 
+    def _encode(self, prompt: str, response: str):
+        """The conversation's ids cut to ``max_len``: from the right as in training, or,
+        when the prompt alone fills ``max_len``, from the left, so the scored last token
+        still follows the response."""
+        from llmcore.data.examples import BadRowError, Encoded, Renderer
+
+        conv = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        try:
+            return self.renderer.encode(conv, "judge")
+        except BadRowError:
+            e = Renderer(self.renderer.tok, 1 << 62).encode(conv, "judge")
+            n = self.renderer.max_len
+            return Encoded(e.ids[-n:], e.mask[-n:], True)
+
     @torch.no_grad()
     def score_many(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         from llmcore.training.batching import packed_batch
@@ -105,9 +119,7 @@ class RewardModelJudge(Judge):
         if len(prompts) != len(responses):
             raise ValueError(f"prompts ({len(prompts)}) and responses ({len(responses)}) "
                              "must have the same length")
-        seqs = [self.renderer.encode([{"role": "user", "content": p},
-                                      {"role": "assistant", "content": r}], "judge")
-                for p, r in zip(prompts, responses, strict=True)]
+        seqs = [self._encode(p, r) for p, r in zip(prompts, responses, strict=True)]
         out: list[float] = []
         dev = next(self.model.parameters()).device
         for i in range(0, len(seqs), self.batch_size):
