@@ -1,6 +1,7 @@
 """The ``llmcore`` command: one module per subcommand.
 
   llmcore info                  the build: extension, kernels, devices
+  llmcore demo [--quick]        the library end to end on the stdlib (no download)
   llmcore bench [SUITE ...]     benchmark suites against their baselines
   llmcore generate ...          text from a prompt, streamed
   llmcore chat --model DIR      interactive chat
@@ -41,7 +42,7 @@ import traceback
 from llmcore.cli._common import CLIError
 
 # In the order `llmcore --help` lists them.
-COMMANDS = ("info", "bench", "generate", "chat", "tokenizer", "data", "train", "eval", "scaling",
+COMMANDS = ("info", "demo", "bench", "generate", "chat", "tokenizer", "data", "train", "eval", "scaling",
             "plot")
 
 USER_ERRORS = (CLIError, ValueError, OSError, ImportError)
