@@ -42,8 +42,8 @@ import traceback
 from llmcore.cli._common import CLIError
 
 # In the order `llmcore --help` lists them.
-COMMANDS = ("info", "demo", "bench", "generate", "chat", "tokenizer", "data", "train", "eval", "scaling",
-            "plot")
+COMMANDS = ("info", "demo", "bench", "generate", "chat", "tokenizer", "data", "train", "eval",
+            "scaling", "plot")
 
 USER_ERRORS = (CLIError, ValueError, OSError, ImportError)
 BUG_HINT = ("llmcore: this is a bug in llmcore, not in your input; please report it with "
