@@ -6,9 +6,9 @@ as JSON, the plots as PNG and an ``index.html`` that shows them on one page.
 
 Every section calls the library's own entry points (the recipes, ``clean_corpus``,
 ``assisted_generate``, ``fit_chinchilla``, the bench suites' cases): the demo only picks
-sizes and orchestrates. :data:`SIZES` holds the two sizes: ``quick`` (a slice of the
-stdlib, about 2 minutes on 2 CPU cores) and ``full`` (the whole stdlib, about 10 minutes;
-larger models when a GPU is used).
+sizes and orchestrates. :data:`SIZES` holds the sizes: ``quick`` (a slice of the stdlib,
+about 2 minutes on 2 CPU cores), ``full`` (the whole stdlib, about 10 minutes) and
+``gpu`` (what ``full`` becomes on a CUDA device: the same sections, larger models).
 """
 
 from __future__ import annotations
@@ -72,6 +72,14 @@ SIZES = {
                  steps=300, batch_size=16, seq_len=256, sft_steps=60, dpo_steps=60,
                  post_seq_len=512, new_tokens=96, kernel_linear=(4096, 4096),
                  kernel_attention=(8, 1024, 64), kernel_decode_ctx=4096),
+    # `llmcore demo` on a CUDA device: the same sections, a model 30x larger
+    "gpu": Size("stdlib", 8192, {"dim": 512, "n_layers": 8, "n_heads": 8, "n_kv_heads": 4,
+                                 "ffn_dim": 1408, "max_seq_len": 1024},
+                {"dim": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 352,
+                 "max_seq_len": 1024},
+                steps=1000, batch_size=32, seq_len=512, sft_steps=200, dpo_steps=200,
+                post_seq_len=1024, new_tokens=128, kernel_linear=(4096, 4096),
+                kernel_attention=(16, 2048, 128), kernel_decode_ctx=16384),
 }
 
 
@@ -98,9 +106,10 @@ class Demo:
         if preference not in ("dpo", "ipo", "slic", "hinge"):
             raise ValueError(f"preference must be dpo, ipo, slic or hinge, got {preference!r}")
         self.out = Path(out)
-        self.quick, self.size = quick, SIZES["quick" if quick else "full"]
         self.device = torch.device(device if device is not None else
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.quick = quick
+        self.size = SIZES["quick" if quick else "gpu" if self.device.type == "cuda" else "full"]
         self.preference, self.sections = preference, list(sections)
         self.progress, self.echo = progress, echo
         self.results: dict[str, dict] = {}
