@@ -29,6 +29,7 @@ from llmcore.training.recipes import doremi, pretrain
 def _figures(summary: dict) -> dict:
     val = summary["val"]
     return {"domains": {k: v["val_bpb"] for k, v in summary["domains"].items()},
+            "xz_9e": {k: v.get("xz_9e_bpb") for k, v in summary["domains"].items()},
             "worst_bpb": val["val_bpb_worst"], "mean_bpb": val["val_bpb_mean"],
             "whole_val_bpb": val["val_bpb"], "tokens": summary["tokens"],
             "train_time_s": summary["train_time_s"]}
@@ -82,10 +83,13 @@ def main() -> None:
                        "threads": torch.get_num_threads()}}
     (out / "doremi_stdlib.json").write_text(json.dumps(res, indent=1) + "\n")
 
-    print(f"{'domain':<10} {'w base':>7} {'w doremi':>8} {'bpb base':>9} {'bpb doremi':>10}")
+    print(f"{'domain':<10} {'w base':>7} {'w doremi':>8} {'bpb base':>9} {'bpb doremi':>10} "
+          f"{'xz -9e':>7}")
     for n in names:
+        xz = base["xz_9e"].get(n)
         print(f"{n:<10} {weights['baseline'][n]:7.3f} {weights['weights'][n]:8.3f} "
-              f"{base['domains'][n]:9.4f} {mix['domains'][n]:10.4f}")
+              f"{base['domains'][n]:9.4f} {mix['domains'][n]:10.4f} "
+              f"{xz if xz is None else f'{xz:7.3f}'}")
     for key in ("worst_bpb", "mean_bpb", "whole_val_bpb"):
         print(f"{key:<19} {base[key]:9.4f} {mix[key]:10.4f}")
     try:

@@ -156,10 +156,12 @@ def prepare_data(cfg: TrainConfig, progress: bool) -> tuple[Path, Path, Path | N
 
 
 def write_summary(run_dir: str | os.PathLike, shards,
-                  xz_limit_bytes: int = 64 << 20) -> dict:
+                  xz_limit_bytes: int = 64 << 20, extra: dict | None = None) -> dict:
     """``RUN_DIR/summary.json``: the final validation figures, the ``xz -9e`` baseline on
     the same validation documents (skipped past ``xz_limit_bytes``), training tokens/s
-    (median over steps), time spent in training steps, the config and the machine."""
+    (median over steps), time spent in training steps, the config and the machine; for a
+    mixture run (``shards`` a DomainShards) also each domain's final figures and ``xz``
+    baseline under ``domains``. ``extra`` is merged in."""
     import json
     import platform
     import statistics
@@ -201,9 +203,23 @@ def write_summary(run_dir: str | os.PathLike, shards,
         out["domains"] = {k[len("val_bpb/"):]: {"val_bpb": v,
                                                  "val_loss": val[-1][f"val_loss/{k[8:]}"]}
                           for k, v in val[-1].items() if k.startswith("val_bpb/")}
-    if sum(p.header["splits"]["val"]["bytes"] for p in parts) <= xz_limit_bytes:
+    if sum(p.header["splits"]["val"]["bytes"] for p in parts) > xz_limit_bytes:
+        pass
+    elif "domains" in out:  # a mixture run: the baseline per domain and over them all
+        from llmcore.data.domains import iter_domain_documents
+
+        texts: dict[str, list[str]] = {}
+        for dom, doc in iter_domain_documents(cfg["data"], cfg["domains"] or "stdlib", "val",
+                                              cfg["val_fraction"]):
+            texts.setdefault(dom, []).append(doc.text)
+        for dom, t in texts.items():
+            if dom in out["domains"] and any(t):
+                out["domains"][dom]["xz_9e_bpb"] = xz_bits_per_byte(t)["bpb"]
+        out["xz_9e"] = xz_bits_per_byte(t for v in texts.values() for t in v)
+    else:
         out["xz_9e"] = xz_bits_per_byte(
             d.text for d in iter_documents(cfg["data"], "val", cfg["val_fraction"]))
+    out.update(extra or {})
     (run_dir / "summary.json").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     return out
 
@@ -385,8 +401,7 @@ def _run_mixture(cfg: TrainConfig, out: Path, resume: bool, stop_at: int | None,
                       stateful=stateful)
     result = trainer.fit(resume=resume, stop_at=stop_at)
     if info.is_main and trainer.step == cfg.steps:
-        result["summary"] = write_summary(out, domains)
-        result["summary"]["mixture"] = weights
+        result["summary"] = write_summary(out, domains, extra={"mixture": weights})
     result["domains"] = str(domains.path)
     result["tokenizer"] = str(tok_dir)
     result["weights"] = weights
