@@ -349,3 +349,30 @@ def test_doremi_recipe_end_to_end_and_proxy_resume(corpus, cache, tmp_path):
     with pytest.raises(ValueError, match=r"domain_weights: unknown domain\(s\) \['xml'\]"):
         pretrain.run(apply(mix, {"domain_weights": {"xml": 1.0}}).validate(), tmp_path / "x")
     assert not math.isnan(s["val"]["val_bpb_mean"])
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["train", "pretrain", "--domain-weights", "{tmp}/missing.json", "--out", "{tmp}/r"],
+     "config key 'domain_weights': {tmp}/missing.json not found"),
+    (["train", "pretrain", "--domain-weights", "{tmp}/w.json", "--out", "{tmp}/r"],
+     "the weight of domain 'tests' must be a finite number >= 0, got -1"),
+    (["train", "doremi", "--set", "doremi.smoothing=2", "--out", "{tmp}/r"],
+     "config key 'doremi.smoothing' must be a number in [0, 1], got 2"),
+    (["train", "doremi", "--set", "domains='by-size'", "--out", "{tmp}/r"],
+     "config key 'domains' must be"),
+])
+def test_cli_errors_are_one_line(argv, msg, tmp_path, capsys):
+    from llmcore.cli import main
+
+    (tmp_path / "w.json").write_text(json.dumps({"tests": -1, "modules": 1}))
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and msg.replace("{tmp}", str(tmp_path)) in err, err
+
+
+def test_cli_lists_the_doremi_configs(capsys):
+    from llmcore.cli import main
+
+    assert main(["train", "doremi", "--list-configs"]) == 0
+    assert {"tiny", "stdlib"} <= set(json.loads(capsys.readouterr().out))

@@ -167,6 +167,10 @@ class TrainConfig:
         need(w is None or (isinstance(w, str) and bool(w)) or (isinstance(w, dict) and bool(w)),
              "domain_weights", "must be 'natural', 'uniform', a JSON file or a table "
              "{domain = weight}")
+        if isinstance(w, str) and w not in ("natural", "uniform"):
+            from llmcore.data.mixture import load_domain_weights
+
+            load_domain_weights(w, "config key 'domain_weights'")  # fail before any work
         if w is not None and self.domains is None and self.data != "stdlib":
             raise ValueError("config key 'domain_weights' needs config key 'domains' (which "
                              "domain each document belongs to)")
