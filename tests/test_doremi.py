@@ -376,3 +376,37 @@ def test_cli_lists_the_doremi_configs(capsys):
 
     assert main(["train", "doremi", "--list-configs"]) == 0
     assert {"tiny", "stdlib"} <= set(json.loads(capsys.readouterr().out))
+
+
+class _Bigram(torch.nn.Module):
+    """logits[b, t] = table[input_ids[b, t]]: a tiny stand-in for a language model."""
+
+    def __init__(self, vocab: int, seed: int, scale: float = 1.0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.table = torch.nn.Parameter(scale * torch.randn(vocab, vocab, generator=g))
+
+    def forward(self, ids):
+        return self.table[ids]
+
+
+def test_proxy_step_updates_present_domains_and_rejects_nan():
+    from llmcore.training.loop import TrainingError
+    from llmcore.training.recipes.doremi import ProxyStep
+
+    ids = torch.randint(0, 16, (4, 9), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "domain": torch.tensor([0, 0, 1, 1])}
+    weights = DomainWeights(["a", "b", "c"], [0.2, 0.3, 0.5], eta=1.0, smoothing=1e-3)
+    step = ProxyStep(_Bigram(16, 1), weights)
+    proxy = _Bigram(16, 2, scale=3.0)
+    loss, metrics = step(proxy, batch)
+    w = weights.current
+    assert metrics["excess/a"] > 0 and metrics["excess/c"] == 0.0
+    assert float(w[2]) == pytest.approx(0.999 * 0.5 + 0.001 / 3)  # c absent: kept
+    assert float(w[0] + w[1]) == pytest.approx(0.999 * 0.5 + 0.002 / 3)
+    loss.backward()
+    assert proxy.table.grad is not None and weights.updates == 1
+    with torch.no_grad():
+        step.reference.table[ids[0, 0]] = float("nan")
+    with pytest.raises(TrainingError, match=r"excess loss of domain\(s\) \['a'\] is not finite"):
+        step(proxy, batch)

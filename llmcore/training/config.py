@@ -32,15 +32,15 @@ def _nonneg(v) -> bool:
     return _finite(v) and v >= 0
 
 
-# doremi.KEY: (type, check, what it must be)
+# doremi.KEY: (check, what it must be)
 DOREMI_KEYS = {
-    "eta": (float, lambda v: _nonneg(v), "a finite number >= 0"),
-    "smoothing": (float, lambda v: _finite(v) and 0 <= v <= 1, "a number in [0, 1]"),
-    "reference": (str, lambda v: isinstance(v, str) and bool(v),
+    "eta": (_nonneg, "a finite number >= 0"),
+    "smoothing": (lambda v: _finite(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "reference": (lambda v: isinstance(v, str) and bool(v),
                   "a finished reference run directory"),
-    "baseline": (str, lambda v: isinstance(v, (str, dict)) and bool(v),
+    "baseline": (lambda v: isinstance(v, (str, dict)) and bool(v),
                  "'natural', 'uniform', a JSON file or a table {domain = weight}"),
-    "eval_tokens": (int, lambda v: _is_int(v) and v >= 0,
+    "eval_tokens": (lambda v: _is_int(v) and v >= 0,
                     "an int >= 0 (held-out tokens per domain in the final evaluation; 0: all)"),
 }
 LOSS_TYPES = ("dpo", "ipo", "hinge", "robust", "slic")
@@ -156,7 +156,7 @@ class TrainConfig:
             if k not in DOREMI_KEYS:
                 raise ValueError(f"config key 'doremi.{k}' is unknown (doremi keys: "
                                  f"{', '.join(DOREMI_KEYS)})")
-            kind, check, what = DOREMI_KEYS[k]
+            check, what = DOREMI_KEYS[k]
             if not check(v):
                 raise ValueError(f"config key 'doremi.{k}' must be {what}, got {v!r}")
         if self.domains is not None:

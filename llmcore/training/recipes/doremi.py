@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 
@@ -78,6 +79,14 @@ class ProxyStep:
             torch.distributed.all_reduce(sums)
             counts = sums[k:]
             excess = sums[:k] / counts.clamp_min(1)
+        if not torch.isfinite(excess).all():
+            from llmcore.training.loop import TrainingError
+
+            bad = [n for n, e in zip(self.weights.names, excess.tolist(), strict=True)
+                   if not math.isfinite(e)]
+            raise TrainingError(f"the excess loss of domain(s) {bad} is not finite (a proxy "
+                                "or reference loss is inf/nan): lower lr or check the "
+                                "reference model")
         w = self.weights.update(excess.double().cpu(), present=(counts > 0).cpu())
         loss = weighted_domain_loss(proxy, dom, w)
         metrics = {"ce": proxy.detach().mean()}
@@ -120,6 +129,9 @@ def run(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False,
     if not resume and out.exists() and any(out.iterdir()):
         raise TrainingError(f"{out} already holds a doremi run: continue it with --resume, "
                             "or choose another --out")
+    if cfg.domain_weights is not None:
+        raise ValueError("config key 'domain_weights' is not used by the doremi recipe: the "
+                         "reference's mixture is doremi.baseline, the proxy samples uniformly")
     if cfg.bfp is not None:
         raise ValueError("config key 'bfp': the doremi recipe trains full-precision models")
     info = D.setup()
