@@ -26,6 +26,23 @@ SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("float32", "bfloat16")
 BACKENDS = ("llmcore", "torch")
 PARALLEL = ("ddp", "fsdp")
+
+
+def _nonneg(v) -> bool:
+    return _finite(v) and v >= 0
+
+
+# doremi.KEY: (check, what it must be)
+DOREMI_KEYS = {
+    "eta": (_nonneg, "a finite number >= 0"),
+    "smoothing": (lambda v: _finite(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "reference": (lambda v: isinstance(v, str) and bool(v),
+                  "a finished reference run directory"),
+    "baseline": (lambda v: isinstance(v, (str, dict)) and bool(v),
+                 "'natural', 'uniform', a JSON file or a table {domain = weight}"),
+    "eval_tokens": (lambda v: _is_int(v) and v >= 0,
+                    "an int >= 0 (held-out tokens per domain in the final evaluation; 0: all)"),
+}
 LOSS_TYPES = ("dpo", "ipo", "hinge", "robust", "slic")
 
 
@@ -45,6 +62,8 @@ class TrainConfig:
     vocab_size: int = 8192  # for a tokenizer trained by the run
     shards: str | None = None  # prepared shard directory; None: prepare (cached)
     decay_data: str | list | None = None  # data for the final (decay) phase of "wsd"
+    domains: str | dict | None = None  # "stdlib", "field:NAME" or {name = [paths]}
+    domain_weights: str | dict | None = None  # the mixture: natural|uniform|FILE.json|{d = w}
     val_data: str | list | None = None  # post-training: held-out rows (else val.jsonl or a split)
     packing: bool = True  # post-training: pack sequences (attention_varlen), no padding
     skip_bad_rows: bool = False  # post-training: skip (and count) unusable rows
@@ -59,6 +78,7 @@ class TrainConfig:
     ref_cache: bool = True  # precompute reference log-probs once, cached on disk
     center_coef: float = 0.0  # reward model: weight of the mean (r_c + r_r)^2 term
     ppo: dict = field(default_factory=dict)  # ppo recipe settings (see docs/training.md)
+    doremi: dict = field(default_factory=dict)  # doremi recipe settings (see DOREMI_KEYS)
     # optimisation
     steps: int = 100
     batch_size: int = 8
@@ -131,6 +151,29 @@ class TrainConfig:
         need(self.parallel in PARALLEL, "parallel", f"must be one of {PARALLEL}")
         need(isinstance(self.model, dict), "model", "must be a table of model overrides")
         need(isinstance(self.ppo, dict), "ppo", "must be a table of ppo settings")
+        need(isinstance(self.doremi, dict), "doremi", "must be a table of doremi settings")
+        for k, v in self.doremi.items():
+            if k not in DOREMI_KEYS:
+                raise ValueError(f"config key 'doremi.{k}' is unknown (doremi keys: "
+                                 f"{', '.join(DOREMI_KEYS)})")
+            check, what = DOREMI_KEYS[k]
+            if not check(v):
+                raise ValueError(f"config key 'doremi.{k}' must be {what}, got {v!r}")
+        if self.domains is not None:
+            from llmcore.data.domains import check_domains_spec
+
+            check_domains_spec(self.domains, self.data)
+        w = self.domain_weights
+        need(w is None or (isinstance(w, str) and bool(w)) or (isinstance(w, dict) and bool(w)),
+             "domain_weights", "must be 'natural', 'uniform', a JSON file or a table "
+             "{domain = weight}")
+        if isinstance(w, str) and w not in ("natural", "uniform"):
+            from llmcore.data.mixture import load_domain_weights
+
+            load_domain_weights(w, "config key 'domain_weights'")  # fail before any work
+        if w is not None and self.domains is None and self.data != "stdlib":
+            raise ValueError("config key 'domain_weights' needs config key 'domains' (which "
+                             "domain each document belongs to)")
         need(isinstance(self.data, (str, list)) and bool(self.data), "data",
              "must be 'stdlib' or a non-empty list of paths")
         if self.bfp is not None:
@@ -161,7 +204,7 @@ def _finite(v) -> bool:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-TABLES = ("model", "ppo")  # keys holding a table, settable per entry as "table.key"
+TABLES = ("model", "ppo", "doremi")  # keys holding a table, settable per entry as "table.key"
 
 
 def _unknown(key: str) -> ValueError:
@@ -174,7 +217,8 @@ def _coerce(key: str, value: Any) -> Any:
     """Fit a parsed value to the field's type (ints accepted for floats, "none" for None)."""
     default = FIELDS[key].default
     if isinstance(value, str) and value.lower() in ("none", "null") and key in (
-            "tokenizer", "shards", "decay_data", "bfp", "init_from", "val_data", "ref_model"):
+            "tokenizer", "shards", "decay_data", "bfp", "init_from", "val_data", "ref_model",
+            "domains", "domain_weights"):
         return None
     if isinstance(default, float) and _is_int(value):
         return float(value)
@@ -189,7 +233,8 @@ def _coerce(key: str, value: Any) -> Any:
 
 def apply(cfg: TrainConfig, values: dict, where: str = "config") -> TrainConfig:
     """A copy of ``cfg`` with ``values`` (a flat or nested dict) applied."""
-    out = dataclasses.replace(cfg, model=dict(cfg.model), ppo=dict(cfg.ppo))
+    out = dataclasses.replace(cfg, model=dict(cfg.model), ppo=dict(cfg.ppo),
+                              doremi=dict(cfg.doremi))
     for key, value in values.items():
         if key in TABLES:
             if not isinstance(value, dict):

@@ -113,6 +113,11 @@ class Trainer:
         to ``step_fn``).
     tokenizer_dir : path, optional
         Copied into every saved model directory.
+    stateful : {name: object}, optional
+        Recipe state beyond the model and optimizer (e.g. DoReMi's domain weights): each
+        object's ``state_dict()`` (JSON) is saved in every checkpoint and handed back to
+        its ``load_state_dict`` on resume. A batch source with ``state_dict`` is saved the
+        same way (under ``data``), so it can refuse a resume with different data.
     """
 
     def __init__(self, cfg: TrainConfig, model: nn.Module, step_fn: StepFn,
@@ -120,8 +125,10 @@ class Trainer:
                  eval_fn: Callable[[nn.Module], dict] | None = None,
                  sample_fn: Callable[[nn.Module], str] | None = None,
                  tokens_per_batch: int = 0, tokenizer_dir: str | os.PathLike | None = None,
-                 flops_per_token: float | None = None, dist: D.DistInfo | None = None):
+                 flops_per_token: float | None = None, dist: D.DistInfo | None = None,
+                 stateful: dict[str, Any] | None = None):
         self.cfg, self.step_fn, self.batches = cfg, step_fn, batches
+        self.stateful = dict(stateful or {})
         self.run_dir = Path(run_dir)
         self.eval_fn, self.sample_fn = eval_fn, sample_fn
         self.tokens_per_batch, self.tokenizer_dir = tokens_per_batch, tokenizer_dir
@@ -146,8 +153,26 @@ class Trainer:
         return contextlib.nullcontext()
 
     def state(self) -> dict:
-        return {"step": self.step, "tokens": self.tokens, "data": {"step": self.step},
-                "world_size": self.dist.world_size, "config": self.cfg.to_dict()}
+        data: dict[str, Any] = {"step": self.step}
+        if hasattr(self.batches, "state_dict"):
+            data["sampler"] = self.batches.state_dict()
+        out = {"step": self.step, "tokens": self.tokens, "data": data,
+               "world_size": self.dist.world_size, "config": self.cfg.to_dict()}
+        if self.stateful:
+            out["extra"] = {k: v.state_dict() for k, v in self.stateful.items()}
+        return out
+
+    def _load_extra(self, path: Path, state: dict) -> None:
+        try:
+            sampler = state.get("data", {}).get("sampler")
+            if sampler is not None and hasattr(self.batches, "load_state_dict"):
+                self.batches.load_state_dict(sampler)
+            for k, obj in self.stateful.items():
+                if k not in state.get("extra", {}):
+                    raise ValueError(f"it holds no {k!r} state")
+                obj.load_state_dict(state["extra"][k])
+        except ValueError as e:
+            raise TrainingError(f"cannot resume from {path}: {e}") from None
 
     def save(self, path: Path) -> None:
         if self.cfg.parallel == "fsdp" and self.dist.enabled:
@@ -206,6 +231,7 @@ class Trainer:
         if state.get("world_size", 1) != self.dist.world_size:
             raise TrainingError(f"{path} was written by {state.get('world_size')} ranks; this "
                                 f"run has {self.dist.world_size}")
+        self._load_extra(path, state)
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         return self.step
 

@@ -4,6 +4,14 @@ The recipe = a config (:data:`NAMED_CONFIGS` and the :class:`TrainConfig` defaul
 a batch source (:class:`WindowBatches`: random windows of ``seq_len + 1`` tokens, drawn
 from a generator seeded by (seed, step, micro-batch index), as nanoGPT samples them),
 and :func:`step_fn` (cross-entropy of the next token) on the one loop.
+
+With ``domain_weights`` set, the data is split into domains (``domains``; for the stdlib
+corpus the rule of :mod:`llmcore.data.domains`) and batches come from
+:class:`~llmcore.data.mixture.MixtureBatches` instead: each sequence from a domain drawn
+by the weights (``natural``: the corpus' own token shares, ``uniform``, a JSON file such
+as a DoReMi run's ``domain_weights.json``, or a table). Validation then reports every
+domain's held-out loss and bits per byte (``val_bpb/<domain>``), their worst and mean,
+and the whole split's figures (the domains' sums).
 """
 
 from __future__ import annotations
@@ -147,11 +155,13 @@ def prepare_data(cfg: TrainConfig, progress: bool) -> tuple[Path, Path, Path | N
     return tok_dir, shard_dir, decay_dir
 
 
-def write_summary(run_dir: str | os.PathLike, shards: TokenShards,
-                  xz_limit_bytes: int = 64 << 20) -> dict:
+def write_summary(run_dir: str | os.PathLike, shards,
+                  xz_limit_bytes: int = 64 << 20, extra: dict | None = None) -> dict:
     """``RUN_DIR/summary.json``: the final validation figures, the ``xz -9e`` baseline on
     the same validation documents (skipped past ``xz_limit_bytes``), training tokens/s
-    (median over steps), time spent in training steps, the config and the machine."""
+    (median over steps), time spent in training steps, the config and the machine; for a
+    mixture run (``shards`` a DomainShards) also each domain's final figures and ``xz``
+    baseline under ``domains``. ``extra`` is merged in."""
     import json
     import platform
     import statistics
@@ -188,10 +198,97 @@ def write_summary(run_dir: str | os.PathLike, shards: TokenShards,
         out["model"] = {k: hf.get(k) for k in ("hidden_size", "num_hidden_layers",
                                                 "num_attention_heads", "num_key_value_heads",
                                                 "intermediate_size", "vocab_size")}
-    if shards.header["splits"]["val"]["bytes"] <= xz_limit_bytes:
+    parts = shards.shards.values() if hasattr(shards, "shards") else [shards]
+    if val and any(k.startswith("val_bpb/") for k in val[-1]):
+        out["domains"] = {k[len("val_bpb/"):]: {"val_bpb": v,
+                                                 "val_loss": val[-1][f"val_loss/{k[8:]}"]}
+                          for k, v in val[-1].items() if k.startswith("val_bpb/")}
+    if sum(p.header["splits"]["val"]["bytes"] for p in parts) > xz_limit_bytes:
+        pass
+    elif "domains" in out:  # a mixture run: the baseline per domain and over them all
+        from llmcore.data.domains import iter_domain_documents
+
+        texts: dict[str, list[str]] = {}
+        for dom, doc in iter_domain_documents(cfg["data"], cfg["domains"] or "stdlib", "val",
+                                              cfg["val_fraction"]):
+            texts.setdefault(dom, []).append(doc.text)
+        for dom, t in texts.items():
+            if dom in out["domains"] and any(t):
+                out["domains"][dom]["xz_9e_bpb"] = xz_bits_per_byte(t)["bpb"]
+        out["xz_9e"] = xz_bits_per_byte(t for v in texts.values() for t in v)
+    else:
         out["xz_9e"] = xz_bits_per_byte(
             d.text for d in iter_documents(cfg["data"], "val", cfg["val_fraction"]))
+    out.update(extra or {})
     (run_dir / "summary.json").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    return out
+
+
+def domain_spec(cfg: TrainConfig):
+    """The domains of ``cfg``: its ``domains`` key, or the stdlib rule for stdlib data."""
+    return cfg.domains if cfg.domains is not None else "stdlib"
+
+
+def prepare_domains(cfg: TrainConfig, progress: bool):
+    """(tokenizer dir, DomainShards) of a mixture run (both cached)."""
+    from llmcore.data.domains import DomainShards, domain_data, ensure_domain_shards
+    from llmcore.data.prepare import ensure_tokenizer
+
+    spec = domain_spec(cfg)
+    tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else ensure_tokenizer(
+        domain_data(spec, cfg.data), cfg.vocab_size, cfg.val_fraction, progress)
+    return tok_dir, DomainShards(ensure_domain_shards(cfg.data, spec, tok_dir,
+                                                      cfg.val_fraction))
+
+
+def resolve_weights(spec, domains, arg: str = "domain_weights") -> dict[str, float]:
+    """{domain: weight} of a mixture spec: ``"natural"`` (the train token shares),
+    ``"uniform"``, a JSON weights file, or a table {domain: weight}."""
+    from llmcore.data.mixture import check_weights, load_domain_weights
+
+    names = domains.names
+    if spec == "natural":
+        w = domains.natural_weights()
+    elif spec == "uniform":
+        w = {n: 1.0 for n in names}
+    elif isinstance(spec, dict):
+        w = spec
+    else:
+        w = load_domain_weights(spec, arg)
+    return dict(zip(names, check_weights(w, names, arg), strict=True))
+
+
+def evaluate_domains(model: nn.Module, domains, seq_len: int, batch_size: int,
+                     max_tokens: int | None = None, info=None) -> dict:
+    """Held-out figures of every domain: ``val_loss/<d>``, ``val_bpb/<d>``, their worst
+    (``val_bpb_worst``) and uniform mean (``val_bpb_mean``), and the whole split's
+    ``val_loss`` / ``val_bpb`` / ``val_ppl`` / ``val_tokens`` (sums over the domains).
+    ``max_tokens``: per domain (None: all). Domains without held-out tokens are skipped."""
+    from llmcore.training import distributed as D
+
+    out: dict = {}
+    nll_all = count_all = bytes_all = 0.0
+    bpbs = {}
+    for n in domains.names:
+        sh = domains.shards[n]
+        if sh.num_tokens("val") < 2:
+            continue
+        kw = {} if info is None else {"rank": info.rank, "world_size": info.world_size}
+        r = evaluate_split(model, sh, "val", seq_len, batch_size, max_tokens, **kw)
+        nll, count = r["nll"], r["tokens"]
+        if info is not None and info.enabled:
+            nll, count = D.sum_across([nll, float(count)], info)
+        r = summarize(nll, int(count), sh.bytes_per_token("val"))
+        out[f"val_loss/{n}"], out[f"val_bpb/{n}"] = r["loss"], r["bpb"]
+        bpbs[n] = r["bpb"]
+        nll_all, count_all = nll_all + nll, count_all + count
+        bytes_all += count * sh.bytes_per_token("val")
+    if bpbs:
+        out["val_bpb_worst"] = max(bpbs.values())
+        out["val_bpb_mean"] = sum(bpbs.values()) / len(bpbs)
+        whole = summarize(nll_all, int(count_all), bytes_all / max(count_all, 1))
+        out.update({"val_loss": whole["loss"], "val_ppl": whole["ppl"],
+                    "val_bpb": whole["bpb"], "val_tokens": whole["tokens"]})
     return out
 
 
@@ -207,6 +304,8 @@ def run(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False,
     check_run_dir(out, resume)  # before any data work: fail fast
     if resume:
         resume_compatible(out, cfg)
+    if cfg.domain_weights is not None:
+        return _run_mixture(cfg, out, resume, stop_at, info)
     if info.is_main:  # rank 0 fills the cache; the others then find the same directories
         tok_dir, shard_dir, decay_dir = prepare_data(cfg, cfg.progress)
     D.barrier(info)
@@ -231,6 +330,20 @@ def run(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False,
         return {"val_loss": r["loss"], "val_ppl": r["ppl"], "val_bpb": r["bpb"],
                 "val_tokens": r["tokens"]}
 
+    trainer = Trainer(cfg, model, step_fn, batches, out, eval_fn=eval_fn,
+                      sample_fn=make_sample_fn(cfg, tok_dir) if cfg.sample_tokens else None,
+                      tokens_per_batch=cfg.batch_size * cfg.seq_len, tokenizer_dir=tok_dir,
+                      flops_per_token=flops_per_token(model.config, cfg.seq_len), dist=info)
+    result = trainer.fit(resume=resume, stop_at=stop_at)
+    if info.is_main and trainer.step == cfg.steps:
+        result["summary"] = write_summary(out, shards)
+    result["shards"] = str(shard_dir)
+    result["tokenizer"] = str(tok_dir)
+    return result
+
+
+def make_sample_fn(cfg: TrainConfig, tok_dir):
+    """A sampled continuation of ``cfg.sample_prompt`` (logged at each evaluation)."""
     def sample_fn(m) -> str:
         from llmcore.generation import generate
         from llmcore.tokenizer import load_tokenizer
@@ -243,14 +356,58 @@ def run(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False,
                         temperature=0.8, top_k=40, eos_token_id=tok.eos_token_id,
                         seed=cfg.seed)
         return tok.decode(outp[0].tolist())
+    return sample_fn
 
-    trainer = Trainer(cfg, model, step_fn, batches, out, eval_fn=eval_fn,
-                      sample_fn=sample_fn if cfg.sample_tokens else None,
+
+def mixture_eval_fn(cfg: TrainConfig, domains, info):
+    """eval_fn of a mixture run: every domain (``eval_tokens`` split over the domains for
+    periodic evaluations; ``doremi.eval_tokens`` per domain, or all, at the end)."""
+    def eval_fn(m, final: bool) -> dict:
+        k = len(domains.names)
+        per = (cfg.doremi.get("eval_tokens") or None) if final else \
+            max(cfg.seq_len, cfg.eval_tokens // k)
+        return evaluate_domains(m, domains, cfg.seq_len, cfg.batch_size, per, info)
+    return eval_fn
+
+
+def _run_mixture(cfg: TrainConfig, out: Path, resume: bool, stop_at: int | None, info,
+                 step=None, stateful=None, sample_weights=None) -> dict:
+    """Pretraining on a domain mixture (``cfg.domain_weights``, or ``sample_weights``
+    given by a recipe that brings its own ``step`` function and ``stateful`` objects)."""
+    from llmcore.data.mixture import MixtureBatches
+    from llmcore.training import distributed as D
+    from llmcore.training.loop import Trainer
+
+    if cfg.decay_data is not None:
+        raise ValueError("config key 'decay_data' cannot be combined with domain_weights "
+                         "(anneal on a mixture by giving the decay data its own domain)")
+    if info.is_main:
+        tok_dir, domains = prepare_domains(cfg, cfg.progress)
+    D.barrier(info)
+    if not info.is_main:
+        tok_dir, domains = prepare_domains(cfg, False)
+    weights = sample_weights if sample_weights is not None else resolve_weights(
+        cfg.domain_weights, domains)
+    if not any(domains.shards[n].num_tokens("val") >= 2 for n in domains.names):
+        raise ValueError(f"no domain of data {cfg.data!r} has held-out tokens "
+                         f"(val_fraction={cfg.val_fraction})")
+    model = build_model(cfg, domains.vocab_size)
+    batches = MixtureBatches(domains, weights, cfg.batch_size, cfg.seq_len, cfg.seed)
+    trainer = Trainer(cfg, model, step or mixture_step_fn, batches, out,
+                      eval_fn=mixture_eval_fn(cfg, domains, info),
+                      sample_fn=make_sample_fn(cfg, tok_dir) if cfg.sample_tokens else None,
                       tokens_per_batch=cfg.batch_size * cfg.seq_len, tokenizer_dir=tok_dir,
-                      flops_per_token=flops_per_token(model.config, cfg.seq_len), dist=info)
+                      flops_per_token=flops_per_token(model.config, cfg.seq_len), dist=info,
+                      stateful=stateful)
     result = trainer.fit(resume=resume, stop_at=stop_at)
     if info.is_main and trainer.step == cfg.steps:
-        result["summary"] = write_summary(out, shards)
-    result["shards"] = str(shard_dir)
+        result["summary"] = write_summary(out, domains, extra={"mixture": weights})
+    result["domains"] = str(domains.path)
     result["tokenizer"] = str(tok_dir)
+    result["weights"] = weights
     return result
+
+
+def mixture_step_fn(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+    """:func:`step_fn` on a mixture batch (the rows' domain ids are not an input)."""
+    return step_fn(model, {k: v for k, v in batch.items() if k != "domain"})
