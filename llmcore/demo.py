@@ -302,9 +302,12 @@ class Demo:
                           loss_type=self.preference, beta=0.1)
         acc_b = pref["before"]["val_logps/accuracies"]
         acc_a = pref["after"]["val_logps/accuracies"]
+        implicit = pref["after"].get("val_rewards/accuracies")
         self.echo(f"  SFT held-out answer loss {sft['before']['val_loss']:.3f} -> "
                   f"{sft['after']['val_loss']:.3f}")
-        self.echo(f"  {self.preference} held-out preference accuracy {acc_b:.3f} -> {acc_a:.3f}")
+        self.echo(f"  {self.preference} held-out pairs with log P(chosen) > log P(rejected): "
+                  f"{acc_b:.3f} -> {acc_a:.3f}"
+                  + ("" if implicit is None else f"; implicit-reward accuracy {implicit:.3f}"))
 
         def draw(plt):
             fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
@@ -319,7 +322,8 @@ class Demo:
         return {"sft": {"before": sft["before"], "after": sft["after"], "data": sft["data"]},
                 self.preference: {"before": pref["before"], "after": pref["after"],
                                   "data": pref["data"]},
-                "preference_accuracy": {"before": acc_b, "after": acc_a}}
+                "preference_accuracy": {"before": acc_b, "after": acc_a},
+                "implicit_reward_accuracy": implicit}
 
     # -- 5. generation ---------------------------------------------------------------------
     def section_generation(self) -> dict:
