@@ -11,7 +11,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu" / "run.sh"
-STEPS = ["env", "selftest", "selftest-sanitize", "build", "pytest", "sanitize", "bench"]
+STEPS = ["env", "selftest-build", "selftest", "selftest-sanitize", "build", "pytest", "sanitize",
+         "bench"]
 SUITES = ["attention", "decode", "bfp", "generate", "assisted", "train"]
 
 
@@ -36,6 +37,8 @@ def test_dry_run_lists_every_step(tmp_path):
     text = proc.stdout
     assert "LLMCORE_CUDA_ARCHS=90a MAX_JOBS=" in text and "setup.py build_ext --inplace" in text
     assert "-m pytest -m cuda -x -q" in text
+    assert "-DLLMCORE_CUDA_ARCHS=90a" in text and "--target llmcore_cuda_selftest" in text
+    assert "budget 570s" in lines[0]
     assert "--tool memcheck" in text and "--tool racecheck" in text
     for s in SUITES:
         assert f"bench {s} --device cuda --quick" in text and f"ok: suite {s}" in text
@@ -59,6 +62,15 @@ def test_gpu_free_steps_write_the_summary(tmp_path):
     for step, status in (("env", "ok"), ("selftest", "SKIPPED"), ("selftest-sanitize", "SKIPPED")):
         assert any(x.split()[:1] == [step] and status in x for x in summary.splitlines()), summary
     assert sorted(p.name for p in out.iterdir()) == ["summary.txt"]
+
+
+def test_run_budget_skips_what_it_cannot_fit(tmp_path):
+    """A step with under 20 s of the run's budget left is skipped, and says so."""
+    out = tmp_path / "out"
+    proc = _run(env={"OUT": str(out), "STEPS": "env", "RUN_BUDGET": "10"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = (out / "summary.txt").read_text()
+    assert any(x.split()[:2] == ["env", "SKIPPED(budget)"] for x in summary.splitlines()), summary
 
 
 def test_sanitizer_cases_run_on_cpu():
