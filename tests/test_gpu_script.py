@@ -73,6 +73,33 @@ def test_run_budget_skips_what_it_cannot_fit(tmp_path):
     assert any(x.split()[:2] == ["env", "SKIPPED(budget)"] for x in summary.splitlines()), summary
 
 
+FAKE_SELFTEST = """#!/bin/bash
+if [ "$1" = --list ]; then echo copy; exit 0; fi
+if [ "$1" = --only ]; then echo "rest: $2"; echo '{"rest": 1}' > "$4"; exit 0; fi
+echo '{"partial": 1}' > "$2"
+echo "llmcore_cuda_selftest: stopped by a CUDA error in bfp.gemm; groups not run: decode,kv_cache_append"
+exit 3
+"""
+
+
+def test_selftest_stopped_by_a_cuda_error_runs_the_rest(tmp_path):
+    """Exit 3 (a CUDA error, the groups not run named): the rest runs once in a fresh
+    process, its JSON into the log; a runnable binary is not rebuilt."""
+    fake = tmp_path / "selftest"
+    fake.write_text(FAKE_SELFTEST)
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    proc = _run(env={"OUT": str(out), "STEPS": "selftest-build selftest",
+                     "LLMCORE_SELFTEST": str(fake)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = (out / "summary.txt").read_text()
+    assert "SKIPPED(prebuilt)" in summary and "FAILED(rc=3)" in summary
+    assert any(x.split()[:2] == ["selftest(rest)", "ok"] for x in summary.splitlines()), summary
+    log = (out / "selftest.log").read_text()
+    assert "rest: decode,kv_cache_append" in log and '{"rest": 1}' in log
+    assert sorted(p.name for p in out.iterdir()) == ["selftest.json", "selftest.log", "summary.txt"]
+
+
 def test_sanitizer_cases_run_on_cpu():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu" / "sanitize_cases.py"),
                            "--device", "cpu"], capture_output=True, text=True, timeout=300,

@@ -32,7 +32,8 @@
 // Timings: CUDA events, warm-up, median; inputs larger than the L2 are rotated.
 //
 // Exit status: 0 when every check passed, 1 when one failed, 2 without a usable GPU (or a
-// bad argument). One JSON (--json): device, SMs, driver and runtime versions, the git
+// bad argument), 3 when a CUDA call failed (the run stops there: its message names the
+// groups not run, which `--only` can run next). One JSON (--json): device, SMs, driver and runtime versions, the git
 // commit baked in at build time, the options, every check and every timing.
 #include <cuda_runtime.h>
 
@@ -54,8 +55,17 @@ double g_copy_gbps = 0;
 
 namespace {
 std::mt19937_64 g_rng(20261201);
-const char* const kGroups[] = {"copy", "bfp.quantize", "bfp.gemv", "bfp.gemm", "attention.fwd",
-                               "attention.bwd", "decode", "kv_cache_append"};
+constexpr int kNumGroups = 8;
+const char* const kGroups[kNumGroups] = {"copy", "bfp.quantize", "bfp.gemv", "bfp.gemm",
+                                         "attention.fwd", "attention.bwd", "decode",
+                                         "kv_cache_append"};
+int g_running = -1;  // index of the group running
+std::string g_json;  // --json PATH
+std::chrono::steady_clock::time_point g_t0;
+double elapsed() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - g_t0).count();
+}
+void write_json(const std::string& path, bool complete);
 }  // namespace
 
 void check(const std::string& name, bool ok, const std::string& detail) {
@@ -125,6 +135,14 @@ void bench_copy() {
 
 namespace {
 
+// The enabled groups after the running one (comma-separated).
+std::string pending_groups() {
+  std::string s;
+  for (int i = std::max(g_running + 1, 0); i < kNumGroups; ++i)
+    if (group_enabled(kGroups[i]) && (i > 0 || g_opt.time)) s += (s.empty() ? "" : ",") + std::string(kGroups[i]);
+  return s;
+}
+
 std::string json_escape(const std::string& s) {
   std::string o;
   for (char ch : s) {
@@ -135,7 +153,8 @@ std::string json_escape(const std::string& s) {
   return o;
 }
 
-void write_json(const std::string& path, double secs) {
+void write_json(const std::string& path, bool complete) {
+  const double secs = elapsed();
   FILE* f = std::fopen(path.c_str(), "w");
   if (!f) {
     std::fprintf(stderr, "llmcore_cuda_selftest: cannot write %s\n", path.c_str());
@@ -157,6 +176,8 @@ void write_json(const std::string& path, double secs) {
   std::fprintf(f, "  \"reduced\": %s, \"timed\": %s, \"only\": \"%s\", \"seconds\": %.1f,\n",
                g_opt.reduced ? "true" : "false", g_opt.time ? "true" : "false",
                json_escape(only).c_str(), secs);
+  std::fprintf(f, "  \"complete\": %s, \"groups_not_run\": \"%s\",\n", complete ? "true" : "false",
+               json_escape(pending_groups()).c_str());
   std::fprintf(f, "  \"copy_gbps\": %.6g, \"peak_fp16_tflops\": %.6g, \"peak_int8_tops\": %.6g,\n",
                g_copy_gbps, peak("fp16"), peak("int8"));
   std::fprintf(f, "  \"checks\": [\n");
@@ -176,6 +197,22 @@ void write_json(const std::string& path, double secs) {
   std::fprintf(f, "  ]\n}\n");
   std::fclose(f);
 }
+
+}  // namespace
+
+void cuda_failed(const char* file, int line, const char* call, cudaError_t err) {
+  const std::string group = g_running >= 0 && g_running < kNumGroups ? kGroups[g_running] : "setup";
+  check(group + ": CUDA error", false,
+        std::string(cudaGetErrorString(err)) + " from " + call + " (" + file + ":" + std::to_string(line) + ")");
+  const std::string pending = pending_groups();
+  std::printf("llmcore_cuda_selftest: stopped by a CUDA error in %s; groups not run: %s\n", group.c_str(),
+              pending.empty() ? "none" : pending.c_str());
+  if (!g_json.empty()) write_json(g_json, false);
+  std::fflush(stdout);
+  std::_Exit(3);
+}
+
+namespace {
 
 int usage(const char* argv0) {
   std::fprintf(stderr,
@@ -239,21 +276,25 @@ int main(int argc, char** argv) {
   std::printf("llmcore_cuda_selftest: %s (sm %d.%d, %d SMs), driver %d, runtime %d, commit %s%s\n",
               prop.name, prop.major, prop.minor, prop.multiProcessorCount, drv, rt,
               LLMCORE_GIT_COMMIT, g_opt.reduced ? ", reduced" : "");
-  const auto t0 = std::chrono::steady_clock::now();
-  // The copy first: the bandwidth-bound timings are reported as fractions of it.
-  if (g_opt.time && group_enabled("copy")) bench_copy();
-  if (group_enabled("bfp.quantize")) test_bfp_quantize();
-  if (group_enabled("bfp.gemv")) test_bfp_gemv();
-  if (group_enabled("bfp.gemm")) test_bfp_gemm();
-  if (group_enabled("attention.fwd")) test_attention_fwd();
-  if (group_enabled("attention.bwd")) test_attention_bwd();
-  if (group_enabled("decode")) test_decode();
-  if (group_enabled("kv_cache_append")) test_kv_cache_append();
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  g_json = json;
+  g_t0 = std::chrono::steady_clock::now();
+  // The copy first: the bandwidth-bound timings are reported as fractions of it. The JSON
+  // is rewritten after each group, so a run cut off keeps what finished.
+  void (*const run[])() = {bench_copy, test_bfp_quantize, test_bfp_gemv, test_bfp_gemm,
+                           test_attention_fwd, test_attention_bwd, test_decode,
+                           test_kv_cache_append};
+  for (int i = 0; i < kNumGroups; ++i) {
+    g_running = i;
+    if (group_enabled(kGroups[i]) && (i > 0 || g_opt.time)) {
+      run[i]();
+      if (!g_json.empty()) write_json(g_json, false);
+    }
+  }
+  g_running = kNumGroups;
   int failed = 0;
   for (const Check& c : g_checks) failed += !c.ok;
   std::printf("llmcore_cuda_selftest: %d checks, %d failed, %d timings, %.1f s\n",
-              int(g_checks.size()), failed, int(g_timings.size()), secs);
-  if (!json.empty()) write_json(json, secs);
+              int(g_checks.size()), failed, int(g_timings.size()), elapsed());
+  if (!g_json.empty()) write_json(g_json, true);
   return failed ? 1 : 0;
 }

@@ -47,13 +47,14 @@ std::string fmt(const char* f, double a, double b = 0, double c = 0, double d = 
 // (TOP/s): LLMCORE_PEAK_TFLOPS / LLMCORE_PEAK_TOPS if set, else the H100/H200 SXM figures.
 double peak(const char* kind);
 
-#define CU(x)                                                                                 \
-  do {                                                                                        \
-    cudaError_t e_ = (x);                                                                     \
-    if (e_ != cudaSuccess) {                                                                  \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                           \
-    }                                                                                         \
+// A CUDA call that fails ends the run (the context may be unusable): the failure is recorded
+// as a failed check of the running group, the JSON written with what ran so far, the groups
+// not run named, exit status 3.
+[[noreturn]] void cuda_failed(const char* file, int line, const char* call, cudaError_t err);
+#define CU(x)                                                     \
+  do {                                                            \
+    cudaError_t e_ = (x);                                         \
+    if (e_ != cudaSuccess) cuda_failed(__FILE__, __LINE__, #x, e_); \
   } while (0)
 
 template <typename T>
