@@ -139,7 +139,10 @@ namespace {
 std::string pending_groups() {
   std::string s;
   for (int i = std::max(g_running + 1, 0); i < kNumGroups; ++i)
-    if (group_enabled(kGroups[i]) && (i > 0 || g_opt.time)) s += (s.empty() ? "" : ",") + std::string(kGroups[i]);
+    if (group_enabled(kGroups[i]) && (i > 0 || g_opt.time)) {
+      if (!s.empty()) s += ',';
+      s += kGroups[i];
+    }
   return s;
 }
 
@@ -167,7 +170,10 @@ void write_json(const std::string& path, bool complete) {
   cudaDriverGetVersion(&drv);
   cudaRuntimeGetVersion(&rt);
   std::string only;
-  for (const std::string& o : g_opt.only) only += (only.empty() ? "" : ",") + o;
+  for (const std::string& o : g_opt.only) {
+    if (!only.empty()) only += ',';
+    only += o;
+  }
   std::fprintf(f, "{\n  \"device\": \"%s\", \"sm\": \"%d.%d\", \"sms\": %d, \"l2_bytes\": %d,\n",
                json_escape(prop.name).c_str(), prop.major, prop.minor, prop.multiProcessorCount,
                prop.l2CacheSize);
