@@ -8,8 +8,12 @@
 # of value (a later step cut off by a time limit loses the least):
 #
 #   env                nvidia-smi, nvcc, python, torch, git commit        -> summary.txt
-#   selftest           the prebuilt torch-free CUDA self-test, if built   -> selftest.json/.log
-#   selftest-sanitize  the self-test (--reduced) under compute-sanitizer memcheck, racecheck
+#   selftest-build     only when no runnable self-test binary was carried: cmake builds
+#                      llmcore_cuda_selftest there for sm_90a, all cores  -> build.log
+#   selftest           the torch-free CUDA self-test: every kernel checked, then timed
+#                                                                         -> selftest.json/.log
+#   selftest-sanitize  the self-test (--reduced --no-time) under compute-sanitizer memcheck
+#                      and racecheck                                      -> selftest.log
 #   build              the torch extension for sm_90a only (LLMCORE_CUDA_ARCHS=90a,
 #                      MAX_JOBS=nproc), timed                             -> build.log
 #   pytest             python3 -m pytest -m cuda -x -q                    -> pytest.log
@@ -21,10 +25,14 @@
 # Every step writes its log as it runs and appends "step status seconds" to summary.txt
 # when it ends, so whatever is cut off, what ran before is saved. At most 8 files land in
 # the output folder (the device tool returns no more), hence one tar for the bench
-# results. Each step runs under its own time limit (STEP_TIMEOUT_<STEP>, seconds); STEPS
-# (space-separated names) runs a subset, e.g. STEPS="build bench". The self-test binary is
-# taken from $LLMCORE_SELFTEST, else build/cuda-selftest/llmcore_cuda_selftest (carry that
-# folder), else skipped.
+# results. Each step runs under its own time limit (STEP_TIMEOUT_<STEP>, seconds), cut to
+# what is left of the whole run's budget (RUN_BUDGET, default 570 s: one device command
+# may run 600 s); a step with under 20 s left is skipped (SKIPPED(budget) in the summary).
+# STEPS (space-separated names) runs a subset, e.g. STEPS="pytest sanitize bench" for a
+# second command on the same warm machine (the extension built by the first is kept).
+# The self-test binary is taken from $LLMCORE_SELFTEST, else
+# build/cuda-selftest/llmcore_cuda_selftest (built here, carried: `carry` that folder),
+# else built there by the selftest-build step (about two minutes on 16 cores).
 #
 # --dry-run: prints each step's command and checks what can be checked without a GPU (the
 # files and tools each step needs, the bench suites), writes nothing; exit 1 if a step
@@ -36,7 +44,7 @@ out_arg=""
 for a in "$@"; do
   case "$a" in
     --dry-run) dry=1 ;;
-    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
     -*) echo "run.sh: unknown option $a" >&2; exit 2 ;;
     *) out_arg="$a" ;;
   esac
@@ -47,21 +55,25 @@ cd "$root" || exit 2
 py="${PYTHON:-python3}"
 out="${OUT:-${out_arg:-$root/llmcore-runs/gpu-$(date +%Y%m%d-%H%M%S)}}"
 selftest="${LLMCORE_SELFTEST:-$root/build/cuda-selftest/llmcore_cuda_selftest}"
+selftest_device_build="$root/build/cuda-selftest-device"  # where selftest-build builds
 nproc_="$(nproc 2>/dev/null || echo 4)"
-ALL_STEPS="env selftest selftest-sanitize build pytest sanitize bench"
+ALL_STEPS="env selftest-build selftest selftest-sanitize build pytest sanitize bench"
 STEPS="${STEPS:-$ALL_STEPS}"
 BENCH_SUITES="${BENCH_SUITES:-attention decode bfp generate assisted train}"
 
 # Per-step time limits (seconds); the device tool allows 600 s per command in all.
 declare -A limit=(
   [env]="${STEP_TIMEOUT_ENV:-30}"
+  [selftest-build]="${STEP_TIMEOUT_SELFTEST_BUILD:-240}"
   [selftest]="${STEP_TIMEOUT_SELFTEST:-150}"
-  [selftest-sanitize]="${STEP_TIMEOUT_SELFTEST_SANITIZE:-150}"
+  [selftest-sanitize]="${STEP_TIMEOUT_SELFTEST_SANITIZE:-120}"
   [build]="${STEP_TIMEOUT_BUILD:-420}"
   [pytest]="${STEP_TIMEOUT_PYTEST:-300}"
   [sanitize]="${STEP_TIMEOUT_SANITIZE:-240}"
   [bench]="${STEP_TIMEOUT_BENCH:-300}"
 )
+budget="${RUN_BUDGET:-570}"
+deadline=$(( $(date +%s) + budget ))
 
 problems=0
 note() { echo "run.sh: $*"; }
@@ -82,16 +94,24 @@ sanitizer() {  # compute-sanitizer TOOL CMD...: errors make it exit 1
 # LOG (appended), one line to summary.txt (labelled $LABEL if set, else NAME).
 run_step() {
   local name="$1" log="$2"; shift 2
-  local t0 rc secs label="${LABEL:-$name}"
+  local t0 rc secs label="${LABEL:-$name}" lim left
   t0=$(date +%s)
-  { echo "=== $label (limit ${limit[$name]} s) ==="
+  left=$(( deadline - t0 - 5 ))  # what the run's budget leaves (5 s to write the summary)
+  lim="${limit[$name]}"
+  [ "$left" -lt "$lim" ] && lim="$left"
+  if [ "$lim" -lt 20 ]; then
+    printf '%-18s %-16s %5ss  %s\n' "$label" "SKIPPED(budget)" 0 "$log" >>"$out/summary.txt"
+    echo "run.sh: $label: SKIPPED (${left}s of the budget left)"
+    return 124
+  fi
+  { echo "=== $label (limit $lim s) ==="
     printf '$ %s\n' "$(printf '%s ' "$@" | tr -s '\n ' ' ' | cut -c1-300)"; } >>"$out/$log"
-  timeout --kill-after=10 "${limit[$name]}" "$@" >>"$out/$log" 2>&1
+  timeout --kill-after=5 "$lim" "$@" >>"$out/$log" 2>&1
   rc=$?
   secs=$(( $(date +%s) - t0 ))
   local status=ok
   [ "$rc" -eq 0 ] || status="FAILED(rc=$rc)"
-  [ "$rc" -eq 124 ] && status="TIMEOUT(${limit[$name]}s)"
+  [ "$rc" -eq 124 ] && status="TIMEOUT(${lim}s)"
   printf '%-18s %-16s %5ss  %s\n' "$label" "$status" "$secs" "$log" >>"$out/summary.txt"
   echo "run.sh: $label: $status in ${secs}s (log: $log)"
   return "$rc"
@@ -114,11 +134,32 @@ step_env() {
   "
 }
 
+selftest_runs() { [ -x "$selftest" ] && "$selftest" --list >/dev/null 2>&1; }
+
+step_selftest_build() {
+  local b="$selftest_device_build"
+  local cmd="cmake -S cmake -B $b -DLLMCORE_CUDA_ARCHS=90a -DLLMCORE_CHECK_BINDINGS=OFF -DLLMCORE_WERROR=OFF && cmake --build $b --target llmcore_cuda_selftest -j $nproc_"
+  if [ "$dry" = 1 ]; then
+    note "selftest-build: (only if $selftest is absent or does not run) $cmd"
+    need_file cmake/CMakeLists.txt; need_tool cmake; need_tool nvcc
+    if [ -x "$selftest" ]; then note "  ok: prebuilt $selftest (not rebuilt if it runs there)"
+    else note "  not built here: it will be built on the GPU machine"; fi
+    return
+  fi
+  if selftest_runs; then
+    printf '%-18s %-16s %5ss  %s\n' selftest-build "SKIPPED(prebuilt)" 0 "$selftest" >>"$out/summary.txt"
+    return
+  fi
+  [ -e "$selftest" ] && echo "run.sh: $selftest does not run here; building it" | tee -a "$out/build.log"
+  run_step selftest-build build.log bash -c "$cmd" || return
+  selftest="$b/llmcore_cuda_selftest"
+}
+
 step_selftest() {
   if [ "$dry" = 1 ]; then
     note "selftest: $selftest --json $out/selftest.json"
     if [ -x "$selftest" ]; then note "  ok: $selftest"
-    else note "  not built (skipped on the GPU): $selftest"; fi
+    else note "  not built here (the selftest-build step builds it there): $selftest"; fi
     return
   fi
   if [ ! -x "$selftest" ]; then
@@ -126,11 +167,20 @@ step_selftest() {
     return
   fi
   run_step selftest selftest.log "$selftest" --json "$out/selftest.json"
+  local rc=$? rest
+  # 3: a CUDA error stopped it (its JSON holds what ran); the groups after the one that
+  # failed run once more in a fresh process, their JSON appended to the log.
+  [ "$rc" -eq 3 ] || return "$rc"
+  rest="$(sed -n 's/.*groups not run: \(.*\)$/\1/p' "$out/selftest.log" | tail -1)"
+  [ -n "$rest" ] && [ "$rest" != none ] || return "$rc"
+  LABEL="selftest(rest)" run_step selftest selftest.log bash -c "
+    '$selftest' --only '$rest' --json '$out/selftest-rest.json'; rc=\$?
+    cat '$out/selftest-rest.json' 2>/dev/null; rm -f '$out/selftest-rest.json'; exit \$rc"
 }
 
 step_selftest_sanitize() {
   if [ "$dry" = 1 ]; then
-    note "selftest-sanitize: compute-sanitizer --tool memcheck|racecheck $selftest --reduced"
+    note "selftest-sanitize: compute-sanitizer --tool memcheck|racecheck $selftest --reduced --no-time"
     need_tool compute-sanitizer
     return
   fi
@@ -141,8 +191,8 @@ step_selftest_sanitize() {
   run_step selftest-sanitize selftest.log bash -c "
     $(declare -f sanitizer)
     rc=0
-    sanitizer memcheck '$selftest' --reduced || rc=1
-    sanitizer racecheck '$selftest' --reduced || rc=1
+    sanitizer memcheck '$selftest' --reduced --no-time || rc=1
+    sanitizer racecheck '$selftest' --reduced --no-time || rc=1
     exit \$rc"
 }
 
@@ -218,7 +268,7 @@ step_bench() {
 
 # ---- main -------------------------------------------------------------------------------
 if [ "$dry" = 1 ]; then
-  note "dry run: output folder would be $out; steps: $STEPS"
+  note "dry run: output folder would be $out; steps: $STEPS; budget ${budget}s"
 else
   mkdir -p "$out" || exit 2
   echo "llmcore GPU run: steps $STEPS" >"$out/summary.txt"
@@ -227,6 +277,7 @@ fi
 for step in $STEPS; do
   case "$step" in
     env) step_env ;;
+    selftest-build) step_selftest_build ;;
     selftest) step_selftest ;;
     selftest-sanitize) step_selftest_sanitize ;;
     build) step_build || { note "build failed: the torch steps would test a stale extension; stopping"; break; } ;;
