@@ -144,14 +144,17 @@ void gemv_avx2(const GemvQ8Plan& p, const int8_t* xq, const int32_t* corr, const
 // ---- AVX-512 VNNI ----------------------------------------------------------------------
 #define LLMCORE_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
 
-// Block scales of the weight, 16 blocks from b0 (masked to nb): 2^(e - 127 - (bits - 2)),
+// Block scales of the weight, 16 blocks from b0 (up to nb): 2^(e - 127 - (bits - 2)),
 // NaN for exponent byte 255.
 LLMCORE_AVX512_TARGET inline __m512 weight_scales16(const uint8_t* er, int64_t b0, int64_t nb,
                                                     int bits) {
   const int64_t left = nb - b0;
   const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xffff)
                                  : static_cast<__mmask16>((1u << left) - 1u);
-  const __m512i e = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, er + b0));
+  // Lanes past the row read as the exponent of 1.0: a subnormal scale, even unused, would
+  // cost a microcode assist per row.
+  const __m512i e = _mm512_cvtepu8_epi32(
+      _mm_mask_loadu_epi8(_mm_set1_epi8(static_cast<char>(kExpBias)), m, er + b0));
   const __m512 t = _mm512_cvtepi32_ps(_mm512_sub_epi32(e, _mm512_set1_epi32(kExpBias + bits - 2)));
   const __m512 s = _mm512_scalef_ps(_mm512_set1_ps(1.0f), t);
   const __mmask16 nan = _mm512_cmpeq_epi32_mask(e, _mm512_set1_epi32(kNaNExponent));
