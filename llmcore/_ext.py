@@ -8,6 +8,7 @@ warning.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -46,6 +47,11 @@ def has_kernel(op: str, device: torch.device) -> bool:
 
 @torch.compiler.assume_constant_result  # a constant of the build: traced as such
 def _has_kernel(op: str, device_type: str) -> bool:
+    return _has_kernel_cached(op, device_type)
+
+
+@functools.cache  # asked on every op call; the answer never changes once loaded
+def _has_kernel_cached(op: str, device_type: str) -> bool:
     if not has_op(op):
         return False
     key = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}.get(device_type)

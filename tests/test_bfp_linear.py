@@ -313,6 +313,70 @@ def test_cpu_isa_paths(cpu_isa):
 
 
 # ---------------------------------------------------------------------------------------
+# int8-activation decode GEMV (M <= 16, 8-bit activations, block 32): the CPU kernel that
+# quantize() uses for inference by default
+# ---------------------------------------------------------------------------------------
+def act_error_bound(x, q):
+    """The documented bound on |y(act_format="mxint8") - y(exact)| before fp32 rounding:
+    sum over x's blocks of (the block's mantissa unit) * (sum of |W| over the block)."""
+    n, k = q.shape
+    x2 = x.detach().cpu().reshape(-1, k)
+    _, ae = ref.bfp_quantize(x2, 8, 32)
+    unit = ref.bfp_dequantize(torch.ones_like(x2, dtype=torch.int8), ae, 8, 32, k,
+                              torch.float64)  # 2^(e - 6) per element
+    return unit @ weight64(q).abs().T
+
+
+@pytest.mark.parametrize("wname", ["mxint8", "mxint4"])
+@pytest.mark.parametrize("m", [1, 2, 5, 16])
+@pytest.mark.parametrize("k", [32, 61, 130, 1025, 2048])
+def test_int8_act_gemv(wname, m, k, cpu_isa):
+    n = 37
+    q = make_weight(n, k, wname, "cpu")
+    x = randn((m, k)) * torch.linspace(0.01, 100, k)  # block scales far apart
+    b = randn((n,))
+    y = check_act(x, q, "mxint8", bias=b)  # the same quantised math in float64
+    exact = ops.bfp_linear(x, q, b)
+    _, tol = gemm_tol(x.double(), weight64(q), torch.float32)
+    err = (y - exact).double().abs()
+    assert (err <= act_error_bound(x, q) + 2 * tol).all()
+
+
+@pytest.mark.parametrize("wname", ["mxint8", "mxint4"])
+def test_int8_act_gemv_noncontiguous_and_dtypes(wname, cpu_isa):
+    q = make_weight(33, 257, wname, "cpu")
+    for dtype in FLOAT_DTYPES:
+        x = randn((257, 5), dtype).T  # [5, 257], column-major
+        check_act(x, q, "mxint8")
+        check_act(randn((2, 3, 2 * 257), dtype)[..., ::2], q, "mxint8", "even")
+
+
+def test_int8_act_gemv_nan_inf(cpu_isa):
+    k, n = 100, 9
+    q = make_weight(n, k, "mxint4", "cpu", nan_at=[(4, 70)])
+    x = randn((3, k))
+    x[1, 5] = float("inf")  # Inf in an activation block: that row's outputs are NaN
+    y = ops.bfp_linear(x, q, act_format="mxint8")
+    want = torch.zeros(3, n, dtype=torch.bool)
+    want[1, :] = True
+    want[:, 4] = True  # a NaN weight block: that column
+    assert torch.equal(torch.isnan(y), want)
+
+
+def test_int8_act_gemv_threads():
+    q = make_weight(4099, 96, "mxint8", "cpu")  # many column chunks
+    x = randn((3, 96))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.bfp_linear(x, q, act_format="mxint8")
+        torch.set_num_threads(max(2, threads))
+        assert torch.equal(ops.bfp_linear(x, q, act_format="mxint8"), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------
 # autograd
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -150,6 +150,27 @@ def test_quantize_exclude():
         Transformer(TransformerConfig.from_name("tiny")).quantize("mxint8", lm_head="int3")
 
 
+@pytest.mark.parametrize("fmt,act,want", [("mxint8", "auto", "mxint8"), ("mxint4", "auto", "mxint8"),
+                                           ("msfp12", "auto", None), ("mxint8", None, None)])
+def test_quantize_activation_format(fmt, act, want):
+    """quantize() multiplies int8 activations by default where the weight has blocks of
+    32; act_format=None keeps the exact weight-only product."""
+    from llmcore.nn import BFPLinear
+    from llmcore.nn.bfp_linear import bfp_linear_reference
+
+    m = Transformer(TransformerConfig.from_name("tiny"))
+    m.quantize(fmt, act_format=act)
+    mod = m.layers[0].mlp.up_proj
+    assert isinstance(mod, BFPLinear) and isinstance(m.lm_head, BFPLinear)
+    assert (mod.act_format.name if mod.act_format else None) == want
+    head_act = m.lm_head.act_format  # "auto" heads of 4-bit models are mxint8: int8 too
+    assert (head_act is None) == (act is None)
+    x = torch.randn(3, m.layers[0].mlp.up_proj.in_features)
+    lin = m.layers[0].mlp.up_proj
+    rel = ((lin(x) - bfp_linear_reference(x, lin)).norm() / lin(x).norm()).item()
+    assert (rel < 1e-5) if want is None else (1e-5 < rel < 3e-2)
+
+
 def test_bf16_model_runs_close_to_fp32():
     cfg = TransformerConfig.from_name("tiny")
     a = Transformer(cfg)

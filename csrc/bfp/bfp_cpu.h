@@ -109,6 +109,38 @@ void gemm_compute(const GemmPlan& p, const uint8_t* a_pack, const float* a_scale
                   const float* bias, float* c, int64_t ldc, int64_t m_begin, int64_t m_end,
                   int64_t p_begin, int64_t p_end);
 
+// ---- int8-activation GEMV (decode, small M): bfp_cpu_gemv_q8.cpp ------------------------
+// y[m, n] = sum_b scale_a[m, b] * scale_w[n, b] * sum_{k in b} a[m, k] * w[n, k] (+ bias[n])
+// for activation rows a of 5..8-bit mantissas (int8 storage) and weight rows w of any
+// mantissa width, both in blocks of 32 along K. Each block's dot product is exact in int32;
+// the weight is read in its storage layout (nothing is packed or cached).
+bool gemv_q8_supported(int a_bits, int w_bits, int block);
+
+struct GemvQ8Plan {
+  int64_t M, K;
+  int w_bits;
+  int64_t row_bytes;  // weight bytes walked per row: mantissa_cols(K, w_bits) rounded up to 64
+  int64_t groups;     // row_bytes / 4: one int32 lane per 4 weight bytes
+  int64_t xq_cols;    // activation bytes per row: row_bytes (8-bit w) or 2 * row_bytes (4-bit w)
+};
+GemvQ8Plan gemv_q8_plan(int64_t M, int64_t K, int w_bits);
+
+// Lay out the activation rows for the weight's bytes (O(M K), once per call):
+//   xq   int8 [M][xq_cols]: 8-bit w: a itself; packed w: per 64 weight bytes (128 elements)
+//        the 64 even elements, then the 64 odd ones (the low / high nibbles' partners)
+//   corr int32 [M][groups]: -off * (sum of the a in the group), off = 128 (8-bit w) or 8
+//   xs   fp32 [M][groups]: scale of the a block the group lies in (0 past K)
+// Zero padded past K. A group is the 4 weight bytes one int32 lane of vpdpbusd covers.
+void gemv_q8_prepare(const GemvQ8Plan& p, const int8_t* a_mant, int64_t a_row_stride,
+                     const uint8_t* a_exp, int64_t a_exp_stride, int a_bits, int8_t* xq,
+                     int32_t* corr, float* xs);
+
+// Output columns [n_begin, n_end) for every m in [0, M); y fp32 row stride ldy.
+void gemv_q8(const GemvQ8Plan& p, const int8_t* xq, const int32_t* corr, const float* xs,
+             const uint8_t* w_mant, int64_t w_row_stride, const uint8_t* w_exp,
+             int64_t w_exp_stride, const float* bias, float* y, int64_t ldy, int64_t n_begin,
+             int64_t n_end);
+
 }  // namespace cpu
 }  // namespace bfp
 }  // namespace llmcore

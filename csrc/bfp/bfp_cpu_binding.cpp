@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 
 #include "bfp/bfp_cpu.h"
 #include "common/check.h"
@@ -29,6 +30,61 @@ bool is_float_dtype(at::ScalarType t) {
 
 int64_t grain_rows(int64_t row_elems) {
   return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, row_elems));
+}
+
+// Weight bytes per task of the decode GEMVs: small enough that a thread whose core is busy
+// holds up little of the call, large enough that taking a task costs nothing.
+constexpr int64_t kGemvChunkBytes = int64_t{32} << 10;
+
+// f(n0, n1) over [0, n) in chunks of `chunk`, handed out one at a time to the threads as
+// they come (dynamic scheduling over at::parallel_for's threads): a thread that is
+// descheduled because another process holds its core only delays its current chunk, where
+// a static split would make the call wait for its whole share.
+//
+// Still, the call returns only once every thread has looked in, and a thread that finds the
+// work all done had no core for the whole call: then the next calls run on the calling
+// thread alone (16, 32, ... up to 4096 of them while it keeps happening) before trying the
+// other threads again. On an idle machine threads arrive in microseconds and this never
+// triggers.
+struct ThreadBackoff {
+  std::atomic<int64_t> serial_calls{0};
+  std::atomic<int> level{0};
+};
+ThreadBackoff g_backoff;
+
+template <typename F>
+void parallel_chunks(int64_t n, int64_t chunk, const F& f) {
+  const int64_t tasks = (n + chunk - 1) / chunk;
+  int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks);
+  if (threads > 1 && g_backoff.serial_calls.load(std::memory_order_relaxed) > 0) {
+    g_backoff.serial_calls.fetch_sub(1, std::memory_order_relaxed);
+    threads = 1;
+  }
+  if (threads <= 1) {
+    f(0, n);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  std::atomic<bool> late{false};
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t) {
+    int64_t t = next.fetch_add(1);
+    if (t >= tasks && begin != 0) late.store(true, std::memory_order_relaxed);
+    for (; t < tasks; t = next.fetch_add(1)) f(t * chunk, std::min(n, (t + 1) * chunk));
+  });
+  if (late.load(std::memory_order_relaxed)) {
+    const int lvl = std::min(g_backoff.level.load(std::memory_order_relaxed) + 1, 9);
+    g_backoff.level.store(lvl, std::memory_order_relaxed);
+    g_backoff.serial_calls.store(int64_t{8} << lvl, std::memory_order_relaxed);
+  } else {
+    g_backoff.level.store(0, std::memory_order_relaxed);
+  }
+}
+
+// Columns per task for a GEMV whose weight rows are row_bytes long (a multiple of 16, so
+// the kernels' 4-row tiles stay whole).
+int64_t gemv_chunk_cols(int64_t row_bytes) {
+  const int64_t rows = kGemvChunkBytes / std::max<int64_t>(1, row_bytes);
+  return std::max<int64_t>(16, rows / 16 * 16);
 }
 
 void check_format(int64_t bits, int64_t block, const char* bits_name) {
@@ -153,7 +209,8 @@ at::Tensor bfp_linear_cpu(const at::Tensor& x, const at::Tensor& w_mantissa,
     const DType xt = to_dtype(x.scalar_type());
     const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
     float* yp = y32.data_ptr<float>();
-    at::parallel_for(0, N, grain_rows(K * M), [&](int64_t n0, int64_t n1) {
+    const int64_t chunk = N * (wcols + ecols) <= kGemvChunkBytes ? N : gemv_chunk_cols(wcols + ecols);
+    parallel_chunks(N, chunk, [&](int64_t n0, int64_t n1) {
       cpu::linear_rows_typed(xp, xt, M, K, K, wmp, wcols, wep, ecols, bits, block, bp, yp, N, n0,
                              n1);
     });
@@ -210,6 +267,32 @@ at::Tensor bfp_gemm_cpu(const at::Tensor& a_mantissa, const at::Tensor& a_expone
   at::Tensor c = at::empty({M, N}, opts.dtype(at::kFloat));
   if (M == 0 || N == 0) return c.to(out_dtype);
 
+  const float* biasp = b32.defined() ? b32.data_ptr<float>() : nullptr;
+  float* cp = c.data_ptr<float>();
+  if (M <= kLinearGemvMaxRows && cpu::gemv_q8_supported(static_cast<int>(a_bits),
+                                                        static_cast<int>(b_bits),
+                                                        static_cast<int>(block_size))) {
+    // Decode: the weight streams once in its own layout; only A is laid out (O(M K)).
+    const cpu::GemvQ8Plan g = cpu::gemv_q8_plan(M, k, static_cast<int>(b_bits));
+    const at::Tensor am = a_mantissa.contiguous(), ae = a_exponent.contiguous();
+    at::Tensor xq = at::empty({M, g.xq_cols}, opts.dtype(at::kChar));
+    at::Tensor corr = at::empty({M, g.groups}, opts.dtype(at::kInt));
+    at::Tensor xs = at::empty({M, g.groups}, opts.dtype(at::kFloat));
+    cpu::gemv_q8_prepare(g, am.data_ptr<int8_t>(), am.size(1), ae.data_ptr<uint8_t>(),
+                         ae.size(1), static_cast<int>(a_bits), xq.data_ptr<int8_t>(),
+                         corr.data_ptr<int32_t>(), xs.data_ptr<float>());
+    const at::Tensor bm = b_mantissa.contiguous(), be = b_exponent.contiguous();
+    const auto* bmp = static_cast<const uint8_t*>(bm.data_ptr());
+    const auto* bep = be.data_ptr<uint8_t>();
+    const int64_t b_cols = bm.size(1), be_cols = be.size(1);
+    const int64_t chunk = N * (b_cols + be_cols) <= kGemvChunkBytes ? N : gemv_chunk_cols(b_cols + be_cols);
+    parallel_chunks(N, chunk, [&](int64_t n0, int64_t n1) {
+      cpu::gemv_q8(g, xq.data_ptr<int8_t>(), corr.data_ptr<int32_t>(), xs.data_ptr<float>(), bmp,
+                   b_cols, bep, be_cols, biasp, cp, N, n0, n1);
+    });
+    return out_dtype == at::kFloat ? c : c.to(out_dtype);
+  }
+
   const cpu::GemmPlan p = cpu::gemm_plan(M, N, k, static_cast<int>(a_bits),
                                          static_cast<int>(b_bits), static_cast<int>(block_size));
   const at::Tensor am = a_mantissa.contiguous(), ae = a_exponent.contiguous();
@@ -240,8 +323,6 @@ at::Tensor bfp_gemm_cpu(const at::Tensor& a_mantissa, const at::Tensor& a_expone
   constexpr int64_t kTileRows = 64, kTilePanels = 4;
   const int64_t mtiles = (M + kTileRows - 1) / kTileRows;
   const int64_t ntiles = (panels + kTilePanels - 1) / kTilePanels;
-  const float* biasp = b32.defined() ? b32.data_ptr<float>() : nullptr;
-  float* cp = c.data_ptr<float>();
   const int64_t tile_work = kTileRows * kTilePanels * 16 * std::max<int64_t>(p.kp, 1);
   at::parallel_for(0, mtiles * ntiles, std::max<int64_t>(1, (kGrainElems * 32) / tile_work),
                    [&](int64_t t0, int64_t t1) {

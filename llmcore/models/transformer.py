@@ -242,6 +242,15 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
                          f"vocabulary [0, {vocab_size})")
 
 
+def _act_for(weight_format, act_format):
+    """The activation format of :meth:`Transformer.quantize` for one weight format:
+    ``"auto"`` is MXINT8 for weights in blocks of 32 (the int8-activation kernels), else
+    weight-only."""
+    if act_format != "auto":
+        return act_format
+    return "mxint8" if get_format(weight_format).block_size == 32 else None
+
+
 class Transformer(nn.Module):
     """``model(input_ids)`` -> logits [B, T, vocab]; ``model(input_ids, cache=cache)``
     appends the new tokens to ``cache`` and returns their logits."""
@@ -404,9 +413,17 @@ class Transformer(nn.Module):
                             tied=self.lm_head.weight is self.embed_tokens.weight)
 
     # -- quantised and truncated models --------------------------------------------------
-    def quantize(self, format: str = "mxint8", act_format: str | None = None,
+    def quantize(self, format: str = "mxint8", act_format: str | None = "auto",
                  exclude=(), lm_head: str | None = "auto") -> Transformer:
         """Replace the linear layers by frozen BFP linears (in place).
+
+        ``act_format`` sets how activations meet the BFP weights. ``"auto"`` (the default)
+        quantises them to MXINT8 on the fly for every layer whose weight has blocks of 32
+        (mxint8, mxint4): integer block products, the fast CPU decode path, off from the
+        exact product by at most one MXINT8 unit of x per element (docs/bfp.md gives the
+        bound; about 0.5-1% of the output's norm). Other weight formats stay weight-only.
+        ``None`` keeps every layer weight-only (x stays float: exact up to fp32
+        accumulation); a format name forces that activation format everywhere.
 
         ``format`` applies to the attention and MLP projections. ``lm_head`` sets the
         output head: ``"auto"`` (the default) uses ``format`` when it has 8-bit mantissas
@@ -425,12 +442,12 @@ class Transformer(nn.Module):
             lm_head = fmt if fmt.mantissa_bits >= 8 else get_format("mxint8")
         elif lm_head is not None:
             lm_head = get_format(lm_head)
-        quantize_model(self, fmt, act_format, exclude=(*exclude, "lm_head"))
+        quantize_model(self, fmt, _act_for(fmt, act_format), exclude=(*exclude, "lm_head"))
         if lm_head is not None and "lm_head" not in exclude and type(self.lm_head) is nn.Linear:
-            replace_linear(self, "lm_head", lm_head, act_format)
+            replace_linear(self, "lm_head", lm_head, _act_for(lm_head, act_format))
         return self
 
-    def quantized(self, format: str = "mxint8", act_format: str | None = None, exclude=(),
+    def quantized(self, format: str = "mxint8", act_format: str | None = "auto", exclude=(),
                   lm_head: str | None = "auto") -> Transformer:
         """A copy with BFP linears (:meth:`quantize` on a copy); this model is untouched.
         The embedding table and the RoPE frequencies are shared with this model, not
