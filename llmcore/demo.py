@@ -60,7 +60,7 @@ SIZES = {
                                  "ffn_dim": 176, "max_seq_len": 512},
                   {"dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 96,
                    "max_seq_len": 512},
-                  steps=60, batch_size=8, seq_len=128, sft_steps=16, dpo_steps=24,
+                  steps=150, batch_size=8, seq_len=128, sft_steps=30, dpo_steps=40,
                   post_seq_len=512, new_tokens=48, kernel_linear=(1024, 1024),
                   kernel_attention=(4, 256, 64), kernel_decode_ctx=1024, val_fraction=0.2,
                   # 36 starts instead of 4,500: the same optimum on this data, 10x sooner
@@ -427,6 +427,12 @@ class Demo:
             out.append(f"pretraining: held-out {t['fp32']['val_bpb']:.3f} (fp32) / "
                        f"{t['mxint8']['val_bpb']:.3f} (mxint8) bits/byte vs xz "
                        f"{r['pretrain']['xz_bpb']:.3f}")
+        if "data" in r:
+            d = r["data"]
+            removed = {st["step"]: st["removed"] for st in d["steps"]}
+            out.append(f"data: cleaning kept {d['documents']['out']:,} of "
+                       f"{d['documents']['in']:,} documents ({removed.get('exact_dedup', 0)} "
+                       f"exact and {removed.get('near_dedup', 0)} near duplicates removed)")
         if "posttrain" in r:
             a = r["posttrain"]["preference_accuracy"]
             out.append(f"post-training: {self.preference} preference accuracy "
