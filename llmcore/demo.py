@@ -376,8 +376,7 @@ class Demo:
 
     # -- 6. scaling ------------------------------------------------------------------------
     def section_scaling(self) -> dict:
-        from llmcore.cli.scaling import EPOCH_CSV
-        from llmcore.scaling.chinchilla import fit_chinchilla, plan, read_runs
+        from llmcore.scaling.chinchilla import EPOCH_CSV, fit_chinchilla, plan, read_runs
 
         N, D, L = read_runs(EPOCH_CSV, exclude_highest=5)
         fit = fit_chinchilla(N, D, L, grid=self.size.scaling_grid)

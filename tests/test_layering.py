@@ -1,5 +1,5 @@
 """The package's import direction: csrc <- ops <- nn <- models <- generation / training /
-evaluation <- bench <- cli, and nothing imports the CLI. Checked on the source, so a
+evaluation <- bench <- demo <- cli, and nothing imports the CLI. Checked on the source, so a
 lazy import inside a function counts too."""
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ LAYERS = {
     "generation": 4,
     "training": 5, "evaluation": 5, "scaling": 5,
     "bench": 6,
-    "cli": 7,
+    "demo": 7,
+    "cli": 8,
 }
 
 

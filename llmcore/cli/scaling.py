@@ -11,7 +11,6 @@ from pathlib import Path
 from llmcore.cli._common import CLIError, float_in, int_at_least
 
 # Epoch AI's digitised Chinchilla runs, kept with the tests of a source checkout.
-EPOCH_CSV = Path(__file__).resolve().parents[2] / "tests" / "data" / "chinchilla_epoch_2024.csv"
 CHINCHILLA_COMPUTE = 5.76e23  # Chinchilla / Gopher training FLOPs
 
 positive = float_in(0.0, math.inf, lo_open=True)
@@ -93,7 +92,7 @@ def _law_table(fit, ci: dict | None = None) -> str:
 
 
 def _fit(args) -> int:
-    from llmcore.scaling import fit_chinchilla, read_runs
+    from llmcore.scaling.chinchilla import EPOCH_CSV, fit_chinchilla, read_runs
 
     path = Path(args.csv) if args.csv else EPOCH_CSV
     if not path.is_file():

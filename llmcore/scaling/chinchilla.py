@@ -24,11 +24,16 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 HUBER_DELTA = 1e-3
 # Epoch AI's grid of starting points (a = log A, b = log B, e = log E, alpha, beta).
+# Epoch AI's digitisation of the Chinchilla runs (2024), kept with the tests' data: the
+# default input of `llmcore scaling fit` and of the demo (a source checkout has it).
+EPOCH_CSV = Path(__file__).resolve().parents[2] / "tests" / "data" / "chinchilla_epoch_2024.csv"
+
 GRID = {"a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0), "b": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
         "e": (-1.0, -0.5, 0.0, 0.5, 1.0), "alpha": (0.0, 0.5, 1.0, 1.5, 2.0),
         "beta": (0.0, 0.5, 1.0, 1.5, 2.0)}
