@@ -31,7 +31,7 @@ import torch
 from llmcore._io import atomic_directory, check_regular_file
 from llmcore.formats import BFPFormat, get_format
 from llmcore.models.config import MAX_SIZE, TransformerConfig, check_rope_scaling
-from llmcore.ops.bfp import BFPTensor, load_bfp, save_bfp
+from llmcore.ops.bfp import BFPTensor, index_bfp, load_bfp, read_bfp_tensor, save_bfp
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -371,6 +371,8 @@ class Checkpoint:
                  BFPTensors)
     quantized    {module name: BFPFormat} of the linears stored as BFP weights
     act_format   the activation format recorded for them (None: weight-only)
+    sources      from :func:`open_checkpoint`: {name: (file, name in the file)}; ``tensors``
+                 then holds placeholders on the meta device and :meth:`read` the data
     """
 
     config: TransformerConfig
@@ -378,6 +380,13 @@ class Checkpoint:
     tensors: dict
     quantized: dict = field(default_factory=dict)
     act_format: BFPFormat | str | None = None
+    sources: dict = field(default_factory=dict)
+
+    def read(self, name: str, device=None, dtype: torch.dtype | None = None):
+        """Tensor ``name`` of a checkpoint from :func:`open_checkpoint`, read from its file
+        now into memory of its own (a plain tensor as ``dtype`` if given)."""
+        f, key = self.sources[name]
+        return read_bfp_tensor(f, key, device if device is not None else "cpu", dtype)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -401,6 +410,32 @@ def read_checkpoint(path, device=None, reward: bool = False) -> Checkpoint:
                  if isinstance(v, BFPTensor) and k.endswith(".weight")}
     return Checkpoint(cfg, hf, tensors, quantized,
                       _quant_format(act) if isinstance(act, dict) else act)
+
+
+def open_checkpoint(path, reward: bool = False) -> Checkpoint:
+    """:func:`read_checkpoint` without reading any tensor data: ``tensors`` are
+    placeholders on the meta device (shapes, dtypes, BFP formats from the file headers,
+    with every check :func:`read_checkpoint` makes) and :meth:`Checkpoint.read` reads one
+    tensor at a time, so a model can be filled with one tensor of the file in memory."""
+    path = Path(path)
+    hf = read_hf_config(path, reward)
+    cfg = config_from_hf(hf, str(path / "config.json"))
+    files = _weight_files(path)
+    check_shapes_before_loading(cfg, {n: s for f in files for n, s in _header_shapes(f).items()},
+                                path)
+    tensors: dict = {}
+    sources: dict = {}
+    for f in files:
+        for k, v in index_bfp(f).items():
+            name = k.removeprefix("model.")
+            if name in tensors:
+                raise ValueError(f"tensor {k!r} appears twice in the checkpoint ({f.name})")
+            tensors[name], sources[name] = v, (f, k)
+    act = (hf.get("llmcore_quantization") or {}).get("act_format")
+    quantized = {k.removesuffix(".weight"): v.format for k, v in tensors.items()
+                 if isinstance(v, BFPTensor) and k.endswith(".weight")}
+    return Checkpoint(cfg, hf, tensors, quantized,
+                      _quant_format(act) if isinstance(act, dict) else act, sources)
 
 
 def _listed(names: list[str], what: str) -> str:

@@ -30,7 +30,9 @@ from llmcore.formats import get_format
 from llmcore.models import hf
 from llmcore.models.config import TransformerConfig, check_model_dtype
 from llmcore.models.kv_cache import KVCache
-from llmcore.nn import BFPLinear, quantize_model, replace_linear
+from llmcore.nn import BFPLinear, replace_linear
+from llmcore.nn.bfp_linear import _excluded
+from llmcore.ops.bfp import BFPTensor
 
 BACKENDS = ("llmcore", "torch")
 
@@ -251,6 +253,11 @@ def _act_for(weight_format, act_format):
     return "mxint8" if get_format(weight_format).block_size == 32 else None
 
 
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
 class Transformer(nn.Module):
     """``model(input_ids)`` -> logits [B, T, vocab]; ``model(input_ids, cache=cache)``
     appends the new tokens to ``cache`` and returns their logits."""
@@ -386,22 +393,59 @@ class Transformer(nn.Module):
                         quantize: str | None = None, backend: str = "llmcore") -> Transformer:
         """Load a local Hugging Face Llama/Mistral/Qwen2 directory (config.json and
         safetensors weights, sharded or not; see :mod:`llmcore.models.hf`). A BFP
-        checkpoint written by :meth:`save_pretrained` loads back exactly; ``quantize``
-        quantises a full-precision one (:meth:`quantize`)."""
-        ckpt = hf.read_checkpoint(path, device)
+        checkpoint written by :meth:`save_pretrained` loads back exactly, its BFP weights
+        taken as stored (no quantisation); ``quantize`` quantises a full-precision one
+        (:meth:`quantize`), each linear as it is read.
+
+        The model is built on the meta device and filled one tensor at a time, each read
+        from its file and dropped once converted, so the peak memory is about the loaded
+        model plus one tensor."""
+        ckpt = hf.open_checkpoint(path)
         if ckpt.quantized and quantize is not None:
             raise ValueError(f"{path} is already BFP-quantised; load it with quantize=None")
-        model = cls.empty(ckpt.config, backend, device, dtype or ckpt.dtype)
-        linears = {n for n, m in model.named_modules() if type(m) is nn.Linear}
+        with torch.device("meta"):
+            model = cls(ckpt.config, backend, dtype=dtype or ckpt.dtype)
         for name, fmt in ckpt.quantized.items():
-            if name in linears:
-                replace_linear(model, name, fmt, ckpt.act_format)
-        tied = model.lm_head.weight is model.embed_tokens.weight
-        model.load_state_dict(hf.state_dict_from_checkpoint(ckpt, model.state_dict(), tied,
-                                                            Path(path)), strict=False)
-        if quantize is not None:
-            model.quantize(quantize)
+            lin = model.get_submodule(name) if name in dict(model.named_modules()) else None
+            if type(lin) is nn.Linear:  # a placeholder of the config's shape
+                q = BFPTensor(torch.empty(lin.out_features, fmt.mantissa_cols(lin.in_features),
+                                          dtype=torch.uint8 if fmt.packed else torch.int8),
+                              torch.empty(lin.out_features, fmt.exponent_cols(lin.in_features),
+                                          dtype=torch.uint8),
+                              fmt, lin.weight.shape, lin.weight.dtype)
+                _set_module(model, name, BFPLinear.from_bfp(q, lin.bias, ckpt.act_format))
+        plan = model._quantize_plan(quantize) if quantize is not None else {}
+        model._load_streamed(ckpt, Path(path), device, plan)
         return model.eval()
+
+    def _load_streamed(self, ckpt: hf.Checkpoint, where: Path, device, plan: dict) -> None:
+        """Fill this meta-device model from ``ckpt`` (from :func:`hf.open_checkpoint`) one
+        tensor at a time, replacing each placeholder, and quantise each linear of ``plan``
+        ({name: (format, act_format)}) as soon as its tensors are in."""
+        tied = self.lm_head.weight is self.embed_tokens.weight
+        hf.state_dict_from_checkpoint(ckpt, self.state_dict(), tied, where)  # checks only
+        device = torch.device(device if device is not None else "cpu")
+        for name, placeholder in ckpt.tensors.items():
+            if (tied and name == "lm_head.weight") or name.endswith("rotary_emb.inv_freq"):
+                continue
+            owner, _, leaf = name.rpartition(".")
+            mod = self.get_submodule(owner)
+            if isinstance(placeholder, BFPTensor):  # into a BFPLinear, as stored
+                q = ckpt.read(name, device)
+                mod.weight_mantissa, mod.weight_exponent = q.mantissa, q.exponent
+                continue
+            old = getattr(mod, leaf)
+            t = ckpt.read(name, device, old.dtype)
+            if isinstance(old, nn.Parameter):
+                t = nn.Parameter(t, requires_grad=old.requires_grad)
+            setattr(mod, leaf, t)
+            if owner in plan and not any(p.is_meta for p in mod.parameters()):
+                replace_linear(self, owner, *plan.pop(owner))
+        if tied:  # the head is the loaded embedding from here on
+            self.lm_head.weight = self.embed_tokens.weight
+        self.inv_freq = rope_inv_freq(self.config).to(device)
+        for name, (fmt, act) in plan.items():  # a tied head: quantised from the embedding
+            replace_linear(self, name, fmt, act)
 
     def save_pretrained(self, path: str) -> None:
         """Write config.json and model.safetensors in Hugging Face layout (BFP weights
@@ -435,6 +479,14 @@ class Transformer(nn.Module):
         stays in full precision for the token lookup. ``exclude`` lists further module
         names or glob patterns to leave alone.
         """
+        for name, (fmt, act) in self._quantize_plan(format, act_format, exclude,
+                                                    lm_head).items():
+            replace_linear(self, name, fmt, act)
+        return self
+
+    def _quantize_plan(self, format: str = "mxint8", act_format: str | None = "auto",
+                       exclude=(), lm_head: str | None = "auto") -> dict:
+        """{linear name: (format, act_format)} that :meth:`quantize` replaces."""
         if isinstance(exclude, str):
             exclude = (exclude,)
         fmt = get_format(format)
@@ -442,10 +494,11 @@ class Transformer(nn.Module):
             lm_head = fmt if fmt.mantissa_bits >= 8 else get_format("mxint8")
         elif lm_head is not None:
             lm_head = get_format(lm_head)
-        quantize_model(self, fmt, _act_for(fmt, act_format), exclude=(*exclude, "lm_head"))
+        plan = {name: (fmt, _act_for(fmt, act_format)) for name, m in self.named_modules()
+                if type(m) is nn.Linear and not _excluded(name, (*exclude, "lm_head"))}
         if lm_head is not None and "lm_head" not in exclude and type(self.lm_head) is nn.Linear:
-            replace_linear(self, "lm_head", lm_head, _act_for(lm_head, act_format))
-        return self
+            plan["lm_head"] = (lm_head, _act_for(lm_head, act_format))
+        return plan
 
     def quantized(self, format: str = "mxint8", act_format: str | None = "auto", exclude=(),
                   lm_head: str | None = "auto") -> Transformer:

@@ -86,17 +86,40 @@ class BFPLinear(nn.Module):
         """Quantise an ``nn.Linear`` (its weights are copied; the original is untouched)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        dev = linear.weight.device
-        mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                  format=format, act_format=act_format, trainable=trainable, device=dev,
-                  dtype=linear.weight.dtype, **kwargs)
+        w, b = linear.weight.detach(), linear.bias
+        if not trainable:  # quantise the weight once, straight from the linear's
+            q = bfp_quantize(w.float(), format)
+            q = BFPTensor(q.mantissa, q.exponent, q.format, q.shape, w.dtype)
+            return cls.from_bfp(q, None if b is None else b.detach().clone(), act_format,
+                                **kwargs)
+        mod = cls(linear.in_features, linear.out_features, bias=b is not None,
+                  format=format, act_format=act_format, trainable=True, device=w.device,
+                  dtype=w.dtype, **kwargs)
         with torch.no_grad():
-            if trainable:
-                mod.weight.copy_(linear.weight.float())
-            else:
-                mod._set_quantized(linear.weight.detach())
-            if linear.bias is not None:
-                mod.bias.copy_(linear.bias)
+            mod.weight.copy_(w.float())
+            if b is not None:
+                mod.bias.copy_(b)
+        return mod
+
+    @classmethod
+    def from_bfp(cls, weight: BFPTensor, bias: torch.Tensor | None = None,
+                 act_format: str | BFPFormat | None = None, **kwargs) -> BFPLinear:
+        """A frozen BFPLinear around ``weight`` [out_features, in_features] as it is: its
+        mantissas and exponents become the layer's buffers (no copy, no quantisation; a
+        saved BFP checkpoint loads bit for bit), ``weight.dtype`` the layer's dtype and
+        ``bias`` [out_features] (that dtype) its bias."""
+        if not isinstance(weight, BFPTensor) or weight.dim() != 2:
+            raise TypeError(f"weight must be a 2-D BFPTensor, got {weight!r}")
+        out_f, in_f = weight.shape
+        with torch.device("meta"):  # the fp32 master weight of __init__ costs nothing here
+            mod = cls(in_f, out_f, bias=bias is not None, format=weight.format,
+                      act_format=act_format, trainable=True, dtype=weight.dtype, **kwargs)
+        del mod.weight
+        mod.weight, mod.trainable = None, False
+        mod.register_buffer("weight_mantissa", weight.mantissa)
+        mod.register_buffer("weight_exponent", weight.exponent)
+        mod.bias = None if bias is None else nn.Parameter(bias.to(weight.dtype),
+                                                          requires_grad=False)
         return mod
 
     def freeze(self) -> BFPLinear:

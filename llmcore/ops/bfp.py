@@ -183,6 +183,51 @@ def _not_safetensors(path: Path, error: Exception) -> ValueError:
     return ValueError(f"{path.name} in {path.parent} is not a valid safetensors file ({why})")
 
 
+def _open_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """(safe_open handle, checked path, "name in folder") of a safetensors file; a file
+    safetensors cannot open raises ValueError naming it and the likely problem."""
+    from safetensors import safe_open
+
+    path = check_regular_file(path, "safetensors file")
+    try:
+        handle = safe_open(os.fspath(path), framework="pt", device=str(device))
+    except Exception as e:  # safetensors raises its own SafetensorError
+        if isinstance(e, (FileNotFoundError, PermissionError)):
+            raise
+        raise _not_safetensors(path, e) from None
+    return handle, path, f"{path.name} in {path.parent}"
+
+
+def _bfp_metadata(f, where: str) -> dict[str, dict]:
+    """The BFP entries of an open file's metadata: {name: format metadata}, each checked
+    to have its mantissa and exponent tensors."""
+    raw = (f.metadata() or {}).get(_BFP_META_KEY, "{}")
+    try:
+        bfp_meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: metadata {_BFP_META_KEY!r} is not valid JSON ({e})"
+                         ) from None
+    if not isinstance(bfp_meta, dict) or not all(isinstance(m, dict)
+                                                  for m in bfp_meta.values()):
+        raise ValueError(f"{where}: metadata {_BFP_META_KEY!r} must map tensor names to "
+                         f"objects, got {raw[:200]!r}")
+    keys = set(f.keys())
+    for name in bfp_meta:
+        parts = (f"{name}.mantissa", f"{name}.exponent")
+        if not set(parts) <= keys:
+            raise ValueError(f"{where}: BFP tensor {name!r} in the metadata has no "
+                             f"{' / '.join(p for p in parts if p not in keys)} tensor")
+    return bfp_meta
+
+
+def _bfp_from_parts(mantissa, exponent, meta: dict, name: str, where: str) -> BFPTensor:
+    try:
+        return BFPTensor.from_parts(mantissa, exponent, meta)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{where}: bad metadata for BFP tensor {name!r} ({meta}): "
+                         f"{type(e).__name__}: {e}") from None
+
+
 def load_bfp(path: str | os.PathLike, device: str | torch.device = "cpu"
              ) -> dict[str, torch.Tensor | BFPTensor]:
     """Load a file written by :func:`save_bfp` (or any safetensors file).
@@ -190,44 +235,68 @@ def load_bfp(path: str | os.PathLike, device: str | torch.device = "cpu"
     A path that is not a regular file, a file safetensors cannot read, or BFP metadata
     that does not describe the file's tensors raises ValueError naming the file and the
     problem (FileNotFoundError for a missing file)."""
-    from safetensors import safe_open
-
-    path = check_regular_file(path, "safetensors file")
-    where = f"{path.name} in {path.parent}"
+    handle, path, where = _open_safetensors(path, device)
     out: dict[str, torch.Tensor | BFPTensor] = {}
-    try:
-        handle = safe_open(os.fspath(path), framework="pt", device=str(device))
-    except Exception as e:  # safetensors raises its own SafetensorError
-        if isinstance(e, (FileNotFoundError, PermissionError)):
-            raise
-        raise _not_safetensors(path, e) from None
     with handle as f:
-        raw = (f.metadata() or {}).get(_BFP_META_KEY, "{}")
-        try:
-            bfp_meta = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: metadata {_BFP_META_KEY!r} is not valid JSON ({e})"
-                             ) from None
-        if not isinstance(bfp_meta, dict) or not all(isinstance(m, dict)
-                                                      for m in bfp_meta.values()):
-            raise ValueError(f"{where}: metadata {_BFP_META_KEY!r} must map tensor names to "
-                             f"objects, got {raw[:200]!r}")
+        bfp_meta = _bfp_metadata(f, where)
         keys = set(f.keys())
         for name, meta in bfp_meta.items():
             parts = (f"{name}.mantissa", f"{name}.exponent")
-            if not set(parts) <= keys:
-                raise ValueError(f"{where}: BFP tensor {name!r} in the metadata has no "
-                                 f"{' / '.join(p for p in parts if p not in keys)} tensor")
-            try:
-                out[name] = BFPTensor.from_parts(f.get_tensor(parts[0]), f.get_tensor(parts[1]),
-                                                 meta)
-            except (KeyError, TypeError, ValueError, AttributeError) as e:
-                raise ValueError(f"{where}: bad metadata for BFP tensor {name!r} ({meta}): "
-                                 f"{type(e).__name__}: {e}") from None
+            out[name] = _bfp_from_parts(f.get_tensor(parts[0]), f.get_tensor(parts[1]), meta,
+                                        name, where)
             keys -= set(parts)
         for k in sorted(keys):
             out[k] = f.get_tensor(k)
     return out
+
+
+# safetensors dtype names -> torch dtypes (others are described by reading the tensor)
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+              "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def index_bfp(path: str | os.PathLike) -> dict[str, torch.Tensor | BFPTensor]:
+    """What :func:`load_bfp` would return, as placeholders on the ``meta`` device (names,
+    shapes, dtypes, BFP formats) built from the file's header alone: no tensor data is
+    read. Raises the errors :func:`load_bfp` raises for a malformed file or metadata."""
+    handle, path, where = _open_safetensors(path)
+    with handle as f:
+        bfp_meta = _bfp_metadata(f, where)
+
+        def meta(k: str) -> torch.Tensor:
+            sl = f.get_slice(k)
+            dt = _ST_DTYPES.get(sl.get_dtype())
+            if dt is None:
+                return torch.empty_like(f.get_tensor(k), device="meta")
+            return torch.empty(sl.get_shape(), dtype=dt, device="meta")
+
+        keys = set(f.keys())
+        out: dict[str, torch.Tensor | BFPTensor] = {}
+        for name, m in bfp_meta.items():
+            parts = (f"{name}.mantissa", f"{name}.exponent")
+            out[name] = _bfp_from_parts(meta(parts[0]), meta(parts[1]), m, name, where)
+            keys -= set(parts)
+        for k in sorted(keys):
+            out[k] = meta(k)
+    return out
+
+
+def read_bfp_tensor(path: str | os.PathLike, name: str, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> torch.Tensor | BFPTensor:
+    """One tensor (plain or BFP) of a file :func:`index_bfp` described, read into memory
+    of its own on ``device`` (a plain tensor converted to ``dtype`` if given, in the same
+    copy). The file is opened for this tensor alone, so the pages of it mapped for
+    reading are released on return: reading a checkpoint tensor by tensor holds at most
+    one tensor of the file at a time."""
+    handle, path, where = _open_safetensors(path)
+    with handle as f:
+        meta = _bfp_metadata(f, where).get(name)
+        if meta is None:
+            return f.get_tensor(name).to(device, dtype, copy=True)
+        m = f.get_tensor(f"{name}.mantissa").to(device, copy=True)
+        e = f.get_tensor(f"{name}.exponent").to(device, copy=True)
+    return _bfp_from_parts(m, e, meta, name, where)
 
 
 # ---------------------------------------------------------------------------------------
