@@ -394,16 +394,23 @@ class Checkpoint:
         return _checkpoint_dtype(self.hf_config)
 
 
-def read_checkpoint(path, device=None, reward: bool = False) -> Checkpoint:
-    """Read config.json and the safetensors weights of a local directory (sharded or not)
-    onto ``device`` (default CPU); see the module docstring. ``reward``: the directory
-    holds a reward model (its ``score`` head is among the tensors)."""
-    path = Path(path)
+def _checked_header(path: Path, reward: bool):
+    """(HF config, TransformerConfig, weight files) of a directory, with every shape in
+    the files' headers checked against the config before any tensor data is read."""
     hf = read_hf_config(path, reward)
     cfg = config_from_hf(hf, str(path / "config.json"))
     files = _weight_files(path)
     check_shapes_before_loading(cfg, {n: s for f in files for n, s in _header_shapes(f).items()},
                                 path)
+    return hf, cfg, files
+
+
+def read_checkpoint(path, device=None, reward: bool = False) -> Checkpoint:
+    """Read config.json and the safetensors weights of a local directory (sharded or not)
+    onto ``device`` (default CPU); see the module docstring. ``reward``: the directory
+    holds a reward model (its ``score`` head is among the tensors)."""
+    path = Path(path)
+    hf, cfg, files = _checked_header(path, reward)
     tensors = _load_tensors(files, device)
     act = (hf.get("llmcore_quantization") or {}).get("act_format")
     quantized = {k.removesuffix(".weight"): v.format for k, v in tensors.items()
@@ -418,11 +425,7 @@ def open_checkpoint(path, reward: bool = False) -> Checkpoint:
     with every check :func:`read_checkpoint` makes) and :meth:`Checkpoint.read` reads one
     tensor at a time, so a model can be filled with one tensor of the file in memory."""
     path = Path(path)
-    hf = read_hf_config(path, reward)
-    cfg = config_from_hf(hf, str(path / "config.json"))
-    files = _weight_files(path)
-    check_shapes_before_loading(cfg, {n: s for f in files for n, s in _header_shapes(f).items()},
-                                path)
+    hf, cfg, files = _checked_header(path, reward)
     tensors: dict = {}
     sources: dict = {}
     for f in files:
