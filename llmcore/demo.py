@@ -332,7 +332,8 @@ class Demo:
         from llmcore.tokenizer import load_tokenizer
 
         runs = self.out / "runs"
-        self._need_model("fp32"), self._need_model("draft")
+        for name in ("fp32", "draft"):
+            self._need_model(name)
         target = Transformer.from_pretrained(str(runs / "fp32" / "final"),
                                              device=self.device).eval()
         draft = Transformer.from_pretrained(str(runs / "draft" / "final"),
@@ -593,6 +594,8 @@ def _measure_flops(device: torch.device) -> float:
 
 def _table(rows: list[dict], cols: list[str]) -> str:
     def cell(v):
+        if isinstance(v, bool):
+            return "yes" if v else "no"
         if isinstance(v, float):
             return f"{v:,.4g}"
         if isinstance(v, int):
