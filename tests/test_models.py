@@ -5,6 +5,8 @@ import torch
 
 from llmcore.models import PRESETS, Transformer, TransformerConfig
 from llmcore.models.transformer import rope_inv_freq
+from llmcore.nn import BFPEmbedding
+from llmcore.ops import bfp_quantize
 
 
 @pytest.fixture(autouse=True)
@@ -135,8 +137,39 @@ def test_quantize_head_options(fmt, head, want):
         assert m.lm_head.weight is m.embed_tokens.weight  # still tied
     else:
         assert isinstance(m.lm_head, BFPLinear) and m.lm_head.format.name == want
-        assert type(m.embed_tokens.weight) is torch.nn.Parameter  # the lookup stays exact
+        # the table is stored in the head's format: one BFP matrix for the two
+        assert isinstance(m.embed_tokens, BFPEmbedding) and m.head_tied()
+        assert m.embed_tokens.weight_mantissa is m.lm_head.weight_mantissa
     assert ((m(ids) - ref).norm() / ref.norm()).item() < 0.3
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_quantize_embedding_options(tie):
+    from llmcore.nn import BFPLinear
+
+    cfg = TransformerConfig.from_name("tiny", tie_embeddings=tie)
+    base = Transformer(cfg).eval()
+    ids = torch.randint(0, 256, (2, 7))
+    keep = base.quantized("mxint4")  # embedding=None: the lookup stays exact, the head a copy
+    assert type(keep.embed_tokens) is torch.nn.Embedding and not keep.head_tied()
+    assert isinstance(keep.lm_head, BFPLinear)
+    m = Transformer(cfg).eval()
+    m.load_state_dict(base.state_dict())
+    m.quantize("mxint4")
+    assert isinstance(m.embed_tokens, BFPEmbedding) and m.embed_tokens.format.name == "mxint8"
+    assert m.head_tied() == tie
+    # the lookup is the quantised table's rows, whatever the head
+    q = bfp_quantize(base.embed_tokens.weight.detach(), "mxint8").dequantize()
+    torch.testing.assert_close(m.embed_tokens(ids), q[ids], rtol=0, atol=0)
+    with torch.no_grad():  # the same model but for the table's rounding
+        x, y = m(ids), keep(ids)
+    assert 0 < ((x - y).norm() / y.norm()).item() < 0.3
+    forced = Transformer(cfg).eval().quantize("mxint8", embedding="mxint4")
+    assert forced.embed_tokens.format.name == "mxint4" and not forced.head_tied()
+    with pytest.raises(ValueError, match="format"):
+        Transformer(cfg).quantize("mxint8", embedding="int3")
+    full_head = Transformer(cfg).quantize("mxint8", lm_head=None)  # auto follows the head
+    assert type(full_head.embed_tokens) is torch.nn.Embedding
 
 
 def test_quantize_exclude():

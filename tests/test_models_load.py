@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from llmcore.models import Transformer, TransformerConfig
+from llmcore.nn import BFPEmbedding
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = torch.tensor([[3, 17, 99, 5, 64, 2, 127, 40]])
@@ -45,8 +46,31 @@ def test_quantize_while_loading_equals_quantize_after(tmp_path):
         want = Transformer.from_pretrained(str(tmp_path / f"f{tie}")).quantize("mxint8")
         with torch.no_grad():
             assert torch.equal(got(IDS), want(IDS))
-        assert got.embed_tokens.weight.device.type == "cpu"
+        assert got.device.type == "cpu" and isinstance(got.embed_tokens, BFPEmbedding)
+        assert got.head_tied() == tie
         assert not any(t.is_meta for t in [*got.parameters(), *got.buffers()])
+
+
+def test_compact_embedding_saves_and_loads_exactly(tmp_path):
+    """A quantised model's BFP table is written once (shared with a tied head) and loads
+    back bit for bit, still shared."""
+    import json
+
+    for tie in (True, False):
+        m = _model(tie).quantize("mxint4")
+        m.save_pretrained(str(tmp_path / f"q{tie}"))
+        meta = json.loads((tmp_path / f"q{tie}" / "config.json").read_text())
+        mods = meta["llmcore_quantization"]["modules"]
+        assert "embed_tokens" in mods and ("lm_head" in mods) == (not tie)
+        assert meta["llmcore_quantization"]["format"] == "mxint4"  # the layers', not the table's
+        r = Transformer.from_pretrained(str(tmp_path / f"q{tie}"))
+        assert isinstance(r.embed_tokens, BFPEmbedding) and r.head_tied() == tie
+        for a, b in [(r.embed_tokens.weight_mantissa, m.embed_tokens.weight_mantissa),
+                     (r.embed_tokens.weight_exponent, m.embed_tokens.weight_exponent),
+                     (r.lm_head.weight_mantissa, m.lm_head.weight_mantissa)]:
+            assert torch.equal(a, b)
+        with torch.no_grad():
+            assert torch.equal(r(IDS), m(IDS))
 
 
 def test_load_peak_memory_bounded(monkeypatch):

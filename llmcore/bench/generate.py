@@ -46,12 +46,11 @@ def weight_bytes(model: Transformer) -> int:
     except the input embedding table (only a few rows are gathered) unless it is tied to
     the output head."""
     seen, total = set(), 0
-    emb = model.embed_tokens.weight
-    tied = model.lm_head.weight is emb if hasattr(model.lm_head, "weight") else False
+    head = {t.data_ptr() for t in [*model.lm_head.parameters(), *model.lm_head.buffers()]}
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if name == "inv_freq" or t.data_ptr() in seen:
             continue
-        if t is emb and not tied:
+        if name.startswith("embed_tokens.") and t.data_ptr() not in head:
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()

@@ -460,9 +460,10 @@ def state_dict_from_checkpoint(ckpt: Checkpoint, expected: dict, tied: bool, whe
             q = tensors.pop(name)
             tensors[f"{mod}.weight_mantissa"] = q.mantissa
             tensors[f"{mod}.weight_exponent"] = q.exponent
-    if tied:
-        tensors.pop("lm_head.weight", None)  # same storage as embed_tokens
-        expected.pop("lm_head.weight", None)
+    if tied:  # same storage as embed_tokens (a plain weight, or BFP mantissas/exponents)
+        tensors.pop("lm_head.weight", None)
+        for k in [k for k in expected if k.startswith("lm_head.weight")]:
+            expected.pop(k)
     for k in [k for k in tensors if k.endswith("rotary_emb.inv_freq")]:
         tensors.pop(k)
     missing = sorted(set(expected) - set(tensors))
@@ -501,15 +502,16 @@ def write_checkpoint(path, config: TransformerConfig, dtype: torch.dtype, state_
     for name, t in state_dict.items():
         mod_name, _, leaf = name.rpartition(".")
         hf_name = name if name.startswith(("lm_head.", "score.")) else f"model.{name}"
-        if name == "lm_head.weight" and tied:
+        if tied and name.startswith("lm_head.weight"):  # the embedding's matrix
             continue
         if mod_name in quantized and leaf in ("weight_mantissa", "weight_exponent"):
             if leaf == "weight_mantissa":
                 q = quantized[mod_name]
                 tensors[hf_name.rpartition(".")[0] + ".weight"] = q
-                quant.setdefault("format", q.format.name)
-                quant.setdefault("mantissa_bits", q.format.mantissa_bits)
-                quant.setdefault("block_size", q.format.block_size)
+                if mod_name != "embed_tokens":  # the layers' format (listed before the head)
+                    quant.setdefault("format", q.format.name)
+                    quant.setdefault("mantissa_bits", q.format.mantissa_bits)
+                    quant.setdefault("block_size", q.format.block_size)
             continue
         tensors[hf_name] = t.detach()
     if quantized:

@@ -30,7 +30,7 @@ from llmcore.formats import get_format
 from llmcore.models import hf
 from llmcore.models.config import TransformerConfig, check_model_dtype
 from llmcore.models.kv_cache import KVCache
-from llmcore.nn import BFPLinear, replace_linear
+from llmcore.nn import BFPEmbedding, BFPLinear, replace_linear
 from llmcore.nn.bfp_linear import _excluded
 from llmcore.ops.bfp import BFPTensor
 
@@ -300,11 +300,21 @@ class Transformer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
+        e = self.embed_tokens
+        return e.device if isinstance(e, BFPEmbedding) else e.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
+        e = self.embed_tokens
+        return e.dtype if isinstance(e, BFPEmbedding) else e.weight.dtype
+
+    def head_tied(self) -> bool:
+        """Whether the output head and the input embedding share one matrix (a full-precision
+        tied weight, or one BFP matrix after :meth:`quantize`)."""
+        h, e = self.lm_head, self.embed_tokens
+        if isinstance(h, BFPLinear) and isinstance(e, BFPEmbedding):
+            return h.weight_mantissa is e.weight_mantissa
+        return isinstance(e, nn.Embedding) and getattr(h, "weight", None) is e.weight
 
     def new_cache(self, batch_size: int, max_seq_len: int | None = None, storage: str = "native",
                   page_size: int | None = None) -> KVCache:
@@ -405,24 +415,32 @@ class Transformer(nn.Module):
             raise ValueError(f"{path} is already BFP-quantised; load it with quantize=None")
         with torch.device("meta"):
             model = cls(ckpt.config, backend, dtype=dtype or ckpt.dtype)
+        modules = dict(model.named_modules())
         for name, fmt in ckpt.quantized.items():
-            lin = model.get_submodule(name) if name in dict(model.named_modules()) else None
-            if type(lin) is nn.Linear:  # a placeholder of the config's shape
-                q = BFPTensor(torch.empty(lin.out_features, fmt.mantissa_cols(lin.in_features),
+            mod = modules.get(name)
+            if type(mod) in (nn.Linear, nn.Embedding):  # a placeholder of the config's shape
+                rows, cols = mod.weight.shape
+                q = BFPTensor(torch.empty(rows, fmt.mantissa_cols(cols),
                                           dtype=torch.uint8 if fmt.packed else torch.int8),
-                              torch.empty(lin.out_features, fmt.exponent_cols(lin.in_features),
-                                          dtype=torch.uint8),
-                              fmt, lin.weight.shape, lin.weight.dtype)
-                _set_module(model, name, BFPLinear.from_bfp(q, lin.bias, ckpt.act_format))
+                              torch.empty(rows, fmt.exponent_cols(cols), dtype=torch.uint8),
+                              fmt, mod.weight.shape, mod.weight.dtype)
+                _set_module(model, name, BFPEmbedding(q) if type(mod) is nn.Embedding
+                            else BFPLinear.from_bfp(q, mod.bias, ckpt.act_format))
+        if isinstance(model.embed_tokens, BFPEmbedding) and ckpt.config.tie_embeddings \
+                and "lm_head" not in ckpt.quantized:  # one BFP matrix for the two
+            model.lm_head = BFPLinear.from_bfp(model.embed_tokens.qweight, None, ckpt.act_format)
         plan = model._quantize_plan(quantize) if quantize is not None else {}
-        model._load_streamed(ckpt, Path(path), device, plan)
+        model._load_streamed(ckpt, Path(path), device, plan,
+                             "auto" if quantize is not None else None)
         return model.eval()
 
-    def _load_streamed(self, ckpt: hf.Checkpoint, where: Path, device, plan: dict) -> None:
+    def _load_streamed(self, ckpt: hf.Checkpoint, where: Path, device, plan: dict,
+                       embedding: str | None = None) -> None:
         """Fill this meta-device model from ``ckpt`` (from :func:`hf.open_checkpoint`) one
         tensor at a time, replacing each placeholder, and quantise each linear of ``plan``
-        ({name: (format, act_format)}) as soon as its tensors are in."""
-        tied = self.lm_head.weight is self.embed_tokens.weight
+        ({name: (format, act_format)}) as soon as its tensors are in, then the embedding
+        as :meth:`quantize` does (``embedding``)."""
+        tied = self.head_tied()
         hf.state_dict_from_checkpoint(ckpt, self.state_dict(), tied, where)  # checks only
         device = torch.device(device if device is not None else "cpu")
         for name, placeholder in ckpt.tensors.items():
@@ -441,24 +459,32 @@ class Transformer(nn.Module):
             setattr(mod, leaf, t)
             if owner in plan and not any(p.is_meta for p in mod.parameters()):
                 replace_linear(self, owner, *plan.pop(owner))
-        if tied:  # the head is the loaded embedding from here on
+        if tied and isinstance(self.lm_head, BFPLinear):  # one BFP matrix, as loaded
+            e = self.embed_tokens
+            self.lm_head.weight_mantissa, self.lm_head.weight_exponent = (
+                e.weight_mantissa, e.weight_exponent)
+        elif tied:  # the head is the loaded embedding from here on
             self.lm_head.weight = self.embed_tokens.weight
         self.inv_freq = rope_inv_freq(self.config).to(device)
         for name, (fmt, act) in plan.items():  # a tied head: quantised from the embedding
             replace_linear(self, name, fmt, act)
+        self._compact_embedding(embedding, tied)
 
     def save_pretrained(self, path: str) -> None:
         """Write config.json and model.safetensors in Hugging Face layout (BFP weights
         included); see :mod:`llmcore.models.hf`."""
-        bfp = {n: m for n, m in self.named_modules() if isinstance(m, BFPLinear)}
-        act = next((m.act_format for m in bfp.values() if m.act_format is not None), None)
+        tied = self.head_tied()
+        bfp = {n: m for n, m in self.named_modules() if isinstance(m, (BFPLinear, BFPEmbedding))
+               and not (tied and n == "lm_head")}
+        act = next((m.act_format for m in bfp.values()
+                    if isinstance(m, BFPLinear) and m.act_format is not None), None)
         hf.write_checkpoint(path, self.config, self.dtype, self.state_dict(),
-                            {n: m.qweight for n, m in bfp.items()}, act,
-                            tied=self.lm_head.weight is self.embed_tokens.weight)
+                            {n: m.qweight for n, m in bfp.items()}, act, tied=tied)
 
     # -- quantised and truncated models --------------------------------------------------
     def quantize(self, format: str = "mxint8", act_format: str | None = "auto",
-                 exclude=(), lm_head: str | None = "auto") -> Transformer:
+                 exclude=(), lm_head: str | None = "auto", embedding: str | None = "auto"
+                 ) -> Transformer:
         """Replace the linear layers by frozen BFP linears (in place).
 
         ``act_format`` sets how activations meet the BFP weights. ``"auto"`` (the default)
@@ -475,14 +501,44 @@ class Transformer(nn.Module):
         in 4-bit models: the head is the most sensitive matrix), a format name forces one,
         and ``None`` keeps it in full precision. The head holds a large share of the bytes
         read per decode step (a third of a 124M model), so quantising it is what makes
-        decoding fast. A head tied to the input embedding is untied: the embedding table
-        stays in full precision for the token lookup. ``exclude`` lists further module
-        names or glob patterns to leave alone.
+        decoding fast. ``exclude`` lists further module names or glob patterns to leave
+        alone.
+
+        ``embedding`` sets the input embedding table (:class:`~llmcore.nn.BFPEmbedding`: a
+        lookup dequantises only the rows it gathers). ``"auto"`` (the default) stores it in
+        the head's format once the head is quantised: a head tied to the embedding then
+        stays tied, one BFP matrix for both (as llama.cpp keeps one quantised table), and
+        an untied one is quantised beside it. The token vectors then carry the head's
+        rounding error (measured in docs/bfp.md). ``None`` keeps the table in full
+        precision (a tied head is then untied: a BFP copy for the head), and a format name
+        forces one.
         """
+        if embedding not in (None, "auto"):
+            get_format(embedding)  # an unknown name fails before anything is replaced
+        tied = self.head_tied()
         for name, (fmt, act) in self._quantize_plan(format, act_format, exclude,
                                                     lm_head).items():
             replace_linear(self, name, fmt, act)
+        self._compact_embedding(embedding, tied)
         return self
+
+    def _compact_embedding(self, embedding: str | None, tied: bool) -> None:
+        """Store a full-precision input embedding as BFP (see :meth:`quantize`); ``tied``:
+        the head was tied to it before the head was quantised."""
+        if embedding is None or type(self.embed_tokens) is not nn.Embedding:
+            return
+        head = self.lm_head
+        frozen_head = isinstance(head, BFPLinear) and head.weight is None
+        if embedding == "auto":
+            if not frozen_head:  # the head stays full precision (or trainable): so does this
+                return
+            fmt = head.format
+        else:
+            fmt = get_format(embedding)
+        if tied and frozen_head and head.format == fmt:
+            self.embed_tokens = BFPEmbedding(head.qweight)
+        else:
+            self.embed_tokens = BFPEmbedding.from_embedding(self.embed_tokens, fmt)
 
     def _quantize_plan(self, format: str = "mxint8", act_format: str | None = "auto",
                        exclude=(), lm_head: str | None = "auto") -> dict:
@@ -502,15 +558,17 @@ class Transformer(nn.Module):
 
     def quantized(self, format: str = "mxint8", act_format: str | None = "auto", exclude=(),
                   lm_head: str | None = "auto") -> Transformer:
-        """A copy with BFP linears (:meth:`quantize` on a copy); this model is untouched.
-        The embedding table and the RoPE frequencies are shared with this model, not
-        copied (a head tied to the embedding stays tied until ``lm_head`` quantises it)."""
+        """A copy with BFP linears (:meth:`quantize` on a copy, ``embedding=None``); this
+        model is untouched. The embedding table and the RoPE frequencies are shared with
+        this model, not copied (a head tied to the embedding stays tied until ``lm_head``
+        quantises it): a quantised copy used as a draft costs only its BFP linears."""
         if any(isinstance(m, BFPLinear) for m in self.modules()):
             raise ValueError("quantized() needs a model with full-precision linears (this one "
                              "is already quantised)")
         emb = self.embed_tokens
         shared = {id(emb): emb, id(emb.weight): emb.weight, id(self.inv_freq): self.inv_freq}
-        return copy.deepcopy(self, memo=shared).quantize(format, act_format, exclude, lm_head)
+        return copy.deepcopy(self, memo=shared).quantize(format, act_format, exclude, lm_head,
+                                                         embedding=None)
 
     def truncated(self, n_layers: int) -> Transformer:
         """The first ``n_layers`` blocks, the final norm and the output head as a model of

@@ -1,0 +1,75 @@
+"""A token embedding whose table is stored in a BFP format (docs/bfp.md).
+
+The table [num_embeddings, embedding_dim] lives as BFP mantissas and exponents, the same
+bytes as a BFP output head of that shape; a lookup gathers the rows of the asked ids and
+dequantises only them. A model whose head is tied to its embedding keeps one BFP matrix
+for both (:meth:`llmcore.models.Transformer.quantize`), as llama.cpp keeps one quantised
+``token_embd`` tensor: the embedding no longer costs a full-precision copy of the largest
+matrix of a small model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llmcore.formats import BFPFormat, get_format
+from llmcore.ops.bfp import BFPTensor, bfp_dequantize, bfp_quantize
+
+
+class BFPEmbedding(nn.Module):
+    """Drop-in ``nn.Embedding`` (lookup only, frozen) with a BFP table.
+
+    ``forward(ids)`` returns the dequantised rows [*ids.shape, embedding_dim] in the table's
+    dtype: exactly ``qweight.dequantize()[ids]``. Ids outside ``[0, num_embeddings)``
+    raise IndexError, as in ``nn.Embedding``.
+    """
+
+    def __init__(self, weight: BFPTensor):
+        super().__init__()
+        if not isinstance(weight, BFPTensor) or weight.dim() != 2:
+            raise TypeError(f"weight must be a 2-D BFPTensor, got {weight!r}")
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.format: BFPFormat = weight.format
+        self.weight_dtype = weight.dtype
+        self.register_buffer("weight_mantissa", weight.mantissa)
+        self.register_buffer("weight_exponent", weight.exponent)
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, format: str | BFPFormat = "mxint8"
+                       ) -> BFPEmbedding:
+        """Quantise an ``nn.Embedding``'s table (the original is untouched)."""
+        if not isinstance(embedding, nn.Embedding):
+            raise TypeError(f"embedding must be an nn.Embedding, got {type(embedding).__name__}")
+        w = embedding.weight.detach()
+        q = bfp_quantize(w.float(), get_format(format))
+        return cls(BFPTensor(q.mantissa, q.exponent, q.format, q.shape, w.dtype))
+
+    @property
+    def qweight(self) -> BFPTensor:
+        """The BFP table [num_embeddings, embedding_dim]."""
+        return BFPTensor(self.weight_mantissa, self.weight_exponent, self.format,
+                         (self.num_embeddings, self.embedding_dim), self.weight_dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight_dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight_mantissa.device
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids: [...] -> [..., dim]
+        flat = ids.reshape(-1)
+        if flat.device.type != "cpu" and not torch.compiler.is_compiling() and flat.numel() \
+                and bool(((flat < 0) | (flat >= self.num_embeddings)).any()):
+            # (index_select raises IndexError on the CPU itself; elsewhere it would assert)
+            raise IndexError(f"ids must lie in [0, {self.num_embeddings}) (the table's rows)")
+        rows = BFPTensor(self.weight_mantissa.index_select(0, flat),
+                         self.weight_exponent.index_select(0, flat), self.format,
+                         (flat.numel(), self.embedding_dim), self.weight_dtype)
+        return bfp_dequantize(rows, self.weight_dtype).view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, format={self.format.name}, "
+                f"dtype={str(self.weight_dtype).removeprefix('torch.')}")
