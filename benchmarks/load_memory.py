@@ -105,9 +105,13 @@ def main() -> None:
                   f"{r['rss_after_mb']:8.1f} MB  {r['seconds']:6.2f} s", flush=True)
         if a.out:
             a.out.parent.mkdir(parents=True, exist_ok=True)
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                    capture_output=True, text=True).stdout.strip()
             a.out.write_text(json.dumps({"shape": shape, "config": SHAPES[shape],
                                          "dtype": a.dtype, "threads": a.threads,
-                                         "results": results}, indent=2) + "\n")
+                                         "command": " ".join(["python", *sys.argv]),
+                                         "commit": commit, "results": results},
+                                        indent=2) + "\n")
         return results
     finally:
         if a.root is None or not a.reuse:

@@ -404,8 +404,8 @@ class Transformer(nn.Module):
         """Load a local Hugging Face Llama/Mistral/Qwen2 directory (config.json and
         safetensors weights, sharded or not; see :mod:`llmcore.models.hf`). A BFP
         checkpoint written by :meth:`save_pretrained` loads back exactly, its BFP weights
-        taken as stored (no quantisation); ``quantize`` quantises a full-precision one
-        (:meth:`quantize`), each linear as it is read.
+        (and BFP embedding table) taken as stored, no quantisation; ``quantize`` quantises
+        a full-precision one with :meth:`quantize`'s defaults, each linear as it is read.
 
         The model is built on the meta device and filled one tensor at a time, each read
         from its file and dropped once converted, so the peak memory is about the loaded
