@@ -415,9 +415,9 @@ class Transformer(nn.Module):
             raise ValueError(f"{path} is already BFP-quantised; load it with quantize=None")
         with torch.device("meta"):
             model = cls(ckpt.config, backend, dtype=dtype or ckpt.dtype)
-        modules = dict(model.named_modules())
-        for name, fmt in ckpt.quantized.items():
-            mod = modules.get(name)
+        names = {n for n, _ in model.named_modules()}  # (names only: a module held here
+        for name, fmt in ckpt.quantized.items():     # would keep its loaded weights alive)
+            mod = model.get_submodule(name) if name in names else None
             if type(mod) in (nn.Linear, nn.Embedding):  # a placeholder of the config's shape
                 rows, cols = mod.weight.shape
                 q = BFPTensor(torch.empty(rows, fmt.mantissa_cols(cols),

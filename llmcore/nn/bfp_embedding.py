@@ -42,7 +42,7 @@ class BFPEmbedding(nn.Module):
         if not isinstance(embedding, nn.Embedding):
             raise TypeError(f"embedding must be an nn.Embedding, got {type(embedding).__name__}")
         w = embedding.weight.detach()
-        q = bfp_quantize(w.float(), get_format(format))
+        q = bfp_quantize(w, get_format(format))  # from its own dtype: no fp32 copy
         return cls(BFPTensor(q.mantissa, q.exponent, q.format, q.shape, w.dtype))
 
     @property

@@ -87,8 +87,8 @@ class BFPLinear(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         w, b = linear.weight.detach(), linear.bias
-        if not trainable:  # quantise the weight once, straight from the linear's
-            q = bfp_quantize(w.float(), format)
+        if not trainable:  # quantise the weight once, straight from the linear's dtype
+            q = bfp_quantize(w, format)  # (the same bits as from its fp32 copy, without one)
             q = BFPTensor(q.mantissa, q.exponent, q.format, q.shape, w.dtype)
             return cls.from_bfp(q, None if b is None else b.detach().clone(), act_format,
                                 **kwargs)
