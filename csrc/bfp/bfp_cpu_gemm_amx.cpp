@@ -112,6 +112,9 @@ bool request_tiles() {
 
 #pragma GCC push_options
 #pragma GCC target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl")
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 struct alignas(64) TileConfig {
   uint8_t palette;
@@ -122,14 +125,14 @@ struct alignas(64) TileConfig {
 };
 
 // tmm0, tmm1: weight tiles (16 rows x 32 bytes); tmm2, tmm3: activation tiles (8 rows x 64
-// bytes); tmm4, tmm5: int32 results (16 x 16).
+// bytes); tmm4..7: int32 results (16 x 16).
 void load_config() {
   TileConfig cfg;
   memset(&cfg, 0, sizeof(cfg));
   cfg.palette = 1;
   for (int t : {0, 1}) { cfg.rows[t] = 16; cfg.colsb[t] = 32; }
   for (int t : {2, 3}) { cfg.rows[t] = 8; cfg.colsb[t] = 64; }
-  for (int t : {4, 5}) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+  for (int t : {4, 5, 6, 7}) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
   _tile_loadconfig(&cfg);
 }
 
@@ -204,7 +207,7 @@ void gemm_amx_impl(const GemmAmxPlan& p, const int8_t* a_tiles, const float* a_s
   const bool packed = is_packed(p.w_bits);
   std::vector<int8_t> panel;
   std::vector<float> sw(static_cast<size_t>(nb) * 16);
-  alignas(64) int32_t ci[2][256];
+  alignas(64) int32_t ci[8][256];
   alignas(64) float out[256];
   for (int64_t n0 = n_begin; n0 < n_end; n0 += 16) {
     const int rows = static_cast<int>(n_end - n0 < 16 ? n_end - n0 : 16);
@@ -236,17 +239,23 @@ void gemm_amx_impl(const GemmAmxPlan& p, const int8_t* a_tiles, const float* a_s
   _tile_loadd(TW, wt + (b) * wt_step, wt_stride); \
   _tile_loadd(TA, at + (b) * 512, 64);            \
   _tile_dpbssd(TC, TW, TA);
-      LLMCORE_AMX_ISSUE(0, 2, 4, 0)
-      for (int64_t b = 0; b < nb; b += 2) {
-        if (b + 1 < nb) { LLMCORE_AMX_ISSUE(1, 3, 5, b + 1) }
-        _tile_stored(4, ci[0], 64);
-        scale_block(ci[0], sa + b * 16, sw.data() + b * 16, acc);
-        if (b + 1 < nb) {
-          if (b + 2 < nb) { LLMCORE_AMX_ISSUE(0, 2, 4, b + 2) }
-          _tile_stored(5, ci[1], 64);
-          scale_block(ci[1], sa + (b + 1) * 16, sw.data() + (b + 1) * 16, acc);
+      // Four blocks in flight (tmm4..7 in turn): a block's tdpbssd -> tilestored chain is
+      // long, and its int32 tile is read back only kLag blocks later, when its stores have
+      // long reached L1 (reading at once would wait for the whole chain every block).
+      constexpr int64_t kLag = 3;
+      for (int64_t b = 0; b < nb; ++b) {
+        int32_t* dst = ci[b & 7];
+        switch (b & 3) {
+          case 0: LLMCORE_AMX_ISSUE(0, 2, 4, b) _tile_stored(4, dst, 64); break;
+          case 1: LLMCORE_AMX_ISSUE(1, 3, 5, b) _tile_stored(5, dst, 64); break;
+          case 2: LLMCORE_AMX_ISSUE(0, 2, 6, b) _tile_stored(6, dst, 64); break;
+          default: LLMCORE_AMX_ISSUE(1, 3, 7, b) _tile_stored(7, dst, 64); break;
         }
+        if (b >= kLag)
+          scale_block(ci[(b - kLag) & 7], sa + (b - kLag) * 16, sw.data() + (b - kLag) * 16, acc);
       }
+      for (int64_t b = nb > kLag ? nb - kLag : 0; b < nb; ++b)
+        scale_block(ci[b & 7], sa + b * 16, sw.data() + b * 16, acc);
 #undef LLMCORE_AMX_ISSUE
       // acc[r] holds output column n0 + r for the tile's 16 rows m: write it transposed.
       for (int r = 0; r < 16; ++r) _mm512_store_ps(out + r * 16, acc[r]);
@@ -260,6 +269,7 @@ void gemm_amx_impl(const GemmAmxPlan& p, const int8_t* a_tiles, const float* a_s
   _tile_release();
 }
 
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 
 }  // namespace
