@@ -27,7 +27,8 @@
 // columns) and can be called concurrently on disjoint ranges.
 //
 // ISA: chosen at run time (AVX-512 F/BW/VL/VNNI, AVX2+FMA+F16C, scalar); the environment
-// variable LLMCORE_CPU_ISA=scalar|avx2|avx512 forces a lower path (read on each call).
+// variable LLMCORE_CPU_ISA=scalar|avx2|avx512 forces a lower path (read on each call); the
+// AMX prefill GEMM (bfp_cpu_gemm_amx.cpp) runs only when it is unset or "amx".
 #pragma once
 
 #include <stddef.h>

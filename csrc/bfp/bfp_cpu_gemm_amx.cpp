@@ -15,9 +15,13 @@
 // block scales [m-tile][block][16]. Per (16 x 16 output tile, block): tdpbssd gives the
 // exact int32 block products C[n][m], which are stored (1 KiB, L1), converted to fp32,
 // multiplied by sa[m, b] (a vector) and by sw[n, b] (a broadcast), and accumulated in 16
-// fp32 registers, one per weight row. Two C tiles alternate so the next block's tdpbssd
-// overlaps this block's scaling. Powers of two scale exactly unless the product leaves
-// fp32's normal range; a NaN block scale (exponent byte 255) makes its outputs NaN.
+// fp32 registers, one per weight row. Four result tiles take turns, and a block's int32
+// tile is read back three blocks after its store, so the tile unit and the vector units
+// overlap. Powers of two scale exactly unless the product leaves fp32's normal range; a
+// NaN block scale (exponent byte 255) makes its outputs NaN.
+//
+// Cost: the per-block store and fp32 scaling (3 vector ops per 16 outputs per block) bound
+// it, not tdpbssd; measured in benchmarks/results/cpu-intel-xeon/prefill_gemm.json.
 //
 // Compiled with target pragmas (no -m flags), so the library loads anywhere; the binding
 // calls it only when gemm_amx_supported() (CPU flags, and the kernel granted the tile data
