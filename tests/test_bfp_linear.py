@@ -377,6 +377,77 @@ def test_int8_act_gemv_threads():
 
 
 # ---------------------------------------------------------------------------------------
+# int8-activation prefill GEMM (M > 16, 8-bit activations, block 32): AMX tiles where the CPU
+# has them (LLMCORE_CPU_ISA unset or "amx"), else the packed VNNI / AVX2 / scalar GEMM
+# ---------------------------------------------------------------------------------------
+def _has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return {"amx_tile", "amx_int8", "avx512bw"} <= set(flags)
+
+
+PREFILL_ISAS = ["scalar", "avx2", "avx512",
+                pytest.param("amx", marks=pytest.mark.skipif(not _has_amx(), reason="no AMX-INT8"))]
+
+
+@pytest.fixture(params=PREFILL_ISAS)
+def prefill_isa(request, monkeypatch) -> str:
+    flags = set(open("/proc/cpuinfo").read().split()) if request.param != "scalar" else set()
+    need = {"avx2": {"avx2", "fma"}, "avx512": {"avx512f", "avx512bw", "avx512vl"}}
+    if not need.get(request.param, set()) <= flags:
+        pytest.skip(f"CPU lacks {request.param}")
+    monkeypatch.setenv("LLMCORE_CPU_ISA", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("wname", ["mxint8", "mxint4"])
+@pytest.mark.parametrize("m", [17, 31, 64, 129, 512])
+def test_int8_act_prefill(wname, m, prefill_isa):
+    for k, n in ((1000, 37), (97, 16), (64, 129)):  # K not a multiple of 64, odd N
+        if prefill_isa == "scalar" and m * k * n > 3_000_000:
+            continue
+        q = make_weight(n, k, wname, "cpu")
+        x = randn((m, k)) * torch.linspace(0.01, 100, k)  # block scales far apart
+        b = randn((n,))
+        check_act(x, q, "mxint8", bias=b)
+        check_act(x, q, "mxint8")
+
+
+@pytest.mark.parametrize("wname", ["mxint8", "mxint4"])
+def test_int8_act_prefill_noncontiguous_dtypes_nan(wname, prefill_isa):
+    k, n = 161, 35
+    q = make_weight(n, k, wname, "cpu", nan_at=[(7, 100)])
+    clean = make_weight(n, k, wname, "cpu")
+    for dtype in FLOAT_DTYPES:
+        x = randn((k, 40), dtype).T  # [40, K], column-major
+        x[3, 10] = float("inf")  # an Inf in an activation block: that row is NaN
+        y = ops.bfp_linear(x, q, act_format="mxint8")
+        want = torch.zeros(40, n, dtype=torch.bool)
+        want[3, :] = True
+        want[:, 7] = True  # a NaN weight block: that column
+        assert torch.equal(torch.isnan(y), want)
+        expected, tol = act_expected(x, q, "mxint8")
+        assert_within(y, expected, tol, f"prefill {wname} {dtype}")
+        check_act(randn((2, 20, 2 * k), dtype)[..., ::2], clean, "mxint8", "even")
+
+
+def test_int8_act_prefill_threads():
+    q = make_weight(1000, 320, "mxint4", "cpu")  # many column chunks
+    x = randn((100, 320))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.bfp_linear(x, q, act_format="mxint8")
+        torch.set_num_threads(max(2, threads))
+        assert torch.equal(ops.bfp_linear(x, q, act_format="mxint8"), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------
 # autograd
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -27,7 +27,8 @@
 // columns) and can be called concurrently on disjoint ranges.
 //
 // ISA: chosen at run time (AVX-512 F/BW/VL/VNNI, AVX2+FMA+F16C, scalar); the environment
-// variable LLMCORE_CPU_ISA=scalar|avx2|avx512 forces a lower path (read on each call).
+// variable LLMCORE_CPU_ISA=scalar|avx2|avx512 forces a lower path (read on each call); the
+// AMX prefill GEMM (bfp_cpu_gemm_amx.cpp) runs only when it is unset or "amx".
 #pragma once
 
 #include <stddef.h>
@@ -140,6 +141,34 @@ void gemv_q8(const GemvQ8Plan& p, const int8_t* xq, const int32_t* corr, const f
              const uint8_t* w_mant, int64_t w_row_stride, const uint8_t* w_exp,
              int64_t w_exp_stride, const float* bias, float* y, int64_t ldy, int64_t n_begin,
              int64_t n_end);
+
+// ---- int8-activation GEMM on AMX tiles (prefill, M > 16): bfp_cpu_gemm_amx.cpp ----------
+// The same sums as gemv_q8 for many rows. The weight is read in its storage layout (4-bit
+// rows unpacked per 16-row panel into scratch); only the activation is laid out per call.
+// True when this CPU has AMX-INT8, the OS granted the tile state, LLMCORE_CPU_ISA is unset
+// (or "amx"), the activation has 5..8-bit mantissas, and the block is 32.
+bool gemm_amx_supported(int a_bits, int w_bits, int block);
+
+struct GemmAmxPlan {
+  int64_t M, N, K;
+  int w_bits;
+  int64_t nb;       // blocks of 32 along K
+  int64_t m_tiles;  // ceil(M / 16)
+};
+GemmAmxPlan gemm_amx_plan(int64_t M, int64_t N, int64_t K, int w_bits);
+size_t gemm_amx_a_bytes(const GemmAmxPlan& p);        // int8 [m_tiles][nb][8][16][4]
+size_t gemm_amx_a_scale_bytes(const GemmAmxPlan& p);  // fp32 [m_tiles][nb][16]
+
+// Activation row tiles [t_begin, t_end) (16 rows each, zero padded) as the B operand.
+void gemm_amx_prepare(const GemmAmxPlan& p, const int8_t* a_mant, int64_t a_row_stride,
+                      const uint8_t* a_exp, int64_t a_exp_stride, int a_bits, int8_t* a_tiles,
+                      float* a_scales, int64_t t_begin, int64_t t_end);
+
+// Output columns [n_begin, n_end) for every m; y fp32 row stride ldy.
+void gemm_amx(const GemmAmxPlan& p, const int8_t* a_tiles, const float* a_scales,
+              const uint8_t* w_mant, int64_t w_row_stride, const uint8_t* w_exp,
+              int64_t w_exp_stride, const float* bias, float* y, int64_t ldy, int64_t n_begin,
+              int64_t n_end);
 
 }  // namespace cpu
 }  // namespace bfp

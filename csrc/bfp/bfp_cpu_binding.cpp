@@ -239,6 +239,35 @@ at::Tensor bfp_linear_cpu(const at::Tensor& x, const at::Tensor& w_mantissa,
   return x.scalar_type() == at::kFloat ? y32 : y32.to(x.scalar_type());
 }
 
+// Prefill on AMX (bfp_cpu_gemm_amx.cpp): the activation is laid out as tiles once, the
+// weight read as stored; columns go to the threads in chunks of 16-row weight panels.
+void gemm_amx_cpu(const at::Tensor& a_mantissa, const at::Tensor& a_exponent,
+                  const at::Tensor& b_mantissa, const at::Tensor& b_exponent, int64_t a_bits,
+                  int64_t b_bits, int64_t k, const float* biasp, float* cp) {
+  const int64_t M = a_mantissa.size(0), N = b_mantissa.size(0);
+  const cpu::GemmAmxPlan g = cpu::gemm_amx_plan(M, N, k, static_cast<int>(b_bits));
+  const at::Tensor am = a_mantissa.contiguous(), ae = a_exponent.contiguous();
+  const at::Tensor bm = b_mantissa.contiguous(), be = b_exponent.contiguous();
+  const auto opts = a_mantissa.options();
+  at::Tensor tiles = at::empty({static_cast<int64_t>(cpu::gemm_amx_a_bytes(g))}, opts.dtype(at::kChar));
+  at::Tensor scales = at::empty({g.m_tiles * g.nb * 16}, opts.dtype(at::kFloat));
+  int8_t* tp = tiles.data_ptr<int8_t>();
+  float* sp = scales.data_ptr<float>();
+  at::parallel_for(0, g.m_tiles, grain_rows(16 * k), [&](int64_t t0, int64_t t1) {
+    cpu::gemm_amx_prepare(g, am.data_ptr<int8_t>(), am.size(1), ae.data_ptr<uint8_t>(),
+                          ae.size(1), static_cast<int>(a_bits), tp, sp, t0, t1);
+  });
+  const auto* bmp = static_cast<const uint8_t*>(bm.data_ptr());
+  const auto* bep = be.data_ptr<uint8_t>();
+  const int64_t b_cols = bm.size(1), be_cols = be.size(1);
+  // About 2 MFLOP per task: enough tasks for the dynamic split, few enough to be cheap.
+  const int64_t panel_flops = 2 * 16 * g.m_tiles * 16 * std::max<int64_t>(k, 1);
+  const int64_t chunk = 16 * std::max<int64_t>(1, (int64_t{2} << 20) / panel_flops);
+  parallel_chunks(N, chunk, [&](int64_t n0, int64_t n1) {
+    cpu::gemm_amx(g, tp, sp, bmp, b_cols, bep, be_cols, biasp, cp, N, n0, n1);
+  });
+}
+
 at::Tensor bfp_gemm_cpu(const at::Tensor& a_mantissa, const at::Tensor& a_exponent,
                         const at::Tensor& b_mantissa, const at::Tensor& b_exponent, int64_t a_bits,
                         int64_t b_bits, int64_t block_size, int64_t k,
@@ -290,6 +319,11 @@ at::Tensor bfp_gemm_cpu(const at::Tensor& a_mantissa, const at::Tensor& a_expone
       cpu::gemv_q8(g, xq.data_ptr<int8_t>(), corr.data_ptr<int32_t>(), xs.data_ptr<float>(), bmp,
                    b_cols, bep, be_cols, biasp, cp, N, n0, n1);
     });
+    return out_dtype == at::kFloat ? c : c.to(out_dtype);
+  }
+  if (cpu::gemm_amx_supported(static_cast<int>(a_bits), static_cast<int>(b_bits),
+                              static_cast<int>(block_size))) {
+    gemm_amx_cpu(a_mantissa, a_exponent, b_mantissa, b_exponent, a_bits, b_bits, k, biasp, cp);
     return out_dtype == at::kFloat ? c : c.to(out_dtype);
   }
 

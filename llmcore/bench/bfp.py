@@ -15,6 +15,9 @@ as in decoding); the median of many timed calls is reported.
 from __future__ import annotations
 
 import math
+import os
+import statistics
+import time
 from collections.abc import Callable
 
 import torch
@@ -209,3 +212,143 @@ def run(device: torch.device, quick: bool = False, progress_factory=None) -> dic
     return {"rows": rows, "baselines": baselines(device),
             "extra": {"ceilings": ceilings, "accuracy": acc},
             "text": "Accuracy (relative Frobenius error vs fp32):\n" + format_accuracy(acc)}
+
+
+# ---------------------------------------------------------------------------------------
+# Prefill: the int8-activation GEMM (M > 16) before / after, interleaved in one process
+# ---------------------------------------------------------------------------------------
+# (K, N) of the Llama 110M (dim 768, vocab 32000) and 1B (dim 2048) projections.
+PREFILL_SHAPES = {"110M": [(768, 768), (768, 2304), (768, 3072), (3072, 768), (768, 32000)],
+                  "1B": [(2048, 2048), (2048, 512), (2048, 8192), (8192, 2048)]}
+# The CPU kernel paths compared: LLMCORE_CPU_ISA is read on every call, so one process
+# alternates them. "avx512" is the packed-panel VNNI GEMM (what M > 16 ran before the AMX
+# kernel); "" lets the library pick its best path (AMX tiles where the CPU has them).
+PREFILL_PATHS = {"before (packed VNNI)": "avx512", "after (best: AMX)": ""}
+
+
+def _interleaved(fns: dict[str, Callable[[], object]], rounds: int, paths: dict[str, str]
+                 ) -> dict[str, float]:
+    """Median ms of each fn, calls interleaved A, B, A, B ... (the machine is shared)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    old = os.environ.get("LLMCORE_CPU_ISA")
+    try:
+        for r in range(rounds + 1):
+            for name, fn in fns.items():
+                os.environ["LLMCORE_CPU_ISA"] = paths.get(name, "")
+                t0 = time.perf_counter()
+                fn()
+                if r:  # round 0 warms up
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+    finally:
+        if old is None:
+            os.environ.pop("LLMCORE_CPU_ISA", None)
+        else:
+            os.environ["LLMCORE_CPU_ISA"] = old
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+@torch.inference_mode()
+def run_prefill_gemm(ms_list=(128, 512), threads=(1, 2), models=("110M", "1B"),
+                     rounds: int = 7, progress=None) -> list[Row]:
+    """``bfp_linear(x, w, act_format="mxint8")`` at prefill sizes, before / after, with
+    torch's bf16 / fp32 F.linear at the same shapes as a yardstick; GFLOP/s (x quantisation
+    included)."""
+    rows: list[Row] = []
+    saved = torch.get_num_threads()
+    try:
+        for th in threads:
+            torch.set_num_threads(th)
+            for model in models:
+                for k, n in PREFILL_SHAPES[model]:
+                    w = torch.randn(n, k)
+                    qs = {f: bfp_quantize(w, f) for f in ("mxint8", "mxint4")}
+                    for m in ms_list:
+                        x = torch.randn(m, k)
+                        xb, wb = x.bfloat16(), w.bfloat16()
+                        fns: dict[str, Callable[[], object]] = {
+                            "fp32 F.linear": lambda x=x, w=w: F.linear(x, w),
+                            "bf16 F.linear": lambda xb=xb, wb=wb: F.linear(xb, wb)}
+                        paths = {}
+                        for f, q in qs.items():
+                            for label, isa in PREFILL_PATHS.items():
+                                name = f"llmcore {f} x mxint8 {label}"
+                                fns[name] = lambda x=x, q=q: bfp_linear(x, q, act_format="mxint8")
+                                paths[name] = isa
+                        med = _interleaved(fns, rounds, paths)
+                        case = f"{model} M={m} K={k} N={n} threads={th}"
+                        for name, ms in med.items():
+                            rows.append(Row("prefill_gemm", case, name, ms,
+                                            metric=2 * m * k * n / ms / 1e6, unit="GFLOP/s",
+                                            extra={"model": model, "M": m, "K": k, "N": n,
+                                                   "threads": th}))
+                        if progress is not None:
+                            progress(rows[-len(med):])
+    finally:
+        torch.set_num_threads(saved)
+    return rows
+
+
+@torch.inference_mode()
+def run_prefill_model(tokens=(128, 512), threads=(1, 2), formats=("mxint8", "mxint4"),
+                      rounds: int = 5, progress=None) -> list[Row]:
+    """Prefill of a random Llama 110M (dim 768, 12 layers, vocab 32000) quantised with
+    ``Transformer.quantize(fmt)`` (int8 activations), before / after, interleaved."""
+    from llmcore.models import Transformer, TransformerConfig
+
+    cfg = TransformerConfig(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, vocab_size=32000,
+                            ffn_dim=2048, max_seq_len=1024)
+    rows: list[Row] = []
+    saved = torch.get_num_threads()
+    try:
+        for fmt in formats:
+            torch.manual_seed(0)
+            model = Transformer(cfg).eval()
+            for p in model.parameters():
+                p.normal_(0, 0.02)
+            model.quantize(fmt)
+            for th in threads:
+                torch.set_num_threads(th)
+                for t in tokens:
+                    prompt = torch.randint(0, cfg.vocab_size, (1, t))
+                    cache = model.new_cache(1, t + 1)
+
+                    def prefill(model=model, prompt=prompt, cache=cache):
+                        cache.reset()
+                        return model(prompt, cache=cache, prefill=True)
+                    fns = {label: prefill for label in PREFILL_PATHS}
+                    med = _interleaved(fns, rounds, PREFILL_PATHS)
+                    for label, ms in med.items():
+                        rows.append(Row("prefill_model", f"110M {fmt} T={t} threads={th}",
+                                        f"llmcore {fmt} {label}", ms, metric=t / ms * 1e3,
+                                        unit="tok/s", extra={"format": fmt, "tokens": t,
+                                                             "threads": th}))
+                    if progress is not None:
+                        progress(rows[-len(med):])
+    finally:
+        torch.set_num_threads(saved)
+    return rows
+
+
+def write_prefill_results(out_dir: str = "benchmarks/results", rounds: int = 5) -> str:
+    """Run the prefill GEMM and model benches on the CPU and write
+    ``<out_dir>/<cpu>/prefill_gemm.json`` (``python -m llmcore.bench.bfp``)."""
+    import sys
+
+    from llmcore.bench.common import format_table, write_results
+
+    def show(rows):
+        for r in rows:
+            print(f"{r.case:40s} {r.method:40s} {r.ms:9.2f} ms {r.metric:8.1f} {r.unit}",
+                  file=sys.stderr, flush=True)
+
+    cpu = torch.device("cpu")
+    rows = run_prefill_gemm(rounds=rounds, progress=show)
+    rows += run_prefill_model(rounds=rounds, progress=show)
+    cmd = "python -m llmcore.bench.bfp"
+    return write_results("prefill_gemm", rows, cpu, out_dir,
+                         {"command": cmd, "paths": PREFILL_PATHS,
+                          "text": format_table(rows, [])})
+
+
+if __name__ == "__main__":
+    print(write_prefill_results())
