@@ -184,8 +184,12 @@ LLMCORE_AVX512_TARGET void rows_avx512(const GemvQ8Plan& p, const uint8_t* xq, c
       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), kPacked ? 2 : 3);
   const __m512i c128 = _mm512_set1_epi8(static_cast<char>(0x80));
   const __m512i hi4 = _mm512_set1_epi8(static_cast<char>(0xf0));
-  __m512 acc[MT], s16[MT];
-  for (int r = 0; r < MT; ++r) acc[r] = _mm512_setzero_ps();
+  // Few rows: alternate two accumulators per row, so that the FMA latency does not bound
+  // the loop.
+  constexpr int kAcc = MT <= 4 ? 2 : 1;
+  __m512 acc[kAcc][MT], s16[MT];
+  for (int a = 0; a < kAcc; ++a)
+    for (int r = 0; r < MT; ++r) acc[a][r] = _mm512_setzero_ps();
   for (int64_t c0 = 0; c0 < nc; c0 += kChunks) {
     const int64_t b0 = c0 * kBlocksPerChunk;
     const __m512 sw = weight_scales16(er, b0, nb, shift);
@@ -217,12 +221,13 @@ LLMCORE_AVX512_TARGET void rows_avx512(const GemvQ8Plan& p, const uint8_t* xq, c
         } else {
           isum = _mm512_dpbusd_epi32(init, _mm512_loadu_si512(xr + c * 64), wl);
         }
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_permutexvar_ps(idx, s16[r]),
-                                 acc[r]);
+        __m512& a = acc[q % kAcc][r];
+        a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_permutexvar_ps(idx, s16[r]), a);
       }
     }
   }
-  for (int r = 0; r < MT; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+  for (int r = 0; r < MT; ++r)
+    out[r] = _mm512_reduce_add_ps(kAcc == 2 ? _mm512_add_ps(acc[0][r], acc[kAcc - 1][r]) : acc[0][r]);
 }
 
 template <bool kPacked>
@@ -284,19 +289,29 @@ void gemv_q8_prepare(const GemvQ8Plan& p, const int8_t* a_mant, int64_t a_row_st
                      int32_t* corr, float* xs) {
   (void)corr;
   const bool packed = is_packed(p.w_bits);
-  const int64_t nb = exponent_cols(p.K, kBlock);
+  // Locals: stores through the byte pointers could alias p's fields.
+  const int64_t K = p.K, nb = exponent_cols(K, kBlock), cols = p.xq_cols, groups = p.groups;
   for (int64_t m = 0; m < p.M; ++m) {
     const int8_t* ar = a_mant + m * a_row_stride;
-    auto* xr = reinterpret_cast<uint8_t*>(xq + m * p.xq_cols);
-    memset(xr, 0x80, static_cast<size_t>(p.xq_cols));  // a = 0 past K
-    if (packed) {
-      for (int64_t e = 0; e < p.K; ++e) xr[packed_pos(e)] = static_cast<uint8_t>(ar[e] ^ 0x80);
+    auto* xr = reinterpret_cast<uint8_t*>(xq + m * cols);
+    int64_t e = 0;
+    if (packed) {  // per 128 elements: the evens, then the odds
+      for (; e + 128 <= K; e += 128) {
+        for (int j = 0; j < 64; ++j) {
+          xr[e + j] = static_cast<uint8_t>(ar[e + 2 * j] ^ 0x80);
+          xr[e + 64 + j] = static_cast<uint8_t>(ar[e + 2 * j + 1] ^ 0x80);
+        }
+      }
+      memset(xr + e, 0x80, static_cast<size_t>(cols - e));  // a = 0 past K
+      for (; e < K; ++e) xr[packed_pos(e)] = static_cast<uint8_t>(ar[e] ^ 0x80);
     } else {
-      for (int64_t e = 0; e < p.K; ++e) xr[e] = static_cast<uint8_t>(ar[e] ^ 0x80);
+      for (; e < K; ++e) xr[e] = static_cast<uint8_t>(ar[e] ^ 0x80);
+      memset(xr + e, 0x80, static_cast<size_t>(cols - e));
     }
-    float* sr = xs + m * p.groups;
-    for (int64_t b = 0; b < p.groups; ++b)
-      sr[b] = b < nb ? block_scale(a_exp[m * a_exp_stride + b], a_bits) : 0.0f;
+    const uint8_t* er = a_exp + m * a_exp_stride;
+    float* sr = xs + m * groups;
+    for (int64_t b = 0; b < nb; ++b) sr[b] = block_scale(er[b], a_bits);
+    for (int64_t b = nb; b < groups; ++b) sr[b] = 0.0f;
   }
 }
 
