@@ -76,13 +76,12 @@ def worker(args) -> None:
             cols = k if bits > 4 else (k + 1) // 2
             nbytes = n * cols + n * ((k + 31) // 32)
             count = max(2, -(-rotate // nbytes))
-            ws = []
-            for _ in range(count):
-                if bits > 4:
-                    wm = torch.randint(-127, 128, (n, cols), dtype=torch.int8)
-                else:
-                    wm = torch.randint(0, 256, (n, cols), dtype=torch.uint8)
-                ws.append((wm, torch.randint(118, 126, (n, (k + 31) // 32), dtype=torch.uint8)))
+            if bits > 4:
+                wm = torch.randint(-127, 128, (n, cols), dtype=torch.int8)
+            else:
+                wm = torch.randint(0, 256, (n, cols), dtype=torch.uint8)
+            we = torch.randint(118, 126, (n, (k + 31) // 32), dtype=torch.uint8)
+            ws = [(wm, we)] + [(wm.clone(), we.clone()) for _ in range(count - 1)]
             for m in args.ms:
                 am = torch.randint(-127, 128, (m, k), dtype=torch.int8)
                 ae = torch.randint(120, 130, (m, (k + 31) // 32), dtype=torch.uint8)
@@ -176,7 +175,7 @@ def main() -> None:
                          "fraction_of_membw": nbytes[key] / ms / 1e6 / roof[int(t)]}
         rows.append(row)
     names = list(variants)
-    print(f"\nstreaming read (membw.cpp, 512 MiB): "
+    print("\nstreaming read (membw.cpp, 512 MiB): "
           + ", ".join(f"{t} thread(s) {g:.1f} GB/s" for t, g in roof.items()))
     print(f"{'shape':24s} {'fmt':6s} M  t " + " ".join(f"{n:>16s}" for n in names)
           + "   (GB/s of weights, fraction of membw)")
