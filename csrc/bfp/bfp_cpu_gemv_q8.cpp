@@ -8,17 +8,19 @@
 //
 // The weight is read in its storage layout, nothing is packed: one int32 lane covers 4
 // weight bytes (a "group": 4 elements of an 8-bit row, 8 of a 4-bit row). The activation
-// rows are laid out once per call to match (gemv_q8_prepare), as unsigned bytes a + 128:
-//   AVX-512 VNNI  vpdpbusd(u8 a + 128, s8 w) = sum a w + 128 sum w. The weight's share,
-//                 128 sum w, is one more vpdpbusd per 64 weight bytes (against bytes of
-//                 128) that every activation row shares: the row's accumulator starts at
-//                 its negation. A 4-bit byte gives 16 w_lo (byte << 4) and 16 w_hi
-//                 (byte & 0xf0) as s8 in two instructions, the factor 16 going into the
-//                 weight scale; the low nibbles of a 64-byte load meet the even
-//                 activations, the high nibbles the odd ones.
-//                 Per 16 blocks the weight scales are formed once and multiplied by each
-//                 row's activation scales; per 64 weight bytes and activation row that
-//                 leaves vpdpbusd (two for 4-bit), a conversion, a permute of the
+// rows are laid out once per call to match (gemv_q8_prepare). vpdpbusd multiplies
+// unsigned by signed bytes, so one operand carries an offset whose share is removed from
+// the lane's starting value:
+//   8-bit w       activations as u8 a + 128: vpdpbusd(a + 128, w) = sum a w + 128 sum w.
+//                 The weight's share, 128 sum w, is one more vpdpbusd per 64 weight bytes
+//                 (against bytes of 128), shared by every activation row.
+//   4-bit w       weights as u8 w + 8 (nibble ^ 8: three instructions for both nibbles),
+//                 activations s8; the share -8 sum a depends on the activation only and is
+//                 laid out per group (corr). The low nibbles of a 64-byte load meet the
+//                 even activations, the high nibbles the odd ones.
+//   AVX-512 VNNI  per 16 blocks the weight scales are formed once and multiplied by each
+//                 row's activation block scales; per 64 weight bytes and activation row
+//                 that leaves vpdpbusd (two for 4-bit), a conversion, a permute of the
 //                 combined scales and one FMA. Up to 8 activation rows share each 64-byte
 //                 weight load (the weight row is read once from memory per 8 rows).
 //   AVX2          vpmaddubsw(|a|, sign(w, a)) + vpmaddwd(1): no overflow since |a| <= 127.
@@ -50,7 +52,7 @@ inline int64_t packed_pos(int64_t e) {
   return c * 128 + (r & 1) * 64 + (r >> 1);
 }
 
-// The activation as stored in xq: a + 128.
+// An 8-bit weight's activation as stored in xq: a + 128.
 inline int xq_value(const uint8_t* xr, int64_t pos) { return static_cast<int>(xr[pos]) - 128; }
 
 // ---- scalar ----------------------------------------------------------------------------
@@ -70,8 +72,8 @@ void gemv_scalar(const GemvQ8Plan& p, const uint8_t* xq, const float* xs, const 
         for (int64_t i = g * 4; i < g * 4 + 4 && i < bytes; ++i) {
           if (packed) {
             const int64_t c = i >> 6, j = i & 63;
-            isum += unpack_lo(wr[i]) * xq_value(xr, c * 128 + j) +
-                    unpack_hi(wr[i]) * xq_value(xr, c * 128 + 64 + j);
+            const auto* xs8 = reinterpret_cast<const int8_t*>(xr);
+            isum += unpack_lo(wr[i]) * xs8[c * 128 + j] + unpack_hi(wr[i]) * xs8[c * 128 + 64 + j];
           } else {
             isum += static_cast<int8_t>(wr[i]) * xq_value(xr, i);
           }
@@ -131,8 +133,8 @@ void gemv_avx2(const GemvQ8Plan& p, const uint8_t* xq, const float* xs, const ui
           const __m256i wl = _mm256_sub_epi8(_mm256_and_si256(u, lo4), off4);
           const __m256i wh = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(u, 4), lo4), off4);
           const uint8_t* xe = xr + (v >> 1) * 128 + (v & 1) * 32;
-          const __m256i xl = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xe)), flip8);
-          const __m256i xh = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xe + 64)), flip8);
+          const __m256i xl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xe));
+          const __m256i xh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xe + 64));
           isum = _mm256_add_epi32(dot_s8s8(wl, xl), dot_s8s8(wh, xh));
           const float s1 = 2 * v + 1 < nb ? block_scale(er[2 * v + 1], p.w_bits) * sr[2 * v + 1] : 0.0f;
           s = _mm256_setr_m128(_mm_set1_ps(block_scale(er[2 * v], p.w_bits) * sr[2 * v]),
@@ -172,18 +174,19 @@ LLMCORE_AVX512_TARGET inline __m512 weight_scales16(const uint8_t* er, int64_t b
 
 // MT activation rows against weight row wr: out[r] = the row's dot product.
 template <int MT, bool kPacked>
-LLMCORE_AVX512_TARGET void rows_avx512(const GemvQ8Plan& p, const uint8_t* xq, const float* xs,
-                                       const uint8_t* wr, const uint8_t* er, float* out) {
+LLMCORE_AVX512_TARGET void rows_avx512(const GemvQ8Plan& p, const uint8_t* xq,
+                                       const int32_t* corr, const float* xs, const uint8_t* wr,
+                                       const uint8_t* er, float* out) {
   const int64_t bytes = mantissa_cols(p.K, p.w_bits), nb = exponent_cols(p.K, kBlock);
   const int64_t nc = (bytes + 63) / 64;  // 64-byte chunks
   // A chunk covers 2 blocks (8-bit, 8 lanes each) or 4 (4-bit, 4 lanes each): 16 blocks of
   // scales serve 8 or 4 chunks.
   constexpr int kChunks = kPacked ? 4 : 8, kBlocksPerChunk = kPacked ? 4 : 2;
-  const int shift = p.w_bits - 2 + (kPacked ? 4 : 0);  // 4-bit weights are read as 16 w
+  const int shift = p.w_bits - 2;
   const __m512i lane_block = _mm512_srli_epi32(
       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), kPacked ? 2 : 3);
   const __m512i c128 = _mm512_set1_epi8(static_cast<char>(0x80));
-  const __m512i hi4 = _mm512_set1_epi8(static_cast<char>(0xf0));
+  const __m512i lo4 = _mm512_set1_epi8(0x0f), flip4 = _mm512_set1_epi8(static_cast<char>(0x88));
   // Few rows: alternate two accumulators per row, so that the FMA latency does not bound
   // the loop.
   constexpr int kAcc = MT <= 4 ? 2 : 1;
@@ -202,22 +205,22 @@ LLMCORE_AVX512_TARGET void rows_avx512(const GemvQ8Plan& p, const uint8_t* xq, c
       const int64_t left = bytes - c * 64;
       const __m512i raw = left >= 64 ? _mm512_loadu_si512(wr + c * 64)
                                      : _mm512_maskz_loadu_epi8((__mmask64{1} << left) - 1, wr + c * 64);
-      __m512i wl = raw, wh = raw, wsum;
-      if (kPacked) {
-        wl = _mm512_and_si512(_mm512_slli_epi16(raw, 4), hi4);
-        wh = _mm512_and_si512(raw, hi4);
-        wsum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, wl), c128, wh);
+      __m512i wl = raw, wh = raw, init = _mm512_setzero_si512();
+      if (kPacked) {  // unsigned w + 8; the rows' accumulators start at -8 sum(a) (corr)
+        const __m512i u = _mm512_xor_si512(raw, flip4);
+        wl = _mm512_and_si512(u, lo4);
+        wh = _mm512_and_si512(_mm512_srli_epi16(u, 4), lo4);
       } else {
-        wsum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, wl);
+        init = _mm512_sub_epi32(init, _mm512_dpbusd_epi32(init, c128, wl));
       }
-      const __m512i init = _mm512_sub_epi32(_mm512_setzero_si512(), wsum);
       const __m512i idx = _mm512_add_epi32(lane_block, _mm512_set1_epi32(q * kBlocksPerChunk));
       for (int r = 0; r < MT; ++r) {
         const uint8_t* xr = xq + r * p.xq_cols;
         __m512i isum;
         if (kPacked) {
-          isum = _mm512_dpbusd_epi32(init, _mm512_loadu_si512(xr + c * 128), wl);
-          isum = _mm512_dpbusd_epi32(isum, _mm512_loadu_si512(xr + c * 128 + 64), wh);
+          isum = _mm512_loadu_si512(corr + r * p.groups + c * 16);
+          isum = _mm512_dpbusd_epi32(isum, wl, _mm512_loadu_si512(xr + c * 128));
+          isum = _mm512_dpbusd_epi32(isum, wh, _mm512_loadu_si512(xr + c * 128 + 64));
         } else {
           isum = _mm512_dpbusd_epi32(init, _mm512_loadu_si512(xr + c * 64), wl);
         }
@@ -232,7 +235,7 @@ LLMCORE_AVX512_TARGET void rows_avx512(const GemvQ8Plan& p, const uint8_t* xq, c
 
 template <bool kPacked>
 LLMCORE_AVX512_TARGET void gemv_avx512_t(const GemvQ8Plan& p, const uint8_t* xq,
-                                         const float* xs, const uint8_t* w_mant,
+                                         const int32_t* corr, const float* xs, const uint8_t* w_mant,
                                          int64_t w_row_stride, const uint8_t* w_exp,
                                          int64_t w_exp_stride, const float* bias, float* y,
                                          int64_t ldy, int64_t n_begin, int64_t n_end) {
@@ -249,15 +252,16 @@ LLMCORE_AVX512_TARGET void gemv_avx512_t(const GemvQ8Plan& p, const uint8_t* xq,
       const int64_t mt = (p.M - m) / (tiles - t);
       const uint8_t* x = xq + m * p.xq_cols;
       const float* s = xs + m * p.groups;
+      const int32_t* cr = corr + m * p.groups;
       switch (mt) {
-        case 1: rows_avx512<1, kPacked>(p, x, s, wr, er, out); break;
-        case 2: rows_avx512<2, kPacked>(p, x, s, wr, er, out); break;
-        case 3: rows_avx512<3, kPacked>(p, x, s, wr, er, out); break;
-        case 4: rows_avx512<4, kPacked>(p, x, s, wr, er, out); break;
-        case 5: rows_avx512<5, kPacked>(p, x, s, wr, er, out); break;
-        case 6: rows_avx512<6, kPacked>(p, x, s, wr, er, out); break;
-        case 7: rows_avx512<7, kPacked>(p, x, s, wr, er, out); break;
-        default: rows_avx512<8, kPacked>(p, x, s, wr, er, out);
+        case 1: rows_avx512<1, kPacked>(p, x, cr, s, wr, er, out); break;
+        case 2: rows_avx512<2, kPacked>(p, x, cr, s, wr, er, out); break;
+        case 3: rows_avx512<3, kPacked>(p, x, cr, s, wr, er, out); break;
+        case 4: rows_avx512<4, kPacked>(p, x, cr, s, wr, er, out); break;
+        case 5: rows_avx512<5, kPacked>(p, x, cr, s, wr, er, out); break;
+        case 6: rows_avx512<6, kPacked>(p, x, cr, s, wr, er, out); break;
+        case 7: rows_avx512<7, kPacked>(p, x, cr, s, wr, er, out); break;
+        default: rows_avx512<8, kPacked>(p, x, cr, s, wr, er, out);
       }
       for (int64_t r = 0; r < mt; ++r) y[(m + r) * ldy + n] = bias ? out[r] + b : out[r];
       m += mt;
@@ -287,7 +291,6 @@ GemvQ8Plan gemv_q8_plan(int64_t M, int64_t K, int w_bits) {
 void gemv_q8_prepare(const GemvQ8Plan& p, const int8_t* a_mant, int64_t a_row_stride,
                      const uint8_t* a_exp, int64_t a_exp_stride, int a_bits, int8_t* xq,
                      int32_t* corr, float* xs) {
-  (void)corr;
   const bool packed = is_packed(p.w_bits);
   // Locals: stores through the byte pointers could alias p's fields.
   const int64_t K = p.K, nb = exponent_cols(K, kBlock), cols = p.xq_cols, groups = p.groups;
@@ -295,16 +298,22 @@ void gemv_q8_prepare(const GemvQ8Plan& p, const int8_t* a_mant, int64_t a_row_st
     const int8_t* ar = a_mant + m * a_row_stride;
     auto* xr = reinterpret_cast<uint8_t*>(xq + m * cols);
     int64_t e = 0;
-    if (packed) {  // per 128 elements: the evens, then the odds
+    if (packed) {  // a itself; per 128 elements the evens, then the odds
       for (; e + 128 <= K; e += 128) {
         for (int j = 0; j < 64; ++j) {
-          xr[e + j] = static_cast<uint8_t>(ar[e + 2 * j] ^ 0x80);
-          xr[e + 64 + j] = static_cast<uint8_t>(ar[e + 2 * j + 1] ^ 0x80);
+          xr[e + j] = static_cast<uint8_t>(ar[e + 2 * j]);
+          xr[e + 64 + j] = static_cast<uint8_t>(ar[e + 2 * j + 1]);
         }
       }
-      memset(xr + e, 0x80, static_cast<size_t>(cols - e));  // a = 0 past K
-      for (; e < K; ++e) xr[packed_pos(e)] = static_cast<uint8_t>(ar[e] ^ 0x80);
-    } else {
+      memset(xr + e, 0, static_cast<size_t>(cols - e));  // a = 0 past K
+      for (; e < K; ++e) xr[packed_pos(e)] = static_cast<uint8_t>(ar[e]);
+      int32_t* cr = corr + m * groups;  // -8 * (sum of the 8 a in the group)
+      for (int64_t g = 0; g < groups; ++g) {
+        int32_t sum = 0;
+        for (int64_t i = g * 8; i < g * 8 + 8 && i < K; ++i) sum += ar[i];
+        cr[g] = -8 * sum;
+      }
+    } else {  // a + 128
       for (; e < K; ++e) xr[e] = static_cast<uint8_t>(ar[e] ^ 0x80);
       memset(xr + e, 0x80, static_cast<size_t>(cols - e));
     }
@@ -319,13 +328,12 @@ void gemv_q8(const GemvQ8Plan& p, const int8_t* xq, const int32_t* corr, const f
              const uint8_t* w_mant, int64_t w_row_stride, const uint8_t* w_exp,
              int64_t w_exp_stride, const float* bias, float* y, int64_t ldy, int64_t n_begin,
              int64_t n_end) {
-  (void)corr;
   const auto* xu = reinterpret_cast<const uint8_t*>(xq);
 #if defined(__x86_64__)
   const Isa isa = active_isa();
   if (isa == Isa::kAvx512) {
     auto f = is_packed(p.w_bits) ? gemv_avx512_t<true> : gemv_avx512_t<false>;
-    f(p, xu, xs, w_mant, w_row_stride, w_exp, w_exp_stride, bias, y, ldy, n_begin, n_end);
+    f(p, xu, corr, xs, w_mant, w_row_stride, w_exp, w_exp_stride, bias, y, ldy, n_begin, n_end);
     return;
   }
   if (isa == Isa::kAvx2) {
