@@ -363,6 +363,65 @@ def test_int8_act_gemv_nan_inf(cpu_isa):
     assert torch.equal(torch.isnan(y), want)
 
 
+@pytest.mark.parametrize("wname", ["mxint8", "mxint4"])
+def test_int8_act_gemv_every_m(wname, cpu_isa):
+    """M = 1..16 (row tiles of up to 8, split evenly), K that ends mid-chunk and mid-tile
+    of scales (8-bit: 18 chunks of 64 bytes; 4-bit: 9), an odd N, and block exponents far
+    apart."""
+    k, n = 1100, 23
+    q = make_weight(n, k, wname, "cpu")
+    x = randn((16, k)) * torch.logspace(-3, 3, k)
+    b = randn((n,))
+    for m in range(1, 17):
+        check_act(x[:m], q, "mxint8", bias=b)
+
+
+def test_int8_act_gemv_nan_weight_scale(cpu_isa):
+    """A weight block with exponent byte 255 (NaN) makes its output column NaN, at every
+    row tile size; its neighbours stay finite."""
+    k, n = 300, 7
+    for wname in ("mxint8", "mxint4"):
+        q = make_weight(n, k, wname, "cpu")
+        q.exponent[3, 5] = 255
+        for m in (1, 5, 9):
+            y = ops.bfp_linear(randn((m, k)), q, act_format="mxint8")
+            want = torch.zeros(m, n, dtype=torch.bool)
+            want[:, 3] = True
+            assert torch.equal(torch.isnan(y), want), (wname, m)
+
+
+def test_int8_act_gemv_concurrent_callers():
+    """Calls from several Python threads at once, with thread counts changing between calls
+    (the helper threads serve one call at a time; the others run on their own thread)."""
+    import threading
+
+    q = make_weight(2053, 160, "mxint4", "cpu")
+    xs = [randn((m, 160)) for m in (1, 3, 5, 16)]
+    want = [ops.bfp_linear(x, q, act_format="mxint8") for x in xs]
+    threads = torch.get_num_threads()
+    errors = []
+
+    def work(seed):
+        for i in range(30):
+            j = (seed + i) % len(xs)
+            if not torch.equal(ops.bfp_linear(xs[j], q, act_format="mxint8"), want[j]):
+                errors.append((seed, i))
+
+    try:
+        torch.set_num_threads(max(2, threads))
+        ts = [threading.Thread(target=work, args=(s,)) for s in range(3)]
+        for t in ts:
+            t.start()
+        for i in range(30):
+            torch.set_num_threads(1 + i % 3)
+            work(i)
+        for t in ts:
+            t.join()
+    finally:
+        torch.set_num_threads(threads)
+    assert not errors
+
+
 def test_int8_act_gemv_threads():
     q = make_weight(4099, 96, "mxint8", "cpu")  # many column chunks
     x = randn((3, 96))

@@ -126,12 +126,13 @@ struct GemvQ8Plan {
 };
 GemvQ8Plan gemv_q8_plan(int64_t M, int64_t K, int w_bits);
 
-// Lay out the activation rows for the weight's bytes (O(M K), once per call):
-//   xq   int8 [M][xq_cols]: 8-bit w: a itself; packed w: per 64 weight bytes (128 elements)
-//        the 64 even elements, then the 64 odd ones (the low / high nibbles' partners)
-//   corr int32 [M][groups]: -off * (sum of the a in the group), off = 128 (8-bit w) or 8
-//   xs   fp32 [M][groups]: scale of the a block the group lies in (0 past K)
-// Zero padded past K. A group is the 4 weight bytes one int32 lane of vpdpbusd covers.
+// Lay out the activation rows for the weight's bytes (O(M K), once per call; the buffers
+// serve any number of weights of the same K and w_bits):
+//   xq   [M][xq_cols] bytes: 8-bit w: a + 128 in order, 128 (a = 0) past K; packed w:
+//        int8 a, per 64 weight bytes (128 elements) the 64 even elements, then the 64 odd
+//        ones (the low / high nibbles' partners), 0 past K
+//   corr int32 [M][groups]: packed w: -8 * (sum of the 8 a in the group); 8-bit w: unused
+//   xs   fp32 [M][groups]: xs[m][b] = scale of block b of row m for b < ceil(K / 32), 0 after
 void gemv_q8_prepare(const GemvQ8Plan& p, const int8_t* a_mant, int64_t a_row_stride,
                      const uint8_t* a_exp, int64_t a_exp_stride, int a_bits, int8_t* xq,
                      int32_t* corr, float* xs);

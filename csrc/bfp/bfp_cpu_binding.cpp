@@ -6,10 +6,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 
 #include "bfp/bfp_cpu.h"
 #include "common/check.h"
+#include "common/chunk_pool.h"
 
 namespace llmcore {
 namespace {
@@ -36,48 +36,13 @@ int64_t grain_rows(int64_t row_elems) {
 // holds up little of the call, large enough that taking a task costs nothing.
 constexpr int64_t kGemvChunkBytes = int64_t{32} << 10;
 
-// f(n0, n1) over [0, n) in chunks of `chunk`, handed out one at a time to the threads as
-// they come (dynamic scheduling over at::parallel_for's threads): a thread that is
-// descheduled because another process holds its core only delays its current chunk, where
-// a static split would make the call wait for its whole share.
-//
-// Still, the call returns only once every thread has looked in, and a thread that finds the
-// work all done had no core for the whole call: then the next calls run on the calling
-// thread alone (16, 32, ... up to 4096 of them while it keeps happening) before trying the
-// other threads again. On an idle machine threads arrive in microseconds and this never
-// triggers.
-struct ThreadBackoff {
-  std::atomic<int64_t> serial_calls{0};
-  std::atomic<int> level{0};
-};
-ThreadBackoff g_backoff;
-
+// f(n0, n1) over [0, n) in chunks of `chunk`, handed out one at a time to the calling
+// thread and torch.get_num_threads() - 1 helper threads as they come, without an arrival
+// barrier: a thread whose core another process holds delays the call by at most the
+// chunk in its hands (common/chunk_pool.h).
 template <typename F>
 void parallel_chunks(int64_t n, int64_t chunk, const F& f) {
-  const int64_t tasks = (n + chunk - 1) / chunk;
-  int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks);
-  if (threads > 1 && g_backoff.serial_calls.load(std::memory_order_relaxed) > 0) {
-    g_backoff.serial_calls.fetch_sub(1, std::memory_order_relaxed);
-    threads = 1;
-  }
-  if (threads <= 1) {
-    f(0, n);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  std::atomic<bool> late{false};
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t) {
-    int64_t t = next.fetch_add(1);
-    if (t >= tasks && begin != 0) late.store(true, std::memory_order_relaxed);
-    for (; t < tasks; t = next.fetch_add(1)) f(t * chunk, std::min(n, (t + 1) * chunk));
-  });
-  if (late.load(std::memory_order_relaxed)) {
-    const int lvl = std::min(g_backoff.level.load(std::memory_order_relaxed) + 1, 9);
-    g_backoff.level.store(lvl, std::memory_order_relaxed);
-    g_backoff.serial_calls.store(int64_t{8} << lvl, std::memory_order_relaxed);
-  } else {
-    g_backoff.level.store(0, std::memory_order_relaxed);
-  }
+  run_chunks(n, chunk, at::get_num_threads(), f);
 }
 
 // Columns per task for a GEMV whose weight rows are row_bytes long (a multiple of 16, so
