@@ -64,14 +64,15 @@ def profile(model, cache, prompt) -> dict:
     ev = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in ev) / 1e3 / n
     kern = sum(e.cpu_time_total for e in ev
-               if e.key in ("llmcore::bfp_gemm", "llmcore::bfp_linear",
-                            "llmcore::linear_q8")) / 1e3 / n
+               if e.key in ("llmcore::bfp_gemm", "llmcore::bfp_linear", "llmcore::bfp_act_linear",
+                            "llmcore::bfp_act_linear_multi")) / 1e3 / n
     attn = sum(e.cpu_time_total for e in ev if e.key == "llmcore::decode_attention") / 1e3 / n
     ops = sum(e.count for e in ev if e.key.startswith("aten::")) / n
     empty = sum(e.count for e in ev if e.key in ("aten::empty", "aten::empty_strided")) / n
     top = sorted(ev, key=lambda e: -e.self_cpu_time_total)[:25]
     table = [(e.key, e.count // n, round(e.self_cpu_time_total / 1e3 / n, 3)) for e in top]
     return {"profiled_ms": total, "gemv_ms": kern, "decode_attention_ms": attn,
+            "rest_ms": total - kern,
             "aten_ops": ops, "aten_empty": empty, "top_self_ms": table}
 
 

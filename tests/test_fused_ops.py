@@ -70,10 +70,12 @@ def test_rope_in_place(dtype, d, contiguous):
     _close(k, k_ref, dtype, "rope k")
 
 
+@pytest.mark.parametrize("isa", ["avx512", "scalar"])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("contiguous", [True, False])
-def test_silu_mul(dtype, n, contiguous):
+def test_silu_mul(dtype, n, contiguous, isa, monkeypatch):
+    monkeypatch.setenv("LLMCORE_CPU_ISA", isa)  # read on each call: both exp paths
     shape = (2, n)
     g = 4 * randn(shape, dtype) if contiguous else 4 * _noncontig(shape, dtype)
     u = randn(shape, dtype) if contiguous else _noncontig(shape, dtype)
@@ -183,3 +185,60 @@ def test_bfp_act_linear_reuses_scratch_across_shapes():
                                              w.format.mantissa_bits, 32, False, None)
         torch.testing.assert_close(y, _two_op(x, w, None), rtol=0, atol=0)
     assert get_format("mxint4").block_size == 32
+
+
+# ---- the model's fused inference path ------------------------------------------------------
+def _decode(model, ids, storage="native"):
+    """Logits of a prefill of all but the last 3 ids, then one token at a time."""
+    cache = model.new_cache(ids.shape[0], ids.shape[1] + 1, storage=storage)
+    out = [model(ids[:, :-3], cache=cache, prefill=True)]
+    out += [model(ids[:, i:i + 1], cache=cache) for i in range(ids.shape[1] - 3, ids.shape[1])]
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("quant", [None, "mxint8", "mxint4"])
+@pytest.mark.parametrize("storage", ["native", "mxint8"])
+def test_model_fused_inference_equals_module_chain(dtype, quant, storage, monkeypatch):
+    from llmcore.models import Transformer, TransformerConfig
+
+    torch.manual_seed(0)
+    cfg = TransformerConfig.from_name("tiny", attention_bias=True)
+    model = Transformer(cfg, dtype=dtype).eval()
+    if quant:
+        model.quantize(quant)
+    ids = torch.randint(0, cfg.vocab_size, (2, 13))
+    calls = []
+    real = fused.add_rms_norm
+    monkeypatch.setattr(fused, "add_rms_norm", lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode():
+        fast = _decode(model, ids, storage)
+        assert len(calls) == 4 * 2 * cfg.n_layers  # prefill + 3 steps, two per block
+        model.fused_inference = False
+        chain = _decode(model, ids, storage)
+        assert len(calls) == 4 * 2 * cfg.n_layers  # the module chain: no fused op
+        model.fused_inference = True
+        dense = model(ids)
+    tol = {torch.float32: 2e-5, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(fast, chain, rtol=tol, atol=tol)
+    if storage == "native":  # an MXINT8 cache rounds k and v: only the cached runs agree
+        torch.testing.assert_close(dense, chain, rtol=tol, atol=tol)
+
+
+def test_model_training_takes_the_module_chain(monkeypatch):
+    """With gradients recorded (training, trainable BFP linears) nothing fused runs and
+    autograd reaches every parameter."""
+    from llmcore.models import Transformer, TransformerConfig
+    from llmcore.nn import quantize_model
+
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig.from_name("tiny"))
+    quantize_model(model, "mxint8", act_format="mxint8", trainable=True)
+    monkeypatch.setattr(fused, "rms_norm", None)  # would raise if called
+    monkeypatch.setattr(fused, "add_rms_norm", None)
+    ids = torch.randint(0, 256, (2, 9))
+    model(ids).float().logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    with torch.no_grad():  # a frozen copy for inference takes the fused path
+        monkeypatch.undo()
+        model(ids)
