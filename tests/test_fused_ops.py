@@ -201,6 +201,7 @@ def _decode(model, ids, storage="native"):
 @pytest.mark.parametrize("storage", ["native", "mxint8"])
 def test_model_fused_inference_equals_module_chain(dtype, quant, storage, monkeypatch):
     from llmcore.models import Transformer, TransformerConfig
+    from llmcore.models import transformer as tf
 
     torch.manual_seed(0)
     cfg = TransformerConfig.from_name("tiny", attention_bias=True)
@@ -209,8 +210,8 @@ def test_model_fused_inference_equals_module_chain(dtype, quant, storage, monkey
         model.quantize(quant)
     ids = torch.randint(0, cfg.vocab_size, (2, 13))
     calls = []
-    real = fused.add_rms_norm
-    monkeypatch.setattr(fused, "add_rms_norm", lambda *a: calls.append(1) or real(*a))
+    real = tf._add_rms_norm
+    monkeypatch.setattr(tf, "_add_rms_norm", lambda *a: calls.append(1) or real(*a))
     with torch.inference_mode():
         fast = _decode(model, ids, storage)
         assert len(calls) == 4 * 2 * cfg.n_layers  # prefill + 3 steps, two per block
@@ -234,8 +235,7 @@ def test_model_training_takes_the_module_chain(monkeypatch):
     torch.manual_seed(0)
     model = Transformer(TransformerConfig.from_name("tiny"))
     quantize_model(model, "mxint8", act_format="mxint8", trainable=True)
-    monkeypatch.setattr(fused, "rms_norm", None)  # would raise if called
-    monkeypatch.setattr(fused, "add_rms_norm", None)
+    monkeypatch.setattr(Transformer, "_hidden_fused", None)  # would raise if called
     ids = torch.randint(0, 256, (2, 9))
     model(ids).float().logsumexp(-1).mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

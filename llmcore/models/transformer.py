@@ -37,6 +37,7 @@ from llmcore.ops._dispatch import kernel_supported
 from llmcore.ops.bfp import BFPTensor
 
 BACKENDS = ("llmcore", "torch")
+_FUSED_OPS = ("rms_norm", "add_rms_norm", "rope_", "silu_mul")  # the fused inference path
 
 
 class Packed(NamedTuple):
@@ -165,19 +166,18 @@ class Attention(nn.Module):
         q = q.view(b, t, self.n_heads, self.head_dim)
         k = k.view(b, t, self.n_kv_heads, self.head_dim)
         v = v.view(b, t, self.n_kv_heads, self.head_dim)
-        if q.dtype == cos.dtype:
-            fused.rope_(q, k, cos, sin)
+        if q.dtype == cos.dtype == k.dtype:  # (the kernel is there: _fused_inference)
+            torch.ops.llmcore.rope_(q, k, cos, sin)
         else:  # projections in another dtype (autocast): as forward
             c, s = cos.unsqueeze(2).to(q.dtype), sin.unsqueeze(2).to(q.dtype)
             q, k = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
-        if cache is not None:
-            cache.append(self.layer, k, v)
-        if packed is not None:
-            o = self._packed(q, k, v, "llmcore", packed)
-        elif cache is None or prefill:
-            o = self._dense(q, k, v, "llmcore")
+        if cache is not None and packed is None and not prefill:
+            o = cache.append_attend(self.layer, q, k, v)
         else:
-            o = cache.attend(self.layer, q)
+            if cache is not None:
+                cache.append(self.layer, k, v)
+            o = (self._packed(q, k, v, "llmcore", packed) if packed is not None
+                 else self._dense(q, k, v, "llmcore"))
         return self.o_proj(o.reshape(b, t, -1))
 
     def _dense(self, q, k, v, backend):
@@ -242,7 +242,9 @@ class MLP(nn.Module):
         linears sharing the quantised input, silu(gate) * up in one op."""
         gu = bfp_linears_shared_input(h, (self.gate_proj, self.up_proj))
         g, u = gu if gu is not None else (self.gate_proj(h), self.up_proj(h))
-        return self.down_proj(fused.silu_mul(g, u))
+        y = (torch.ops.llmcore.silu_mul(g, u) if g.dtype == u.dtype == h.dtype
+             else fused.silu_mul(g, u))
+        return self.down_proj(y)
 
 
 class Block(nn.Module):
@@ -264,10 +266,17 @@ class Block(nn.Module):
         before); returns the new residual stream x and ``next_norm`` of it (the next
         block's input norm, or the final norm)."""
         a = self.self_attn.forward_fused(h, cos, sin, cache, prefill, packed)
-        x, h = fused.add_rms_norm(x, a, self.post_attention_layernorm.weight,
-                                  self.post_attention_layernorm.eps)
-        return fused.add_rms_norm(x, self.mlp.forward_fused(h), next_norm.weight,
-                                  next_norm.eps)
+        x, h = _add_rms_norm(x, a, self.post_attention_layernorm)
+        return _add_rms_norm(x, self.mlp.forward_fused(h), next_norm)
+
+
+def _add_rms_norm(x: torch.Tensor, delta: torch.Tensor, norm: RMSNorm):
+    """(x + delta, norm(x + delta)) in one kernel (x and the norm's weight share a dtype and
+    have a kernel: checked by Transformer._fused_inference), or the chain for a delta of
+    another dtype (autocast)."""
+    if delta.dtype == x.dtype:
+        return torch.ops.llmcore.add_rms_norm(x, delta, norm.weight, norm.eps)
+    return fused.add_rms_norm(x, delta, norm.weight, norm.eps)
 
 
 def _check_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
@@ -424,17 +433,25 @@ class Transformer(nn.Module):
         """Whether this forward takes the fused inference ops (llmcore.ops.fused): the
         llmcore backend, no gradient recorded, and a kernel for x's device and dtype, which
         the norms share. Training, autograd and backend="torch" take the module chain."""
-        return (self.fused_inference and self.backend == "llmcore"
-                and not torch.is_grad_enabled()
-                and kernel_supported("add_rms_norm", x.device, x.dtype)
-                and type(self.norm) is RMSNorm and self.norm.weight.dtype == x.dtype
-                and all(type(b) is Block for b in self.layers))
+        if not (self.fused_inference and self.backend == "llmcore"
+                and not torch.is_grad_enabled() and type(self.norm) is RMSNorm
+                and self.norm.weight.dtype == x.dtype
+                and all(kernel_supported(op, x.device, x.dtype) for op in _FUSED_OPS)):
+            return False
+        for b in self.layers:
+            if (type(b) is not Block or type(b.input_layernorm) is not RMSNorm
+                    or type(b.post_attention_layernorm) is not RMSNorm
+                    or b.input_layernorm.weight.dtype != x.dtype
+                    or b.post_attention_layernorm.weight.dtype != x.dtype):
+                return False
+        return True
 
     def _hidden_fused(self, x, cos, sin, cache, prefill, packed) -> torch.Tensor:
         """The blocks of :meth:`_hidden` through :meth:`Block.forward_fused`: each residual
         add fused into the norm after it, the final norm included."""
         layers = self.layers
-        h = fused.rms_norm(x, layers[0].input_layernorm.weight, layers[0].input_layernorm.eps)
+        h = torch.ops.llmcore.rms_norm(x, layers[0].input_layernorm.weight,
+                                       layers[0].input_layernorm.eps)
         for i, layer in enumerate(layers):
             nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
             x, h = layer.forward_fused(x, h, nxt, cos, sin, cache, prefill, packed)

@@ -147,7 +147,7 @@ class BFPLinear(nn.Module):
         b = self.bias
         if torch.is_grad_enabled() and (x.requires_grad or (b is not None and b.requires_grad)):
             return None
-        if not kernel_supported("bfp_act_linear", x.device, x.dtype):
+        if not _cpu_kernel("bfp_act_linear", x.dtype):
             return None
         return af.mantissa_bits, f.mantissa_bits, f.block_size
 
@@ -174,6 +174,18 @@ class BFPLinear(nn.Module):
                 f"trainable={self.weight is not None}")
 
 
+_CPU_KERNELS: dict = {}  # (op, dtype) -> kernel_supported on the CPU (fixed once loaded)
+
+
+def _cpu_kernel(op: str, dtype: torch.dtype) -> bool:
+    """kernel_supported(op, cpu, dtype), asked once per (op, dtype): this is on the
+    per-token path."""
+    ok = _CPU_KERNELS.get((op, dtype))
+    if ok is None:
+        ok = _CPU_KERNELS[(op, dtype)] = kernel_supported(op, torch.device("cpu"), dtype)
+    return ok
+
+
 def bfp_linears_shared_input(x: torch.Tensor, layers) -> list[torch.Tensor] | None:
     """``[layer(x) for layer in layers]`` for frozen :class:`BFPLinear` layers of one weight
     and activation format in a single op call (``llmcore::bfp_act_linear_multi``: x is
@@ -184,7 +196,7 @@ def bfp_linears_shared_input(x: torch.Tensor, layers) -> list[torch.Tensor] | No
     if type(first) is not BFPLinear:
         return None
     args = first._decode_op_args(x)
-    if args is None or not kernel_supported("bfp_act_linear_multi", x.device, x.dtype):
+    if args is None or not _cpu_kernel("bfp_act_linear_multi", x.dtype):
         return None
     for m in layers[1:]:
         if (type(m) is not BFPLinear or m.format != first.format
