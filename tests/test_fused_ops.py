@@ -242,3 +242,25 @@ def test_model_training_takes_the_module_chain(monkeypatch):
     with torch.no_grad():  # a frozen copy for inference takes the fused path
         monkeypatch.undo()
         model(ids)
+
+
+def test_fused_decode_step_compiles_to_one_graph():
+    """The fused inference path (quantised linears, fused ops, append_attend) traces as
+    one graph under torch.compile and gives the eager logits, without recompiling."""
+    from llmcore.models import Transformer, TransformerConfig
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = Transformer(TransformerConfig.from_name("tiny")).eval().quantize("mxint8")
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.inference_mode():
+        cache = m.new_cache(2, 32)
+        m(ids[:, :8], cache=cache, prefill=True)
+        want = [m(ids[:, i:i + 1], cache=cache) for i in range(8, 12)]
+        cache.rollback(8)
+        m.step = torch.compile(m.step, fullgraph=True, backend="aot_eager")
+        got = [m(ids[:, 8:9], cache=cache)]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            got += [m(ids[:, i:i + 1], cache=cache) for i in range(9, 12)]
+    torch.testing.assert_close(torch.cat(got, 1), torch.cat(want, 1), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()

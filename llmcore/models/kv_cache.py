@@ -259,12 +259,14 @@ class KVCache(nn.Module):
                                                   self._table, ke, ve)[0]
 
     def _cpu_kernels(self, dtype: torch.dtype) -> bool:
-        ok = self._kernels.get(dtype)
+        compiling = torch.compiler.is_compiling()  # traced as a constant: no dict guard
+        ok = None if compiling else self._kernels.get(dtype)
         if ok is None:
             cpu = torch.device("cpu")
-            ok = self._kernels[dtype] = (kernel_supported("kv_cache_append", cpu, dtype)
-                                         and kernel_supported("decode_attention", cpu, dtype,
-                                                              self.head_dim))
+            ok = (kernel_supported("kv_cache_append", cpu, dtype)
+                  and kernel_supported("decode_attention", cpu, dtype, self.head_dim))
+            if not compiling:
+                self._kernels[dtype] = ok
         return ok
 
     def commit(self) -> None:

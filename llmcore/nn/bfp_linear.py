@@ -180,6 +180,8 @@ _CPU_KERNELS: dict = {}  # (op, dtype) -> kernel_supported on the CPU (fixed onc
 def _cpu_kernel(op: str, dtype: torch.dtype) -> bool:
     """kernel_supported(op, cpu, dtype), asked once per (op, dtype): this is on the
     per-token path."""
+    if torch.compiler.is_compiling():  # traced as a constant: no guard on the dict
+        return kernel_supported(op, torch.device("cpu"), dtype)
     ok = _CPU_KERNELS.get((op, dtype))
     if ok is None:
         ok = _CPU_KERNELS[(op, dtype)] = kernel_supported(op, torch.device("cpu"), dtype)
