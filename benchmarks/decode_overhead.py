@@ -6,8 +6,9 @@ activations) and how much of it is outside the GEMV kernels.
 Builds dim 768, 12 layers, 12 heads, ffn 3072, vocab 32000 with random weights, quantises
 to mxint8 (act_format "auto"), fills a KV cache with a 128-token prompt and times 64
 single-token steps (median over rounds, the thread counts interleaved). ``--profile``
-adds one torch.profiler pass per thread count: time in bfp_gemm / bfp_linear (the GEMV
-kernels) against the whole step.
+adds one torch.profiler pass per thread count: time in bfp_gemm / bfp_linear /
+bfp_act_linear(_multi) (the GEMV kernels) against the whole step. ``--tiny`` keeps the 12
+layers at dims where the kernels cost about nothing: its time per token is the overhead.
 """
 
 from __future__ import annotations
@@ -24,10 +25,15 @@ from llmcore.models import Transformer, TransformerConfig
 PROMPT, STEPS = 128, 64
 
 
-def build(storage: str = "native") -> tuple[Transformer, object, torch.Tensor]:
+def build(storage: str = "native", tiny: bool = False
+          ) -> tuple[Transformer, object, torch.Tensor]:
     torch.manual_seed(0)
-    cfg = TransformerConfig(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=3072,
-                            vocab_size=32000, max_seq_len=512)
+    if tiny:  # the 110M's 12 layers at dims where the kernels cost ~nothing: the overhead
+        cfg = TransformerConfig(dim=64, n_layers=12, n_heads=2, ffn_dim=128, vocab_size=256,
+                                max_seq_len=512)
+    else:
+        cfg = TransformerConfig(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=3072,
+                                vocab_size=32000, max_seq_len=512)
     model = Transformer(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -82,9 +88,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--storage", default="native")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--tiny", action="store_true",
+                    help="dims 64 / ffn 128 / vocab 256: the per-token overhead alone")
     ap.add_argument("--out")
     args = ap.parse_args()
-    model, cache, prompt = build(args.storage)
+    model, cache, prompt = build(args.storage, args.tiny)
     times = {t: [] for t in args.threads}
     for _ in range(args.rounds):
         for t in args.threads:
