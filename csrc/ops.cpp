@@ -38,6 +38,15 @@ TORCH_LIBRARY(llmcore, m) {
   m.def("bfp_gemm(Tensor a_mantissa, Tensor a_exponent, Tensor b_mantissa, Tensor b_exponent,"
         " int a_bits, int b_bits, int block_size, int k, Tensor? bias, ScalarType out_dtype)"
         " -> Tensor");
+  // bfp_quantize of x [..., K] (a_bits, block_size, round_even) then bfp_gemm with the
+  // weight [N, K] -> [..., N] in x's dtype (+ bias[N], added in fp32): one call, x quantised
+  // in scratch (decode: no allocation but the output).
+  m.def("bfp_act_linear(Tensor x, Tensor w_mantissa, Tensor w_exponent, int a_bits,"
+        " int w_bits, int block_size, bool round_even, Tensor? bias) -> Tensor");
+  // bfp_act_linear of one x with several weights of one format (q/k/v, gate/up): x is
+  // quantised once -> one [..., N_i] per weight.
+  m.def("bfp_act_linear_multi(Tensor x, Tensor[] w_mantissa, Tensor[] w_exponent, int a_bits,"
+        " int w_bits, int block_size, bool round_even, Tensor?[] bias) -> Tensor[]");
 
   // ---- fused attention (csrc/attention) --------------------------------------------------
   // q [B, Sq, H, D], k/v [B, Sk, Hkv, D] (H % Hkv == 0: GQA/MQA), last dim contiguous.
@@ -60,6 +69,20 @@ TORCH_LIBRARY(llmcore, m) {
         " Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q,"
         " int max_seqlen_k, bool causal, float softmax_scale, bool deterministic)"
         " -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+
+  // ---- fused decoder-step ops (csrc/fused) ------------------------------------------------
+  // One dtype for every float input; results as the unfused torch chain rounds them.
+  // weight[N] * (x[..., N] * rsqrt(mean(x^2) + eps)) (the normed x rounded to x's dtype).
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  // sum = x + delta (x's dtype), out = rms_norm(sum, weight, eps): a residual add and the
+  // next norm in one pass.
+  m.def("add_rms_norm(Tensor x, Tensor delta, Tensor weight, float eps)"
+        " -> (Tensor sum, Tensor out)");
+  // In place, q [B, T, H, D] and k [B, T, Hk, D] (last dim contiguous, D even):
+  // x * cos + rotate_half(x) * sin with cos/sin [B, T, D].
+  m.def("rope_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin) -> ()");
+  // silu(gate) * up, same shape and dtype.
+  m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
 
   // ---- KV-cached decoding (csrc/decode) ----------------------------------------------------
   // q [B, Lq, H, D] (Lq new tokens per sequence, 1..16), cache_seqlens int32 [B] = valid

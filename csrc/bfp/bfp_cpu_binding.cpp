@@ -9,7 +9,7 @@
 
 #include "bfp/bfp_cpu.h"
 #include "common/check.h"
-#include "common/chunk_pool.h"
+#include "common/parallel.h"
 
 namespace llmcore {
 namespace {
@@ -36,20 +36,61 @@ int64_t grain_rows(int64_t row_elems) {
 // holds up little of the call, large enough that taking a task costs nothing.
 constexpr int64_t kGemvChunkBytes = int64_t{32} << 10;
 
-// f(n0, n1) over [0, n) in chunks of `chunk`, handed out one at a time to the calling
-// thread and torch.get_num_threads() - 1 helper threads as they come, without an arrival
-// barrier: a thread whose core another process holds delays the call by at most the
-// chunk in its hands (common/chunk_pool.h).
-template <typename F>
-void parallel_chunks(int64_t n, int64_t chunk, const F& f) {
-  run_chunks(n, chunk, at::get_num_threads(), f);
-}
-
 // Columns per task for a GEMV whose weight rows are row_bytes long (a multiple of 16, so
 // the kernels' 4-row tiles stay whole).
 int64_t gemv_chunk_cols(int64_t row_bytes) {
   const int64_t rows = kGemvChunkBytes / std::max<int64_t>(1, row_bytes);
   return std::max<int64_t>(16, rows / 16 * 16);
+}
+
+// Per-thread scratch of the decode GEMV, kept between calls: the quantised activation rows
+// and their GEMV layout (O(M K) bytes for M <= 16 rows), and the fp32 product for a 16-bit
+// output, so that a call allocates nothing but its output.
+struct GemvScratch {
+  std::vector<int8_t> a_mant, xq;
+  std::vector<uint8_t> a_exp;
+  std::vector<int32_t> corr;
+  std::vector<float> xs, y32;
+};
+
+GemvScratch& gemv_scratch() {
+  thread_local GemvScratch s;
+  return s;
+}
+
+template <typename T>
+T* grow(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+  return v.data();
+}
+
+// Lay out M activation rows (mantissas of a_bits, in blocks of 32) for gemv_q8 into s.
+cpu::GemvQ8Plan prepare_gemv_q8(GemvScratch& s, int64_t M, int64_t K, int a_bits, int w_bits,
+                                const int8_t* a_mant, int64_t a_stride, const uint8_t* a_exp,
+                                int64_t a_exp_stride) {
+  const cpu::GemvQ8Plan g = cpu::gemv_q8_plan(M, K, w_bits);
+  cpu::gemv_q8_prepare(g, a_mant, a_stride, a_exp, a_exp_stride, a_bits,
+                       grow(s.xq, M * g.xq_cols), grow(s.corr, M * g.groups),
+                       grow(s.xs, M * g.groups));
+  return g;
+}
+
+// y [M, N] fp32 (row stride N) = the prepared rows of s times the weight (w_mantissa
+// [N, *], w_exponent [N, *], checked by the caller) (+ bias), over the threads in chunks.
+void run_gemv_q8(const cpu::GemvQ8Plan& g, const GemvScratch& s, const at::Tensor& w_mantissa,
+                 const at::Tensor& w_exponent, const float* bias, float* y, int64_t N) {
+  const at::Tensor bm = w_mantissa.contiguous(), be = w_exponent.contiguous();
+  const auto* bmp = static_cast<const uint8_t*>(bm.data_ptr());
+  const auto* bep = be.data_ptr<uint8_t>();
+  const int64_t b_cols = bm.size(1), be_cols = be.size(1);
+  const int64_t chunk =
+      N * (b_cols + be_cols) <= kGemvChunkBytes ? N : gemv_chunk_cols(b_cols + be_cols);
+  const int8_t* xq = s.xq.data();
+  const int32_t* corr = s.corr.data();
+  const float* xs = s.xs.data();
+  parallel_chunks(N, chunk, [&](int64_t n0, int64_t n1) {
+    cpu::gemv_q8(g, xq, corr, xs, bmp, b_cols, bep, be_cols, bias, y, N, n0, n1);
+  });
 }
 
 void check_format(int64_t bits, int64_t block, const char* bits_name) {
@@ -267,23 +308,12 @@ at::Tensor bfp_gemm_cpu(const at::Tensor& a_mantissa, const at::Tensor& a_expone
                                                         static_cast<int>(b_bits),
                                                         static_cast<int>(block_size))) {
     // Decode: the weight streams once in its own layout; only A is laid out (O(M K)).
-    const cpu::GemvQ8Plan g = cpu::gemv_q8_plan(M, k, static_cast<int>(b_bits));
     const at::Tensor am = a_mantissa.contiguous(), ae = a_exponent.contiguous();
-    at::Tensor xq = at::empty({M, g.xq_cols}, opts.dtype(at::kChar));
-    at::Tensor corr = at::empty({M, g.groups}, opts.dtype(at::kInt));
-    at::Tensor xs = at::empty({M, g.groups}, opts.dtype(at::kFloat));
-    cpu::gemv_q8_prepare(g, am.data_ptr<int8_t>(), am.size(1), ae.data_ptr<uint8_t>(),
-                         ae.size(1), static_cast<int>(a_bits), xq.data_ptr<int8_t>(),
-                         corr.data_ptr<int32_t>(), xs.data_ptr<float>());
-    const at::Tensor bm = b_mantissa.contiguous(), be = b_exponent.contiguous();
-    const auto* bmp = static_cast<const uint8_t*>(bm.data_ptr());
-    const auto* bep = be.data_ptr<uint8_t>();
-    const int64_t b_cols = bm.size(1), be_cols = be.size(1);
-    const int64_t chunk = N * (b_cols + be_cols) <= kGemvChunkBytes ? N : gemv_chunk_cols(b_cols + be_cols);
-    parallel_chunks(N, chunk, [&](int64_t n0, int64_t n1) {
-      cpu::gemv_q8(g, xq.data_ptr<int8_t>(), corr.data_ptr<int32_t>(), xs.data_ptr<float>(), bmp,
-                   b_cols, bep, be_cols, biasp, cp, N, n0, n1);
-    });
+    GemvScratch& s = gemv_scratch();
+    const cpu::GemvQ8Plan g = prepare_gemv_q8(s, M, k, static_cast<int>(a_bits),
+                                              static_cast<int>(b_bits), am.data_ptr<int8_t>(),
+                                              am.size(1), ae.data_ptr<uint8_t>(), ae.size(1));
+    run_gemv_q8(g, s, b_mantissa, b_exponent, biasp, cp, N);
     return out_dtype == at::kFloat ? c : c.to(out_dtype);
   }
   if (cpu::gemm_amx_supported(static_cast<int>(a_bits), static_cast<int>(b_bits),
@@ -335,6 +365,108 @@ at::Tensor bfp_gemm_cpu(const at::Tensor& a_mantissa, const at::Tensor& a_expone
   return out_dtype == at::kFloat ? c : c.to(out_dtype);
 }
 
+// fp32 [n] -> n elements of `dtype` at dst (round to nearest even, as Tensor.to()).
+void convert_from_f32(const float* src, void* dst, at::ScalarType dtype, int64_t n) {
+  if (dtype == at::kBFloat16) {
+    auto* d = static_cast<c10::BFloat16*>(dst);
+    for (int64_t i = 0; i < n; ++i) d[i] = c10::BFloat16(src[i]);
+  } else {
+    auto* d = static_cast<c10::Half*>(dst);
+    for (int64_t i = 0; i < n; ++i) d[i] = c10::Half(src[i]);
+  }
+}
+
+// Q(x) @ w_i^T (+ bias_i) for each weight i, x [..., K] quantised once along K to a_bits
+// mantissas in blocks of block_size (bfp_quantize), each product as bfp_gemm computes it.
+// Up to 16 rows with an int8-activation GEMV format go through per-thread scratch: the
+// call allocates its outputs only. More rows: bfp_quantize, then bfp_gemm per weight.
+std::vector<at::Tensor> bfp_act_linear_multi_cpu(
+    const at::Tensor& x, at::TensorList w_mantissa, at::TensorList w_exponent, int64_t a_bits,
+    int64_t w_bits, int64_t block_size, bool round_even,
+    const c10::List<std::optional<at::Tensor>>& bias) {
+  CHECK_DEVICE(x, at::Device(at::kCPU));
+  CHECK_FLOAT_INPUT(x);
+  check_format(a_bits, block_size, "a_bits");
+  check_format(w_bits, block_size, "w_bits");
+  LLMCORE_CHECK(x.dim() >= 1 && x.size(-1) >= 1, "x must have a non-empty last axis (K), got shape ",
+                shape_str(x.sizes()));
+  const size_t n_w = w_mantissa.size();
+  LLMCORE_CHECK(n_w >= 1 && w_exponent.size() == n_w && bias.size() == n_w,
+                "w_mantissa, w_exponent and bias must be lists of one length >= 1, got ", n_w,
+                ", ", w_exponent.size(), " and ", bias.size());
+  const int64_t K = x.size(-1), M = x.numel() / K;
+  std::vector<at::Tensor> b32(n_w);
+  for (size_t i = 0; i < n_w; ++i) {
+    CHECK_DIM(w_mantissa[i], 2);
+    check_bfp_operand(w_mantissa[i], w_exponent[i], w_bits, block_size, K, "w_mantissa",
+                      "w_exponent");
+    const std::optional<at::Tensor> b = bias.get(i);
+    if (!b.has_value()) continue;
+    const int64_t N = w_mantissa[i].size(0);
+    CHECK_DEVICE(*b, at::Device(at::kCPU));
+    LLMCORE_CHECK(is_float_dtype(b->scalar_type()),
+                  "bias must be float32, bfloat16 or float16, got ", b->scalar_type());
+    LLMCORE_CHECK(b->dim() == 1 && b->size(0) == N, "bias[", i, "] must have shape [", N,
+                  "] (w_mantissa[", i, "].size(0)), got ", shape_str(b->sizes()));
+    b32[i] = b->to(at::kFloat).contiguous();
+  }
+  std::vector<at::Tensor> out;
+  out.reserve(n_w);
+  auto out_shape = [&](int64_t N) {
+    std::vector<int64_t> s(x.sizes().begin(), x.sizes().end());
+    s.back() = N;
+    return s;
+  };
+  const int ab = static_cast<int>(a_bits), wb = static_cast<int>(w_bits);
+  const int blk = static_cast<int>(block_size);
+  if (M == 0 || M > kLinearGemvMaxRows || !cpu::gemv_q8_supported(ab, wb, blk)) {
+    const at::Tensor x2 = x.reshape({M, K});
+    auto [am, ae] = bfp_quantize_cpu(x2, a_bits, block_size, round_even);
+    for (size_t i = 0; i < n_w; ++i) {
+      std::optional<at::Tensor> b;
+      if (b32[i].defined()) b = b32[i];
+      out.push_back(bfp_gemm_cpu(am, ae, w_mantissa[i], w_exponent[i], a_bits, w_bits,
+                                 block_size, K, b, x.scalar_type())
+                        .view(out_shape(w_mantissa[i].size(0))));
+    }
+    return out;
+  }
+  // Decode: quantise x into scratch, lay it out once for every weight.
+  const at::Tensor xc = x.contiguous();
+  GemvScratch& s = gemv_scratch();
+  const int64_t mcols = cpu::mantissa_cols(K, ab), ecols = cpu::exponent_cols(K, blk);
+  auto* amp = grow(s.a_mant, M * mcols);
+  auto* aep = grow(s.a_exp, M * ecols);
+  cpu::quantize_rows(xc.data_ptr(), to_dtype(x.scalar_type()), K, K, ab, blk, round_even,
+                     reinterpret_cast<uint8_t*>(amp), mcols, aep, ecols, 0, M);
+  const cpu::GemvQ8Plan g = prepare_gemv_q8(s, M, K, ab, wb, amp, mcols, aep, ecols);
+  const bool f32 = x.scalar_type() == at::kFloat;
+  for (size_t i = 0; i < n_w; ++i) {
+    const int64_t N = w_mantissa[i].size(0);
+    at::Tensor y = at::empty(out_shape(N), x.options());
+    if (N == 0) {
+      out.push_back(y);
+      continue;
+    }
+    float* yp = f32 ? y.data_ptr<float>() : grow(s.y32, M * N);
+    run_gemv_q8(g, s, w_mantissa[i], w_exponent[i],
+                b32[i].defined() ? b32[i].data_ptr<float>() : nullptr, yp, N);
+    if (!f32) convert_from_f32(yp, y.data_ptr(), x.scalar_type(), M * N);
+    out.push_back(y);
+  }
+  return out;
+}
+
+at::Tensor bfp_act_linear_cpu(const at::Tensor& x, const at::Tensor& w_mantissa,
+                              const at::Tensor& w_exponent, int64_t a_bits, int64_t w_bits,
+                              int64_t block_size, bool round_even,
+                              const std::optional<at::Tensor>& bias) {
+  c10::List<std::optional<at::Tensor>> b;
+  b.push_back(bias);
+  return bfp_act_linear_multi_cpu(x, {w_mantissa}, {w_exponent}, a_bits, w_bits, block_size,
+                                  round_even, b)[0];
+}
+
 }  // namespace
 }  // namespace llmcore
 
@@ -343,4 +475,6 @@ TORCH_LIBRARY_IMPL(llmcore, CPU, m) {
   m.impl("bfp_dequantize", &llmcore::bfp_dequantize_cpu);
   m.impl("bfp_linear", &llmcore::bfp_linear_cpu);
   m.impl("bfp_gemm", &llmcore::bfp_gemm_cpu);
+  m.impl("bfp_act_linear", &llmcore::bfp_act_linear_cpu);
+  m.impl("bfp_act_linear_multi", &llmcore::bfp_act_linear_multi_cpu);
 }

@@ -14,6 +14,7 @@
 #include <algorithm>
 
 #include "common/check.h"
+#include "common/parallel.h"
 #include "decode/decode_cpu.h"
 
 namespace llmcore {
@@ -161,7 +162,9 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(
   at::Tensor ws = at::empty({static_cast<int64_t>(cpu::decode_workspace_floats(a, plan))},
                             q.options().dtype(at::kFloat));
   float* wsp = ws.data_ptr<float>();
-  at::parallel_for(0, plan.tasks, 1, [&](int64_t t0, int64_t t1) {
+  // Tasks handed out one at a time (common/parallel.h): a thread without a core delays one
+  // task, not a static share of them.
+  parallel_chunks(plan.tasks, 1, [&](int64_t t0, int64_t t1) {
     cpu::decode_attention_tasks(a, plan, wsp, t0, t1);
   });
   void* outp = out.data_ptr();

@@ -28,12 +28,14 @@ past the new end go back to the pool), ``reset()`` empties the cache.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from llmcore.formats import get_format
+from llmcore.ops._dispatch import kernel_supported
 from llmcore.ops.bfp import BFPTensor
 from llmcore.ops.decode import decode_attention, kv_cache_append
 
@@ -80,6 +82,7 @@ class KVCache(nn.Module):
         device = torch.device(device)
         self._lengths = [0] * batch_size  # host mirror of seqlens: checks and messages only
         self._pending = 0
+        self._kernels: dict = {}  # dtype -> whether append_attend's CPU kernels take it
         block_table = None
         if page_size is not None:
             if not isinstance(page_size, int) or page_size < 1:
@@ -231,6 +234,40 @@ class KVCache(nn.Module):
         kc, vc = self._views[layer]
         return decode_attention(q.to(self.dtype), kc, vc, self._seq + q.shape[1],
                                 softmax_scale, self._table, validate=False)
+
+    def append_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                      ) -> torch.Tensor:
+        """:meth:`append` of k, v then :meth:`attend` of q, for inference: on the CPU, with
+        the cache's dtype and the shapes this step prepared, the two kernels are called
+        directly (the C++ ops check their arguments: nothing is re-checked in Python);
+        anything else goes through append and attend."""
+        kc, vc = self._views[layer] if self._pending and 0 <= layer < self.n_layers else (
+            None, None)
+        want = (self.batch_size, self._pending, self.n_kv_heads, self.head_dim)
+        if (kc is None or q.device.type != "cpu" or not self._cpu_kernels(q.dtype)
+                or k.shape != want or v.shape != want or q.shape[1] != self._pending
+                or q.dtype != self.dtype or k.dtype != self.dtype or v.dtype != self.dtype):
+            self.append(layer, k, v)
+            return self.attend(layer, q)
+        if self.storage == "mxint8":
+            (km, ke), (vm, ve) = (kc.mantissa, kc.exponent), (vc.mantissa, vc.exponent)
+        else:
+            km, ke, vm, ve = kc, None, vc, None
+        torch.ops.llmcore.kv_cache_append(km, vm, k, v, self._seq, self._table, ke, ve)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        return torch.ops.llmcore.decode_attention(q, km, vm, self._seq + q.shape[1], scale,
+                                                  self._table, ke, ve)[0]
+
+    def _cpu_kernels(self, dtype: torch.dtype) -> bool:
+        compiling = torch.compiler.is_compiling()  # traced as a constant: no dict guard
+        ok = None if compiling else self._kernels.get(dtype)
+        if ok is None:
+            cpu = torch.device("cpu")
+            ok = (kernel_supported("kv_cache_append", cpu, dtype)
+                  and kernel_supported("decode_attention", cpu, dtype, self.head_dim))
+            if not compiling:
+                self._kernels[dtype] = ok
+        return ok
 
     def commit(self) -> None:
         """Make this step's tokens part of every sequence."""

@@ -31,10 +31,13 @@ from llmcore.models import hf
 from llmcore.models.config import TransformerConfig, check_model_dtype
 from llmcore.models.kv_cache import KVCache
 from llmcore.nn import BFPEmbedding, BFPLinear, replace_linear
-from llmcore.nn.bfp_linear import _excluded
+from llmcore.nn.bfp_linear import _excluded, bfp_linears_shared_input
+from llmcore.ops import fused
+from llmcore.ops._dispatch import kernel_supported
 from llmcore.ops.bfp import BFPTensor
 
 BACKENDS = ("llmcore", "torch")
+_FUSED_OPS = ("rms_norm", "add_rms_norm", "rope_", "silu_mul")  # the fused inference path
 
 
 class Packed(NamedTuple):
@@ -151,6 +154,32 @@ class Attention(nn.Module):
             o = self._torch_cached(q, cache, positions)
         return self.o_proj(o.reshape(b, t, -1))
 
+    def forward_fused(self, h, cos, sin, cache: KVCache | None, prefill: bool,
+                      packed: Packed | None = None):
+        """:meth:`forward` on the llmcore backend for inference (no gradient recorded): q, k
+        and v from one call when they are BFP linears sharing the quantised input, RoPE of
+        q and k in place in one op. ``h`` [B, T, dim] is the normed input, cos/sin
+        [B, T, hd] in h's dtype."""
+        b, t, _ = h.shape
+        qkv = bfp_linears_shared_input(h, (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = qkv if qkv is not None else (self.q_proj(h), self.k_proj(h), self.v_proj(h))
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim)
+        if q.dtype == cos.dtype == k.dtype:  # (the kernel is there: _fused_inference)
+            torch.ops.llmcore.rope_(q, k, cos, sin)
+        else:  # projections in another dtype (autocast): as forward
+            c, s = cos.unsqueeze(2).to(q.dtype), sin.unsqueeze(2).to(q.dtype)
+            q, k = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+        if cache is not None and packed is None and not prefill:
+            o = cache.append_attend(self.layer, q, k, v)
+        else:
+            if cache is not None:
+                cache.append(self.layer, k, v)
+            o = (self._packed(q, k, v, "llmcore", packed) if packed is not None
+                 else self._dense(q, k, v, "llmcore"))
+        return self.o_proj(o.reshape(b, t, -1))
+
     def _dense(self, q, k, v, backend):
         if backend == "llmcore":
             return ops.attention(q, k, v, causal=True)
@@ -208,6 +237,15 @@ class MLP(nn.Module):
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
+    def forward_fused(self, h):
+        """:meth:`forward` for inference: gate and up from one call when they are BFP
+        linears sharing the quantised input, silu(gate) * up in one op."""
+        gu = bfp_linears_shared_input(h, (self.gate_proj, self.up_proj))
+        g, u = gu if gu is not None else (self.gate_proj(h), self.up_proj(h))
+        y = (torch.ops.llmcore.silu_mul(g, u) if g.dtype == u.dtype == h.dtype
+             else fused.silu_mul(g, u))
+        return self.down_proj(y)
+
 
 class Block(nn.Module):
     def __init__(self, cfg: TransformerConfig, layer: int, device=None, dtype=None):
@@ -221,6 +259,24 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, positions, backend,
                                prefill, packed)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_fused(self, x, h, next_norm: RMSNorm, cos, sin, cache, prefill, packed=None):
+        """:meth:`forward` for inference on the llmcore backend, with each residual add
+        fused into the norm after it: ``h`` is ``input_layernorm(x)`` (computed by the block
+        before); returns the new residual stream x and ``next_norm`` of it (the next
+        block's input norm, or the final norm)."""
+        a = self.self_attn.forward_fused(h, cos, sin, cache, prefill, packed)
+        x, h = _add_rms_norm(x, a, self.post_attention_layernorm)
+        return _add_rms_norm(x, self.mlp.forward_fused(h), next_norm)
+
+
+def _add_rms_norm(x: torch.Tensor, delta: torch.Tensor, norm: RMSNorm):
+    """(x + delta, norm(x + delta)) in one kernel (x and the norm's weight share a dtype and
+    have a kernel: checked by Transformer._fused_inference), or the chain for a delta of
+    another dtype (autocast)."""
+    if delta.dtype == x.dtype:
+        return torch.ops.llmcore.add_rms_norm(x, delta, norm.weight, norm.eps)
+    return fused.add_rms_norm(x, delta, norm.weight, norm.eps)
 
 
 def _check_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
@@ -269,6 +325,9 @@ class Transformer(nn.Module):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         check_model_dtype(dtype)
         self.config, self.backend = config, backend
+        # False: inference runs the module chain too (forward hooks on the blocks, norms
+        # and attention run only there; the fused path calls the projections directly)
+        self.fused_inference = True
         kw = {"device": device, "dtype": dtype}
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim, **kw)
         self.layers = nn.ModuleList(Block(config, i, device, dtype) for i in range(config.n_layers))
@@ -374,9 +433,39 @@ class Transformer(nn.Module):
     def _hidden(self, input_ids, positions, cache, prefill, packed=None) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [B, T, dim]
         cos, sin = self.rope(positions, x.dtype)
+        if self._fused_inference(x):
+            return self._hidden_fused(x, cos, sin, cache, prefill, packed)
         for layer in self.layers:
             x = layer(x, cos, sin, cache, positions, self.backend, prefill, packed)
         return self.norm(x)
+
+    def _fused_inference(self, x: torch.Tensor) -> bool:
+        """Whether this forward takes the fused inference ops (llmcore.ops.fused): the
+        llmcore backend, no gradient recorded, and a kernel for x's device and dtype, which
+        the norms share. Training, autograd and backend="torch" take the module chain."""
+        if not (self.fused_inference and self.backend == "llmcore"
+                and not torch.is_grad_enabled() and type(self.norm) is RMSNorm
+                and self.norm.weight.dtype == x.dtype
+                and all(kernel_supported(op, x.device, x.dtype) for op in _FUSED_OPS)):
+            return False
+        for b in self.layers:
+            if (type(b) is not Block or type(b.input_layernorm) is not RMSNorm
+                    or type(b.post_attention_layernorm) is not RMSNorm
+                    or b.input_layernorm.weight.dtype != x.dtype
+                    or b.post_attention_layernorm.weight.dtype != x.dtype):
+                return False
+        return True
+
+    def _hidden_fused(self, x, cos, sin, cache, prefill, packed) -> torch.Tensor:
+        """The blocks of :meth:`_hidden` through :meth:`Block.forward_fused`: each residual
+        add fused into the norm after it, the final norm included."""
+        layers = self.layers
+        h = torch.ops.llmcore.rms_norm(x, layers[0].input_layernorm.weight,
+                                       layers[0].input_layernorm.eps)
+        for i, layer in enumerate(layers):
+            nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
+            x, h = layer.forward_fused(x, h, nxt, cos, sin, cache, prefill, packed)
+        return h
 
     def hidden_states(self, input_ids: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None
                       ) -> torch.Tensor:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmcore.formats import BFPFormat, get_format
+from llmcore.ops._dispatch import kernel_supported
 from llmcore.ops.bfp import BFPTensor, bfp_linear, bfp_linear_trainable, bfp_quantize
 
 
@@ -134,10 +135,30 @@ class BFPLinear(nn.Module):
                 self.bias.requires_grad_(False)
         return self
 
+    def _decode_op_args(self, x: torch.Tensor) -> tuple | None:
+        """(a_bits, w_bits, block_size) of the one-call int8-activation path
+        (``llmcore::bfp_act_linear``) when it takes this call: a frozen weight, activations
+        quantised in the weight's block size, x on the CPU with this layer's in_features
+        and no gradient to record. None otherwise (the general path checks and raises)."""
+        af, f = self.act_format, self.format
+        if (self.weight is not None or af is None or af.block_size != f.block_size
+                or x.device.type != "cpu" or x.shape[-1] != self.in_features):
+            return None
+        b = self.bias
+        if torch.is_grad_enabled() and (x.requires_grad or (b is not None and b.requires_grad)):
+            return None
+        if not _cpu_kernel("bfp_act_linear", x.dtype):
+            return None
+        return af.mantissa_bits, f.mantissa_bits, f.block_size
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
         if self.weight is None:
-            bias = self.bias
-            return bfp_linear(x, self.qweight, bias, act_format=self.act_format)
+            args = self._decode_op_args(x)
+            if args is not None:  # the per-token path: one op call, nothing else
+                return torch.ops.llmcore.bfp_act_linear(x, self.weight_mantissa,
+                                                        self.weight_exponent, *args, False,
+                                                        self.bias)
+            return bfp_linear(x, self.qweight, self.bias, act_format=self.act_format)
         if not torch.is_grad_enabled():
             q = bfp_quantize(self.weight.detach().to(x.dtype) if self.act_format is None
                              else self.weight.detach(), self.format)
@@ -151,6 +172,41 @@ class BFPLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, format={self.format.name}, act_format={act}, "
                 f"trainable={self.weight is not None}")
+
+
+_CPU_KERNELS: dict = {}  # (op, dtype) -> kernel_supported on the CPU (fixed once loaded)
+
+
+def _cpu_kernel(op: str, dtype: torch.dtype) -> bool:
+    """kernel_supported(op, cpu, dtype), asked once per (op, dtype): this is on the
+    per-token path."""
+    if torch.compiler.is_compiling():  # traced as a constant: no guard on the dict
+        return kernel_supported(op, torch.device("cpu"), dtype)
+    ok = _CPU_KERNELS.get((op, dtype))
+    if ok is None:
+        ok = _CPU_KERNELS[(op, dtype)] = kernel_supported(op, torch.device("cpu"), dtype)
+    return ok
+
+
+def bfp_linears_shared_input(x: torch.Tensor, layers) -> list[torch.Tensor] | None:
+    """``[layer(x) for layer in layers]`` for frozen :class:`BFPLinear` layers of one weight
+    and activation format in a single op call (``llmcore::bfp_act_linear_multi``: x is
+    quantised once for all of them: q/k/v, gate/up), or None when that call does not take
+    them (another module type, a trainable or weight-only layer, formats that differ, a
+    gradient to record): the caller then runs the layers one by one."""
+    first = layers[0]
+    if type(first) is not BFPLinear:
+        return None
+    args = first._decode_op_args(x)
+    if args is None or not _cpu_kernel("bfp_act_linear_multi", x.dtype):
+        return None
+    for m in layers[1:]:
+        if (type(m) is not BFPLinear or m.format != first.format
+                or m.act_format != first.act_format or m._decode_op_args(x) is None):
+            return None
+    return torch.ops.llmcore.bfp_act_linear_multi(
+        x, [m.weight_mantissa for m in layers], [m.weight_exponent for m in layers], *args,
+        False, [m.bias for m in layers])
 
 
 def _excluded(name: str, exclude) -> bool:

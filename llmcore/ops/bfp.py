@@ -18,7 +18,7 @@ import torch
 from llmcore import _ext
 from llmcore._io import check_regular_file
 from llmcore.formats import BFPFormat, check_rounding, get_format
-from llmcore.ops._dispatch import kernel_or_reference
+from llmcore.ops._dispatch import kernel_or_reference, kernel_supported
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -460,12 +460,46 @@ def _act_quant_linear(x2: torch.Tensor, bias: torch.Tensor | None, weight: BFPTe
         y = q.dequantize(torch.float32) @ weight.dequantize(torch.float32).T
         y = y if b is None else y + b
         return y.to(x2.dtype)
+    if kernel_supported("bfp_act_linear", x2.device, x2.dtype):  # one call, no temporaries
+        return torch.ops.llmcore.bfp_act_linear(x2, weight.mantissa, weight.exponent,
+                                                af.mantissa_bits, f.mantissa_bits,
+                                                f.block_size, even, b)
     # The ops directly (no BFPTensor in between): this runs once per layer per token.
     qm, qe = kernel_or_reference("bfp_quantize", x2.device, x2.dtype)(
         x2, af.mantissa_bits, af.block_size, even)
     fn = kernel_or_reference("bfp_gemm", x2.device)
     return fn(qm, qe, weight.mantissa, weight.exponent, af.mantissa_bits, f.mantissa_bits,
               f.block_size, x2.shape[-1], b, x2.dtype)
+
+
+def bfp_act_linears(x: torch.Tensor, weights: list[BFPTensor],
+                    biases: list[torch.Tensor | None], act_format: str | BFPFormat,
+                    rounding: str = "nearest") -> list[torch.Tensor] | None:
+    """``[bfp_linear(x, w, b, act_format) for w, b in zip(weights, biases)]`` with x
+    quantised once (the projections that share an input: q/k/v, gate/up), or None when no
+    kernel takes the call (another device, weights of different formats, a block size
+    other than the activation format's): the caller then runs the layers one by one.
+    Inference only (no autograd).
+
+    Parameters
+    ----------
+    x : Tensor [..., K]
+    weights : list of BFPTensor [N_i, K], one format
+    biases : list of Tensor [N_i] or None
+    act_format, rounding : as :func:`bfp_linear`
+
+    Returns
+    -------
+    list of Tensor [..., N_i] of x's dtype, or None.
+    """
+    af = get_format(act_format)
+    f = weights[0].format
+    if (not kernel_supported("bfp_act_linear_multi", x.device, x.dtype)
+            or af.block_size != f.block_size or any(w.format != f for w in weights)):
+        return None
+    return torch.ops.llmcore.bfp_act_linear_multi(
+        x, [w.mantissa for w in weights], [w.exponent for w in weights], af.mantissa_bits,
+        f.mantissa_bits, f.block_size, check_rounding(rounding), list(biases))
 
 
 def _quantized_mm(a: torch.Tensor, b: torch.Tensor, fmt: BFPFormat) -> torch.Tensor:
@@ -556,6 +590,16 @@ if _ext.available():
     @torch.library.register_fake("llmcore::bfp_linear")
     def _(x, w_mantissa, w_exponent, mantissa_bits, block_size, bias):
         return x.new_empty((x.shape[0], w_mantissa.shape[0]))
+
+    if _ext.has_op("bfp_act_linear"):
+
+        @torch.library.register_fake("llmcore::bfp_act_linear")
+        def _(x, w_mantissa, w_exponent, a_bits, w_bits, block_size, round_even, bias):
+            return x.new_empty((*x.shape[:-1], w_mantissa.shape[0]))
+
+        @torch.library.register_fake("llmcore::bfp_act_linear_multi")
+        def _(x, w_mantissa, w_exponent, a_bits, w_bits, block_size, round_even, bias):
+            return [x.new_empty((*x.shape[:-1], m.shape[0])) for m in w_mantissa]
 
     @torch.library.register_fake("llmcore::bfp_gemm")
     def _(a_mantissa, a_exponent, b_mantissa, b_exponent, a_bits, b_bits, block_size, k, bias,

@@ -54,6 +54,13 @@ KERNELS = {
     "bfp_dequantize": {"cpu": _ANY_FLOAT, "cuda": _ANY_FLOAT},
     "bfp_linear": {"cpu": _ANY_FLOAT, "cuda": _ANY_FLOAT},
     "bfp_gemm": {"cpu": _ANY_FLOAT, "cuda": _ANY_FLOAT},
+    "bfp_act_linear": {"cpu": _ANY_FLOAT},
+    "bfp_act_linear_multi": {"cpu": _ANY_FLOAT},
+    # fused decoder-step ops (inference only)
+    "rms_norm": {"cpu": _ANY_FLOAT},
+    "add_rms_norm": {"cpu": _ANY_FLOAT},
+    "rope_": {"cpu": _ANY_FLOAT},
+    "silu_mul": {"cpu": _ANY_FLOAT},
 }
 
 

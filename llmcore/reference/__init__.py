@@ -20,8 +20,13 @@ from llmcore.reference.bfp import (
     unpack_nibbles,
 )
 from llmcore.reference.decode import decode_attention, kv_cache_append
+from llmcore.reference.fused import add_rms_norm, rms_norm, rope_, silu_mul
 
 __all__ = [
+    "add_rms_norm",
+    "rms_norm",
+    "rope_",
+    "silu_mul",
     "attention_bwd",
     "attention_fwd",
     "attention_varlen_bwd",

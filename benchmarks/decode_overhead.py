@@ -1,0 +1,115 @@
+"""Per-token cost of a CPU decode step of a 110M Llama (batch 1, mxint8 weights, int8
+activations) and how much of it is outside the GEMV kernels.
+
+    python benchmarks/decode_overhead.py --threads 1 2 --rounds 3 [--profile] [--out X.json]
+
+Builds dim 768, 12 layers, 12 heads, ffn 3072, vocab 32000 with random weights, quantises
+to mxint8 (act_format "auto"), fills a KV cache with a 128-token prompt and times 64
+single-token steps (median over rounds, the thread counts interleaved). ``--profile``
+adds one torch.profiler pass per thread count: time in bfp_gemm / bfp_linear /
+bfp_act_linear(_multi) (the GEMV kernels) against the whole step. ``--tiny`` keeps the 12
+layers at dims where the kernels cost about nothing: its time per token is the overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from llmcore.models import Transformer, TransformerConfig
+
+PROMPT, STEPS = 128, 64
+
+
+def build(storage: str = "native", tiny: bool = False
+          ) -> tuple[Transformer, object, torch.Tensor]:
+    torch.manual_seed(0)
+    if tiny:  # the 110M's 12 layers at dims where the kernels cost ~nothing: the overhead
+        cfg = TransformerConfig(dim=64, n_layers=12, n_heads=2, ffn_dim=128, vocab_size=256,
+                                max_seq_len=512)
+    else:
+        cfg = TransformerConfig(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=3072,
+                                vocab_size=32000, max_seq_len=512)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model.quantize("mxint8")
+    prompt = torch.randint(0, cfg.vocab_size, (1, PROMPT))
+    cache = model.new_cache(1, PROMPT + STEPS + 1, storage=storage)
+    return model, cache, prompt
+
+
+@torch.inference_mode()
+def decode_ms(model, cache, prompt) -> float:
+    """ms per token of STEPS single-token steps after the prompt."""
+    cache.reset()
+    model(prompt, cache=cache, prefill=True)
+    tok = prompt[:, -1:]
+    t0 = time.perf_counter()
+    for _ in range(STEPS):
+        model(tok, cache=cache)
+    return (time.perf_counter() - t0) * 1e3 / STEPS
+
+
+@torch.inference_mode()
+def profile(model, cache, prompt) -> dict:
+    cache.reset()
+    model(prompt, cache=cache, prefill=True)
+    tok = prompt[:, -1:]
+    for _ in range(4):
+        model(tok, cache=cache)
+    n = 16
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            model(tok, cache=cache)
+    ev = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in ev) / 1e3 / n
+    kern = sum(e.cpu_time_total for e in ev
+               if e.key in ("llmcore::bfp_gemm", "llmcore::bfp_linear", "llmcore::bfp_act_linear",
+                            "llmcore::bfp_act_linear_multi")) / 1e3 / n
+    attn = sum(e.cpu_time_total for e in ev if e.key == "llmcore::decode_attention") / 1e3 / n
+    ops = sum(e.count for e in ev if e.key.startswith("aten::")) / n
+    empty = sum(e.count for e in ev if e.key in ("aten::empty", "aten::empty_strided")) / n
+    top = sorted(ev, key=lambda e: -e.self_cpu_time_total)[:25]
+    table = [(e.key, e.count // n, round(e.self_cpu_time_total / 1e3 / n, 3)) for e in top]
+    return {"profiled_ms": total, "gemv_ms": kern, "decode_attention_ms": attn,
+            "rest_ms": total - kern,
+            "aten_ops": ops, "aten_empty": empty, "top_self_ms": table}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--storage", default="native")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--tiny", action="store_true",
+                    help="dims 64 / ffn 128 / vocab 256: the per-token overhead alone")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    model, cache, prompt = build(args.storage, args.tiny)
+    times = {t: [] for t in args.threads}
+    for _ in range(args.rounds):
+        for t in args.threads:
+            torch.set_num_threads(t)
+            times[t].append(decode_ms(model, cache, prompt))
+    res = {"threads": {}}
+    for t in args.threads:
+        torch.set_num_threads(t)
+        r = {"ms_per_token": statistics.median(times[t]), "runs_ms": times[t]}
+        if args.profile:
+            r["profile"] = profile(model, cache, prompt)
+        res["threads"][str(t)] = r
+    print(json.dumps(res, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+// Fused elementwise CPU kernels of a decoder step: see fused_cpu.h. Plain loops over
+// contiguous rows that the compiler vectorises; the dtype is a template constant so the
+// 16-bit loads and stores inline.
+#include "fused/fused_cpu.h"
+
+#include <cmath>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "common/cpu_isa.h"
+#include "common/half_convert.h"
+
+
+namespace llmcore {
+namespace fused {
+namespace cpu {
+namespace {
+
+// v rounded to dtype T and back (what storing an intermediate in T does).
+template <DType T>
+inline float round_to(float v) {
+  if constexpr (T == DType::kBFloat16) return bf16_to_f32(f32_to_bf16(v));
+  if constexpr (T == DType::kFloat16) return f16_to_f32(f32_to_f16(v));
+  return v;
+}
+
+template <DType T>
+void rms_norm_impl(const void* x, const void* delta, const void* weight, void* sum, void* y,
+                   int64_t n, float eps, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t o = r * n;
+    float ss = 0.0f;
+    if (delta != nullptr) {
+      for (int64_t i = 0; i < n; ++i) {
+        const float v = round_to<T>(load_float(x, T, o + i) + load_float(delta, T, o + i));
+        store_float(sum, T, o + i, v);
+        ss += v * v;
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        const float v = load_float(x, T, o + i);
+        ss += v * v;
+      }
+    }
+    const void* src = delta != nullptr ? sum : x;
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = round_to<T>(load_float(src, T, o + i) * inv);
+      store_float(y, T, o + i, load_float(weight, T, i) * v);
+    }
+  }
+}
+
+template <DType T>
+void rope_impl(void* x, int64_t seq, int64_t s0, int64_t s1, int64_t s2, int64_t heads,
+               int64_t d, const void* cos, const void* sin, int64_t r0, int64_t r1) {
+  const int64_t h = d / 2;
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t hd = 0; hd < heads; ++hd) {
+      const int64_t o = (r / seq) * s0 + (r % seq) * s1 + hd * s2;
+      for (int64_t i = 0; i < h; ++i) {
+        const float a = load_float(x, T, o + i), b = load_float(x, T, o + i + h);
+        const float c0 = load_float(cos, T, r * d + i), c1 = load_float(cos, T, r * d + i + h);
+        const float s0 = load_float(sin, T, r * d + i), s1 = load_float(sin, T, r * d + i + h);
+        // x * cos + rotate_half(x) * sin, each product rounded as the unfused chain does
+        const float lo = round_to<T>(a * c0) + round_to<T>(-b * s0);
+        const float hi = round_to<T>(b * c1) + round_to<T>(a * s1);
+        store_float(x, T, o + i, lo);
+        store_float(x, T, o + i + h, hi);
+      }
+    }
+  }
+}
+
+// g / (1 + e^-g) over n floats in place. AVX-512 when the CPU has it (a Cephes-style exp:
+// x = n ln2 + r, a degree-6 polynomial for e^r, scaled by 2^n; within 2 ulp of e^x), else
+// std::exp: torch's silu is vectorised too, and a scalar exp would make this op slower
+// than the chain it replaces.
+#if defined(__x86_64__)
+__attribute__((target("avx512f"))) void sigmoid_mul_avx512(float* g, int64_t n) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? static_cast<__mmask16>(0xffff)
+                                    : static_cast<__mmask16>((1u << (n - j)) - 1u);
+    const __m512 v = _mm512_maskz_loadu_ps(m, g + j);
+    __m512 x = _mm512_sub_ps(_mm512_setzero_ps(), v);
+    x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    const __m512 e = _mm512_scalef_ps(p, k);
+    _mm512_mask_storeu_ps(g + j, m, _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
+  }
+}
+#endif
+
+void sigmoid_mul(float* g, int64_t n) {
+#if defined(__x86_64__)
+  if (cpu_features().avx512f && isa_limit() == Isa::kAvx512) return sigmoid_mul_avx512(g, n);
+#endif
+  for (int64_t j = 0; j < n; ++j) g[j] = g[j] / (1.0f + std::exp(-g[j]));
+}
+
+// Chunks of kChunk: widen, silu in fp32, then round and multiply.
+constexpr int64_t kChunk = 256;
+
+template <DType T>
+void silu_mul_impl(const void* gate, const void* up, void* y, int64_t i0, int64_t i1) {
+  float g[kChunk];
+  for (int64_t c0 = i0; c0 < i1; c0 += kChunk) {
+    const int64_t n = i1 - c0 < kChunk ? i1 - c0 : kChunk;
+    for (int64_t j = 0; j < n; ++j) g[j] = load_float(gate, T, c0 + j);
+    sigmoid_mul(g, n);
+    for (int64_t j = 0; j < n; ++j)
+      store_float(y, T, c0 + j, round_to<T>(g[j]) * load_float(up, T, c0 + j));
+  }
+}
+
+}  // namespace
+
+void rms_norm_rows(const void* x, const void* delta, const void* weight, void* sum, void* y,
+                   DType t, int64_t n, float eps, int64_t r0, int64_t r1) {
+  switch (t) {
+    case DType::kBFloat16:
+      return rms_norm_impl<DType::kBFloat16>(x, delta, weight, sum, y, n, eps, r0, r1);
+    case DType::kFloat16:
+      return rms_norm_impl<DType::kFloat16>(x, delta, weight, sum, y, n, eps, r0, r1);
+    default: return rms_norm_impl<DType::kFloat32>(x, delta, weight, sum, y, n, eps, r0, r1);
+  }
+}
+
+void rope_rows(void* x, int64_t seq, int64_t s0, int64_t s1, int64_t s2, int64_t heads,
+               int64_t d, const void* cos, const void* sin, DType t, int64_t r0, int64_t r1) {
+  switch (t) {
+    case DType::kBFloat16:
+      return rope_impl<DType::kBFloat16>(x, seq, s0, s1, s2, heads, d, cos, sin, r0, r1);
+    case DType::kFloat16:
+      return rope_impl<DType::kFloat16>(x, seq, s0, s1, s2, heads, d, cos, sin, r0, r1);
+    default:
+      return rope_impl<DType::kFloat32>(x, seq, s0, s1, s2, heads, d, cos, sin, r0, r1);
+  }
+}
+
+void silu_mul(const void* gate, const void* up, void* y, DType t, int64_t i0, int64_t i1) {
+  switch (t) {
+    case DType::kBFloat16: return silu_mul_impl<DType::kBFloat16>(gate, up, y, i0, i1);
+    case DType::kFloat16: return silu_mul_impl<DType::kFloat16>(gate, up, y, i0, i1);
+    default: return silu_mul_impl<DType::kFloat32>(gate, up, y, i0, i1);
+  }
+}
+
+}  // namespace cpu
+}  // namespace fused
+}  // namespace llmcore
