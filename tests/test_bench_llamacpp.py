@@ -311,3 +311,32 @@ def test_end_to_end_quick(tmp_path):
     doc = json.loads((tmp_path / "out" / os.listdir(tmp_path / "out")[0]
                       / "vs-llamacpp.json").read_text())
     assert doc["note"] == "test" and doc["settings"]["rounds"] == 1 and doc["rows"]
+
+
+FAKE_LLAMA_CPP = '''
+import time
+class Llama:
+    def __init__(self, model_path, n_ctx, n_batch, n_threads, n_threads_batch, verbose):
+        assert n_ctx >= n_batch and n_threads == n_threads_batch
+        self.n = 0
+    def n_vocab(self):
+        return 100
+    def reset(self):
+        self.n = 0
+    def eval(self, tokens):
+        assert all(0 <= t < 100 for t in tokens)
+        self.n += len(tokens)
+        time.sleep(0.001 * len(tokens))
+'''
+
+
+def test_python_binding_round_and_memory(tmp_path, monkeypatch):
+    # llama-cpp-python's binding path, run against a stand-in module in the child process
+    (tmp_path / "llama_cpp.py").write_text(FAKE_LLAMA_CPP)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    lc = vs.LlamaCpp("python")
+    s = vs.Settings(prompt=8, decode=4, prefill=(16, 32), threads=(1,), rounds=1)
+    r = vs.llamacpp_round(lc, tmp_path / "m.gguf", 2, s)
+    assert set(r["prefill"]) == {16, 32} and 0 < r["decode"] < 1000  # ~1 ms a token
+    assert 0 < r["prefill"][32] < 1000
+    assert vs.llamacpp_memory(lc, tmp_path / "m.gguf")["peak_rss_mb"] > 1

@@ -17,7 +17,8 @@ Per (model, pair, threads), batch 1:
   memory    peak resident set of a fresh process that loaded the model and ran one token
             (llmcore: Python + torch included; llama.cpp: llama-bench, weights mmapped)
 The engines alternate (llmcore, llama.cpp, llmcore, ...) for ``rounds`` rounds, each
-round one warm-up and one timed run of every test; the rows report medians. Threads:
+round one timed run of every test (after a warm-up: llama-bench's own in every round,
+llmcore's in the first, its model staying loaded); the rows report medians. Threads:
 ``torch.set_num_threads`` for llmcore (its kernels use at::parallel_for), ``-t`` for
 llama.cpp.
 
@@ -538,8 +539,9 @@ def load_llmcore(model_dir: Path, pair: str):
 
 
 @torch.inference_mode()
-def llmcore_round(model, threads: int, s: Settings) -> dict:
-    """One warm-up and one timed run of each test (batch 1, greedy decode)."""
+def llmcore_round(model, threads: int, s: Settings, warmup: bool = True) -> dict:
+    """One timed run of each test (batch 1, greedy decode), after a warm-up of each
+    (a full prefill, 4 decode steps) with ``warmup``."""
     torch.set_num_threads(threads)
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(1)
@@ -548,18 +550,18 @@ def llmcore_round(model, threads: int, s: Settings) -> dict:
     out = {"prefill": {}}
     for p in s.prefill:
         ids = torch.randint(0, vocab, (1, p), generator=g)
-        for _ in range(2):
+        for _ in range(2 if warmup else 1):
             cache.reset()
             t0 = time.perf_counter()
             model(ids, cache=cache, prefill=True)
             dt = time.perf_counter() - t0
         out["prefill"][p] = p / dt
     prompt = torch.randint(0, vocab, (1, s.prompt), generator=g)
-    for _ in range(2):
+    for n in ([4] if warmup else []) + [s.decode]:
         cache.reset()
         tok = model(prompt, cache=cache, prefill=True)[:, -1:].argmax(-1)
         t0 = time.perf_counter()
-        for _ in range(s.decode):
+        for _ in range(n):
             tok = model(tok, cache=cache)[:, -1:].argmax(-1)
         dt = time.perf_counter() - t0
     out["decode"] = s.decode / dt
@@ -740,8 +742,8 @@ def run(device: torch.device, quick: bool = False, progress_factory=None, *,
                   "llama.cpp": files[f"{name} {pair}"]["bytes_per_token"]}
             for t in s.threads:
                 ours, theirs = [], []
-                for _ in range(s.rounds):  # A, B, A, B: both see the same machine state
-                    ours.append(llmcore_round(model, t, s))
+                for i in range(s.rounds):  # A, B, A, B: both see the same machine state
+                    ours.append(llmcore_round(model, t, s, warmup=i == 0))
                     theirs.append(llamacpp_round(lc, gguf, t, s))
                     build = theirs[-1].pop("build") or build
                     pbar.update(1)
