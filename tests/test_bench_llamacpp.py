@@ -272,6 +272,7 @@ def test_plan_and_settings():
     (["vs-llamacpp", "--llamacpp", "/nonexistent/llama.cpp"], "no llama-bench"),
     (["vs-llamacpp", "--model", "/nonexistent/ckpt"], "no config.json"),
     (["bfp", "--pairs", "mxint8"], "vs-llamacpp suite only"),
+    (["bfp", "--prefill", "64"], "vs-llamacpp suite only"),
     (["bfp", "--threads", "1,2"], "one number"),
     (["vs-llamacpp", "bfp"], "on its own"),
 ])
@@ -295,6 +296,7 @@ def test_cli_threads_must_be_positive_integers(capsys):
 def test_end_to_end_quick(tmp_path):
     small_checkpoint(tmp_path / "ckpt")
     opts = {"model_dir": str(tmp_path / "ckpt"), "pairs": "mxint8,mxint4", "threads": [1],
+            "prefill": [32, 64], "decode": 8,
             "workdir": str(tmp_path / "work"), "note": "test"}
     res = run_suites(["vs-llamacpp"], torch.device("cpu"), quick=True,
                      out_dir=str(tmp_path / "out"), plot=False, progress=False,
@@ -304,13 +306,15 @@ def test_end_to_end_quick(tmp_path):
                                                                   ("mxint4", "Q4_0")]
     for s in summary:
         assert s["decode_llmcore_tps"] > 0 and s["decode_llamacpp_tps"] > 0
-        assert s["prefill64_ratio"] > 0 and s["rss_mb_llamacpp"] > 0
+        assert s["prefill32_ratio"] > 0 and s["prefill64_ratio"] > 0
+        assert s["rss_mb_llamacpp"] > 0 and s["rss_mb_llmcore"] > 0
     files = res["extra"]["files"]
     assert "Q8_0" in files["ckpt mxint8"]["tensor_types"]
     assert "Q4_0" in files["ckpt mxint4"]["tensor_types"]
     doc = json.loads((tmp_path / "out" / os.listdir(tmp_path / "out")[0]
                       / "vs-llamacpp.json").read_text())
     assert doc["note"] == "test" and doc["settings"]["rounds"] == 1 and doc["rows"]
+    assert doc["settings"]["decode"] == 8 and doc["settings"]["prefill"] == [32, 64]
 
 
 FAKE_LLAMA_CPP = '''

@@ -708,13 +708,14 @@ def parse_plan(models=None, pairs=None, model_dir=None, quick=False) -> dict[str
 def run(device: torch.device, quick: bool = False, progress_factory=None, *,
         llamacpp: str | None = None, converter: str | None = None, model_dir: str | None = None,
         models=None, pairs=None, threads=None, rounds: int | None = None,
+        prompt: int | None = None, decode: int | None = None, prefill=None,
         workdir: str | None = None, note: str | None = None, echo=print) -> dict:
     plan = parse_plan(models, pairs, model_dir, quick)
     s = Settings.quick() if quick else Settings()
-    if threads:
-        s.threads = tuple(threads)
-    if rounds:
-        s.rounds = rounds
+    for name, value in (("threads", threads), ("rounds", rounds), ("prompt", prompt),
+                        ("decode", decode), ("prefill", prefill)):
+        if value:
+            setattr(s, name, tuple(value) if isinstance(value, list) else value)
     lc = find_llamacpp(llamacpp)
     if lc is None:
         return {"rows": [], "baselines": BASELINES, "skipped": SKIP_MESSAGE,

@@ -80,6 +80,12 @@ def add_parser(subparsers):
                    "mxint8,mxint4 on the 1B)")
     v.add_argument("--rounds", type=int_at_least(1), help="interleaved rounds (default 3; "
                    "--quick: 1)")
+    v.add_argument("--prompt", type=int_at_least(1), help="prompt tokens before decoding "
+                   "(default 128; --quick: 64)")
+    v.add_argument("--decode", type=int_at_least(1), help="tokens decoded (default 64; "
+                   "--quick: 16)")
+    v.add_argument("--prefill", type=int_list, metavar="P[,P...]", help="prefill lengths "
+                   "(default 128,512; --quick: 64)")
     v.add_argument("--workdir", metavar="DIR", help="where checkpoints and GGUF files are "
                    "made and kept (default: <tmp>/llmcore-vs-llamacpp)")
     v.add_argument("--note", help="a note stored in the JSON (e.g. 'shared machine')")
@@ -90,7 +96,8 @@ def _suite_options(args, names) -> dict:
     """{suite: keyword arguments} from the suite-specific flags; CLIError for a flag given
     without the suite that takes it, or for a list of threads where one is needed."""
     own = {k: getattr(args, k) for k in ("llamacpp", "converter", "model", "models", "pairs",
-                                         "rounds", "workdir", "note")}
+                                         "rounds", "prompt", "decode", "prefill", "workdir",
+                                         "note")}
     if "vs-llamacpp" not in names:
         given = [f"--{k}" for k, v in own.items() if v is not None]
         if given:
