@@ -481,6 +481,22 @@ print(json.dumps(out))
 """
 
 
+def _llama_bench(lc: LlamaCpp, args: list[str]) -> subprocess.CompletedProcess:
+    """Run llama-bench; when it dies of a signal with weight repacking on (the AMX path
+    crashes on some virtual machines), run it again, and from then on, with
+    ``--repack 0``, noted in ``lc.info``."""
+    r = _run([lc.bench, *args, *lc.info.get("extra_args", [])])
+    if r.returncode < 0 and "extra_args" not in lc.info:
+        lc.info.update(extra_args=["--repack", "0"], why=(
+            f"llama-bench died of signal {-r.returncode} with weight repacking on; "
+            f"measured with --repack 0 (no repacked/AMX weight layouts)"))
+        r = _run([lc.bench, *args, *lc.info["extra_args"]])
+    if r.returncode != 0:
+        raise RuntimeError(f"llama-bench failed ({r.returncode}): "
+                           f"{_last_line(r.stderr or r.stdout)}")
+    return r
+
+
 def llamacpp_round(lc: LlamaCpp, gguf: Path, threads: int, s: Settings) -> dict:
     """One warm-up and one timed run of each test: {"decode": tok/s, "prefill": {P: tok/s},
     "build": ...}."""
@@ -491,13 +507,11 @@ def llamacpp_round(lc: LlamaCpp, gguf: Path, threads: int, s: Settings) -> dict:
             raise RuntimeError(f"llama_cpp bench failed: {_last_line(r.stderr)}")
         recs = parse_llama_bench(r.stdout)
     else:
-        base = [lc.bench, "-m", str(gguf), "-t", str(threads), "-r", "1", "-o", "json"]
         recs = []
         for args in (["-p", ",".join(map(str, s.prefill)), "-n", "0", "-d", "0"],
                      ["-p", "0", "-n", str(s.decode), "-d", str(s.prompt)]):
-            r = _run(base + args)
-            if r.returncode != 0:
-                raise RuntimeError(f"llama-bench failed: {_last_line(r.stderr or r.stdout)}")
+            r = _llama_bench(lc, [*args, "-m", str(gguf), "-t", str(threads), "-r", "1",
+                                  "-o", "json"])
             recs += parse_llama_bench(r.stdout)
     build = {k: recs[0][k] for k in ("build_commit", "build_number", "cpu_info", "backends")
              if k in recs[0]}
@@ -521,7 +535,7 @@ def llamacpp_memory(lc: LlamaCpp, gguf: Path) -> dict:
         cmd = [sys.executable, "-c", _PY_BENCH, str(gguf), "1", "[]", "1", "1"]
     else:
         cmd = [lc.bench, "-m", str(gguf), "-t", "1", "-r", "1", "-p", "0", "-n", "1",
-               "--no-warmup", "-o", "json"]
+               "--no-warmup", "-o", "json", *lc.info.get("extra_args", [])]
     rc, _, peak = _wait_rss(cmd)
     if rc != 0:
         raise RuntimeError(f"llama.cpp memory run exited with {rc}")
@@ -735,9 +749,6 @@ def run(device: torch.device, quick: bool = False, progress_factory=None, *,
         for pair in model_pairs:
             gguf, how = to_gguf(src, work, PAIRS[pair][2], lc, conv)
             files[f"{name} {pair}"] = {"gguf": str(gguf), **how, **gguf_weight_bytes(gguf)}
-            memory[(name, pair)] = {"llmcore": llmcore_memory(src, pair),
-                                    "llamacpp": llamacpp_memory(lc, gguf)}
-            pbar.update(2)
             model = load_llmcore(src, pair)
             wb = {"llmcore": weight_bytes(model),
                   "llama.cpp": files[f"{name} {pair}"]["bytes_per_token"]}
@@ -750,6 +761,9 @@ def run(device: torch.device, quick: bool = False, progress_factory=None, *,
                     pbar.update(1)
                 rows += make_rows(name, pair, t, ours, theirs, wb)
             del model
+            memory[(name, pair)] = {"llmcore": llmcore_memory(src, pair),
+                                    "llamacpp": llamacpp_memory(lc, gguf)}
+            pbar.update(2)
     pbar.close()
     load_avg.append(os.getloadavg())
     summary = summarize(rows, memory)
@@ -757,7 +771,7 @@ def run(device: torch.device, quick: bool = False, progress_factory=None, *,
     extra = {"settings": {"prompt": s.prompt, "decode": s.decode, "prefill": list(s.prefill),
                           "threads": list(s.threads), "rounds": s.rounds, "batch": 1},
              "llamacpp": {"kind": lc.kind, "bench": lc.bench, "quantize": lc.quantize,
-                          **build},
+                          **lc.info, **build},
              "files": files, "summary": summary,
              "memory": [{"model": m, "pair": p, **v} for (m, p), v in memory.items()],
              "load_average_start_end": load_avg, "note": note,
