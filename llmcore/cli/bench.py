@@ -4,11 +4,13 @@ to a run folder (never into the source checkout)."""
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
 from llmcore.cli._common import (
     RUNS_DIR,
+    CLIError,
     add_device_arg,
     device_from_args,
     int_at_least,
@@ -23,7 +25,27 @@ output:
   The results committed in the repository (benchmarks/results/<device>/) are never
   written by this command: a maintainer copies a run's <device>/ folder there on
   purpose (see benchmarks/README.md).
+
+vs-llamacpp (run only when named):
+  llmcore beside llama.cpp on the same checkpoints (CPU, batch 1): decode and prefill
+  tokens/s, ratios, weight GB/s and resident memory, engines interleaved, medians.
+  llama.cpp comes from --llamacpp DIR (a build holding llama-bench and llama-quantize),
+  $LLMCORE_LLAMACPP, or `pip install llama-cpp-python`; without one the suite is skipped.
+    llmcore bench vs-llamacpp --llamacpp ~/llama.cpp/build --quick
+    llmcore bench vs-llamacpp --llamacpp ~/llama.cpp/build --models 110M --pairs mxint8,mxint4
 """
+
+
+def int_list(text: str) -> list[int]:
+    """An argparse type: comma-separated integers >= 1 ("1,2")."""
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got "
+                                         f"{text!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return vals
 
 
 def add_parser(subparsers):
@@ -38,9 +60,66 @@ def add_parser(subparsers):
     b.add_argument("--no-save", action="store_true", help="print only, write no files")
     b.add_argument("--no-plot", action="store_true", help="write no PNG")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
-    b.add_argument("--threads", type=int_at_least(1), help="torch.set_num_threads for CPU runs")
+    b.add_argument("--threads", type=int_list, metavar="N[,N...]",
+                   help="torch.set_num_threads for CPU runs (vs-llamacpp: the thread counts "
+                        "to compare, default 1,2)")
     b.add_argument("--list", action="store_true", help="list the suites and exit")
+    v = b.add_argument_group("vs-llamacpp")
+    v.add_argument("--llamacpp", metavar="DIR",
+                   help="llama.cpp build folder or install prefix (default: $LLMCORE_LLAMACPP, "
+                        "else the llama_cpp Python package)")
+    v.add_argument("--converter", metavar="PATH",
+                   help="llama.cpp's convert_hf_to_gguf.py (default: the one in the llama.cpp "
+                        "source tree above --llamacpp; else llmcore's own GGUF writer)")
+    v.add_argument("--model", metavar="DIR", help="a Hugging Face Llama checkpoint to compare "
+                   "on (with its tokenizer) instead of the random-weight models")
+    v.add_argument("--models", metavar="LIST", help="random-weight models: 110M,1B "
+                   "(default: both; --quick: 110M)")
+    v.add_argument("--pairs", metavar="LIST", help="format pairs: mxint8 (Q8_0), mxint4 "
+                   "(Q4_0), bf16 (BF16), fp32 (F32) (default: all four on the 110M, "
+                   "mxint8,mxint4 on the 1B)")
+    v.add_argument("--rounds", type=int_at_least(1), help="interleaved rounds (default 3; "
+                   "--quick: 1)")
+    v.add_argument("--prompt", type=int_at_least(1), help="prompt tokens before decoding "
+                   "(default 128; --quick: 64)")
+    v.add_argument("--decode", type=int_at_least(1), help="tokens decoded (default 64; "
+                   "--quick: 16)")
+    v.add_argument("--prefill", type=int_list, metavar="P[,P...]", help="prefill lengths "
+                   "(default 128,512; --quick: 64)")
+    v.add_argument("--workdir", metavar="DIR", help="where checkpoints and GGUF files are "
+                   "made and kept (default: <tmp>/llmcore-vs-llamacpp)")
+    v.add_argument("--note", help="a note stored in the JSON (e.g. 'shared machine')")
     return b
+
+
+def _suite_options(args, names) -> dict:
+    """{suite: keyword arguments} from the suite-specific flags; CLIError for a flag given
+    without the suite that takes it, or for a list of threads where one is needed."""
+    own = {k: getattr(args, k) for k in ("llamacpp", "converter", "model", "models", "pairs",
+                                         "rounds", "prompt", "decode", "prefill", "workdir",
+                                         "note")}
+    if "vs-llamacpp" not in names:
+        given = [f"--{k}" for k, v in own.items() if v is not None]
+        if given:
+            raise CLIError(f"{', '.join(given)} apply to the vs-llamacpp suite only")
+        if args.threads and len(args.threads) > 1:
+            raise CLIError("--threads takes one number except for the vs-llamacpp suite")
+        return {}
+    if len(names) > 1:
+        raise CLIError("run vs-llamacpp on its own (it has options of its own)")
+    from llmcore.bench.llamacpp import find_converter, find_llamacpp, parse_plan
+
+    try:
+        parse_plan(args.models, args.pairs, args.model, args.quick)
+        lc = find_llamacpp(args.llamacpp)
+        if lc is not None:
+            find_converter(lc, args.converter)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if args.model and not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise CLIError(f"--model {args.model}: no config.json in it")
+    own["model_dir"] = own.pop("model")
+    return {"vs-llamacpp": {**own, "threads": args.threads}}
 
 
 def run(args) -> int:
@@ -50,12 +129,13 @@ def run(args) -> int:
         print("\n".join(sorted(SUITES)))
         return 0
     names = suite_names(args.suites)  # checked before a run folder is made
+    options = _suite_options(args, names)
     device = device_from_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads and not options:
+        torch.set_num_threads(args.threads[0])
     out_dir = None if args.no_save else (args.out or new_run_dir("bench"))
     run_suites(names, device, quick=args.quick, out_dir=out_dir,
-               plot=not args.no_plot, progress=not args.no_progress)
+               plot=not args.no_plot, progress=not args.no_progress, options=options)
     if out_dir:
         print(f"\nresults in {out_dir}")
     return 0
