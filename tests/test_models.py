@@ -472,3 +472,26 @@ def test_non_regular_files_refused(saved_tiny, name):
     os.mkfifo(saved_tiny / name)  # opening it for reading would block forever
     with pytest.raises(ValueError, match="named pipe"):
         Transformer.from_pretrained(str(saved_tiny))
+
+
+def test_logits_to_keep():
+    """The head runs only where asked: the kept logits equal those of the full forward,
+    with and without a cache, as the last n or as per-row positions; bad values fail."""
+    torch.manual_seed(0)
+    m = Transformer(TransformerConfig.from_name("tiny")).eval()
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        full = m(ids)
+        torch.testing.assert_close(m(ids, logits_to_keep=3), full[:, -3:], rtol=0, atol=0)
+        pos = torch.tensor([[0, 8], [4, 4]])
+        torch.testing.assert_close(m(ids, logits_to_keep=pos),
+                                   torch.stack([full[0, [0, 8]], full[1, [4, 4]]]),
+                                   rtol=0, atol=0)
+        cache = m.new_cache(2, 16)
+        last = m(ids, cache=cache, prefill=True, logits_to_keep=1)
+        assert last.shape == (2, 1, 256) and cache.lengths == [9, 9]
+        torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)
+    for bad in (-1, 1.5, True, torch.tensor([[9], [0]]), torch.tensor([0, 1]),
+                torch.tensor([[0.0], [1.0]])):
+        with pytest.raises(ValueError, match="logits_to_keep"):
+            m(ids, logits_to_keep=bad)

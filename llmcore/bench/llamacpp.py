@@ -567,13 +567,13 @@ def llmcore_round(model, threads: int, s: Settings, warmup: bool = True) -> dict
         for _ in range(2 if warmup else 1):
             cache.reset()
             t0 = time.perf_counter()
-            model(ids, cache=cache, prefill=True)
+            model(ids, cache=cache, prefill=True, logits_to_keep=1)  # as llama.cpp: the last
             dt = time.perf_counter() - t0
         out["prefill"][p] = p / dt
     prompt = torch.randint(0, vocab, (1, s.prompt), generator=g)
     for n in ([4] if warmup else []) + [s.decode]:
         cache.reset()
-        tok = model(prompt, cache=cache, prefill=True)[:, -1:].argmax(-1)
+        tok = model(prompt, cache=cache, prefill=True, logits_to_keep=1).argmax(-1)
         t0 = time.perf_counter()
         for _ in range(n):
             tok = model(tok, cache=cache)[:, -1:].argmax(-1)

@@ -301,7 +301,7 @@ def assisted_generate(model, draft_model, input_ids: torch.Tensor, max_new_token
                          f"{generator.device}; put both models on one device")
 
     cache = model.new_cache(batch, room, storage=cache_storage)
-    feed(model, cache, [s[:-1] for s in seqs], device, prefill=True)
+    feed(model, cache, [s[:-1] for s in seqs], device, prefill=True, logits=False)
     drafter.prefill(seqs)
     base_draft_calls = drafter.calls
 

@@ -46,13 +46,14 @@ class Drafter(Protocol):
 # ---------------------------------------------------------------------------------------
 # Feeding tokens to a model whose sequences grow by different amounts
 # ---------------------------------------------------------------------------------------
-def feed(model, cache, seqs: Sequence[Sequence[int]], device, prefill: bool = False
-         ) -> torch.Tensor | None:
+def feed(model, cache, seqs: Sequence[Sequence[int]], device, prefill: bool = False,
+         logits: bool = True) -> torch.Tensor | None:
     """Append each row's tokens ``seqs[b]`` (any lengths, possibly none) to ``cache`` in one
     forward pass and return the logits [B, T, V] (T = the longest row; entries past a row's
     length are meaningless). Rows are right-padded with filler, which sits after every real
     token (so the causal mask hides it from them) and is rolled back afterwards.
-    ``prefill``: the cache is empty (see ``Transformer.forward``)."""
+    ``prefill``: the cache is empty (see ``Transformer.forward``). ``logits=False``: only
+    fill the cache (the output head runs for one position) and return None."""
     width = max(len(s) for s in seqs)
     if width == 0:
         return None
@@ -62,10 +63,11 @@ def feed(model, cache, seqs: Sequence[Sequence[int]], device, prefill: bool = Fa
         if s:
             packed[b, :len(s)] = torch.tensor(s, dtype=torch.int64)
             packed[b, len(s):] = s[-1]
-    logits = model(packed.to(device), cache=cache, prefill=prefill)
+    out = model(packed.to(device), cache=cache, prefill=prefill,
+                logits_to_keep=0 if logits else 1)
     if any(len(s) != width for s in seqs):
         cache.rollback([n + len(s) for n, s in zip(before, seqs, strict=True)])
-    return logits
+    return out if logits else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -91,7 +93,8 @@ class ModelDrafter:
 
     def prefill(self, seqs: list[list[int]]) -> None:
         """Take in every committed token but the last of each row."""
-        feed(self.model, self.cache, [s[:-1] for s in seqs], self.device, prefill=True)
+        feed(self.model, self.cache, [s[:-1] for s in seqs], self.device, prefill=True,
+             logits=False)
 
     def _fit_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """The draft's logits over the target's vocabulary (cut, or padded with -inf)."""

@@ -168,10 +168,10 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     for b, (s, n) in enumerate(zip(starts, lengths, strict=True)):
         packed[b, :n] = ids[b, s:s + n]
     cache = model.new_cache(batch, width + max_new_tokens, storage=cache_storage)
-    logits = model(packed, cache=cache, prefill=True)  # [B, width, V]
+    last = torch.tensor(lengths, device=device) - 1  # only each row's last logits: the head
+    next_logits = model(packed, cache=cache, prefill=True,  # is not run over the prompt
+                        logits_to_keep=last.unsqueeze(1))[:, 0]  # [B, V]
     cache.rollback(lengths)
-    last = torch.tensor(lengths, device=device) - 1
-    next_logits = logits[torch.arange(batch, device=device), last]  # [B, V]
 
     eos_t = torch.tensor(eos, dtype=torch.int64, device=device) if eos else None
     done = torch.zeros(batch, dtype=torch.bool, device=device)

@@ -279,6 +279,31 @@ def _add_rms_norm(x: torch.Tensor, delta: torch.Tensor, norm: RMSNorm):
     return fused.add_rms_norm(x, delta, norm.weight, norm.eps)
 
 
+def _check_keep(keep, input_ids: torch.Tensor):
+    """``logits_to_keep`` of :meth:`Transformer.forward`, checked against input_ids [B, T]."""
+    if isinstance(keep, torch.Tensor):
+        b, t = input_ids.shape[0], input_ids.shape[-1]
+        if keep.dim() != 2 or keep.shape[0] != b or keep.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"logits_to_keep must be an int or an integer tensor [batch, n] "
+                             f"of positions, got {keep.dtype} {list(keep.shape)} for "
+                             f"input_ids {list(input_ids.shape)}")
+        if keep.numel() and not torch.compiler.is_compiling() \
+                and bool(((keep < 0) | (keep >= t)).any()):
+            raise ValueError(f"logits_to_keep holds positions outside [0, {t})")
+        return keep.to(device=input_ids.device, dtype=torch.int64)
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+        raise ValueError(f"logits_to_keep must be an int >= 0 or a tensor of positions, got "
+                         f"{keep!r}")
+    return keep
+
+
+def _kept(h: torch.Tensor, keep) -> torch.Tensor:
+    """The rows of h [B, T, dim] whose logits are kept (see Transformer.forward)."""
+    if isinstance(keep, torch.Tensor):
+        return h.gather(1, keep.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+    return h[:, -keep:] if keep else h
+
+
 def _check_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     """input_ids must be an integer tensor [batch, seq] of ids in the vocabulary."""
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
@@ -389,8 +414,8 @@ class Transformer(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                prefill: bool = False, *, cu_seqlens: torch.Tensor | None = None
-                ) -> torch.Tensor:
+                prefill: bool = False, *, cu_seqlens: torch.Tensor | None = None,
+                logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor:
         """Logits [B, T, vocab] of ``input_ids`` [B, T].
 
         ``cu_seqlens`` (int32 [n + 1], no cache) packs several sequences into one row:
@@ -403,32 +428,41 @@ class Transformer(nn.Module):
         length). ``prefill=False`` attends over the cache (``decode_attention`` on the
         llmcore backend, fastest for a few tokens: decoding and draft verification).
         A failed step leaves the cache as it was.
+
+        ``logits_to_keep`` computes the output head only where logits are wanted (a prompt
+        needs just its last position's: the head is a quarter of a 1B model's FLOPs): 0
+        (the default) keeps every position, an int n > 0 the last n ([B, n, vocab]), and an
+        integer tensor [B, n] of positions those of each row (as ``gather`` along T).
         """
+        keep = _check_keep(logits_to_keep, input_ids)
         if cache is None:  # the checks and positions are hidden_states'
-            return self.lm_head(self.hidden_states(input_ids, cu_seqlens=cu_seqlens))
+            return self.lm_head(_kept(self.hidden_states(input_ids, cu_seqlens=cu_seqlens),
+                                      keep))
         _check_ids(input_ids, self.config.vocab_size)
         b, t = input_ids.shape
         if cache.batch_size != b:
             raise ValueError(f"cache holds {cache.batch_size} sequences, input_ids {b}")
         cache.prepare(t, prefill=prefill)
         try:
-            logits = self.step(input_ids, cache, prefill)
+            logits = self.step(input_ids, cache, prefill, keep)
         except BaseException:
             cache.cancel()
             raise
         cache.commit()
         return logits
 
-    def step(self, input_ids: torch.Tensor, cache: KVCache, prefill: bool = False
-             ) -> torch.Tensor:
+    def step(self, input_ids: torch.Tensor, cache: KVCache, prefill: bool = False,
+             logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor:
         """The device work of a cached forward, between ``cache.prepare(T)`` and
         ``cache.commit()``: positions from ``cache.seqlens``, k/v written into the cache,
-        attention, logits [B, T, vocab]. No checks and no host sync: this is the part to
-        compile (``torch.compile(model.step, fullgraph=True)``)."""
-        return self._logits(input_ids, cache.positions(input_ids.shape[1]), cache, prefill)
+        attention, logits [B, T, vocab] (or those of ``logits_to_keep``, checked by
+        :meth:`forward`). No checks and no host sync: this is the part to compile
+        (``torch.compile(model.step, fullgraph=True)``)."""
+        return self._logits(input_ids, cache.positions(input_ids.shape[1]), cache, prefill,
+                            logits_to_keep)
 
-    def _logits(self, input_ids, positions, cache, prefill) -> torch.Tensor:
-        return self.lm_head(self._hidden(input_ids, positions, cache, prefill))
+    def _logits(self, input_ids, positions, cache, prefill, keep=0) -> torch.Tensor:
+        return self.lm_head(_kept(self._hidden(input_ids, positions, cache, prefill), keep))
 
     def _hidden(self, input_ids, positions, cache, prefill, packed=None) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [B, T, dim]
