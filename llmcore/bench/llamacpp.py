@@ -775,8 +775,8 @@ def run(device: torch.device, quick: bool = False, progress_factory=None, *,
              "files": files, "summary": summary,
              "memory": [{"model": m, "pair": p, **v} for (m, p), v in memory.items()],
              "load_average_start_end": load_avg, "note": note,
-             "notes": ["llmcore prefill computes logits for every prompt position, "
-                       "llama.cpp only for the last (as each engine's API does by default)",
+             "notes": ["prefill: both engines compute the logits of the last prompt position "
+                       "only (llmcore: logits_to_keep=1)",
                        "RSS: whole process (llmcore: Python, torch and the model; "
                        "llama.cpp: llama-bench with the GGUF mmapped), after one token"]}
     return {"rows": rows, "baselines": BASELINES, "extra": extra, "text": text,
