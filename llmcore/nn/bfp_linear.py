@@ -200,9 +200,10 @@ def bfp_linears_shared_input(x: torch.Tensor, layers) -> list[torch.Tensor] | No
     args = first._decode_op_args(x)
     if args is None or not _cpu_kernel("bfp_act_linear_multi", x.dtype):
         return None
-    for m in layers[1:]:
-        if (type(m) is not BFPLinear or m.format != first.format
-                or m.act_format != first.act_format or m._decode_op_args(x) is None):
+    for m in layers[1:]:  # x, the grad mode and the kernel were checked with the first
+        if (type(m) is not BFPLinear or m.weight is not None or m.format != first.format
+                or m.act_format != first.act_format or m.in_features != first.in_features
+                or (m.bias is not None and m.bias.requires_grad and torch.is_grad_enabled())):
             return None
     return torch.ops.llmcore.bfp_act_linear_multi(
         x, [m.weight_mantissa for m in layers], [m.weight_exponent for m in layers], *args,
