@@ -29,6 +29,7 @@ from llmcore import ops
 from llmcore.formats import get_format
 from llmcore.models import hf
 from llmcore.models.config import TransformerConfig, check_model_dtype
+from llmcore.models.decoder_plan import DecoderPlan
 from llmcore.models.kv_cache import KVCache
 from llmcore.nn import BFPEmbedding, BFPLinear, replace_linear
 from llmcore.nn.bfp_linear import _excluded, bfp_linears_shared_input
@@ -353,6 +354,7 @@ class Transformer(nn.Module):
         # False: inference runs the module chain too (forward hooks on the blocks, norms
         # and attention run only there; the fused path calls the projections directly)
         self.fused_inference = True
+        self._plan: DecoderPlan | None = None  # decoder_layers' arguments (see _decoder_layers)
         kw = {"device": device, "dtype": dtype}
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim, **kw)
         self.layers = nn.ModuleList(Block(config, i, device, dtype) for i in range(config.n_layers))
@@ -467,6 +469,10 @@ class Transformer(nn.Module):
     def _hidden(self, input_ids, positions, cache, prefill, packed=None) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [B, T, dim]
         cos, sin = self.rope(positions, x.dtype)
+        if cache is not None and not prefill and packed is None:
+            h = self._decoder_layers(x, cos, sin, cache)
+            if h is not None:
+                return h
         if self._fused_inference(x):
             return self._hidden_fused(x, cos, sin, cache, prefill, packed)
         for layer in self.layers:
@@ -489,6 +495,28 @@ class Transformer(nn.Module):
                     or b.post_attention_layernorm.weight.dtype != x.dtype):
                 return False
         return True
+
+    def _decoder_layers(self, x, cos, sin, cache: KVCache) -> torch.Tensor | None:
+        """Every block of a cached inference step (decode, draft verification) in one op
+        call, ``llmcore::decoder_layers``: the chain of :meth:`_hidden_fused`, bit for bit,
+        without the Python between its kernels. None when that op does not take this call
+        (the conditions of :meth:`_fused_inference`, a CPU cache of x's dtype, no autocast,
+        not under torch.compile, and a model :class:`DecoderPlan` covers)."""
+        if (not self.fused_inference or self.backend != "llmcore" or torch.is_grad_enabled()
+                or x.device.type != "cpu" or torch.compiler.is_compiling()
+                or torch.is_autocast_enabled("cpu") or cache.dtype != x.dtype
+                or cache.device.type != "cpu" or not cache._cpu_kernels(x.dtype)):
+            return None
+        plan = self._plan
+        if plan is None or not plan.valid(x.dtype):
+            plan = self._plan = DecoderPlan.build(self, x.dtype, Block, RMSNorm)
+        if not plan.covered:
+            return None
+        c = self.config
+        return torch.ops.llmcore.decoder_layers(
+            x, cos, sin, plan.norm_weight, plan.eps, plan.linear, plan.linear_spec, c.n_heads,
+            c.n_kv_heads, cache.k_values, cache.v_values, cache.k_exponents, cache.v_exponents,
+            cache._seq, cache._table, 1.0 / math.sqrt(cache.head_dim))
 
     def _hidden_fused(self, x, cos, sin, cache, prefill, packed) -> torch.Tensor:
         """The blocks of :meth:`_hidden` through :meth:`Block.forward_fused`: each residual

@@ -61,6 +61,7 @@ KERNELS = {
     "add_rms_norm": {"cpu": _ANY_FLOAT},
     "rope_": {"cpu": _ANY_FLOAT},
     "silu_mul": {"cpu": _ANY_FLOAT},
+    "decoder_layers": {"cpu": _ANY_FLOAT},
 }
 
 
