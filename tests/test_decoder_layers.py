@@ -219,3 +219,18 @@ def test_errors_name_the_argument_and_layer():
     with pytest.raises(ValueError, match="k_cache and v_cache must be"):
         op(*bad)
     assert cache.lengths == [0]
+
+
+def test_opcheck():
+    """Schema (the caches mutated in place, nothing else), fake impl and dispatch agree."""
+    torch.manual_seed(7)
+    model = Transformer(_cfg(n_heads=4, n_kv_heads=2, dim=64, ffn_dim=96)).eval()
+    model = model.quantize("mxint8")
+    _steps(model, torch.randint(0, 257, (1, 30)))
+    for storage in ("native", "mxint8"):
+        cache = model.new_cache(1, 32, storage=storage)
+        cache.prepare(2)
+        x, cs = torch.randn(1, 2, 64), torch.randn(1, 2, 16)
+        args = _op_args(model, cache, x, cs, cs.cos())
+        torch.library.opcheck(torch.ops.llmcore.decoder_layers.default, args,
+                              test_utils=("test_schema", "test_faketensor"))
