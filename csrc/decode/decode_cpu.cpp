@@ -211,9 +211,14 @@ int64_t kv_cache_append_rows(const AppendArgs& a, int64_t r0, int64_t r1) {
     for (int64_t h = 0; h < H; ++h) {
       const int64_t src_off = (r * H + h) * D;  // r = b * new_tokens + t
       const int64_t off = loc.i0 * c.stride0 + loc.i1 * c.stride1 + h * c.stride2;
-      if (a.cache_type != kMxint8) {
+      if (a.cache_type == st) {
         memcpy(static_cast<char*>(a.cache) + off * esize,
                static_cast<const char*>(a.src) + src_off * esize, static_cast<size_t>(D * esize));
+        continue;
+      }
+      if (a.cache_type != kMxint8) {  // a float cache of another dtype: round to it
+        for (int64_t i = 0; i < D; ++i)
+          store_float(a.cache, a.cache_type, off + i, load_float(a.src, st, src_off + i));
         continue;
       }
       int8_t* mant = static_cast<int8_t*>(a.cache) + off;

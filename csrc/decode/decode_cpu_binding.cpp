@@ -65,10 +65,11 @@ void check_cache(const at::Tensor& x, const char* x_name, const at::Tensor& kc,
       LLMCORE_CHECK(e->stride(3) == 1 || e->size(3) == 1, name,
                     " must be contiguous in its last dim, got strides ", shape_str(e->strides()));
     }
-  } else {
-    LLMCORE_CHECK(kc.scalar_type() == x.scalar_type(), "k_cache must have the dtype of ", x_name,
-                  " (", dtype_name(x.scalar_type()), ") or be an MXINT8 cache (int8 with "
-                  "exponents), got ", dtype_name(kc.scalar_type()));
+  } else {  // a float cache of any float dtype: values convert on the way in and out
+    const at::ScalarType ct = kc.scalar_type();
+    LLMCORE_CHECK(ct == at::kFloat || ct == at::kBFloat16 || ct == at::kHalf,
+                  "k_cache must be float32, bfloat16 or float16 (any of them, whatever ", x_name,
+                  "'s dtype) or an MXINT8 cache (int8 with exponents), got ", dtype_name(ct));
   }
   if (bt.has_value()) {
     const at::Tensor& block_table = *bt;

@@ -19,6 +19,7 @@ from llmcore.generation import assisted_generate, generate
 from llmcore.generation.drafters import PROMPT_LOOKUP, SELF_DRAFTS, named_draft
 from llmcore.generation.streaming import per_token
 from llmcore.models import Transformer, TransformerConfig
+from llmcore.models.kv_cache import STORAGES
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -38,7 +39,9 @@ def add_model_args(p, chat: bool) -> None:
     p.add_argument("--top-p", type=float_in(0.0, 1.0, lo_open=True))
     p.add_argument("--seed", type=int)
     p.add_argument("--quantize", choices=["mxint8", "mxint4"], help="BFP weights")
-    p.add_argument("--kv-cache", choices=["native", "mxint8"], default="native")
+    p.add_argument("--kv-cache", choices=list(STORAGES), default="native",
+                   help="KV cache storage: the model's dtype (native), a float dtype, or "
+                        "mxint8")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--backend", choices=["llmcore", "torch"], default="llmcore")
     add_device_arg(p)

@@ -136,7 +136,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     eos_token_id : int or list of ints, optional
         A row stops after producing one of them; its later positions hold
         :func:`pad_token`: ``pad_token_id``, or the first eos id in the order given.
-    cache_storage : "native" or "mxint8"
+    cache_storage : "native", "mxint8", "float32", "bfloat16" or "float16" (see KVCache)
     stream : callable, optional
         Called after each step with that step's new tokens, LongTensor [batch].
     seed, generator : reproducible sampling (``seed`` makes a generator on the model's

@@ -39,7 +39,8 @@ from llmcore.ops._dispatch import kernel_supported
 from llmcore.ops.bfp import BFPTensor
 from llmcore.ops.decode import decode_attention, kv_cache_append
 
-STORAGES = ("native", "mxint8")
+STORAGES = ("native", "mxint8", "float32", "bfloat16", "float16")
+_FLOAT_STORAGES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class KVCache(nn.Module):
@@ -51,7 +52,11 @@ class KVCache(nn.Module):
     dtype : torch.dtype
         Dtype of the new tokens (and of the storage when ``storage="native"``).
     device : str or torch.device
-    storage : {"native", "mxint8"}
+    storage : {"native", "mxint8", "float32", "bfloat16", "float16"}
+        "native" stores ``dtype``; a float dtype's name stores that dtype whatever
+        ``dtype`` is (an fp32 model with a 16-bit cache: half the bytes read per decode
+        step; k and v are rounded to it as they are written); "mxint8" stores int8
+        mantissas with one exponent per 32 elements.
     page_size : int, optional
         Enables paging: memory is allocated in pages of ``page_size`` positions, taken
         from a pool of ``num_pages`` (default: enough for every sequence at
@@ -102,7 +107,7 @@ class KVCache(nn.Module):
             lead = (n_layers, batch_size, max_seq_len)
         shape = (*lead, n_kv_heads, head_dim)
         mx = storage == "mxint8"
-        vdtype = torch.int8 if mx else dtype
+        vdtype = torch.int8 if mx else _FLOAT_STORAGES.get(storage, dtype)
         eshape = (*lead, n_kv_heads, get_format("mxint8").exponent_cols(head_dim))
         for kv in ("k", "v"):
             self.register_buffer(f"{kv}_values", torch.zeros(shape, dtype=vdtype, device=device),

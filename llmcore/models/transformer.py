@@ -206,9 +206,9 @@ class Attention(nn.Module):
         return o.transpose(1, 2)
 
     def _torch_write(self, k, v, cache: KVCache, positions):
-        """Plain PyTorch writes into a native contiguous KVCache (index assignment)."""
-        if cache.storage != "native" or cache.page_size is not None:
-            raise ValueError("backend='torch' needs a native, non-paged KVCache")
+        """Plain PyTorch writes into a float, contiguous KVCache (index assignment)."""
+        if cache.storage == "mxint8" or cache.page_size is not None:
+            raise ValueError("backend='torch' needs a float (not mxint8), non-paged KVCache")
         rows = torch.arange(k.shape[0], device=k.device).unsqueeze(1)
         kc, vc = cache.layer_kv(self.layer)  # [B, S, Hkv, hd]
         kc[rows, positions] = k.to(kc.dtype)

@@ -65,15 +65,24 @@ def _check_table_values(block_table, lengths: torch.Tensor, page_size: int, num_
                              f"{used.tolist()}, outside [0, {num_pages})")
 
 
+def _as_cache_dtype(x: torch.Tensor, kc: torch.Tensor, ke) -> torch.Tensor:
+    """x for the kernels of x's device: the CPU kernels take a float cache of any float
+    dtype; the others take the cache's dtype (x is rounded to it, as the cache holds it)."""
+    if ke is not None or kc.dtype == x.dtype or x.device.type == "cpu":
+        return x
+    return x.to(kc.dtype)
+
+
 def _check_cache_pair(q_like: torch.Tensor, kc, vc, ke, ve, block_table, batch: int) -> None:
     if kc.shape != vc.shape or kc.dtype != vc.dtype:
         raise ValueError(f"k_cache and v_cache must match, got {kc.dtype} {list(kc.shape)} and "
                          f"{vc.dtype} {list(vc.shape)}")
     if (ke is None) != (ve is None):
         raise ValueError("k_cache and v_cache must both be mxint8 BFPTensors or both float tensors")
-    if ke is None and kc.dtype != q_like.dtype:
-        raise ValueError(f"the cache dtype ({kc.dtype}) must equal the dtype of the new "
-                         f"tokens ({q_like.dtype}), or the cache must be mxint8")
+    if ke is None and kc.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"a float cache must be float32, bfloat16 or float16 (any of them, "
+                         f"whatever the new tokens' dtype), got {kc.dtype}; or the cache must "
+                         f"be mxint8")
     if kc.device != q_like.device:
         raise ValueError(f"the cache must be on {q_like.device}, got {kc.device}")
     if kc.shape[-1] != q_like.shape[-1]:
@@ -105,8 +114,10 @@ def decode_attention(q: torch.Tensor, k_cache, v_cache, cache_seqlens: torch.Ten
         of each sequence, so query t sees keys ``j <= cache_seqlens[b] - q_len + t``.
     k_cache, v_cache : Tensor or mxint8 BFPTensor
         Contiguous ``[batch, max_seq, kv_heads, head_dim]`` or paged
-        ``[num_pages, page_size, kv_heads, head_dim]`` (with ``block_table``); dtype of q,
-        or mxint8 (int8 mantissas, one exponent per 32 elements of head_dim).
+        ``[num_pages, page_size, kv_heads, head_dim]`` (with ``block_table``); float32,
+        bfloat16 or float16 (not necessarily q's dtype: the CPU kernel widens cache rows
+        to fp32 and keeps q as it is; other devices round q to the cache's dtype), or
+        mxint8 (int8 mantissas, one exponent per 32 elements of head_dim).
         ``heads % kv_heads == 0``.
     cache_seqlens : int32 Tensor [batch]
         Valid length of each sequence, the new tokens included; 0 <= length <= capacity.
@@ -152,9 +163,11 @@ def decode_attention(q: torch.Tensor, k_cache, v_cache, cache_seqlens: torch.Ten
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
     if not math.isfinite(scale):
         raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
-    if use_kernel("decode_attention", q.device, q.dtype, d):
-        out, lse = torch.ops.llmcore.decode_attention(q, kc, vc, cache_seqlens, scale,
+    qk = _as_cache_dtype(q, kc, ke)
+    if use_kernel("decode_attention", q.device, qk.dtype, d):
+        out, lse = torch.ops.llmcore.decode_attention(qk, kc, vc, cache_seqlens, scale,
                                                       block_table, ke, ve)
+        out = out.to(q.dtype)
     else:
         out, lse = ref.decode_attention(q, kc, vc, cache_seqlens, scale, block_table, ke, ve,
                                         upcast=False)
@@ -205,6 +218,7 @@ def kv_cache_append(k_cache, v_cache, k: torch.Tensor, v: torch.Tensor, start_po
             _check_table_values(block_table, sp + t, kc.shape[1], kc.shape[0], "written")
     if t == 0 or b == 0:
         return
+    k, v = _as_cache_dtype(k, kc, ke), _as_cache_dtype(v, kc, ke)
     if use_kernel("kv_cache_append", k.device, k.dtype):
         torch.ops.llmcore.kv_cache_append(kc, vc, k, v, start_pos, block_table, ke, ve)
     else:
