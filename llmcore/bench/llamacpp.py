@@ -14,6 +14,8 @@ Per (model, pair, threads), batch 1:
             read per token (every weight once, the input embedding only when it is the
             head too) x tokens/s
   prefill   P tokens into an empty cache (``-p P``), tokens/s
+  (the KV cache holds 16 bits per element on both sides: llama.cpp's default F16 cache,
+  llmcore's ``storage="float16"`` for an fp32 model, its own dtype for a bf16 one)
   memory    peak resident set of a fresh process that loaded the model and ran one token
             (llmcore: Python + torch included; llama.cpp: llama-bench, weights mmapped)
 The engines alternate (llmcore, llama.cpp, llmcore, ...) for ``rounds`` rounds, each
@@ -552,6 +554,12 @@ def load_llmcore(model_dir: Path, pair: str):
     return Transformer.from_pretrained(str(model_dir), dtype=dtype, quantize=quant)
 
 
+def kv_storage(model) -> str:
+    """llmcore's KV cache for a comparison: 16 bits per element as llama.cpp's default F16
+    cache (float16 for an fp32 model, the model's own dtype for a 16-bit one)."""
+    return "float16" if model.dtype == torch.float32 else "native"
+
+
 @torch.inference_mode()
 def llmcore_round(model, threads: int, s: Settings, warmup: bool = True) -> dict:
     """One timed run of each test (batch 1, greedy decode), after a warm-up of each
@@ -560,7 +568,7 @@ def llmcore_round(model, threads: int, s: Settings, warmup: bool = True) -> dict
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(1)
     longest = max(max(s.prefill), s.prompt + s.decode + 1)
-    cache = model.new_cache(1, longest)
+    cache = model.new_cache(1, longest, storage=kv_storage(model))
     out = {"prefill": {}}
     for p in s.prefill:
         ids = torch.randint(0, vocab, (1, p), generator=g)
