@@ -1,7 +1,8 @@
 """Per-token cost of a CPU decode step of a 110M Llama (batch 1, mxint8 weights, int8
 activations) and how much of it is outside the GEMV kernels.
 
-    python benchmarks/decode_overhead.py --threads 1 2 --rounds 3 [--profile] [--out X.json]
+    python benchmarks/decode_overhead.py --threads 1 2 --rounds 3 [--profile] [--verify 5]
+        [--format mxint8] [--storage native] [--out X.json]
 
 Builds dim 768, 12 layers, 12 heads, ffn 3072, vocab 32000 with random weights, quantises
 to mxint8 (act_format "auto"), fills a KV cache with a 128-token prompt and times 64
@@ -9,6 +10,10 @@ single-token steps (median over rounds, the thread counts interleaved). ``--prof
 adds one torch.profiler pass per thread count: time in bfp_gemm / bfp_linear /
 bfp_act_linear(_multi) (the GEMV kernels) against the whole step. ``--tiny`` keeps the 12
 layers at dims where the kernels cost about nothing: its time per token is the overhead.
+``--verify T`` times one step of T new tokens (verifying T - 1 drafts of assisted
+generation) against one single-token step, alternated at the same context: the verify
+cost ratio. ``--format`` picks the weight format (default mxint8), ``--storage`` the KV
+cache's.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from llmcore.models import Transformer, TransformerConfig
 PROMPT, STEPS = 128, 64
 
 
-def build(storage: str = "native", tiny: bool = False
+def build(storage: str = "native", tiny: bool = False, fmt: str = "mxint8"
           ) -> tuple[Transformer, object, torch.Tensor]:
     torch.manual_seed(0)
     if tiny:  # the 110M's 12 layers at dims where the kernels cost ~nothing: the overhead
@@ -38,7 +43,7 @@ def build(storage: str = "native", tiny: bool = False
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
-    model.quantize("mxint8")
+    model.quantize(fmt)
     prompt = torch.randint(0, cfg.vocab_size, (1, PROMPT))
     cache = model.new_cache(1, PROMPT + STEPS + 1, storage=storage)
     return model, cache, prompt
@@ -54,6 +59,25 @@ def decode_ms(model, cache, prompt) -> float:
     for _ in range(STEPS):
         model(tok, cache=cache)
     return (time.perf_counter() - t0) * 1e3 / STEPS
+
+
+@torch.inference_mode()
+def verify_ratio(model, cache, prompt, tokens: int = 5, reps: int = 32) -> dict:
+    """ms of one cached step of ``tokens`` new tokens (verifying tokens - 1 drafts) and of
+    one single-token step, alternated at the same context (each rolled back), medians."""
+    cache.reset()
+    model(prompt, cache=cache, prefill=True)
+    n = cache.lengths[0]
+    ids = prompt[:, :tokens]
+    times: dict[int, list[float]] = {1: [], tokens: []}
+    for _ in range(reps):
+        for t in (1, tokens):
+            t0 = time.perf_counter()
+            model(ids[:, :t], cache=cache)
+            times[t].append((time.perf_counter() - t0) * 1e3)
+            cache.rollback(n)
+    one, many = statistics.median(times[1]), statistics.median(times[tokens])
+    return {"step_ms": one, f"verify_{tokens}_ms": many, "ratio": many / one}
 
 
 @torch.inference_mode()
@@ -90,9 +114,13 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--tiny", action="store_true",
                     help="dims 64 / ffn 128 / vocab 256: the per-token overhead alone")
+    ap.add_argument("--verify", type=int, default=0, metavar="T",
+                    help="also time one step of T new tokens (verifying T - 1 drafts) "
+                         "against one single-token step, alternated: the verify cost ratio")
+    ap.add_argument("--format", default="mxint8", help="weight format (default mxint8)")
     ap.add_argument("--out")
     args = ap.parse_args()
-    model, cache, prompt = build(args.storage, args.tiny)
+    model, cache, prompt = build(args.storage, args.tiny, args.format)
     times = {t: [] for t in args.threads}
     for _ in range(args.rounds):
         for t in args.threads:
@@ -104,6 +132,8 @@ def main() -> None:
         r = {"ms_per_token": statistics.median(times[t]), "runs_ms": times[t]}
         if args.profile:
             r["profile"] = profile(model, cache, prompt)
+        if args.verify:
+            r["verify"] = verify_ratio(model, cache, prompt, args.verify)
         res["threads"][str(t)] = r
     print(json.dumps(res, indent=1))
     if args.out:

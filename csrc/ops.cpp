@@ -1,4 +1,4 @@
-// Every llmcore op schema, in one place. Devices register kernels with
+// Every llmcore op schema, in one place (but decoder_layers: see the end). Devices register kernels with
 // TORCH_LIBRARY_IMPL(llmcore, CPU|CUDA, m) in their own binding files; the Python face of
 // each op (llmcore/ops/*.py) adds the docstring, the fake (meta) impl and autograd.
 //
@@ -106,21 +106,27 @@ TORCH_LIBRARY(llmcore, m) {
   // ---- a decoder's blocks in one call (csrc/fused/decoder_layers_cpu.cpp) --------------------
   // Every block of a Llama-family decoder (pre-norm attention with RoPE over the KV cache,
   // SwiGLU MLP) for T new tokens per sequence, as a chain of the ops above: x [B, T, dim]
-  // (the embedded tokens) -> the final norm of the residual stream [B, T, dim]. norm_weight
-  // is [input_norm_0, post_attention_norm_0, ..., input_norm_{L-1},
-  // post_attention_norm_{L-1}, final_norm], one eps for all. Per layer seven linears in the
-  // order q, k, v, o, gate, up, down; each gives 3 entries of `linear` (weight or
-  // w_mantissa, w_exponent or None, bias or None) and 4 of linear_spec: kind (0 dense
-  // weight [N, K]: at::linear; 1 BFP weight-only: bfp_linear; 2 BFP with int8 activations:
-  // bfp_act_linear_multi, one call for q/k/v and one for gate/up when they share a
-  // format), a_bits, w_bits, block_size. cos/sin [B, T, head_dim] in x's dtype. The cache
-  // is all layers' storage [L, ...] as kv_cache_append takes it per layer (plus the
-  // exponents of an MXINT8 cache); cache_seqlens int32 [B] = lengths before this step: the
-  // new k/v are written at cache_seqlens + t and attended with decode_attention
-  // (cache_seqlens + T keys). Bit for bit the chain of those ops.
-  m.def("decoder_layers(Tensor x, Tensor cos, Tensor sin, Tensor[] norm_weight, float eps,"
-        " Tensor?[] linear, int[] linear_spec, int n_heads, int n_kv_heads,"
-        " Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!)? k_exponent,"
-        " Tensor(d!)? v_exponent, Tensor cache_seqlens, Tensor? block_table,"
-        " float softmax_scale) -> Tensor");
+  // (the embedded tokens) -> the final norm of the residual stream [B, T, dim]. The model's
+  // side is a DecoderWeights object, built once (fused/decoder_layers.h):
+  // DecoderWeights(norm_weight, eps, linear, linear_spec, n_heads, n_kv_heads) with
+  // norm_weight [input_norm_0, post_attention_norm_0, ..., final_norm] (one eps for all)
+  // and, per layer, seven linears in the order q, k, v, o, gate, up, down, each giving 3
+  // entries of `linear` (weight or w_mantissa, w_exponent or None, bias or None) and 4 of
+  // linear_spec: kind (0 dense weight [N, K]: at::linear; 1 BFP weight-only: bfp_linear; 2
+  // BFP with int8 activations: bfp_act_linear_multi, one call for q/k/v and one for
+  // gate/up when they share a format), a_bits, w_bits, block_size. cos/sin [B, T, head_dim]
+  // in x's dtype. The cache is all layers' storage [L, ...] as kv_cache_append takes it per
+  // layer (plus the exponents of an MXINT8 cache); cache_seqlens int32 [B] = lengths before
+  // this step: the new k/v are written at cache_seqlens + t and attended with
+  // decode_attention (cache_seqlens + T keys). Bit for bit the chain of those ops.
+  //
+  //   decoder_layers(Tensor x, Tensor cos, Tensor sin,
+  //                  __torch__.torch.classes.llmcore.DecoderWeights weights,
+  //                  Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!)? k_exponent,
+  //                  Tensor(d!)? v_exponent, Tensor cache_seqlens, Tensor? block_table,
+  //                  float softmax_scale) -> Tensor
+  //
+  // is the one schema defined elsewhere: with its class, in
+  // csrc/fused/decoder_layers_cpu.cpp, since a schema that names a class can be parsed only
+  // once the class is registered, and only within one file is that order guaranteed.
 }

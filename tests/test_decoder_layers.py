@@ -171,66 +171,86 @@ def test_not_taken_with_grad_or_autocast():
 
 
 def _op_args(model, cache, x, cos, sin):
+    return [x, cos, sin, model._plan.weights, cache.k_values, cache.v_values,
+            cache.k_exponents, cache.v_exponents, cache._seq, cache._table, 0.25]
+
+
+def _weights_args(model):
     p, c = model._plan, model.config
-    return [x, cos, sin, p.norm_weight, p.eps, p.linear, p.linear_spec, c.n_heads,
-            c.n_kv_heads, cache.k_values, cache.v_values, cache.k_exponents,
-            cache.v_exponents, cache._seq, cache._table, 0.25]
+    return [p.norm_weight, p.eps, p.linear, p.linear_spec, c.n_heads, c.n_kv_heads]
 
 
 def test_errors_name_the_argument_and_layer():
     torch.manual_seed(6)
     model = Transformer(_cfg(n_heads=4, n_kv_heads=4, dim=64, ffn_dim=96)).eval()
     model = model.quantize("mxint8")
-    ids = torch.randint(0, 257, (1, 30))
-    _steps(model, ids)
+    _steps(model, torch.randint(0, 257, (1, 30)))
     cache = model.new_cache(1, 32)
     x, cs = torch.zeros(1, 1, 64), torch.zeros(1, 1, 16)
     op = torch.ops.llmcore.decoder_layers
     args = _op_args(model, cache, x, cs, cs)
     assert op(*args).shape == (1, 1, 64)
-    bad = list(args)
-    bad[3] = args[3][:-1]
-    with pytest.raises(ValueError, match="norm_weight must hold 2 \\* layers \\+ 1"):
-        op(*bad)
-    bad = list(args)
-    bad[5] = args[5][:-3]
-    with pytest.raises(ValueError, match="linear must hold 63 entries"):
-        op(*bad)
-    bad = list(args)
-    bad[6] = list(args[6])
-    bad[6][4 * 7] = 7  # layer 1, q_proj
-    with pytest.raises(ValueError, match="layer 1 q_proj: kind must be"):
-        op(*bad)
-    bad = list(args)
-    bad[5] = list(args[5])
-    bad[5][3 * (7 * 2 + 6)] = torch.zeros(3, 3, dtype=torch.int8)  # layer 2, down_proj
+    assert model._plan.weights.n_layers() == 3
+    make = torch.classes.llmcore.DecoderWeights
+    w = _weights_args(model)
+    for i, value, pattern in [
+            (0, w[0][:-1], "norm_weight must hold 2 \\* layers \\+ 1"),
+            (2, w[2][:-3], "linear must hold 63 entries"),
+            (3, w[3][:-1], "linear_spec must hold 84 ints"),
+            (3, w[3][:4 * 7] + [7] + w[3][4 * 7 + 1:], "layer 1 q_proj: kind must be"),
+            (2, w[2][:3 * 10] + [None] + w[2][3 * 10 + 1:], "layer 1 o_proj: the weight is None"),
+            (2, w[2][:3 * 10 + 1] + [None] + w[2][3 * 10 + 2:], "layer 1 o_proj: a BFP weight "
+                                                             "needs its exponent"),
+            (5, 3, "n_heads must be a positive multiple of n_kv_heads")]:
+        bad = list(w)
+        bad[i] = value
+        with pytest.raises(ValueError, match=pattern):
+            make(*bad)
+    bad = list(w)
+    bad[2] = list(w[2])
+    bad[2][3 * (7 * 2 + 6)] = torch.zeros(3, 3, dtype=torch.int8)  # layer 2, down_proj
+    args[3] = make(*bad)
     with pytest.raises(ValueError, match="layer 2, down_proj"):
-        op(*bad)
+        op(*args)
+    args[3] = model._plan.weights
     bad = list(args)
     bad[0] = torch.zeros(1, 1, 64, dtype=torch.float64)
     with pytest.raises(ValueError, match="x must be float32, bfloat16 or float16"):
         op(*bad)
     bad = list(args)
-    bad[7], bad[8] = 4, 3
-    with pytest.raises(ValueError, match="n_heads must be a positive multiple of n_kv_heads"):
-        op(*bad)
-    bad = list(args)
-    bad[9] = cache.k_values[:2]
+    bad[4] = cache.k_values[:2]
     with pytest.raises(ValueError, match="k_cache and v_cache must be"):
         op(*bad)
     assert cache.lengths == [0]
 
 
-def test_opcheck():
-    """Schema (the caches mutated in place, nothing else), fake impl and dispatch agree."""
+def test_writes_only_the_cache():
+    """What the schema says: the op writes the caches (the new positions only) and nothing
+    else, and its output is a new tensor. (torch.library.opcheck cannot take the
+    DecoderWeights argument.)"""
     torch.manual_seed(7)
     model = Transformer(_cfg(n_heads=4, n_kv_heads=2, dim=64, ffn_dim=96)).eval()
     model = model.quantize("mxint8")
     _steps(model, torch.randint(0, 257, (1, 30)))
+    weights = [t.clone() for t in model._plan.norm_weight]
+    weights += [t.clone() for t in model._plan.linear if t is not None]
     for storage in ("native", "mxint8"):
         cache = model.new_cache(1, 32, storage=storage)
+        cache.prepare(3)
+        cache.commit()  # 3 positions hold something
         cache.prepare(2)
         x, cs = torch.randn(1, 2, 64), torch.randn(1, 2, 16)
-        args = _op_args(model, cache, x, cs, cs.cos())
-        torch.library.opcheck(torch.ops.llmcore.decoder_layers.default, args,
-                              test_utils=("test_schema", "test_faketensor"))
+        sn = cs.cos()
+        ins = [t.clone() for t in (x, cs, sn, cache._seq)]
+        bufs = [t for t in (cache.k_values, cache.v_values, cache.k_exponents,
+                            cache.v_exponents) if t is not None]
+        before = [t.clone() for t in bufs]
+        out = torch.ops.llmcore.decoder_layers(*_op_args(model, cache, x, cs, sn))
+        assert all(torch.equal(a, b) for a, b in zip(ins, (x, cs, sn, cache._seq), strict=True))
+        for b, t in zip(before, bufs, strict=True):
+            assert torch.equal(b[:, :, :3], t[:, :, :3]) and torch.equal(b[:, :, 5:], t[:, :, 5:])
+            assert not torch.equal(b[:, :, 3:5], t[:, :, 3:5])
+        assert all(out.data_ptr() != t.data_ptr() for t in (x, *bufs))
+    now = [t for t in model._plan.norm_weight]
+    now += [t for t in model._plan.linear if t is not None]
+    assert all(torch.equal(a, b) for a, b in zip(weights, now, strict=True))

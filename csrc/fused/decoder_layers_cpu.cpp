@@ -9,25 +9,76 @@
 // its own checks and threading; a failure names the layer and projection it came from.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <array>
 #include <string>
 
 #include "common/check.h"
+#include "fused/decoder_layers.h"
 
 namespace llmcore {
+namespace fused {
 namespace {
-
-// Per linear, in this order within a layer (csrc/ops.cpp): q, k, v, o, gate, up, down.
-constexpr int64_t kLinears = 7;
-constexpr int64_t kSpec = 4;     // ints per linear: kind, a_bits, w_bits, block_size
-constexpr int64_t kTensors = 3;  // tensors per linear: weight (or mantissa), exponent, bias
+using OptT = std::optional<at::Tensor>;
 const char* const kNames[kLinears] = {"q_proj", "k_proj", "v_proj", "o_proj",
                                       "gate_proj", "up_proj", "down_proj"};
+}  // namespace
 
-enum Kind : int64_t { kDense = 0, kWeightOnly = 1, kIntAct = 2 };
+DecoderWeights::DecoderWeights(std::vector<at::Tensor> norm_weight, double eps_,
+                               const c10::List<OptT>& linear, std::vector<int64_t> spec,
+                               int64_t heads, int64_t kv_heads)
+    : norm(std::move(norm_weight)), eps(eps_), n_heads(heads), n_kv_heads(kv_heads) {
+  const int64_t n_norms = static_cast<int64_t>(norm.size());
+  LLMCORE_CHECK(n_norms >= 3 && n_norms % 2 == 1, "norm_weight must hold 2 * layers + 1 "
+                "weights (each layer's input and post-attention norms, then the final "
+                "norm), got ", n_norms);
+  const int64_t L = (n_norms - 1) / 2;
+  LLMCORE_CHECK(static_cast<int64_t>(linear.size()) == L * kLinears * kTensors,
+                "linear must hold ", L * kLinears * kTensors, " entries (", kTensors,
+                " for each of q, k, v, o, gate, up, down in ", L, " layers), got ",
+                linear.size());
+  LLMCORE_CHECK(static_cast<int64_t>(spec.size()) == L * kLinears * kSpec,
+                "linear_spec must hold ", L * kLinears * kSpec, " ints (", kSpec,
+                " per linear), got ", spec.size());
+  LLMCORE_CHECK(n_heads >= 1 && n_kv_heads >= 1 && n_heads % n_kv_heads == 0,
+                "n_heads must be a positive multiple of n_kv_heads, got ", n_heads, " and ",
+                n_kv_heads);
+  layers.resize(static_cast<size_t>(L));
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t j = 0; j < kLinears; ++j) {
+      const int64_t i = l * kLinears + j;
+      Linear& lin = layers[static_cast<size_t>(l)][static_cast<size_t>(j)];
+      lin.kind = spec[i * kSpec];
+      lin.a_bits = spec[i * kSpec + 1];
+      lin.w_bits = spec[i * kSpec + 2];
+      lin.block = spec[i * kSpec + 3];
+      const OptT w = linear.get(i * kTensors), e = linear.get(i * kTensors + 1);
+      lin.bias = linear.get(i * kTensors + 2);
+      LLMCORE_CHECK(lin.kind >= kDense && lin.kind <= kIntAct, "linear_spec of layer ", l, " ",
+                    kNames[j], ": kind must be 0 (dense), 1 (BFP weight-only) or 2 (BFP "
+                    "int8 activations), got ", lin.kind);
+      LLMCORE_CHECK(w.has_value(), "linear of layer ", l, " ", kNames[j],
+                    ": the weight is None");
+      LLMCORE_CHECK(lin.kind == kDense || e.has_value(), "linear of layer ", l, " ",
+                    kNames[j], ": a BFP weight needs its exponent, got None");
+      lin.w = *w;
+      if (e.has_value()) lin.e = *e;
+    }
+}
 
+}  // namespace fused
+
+namespace {
+
+using fused::DecoderWeights;
+using fused::kDense;
+using fused::kIntAct;
+using fused::kLinears;
+using fused::kWeightOnly;
+using fused::kNames;
+using fused::Linear;
 using OptT = std::optional<at::Tensor>;
 
 template <class Sig>
@@ -80,32 +131,6 @@ const Ops& ops() {
   return o;
 }
 
-// One projection's tensors and spec, read from the flat lists.
-struct Linear {
-  int64_t kind, a_bits, w_bits, block;
-  at::Tensor w, e;
-  OptT bias;
-};
-
-Linear linear_at(const c10::List<OptT>& t, at::IntArrayRef spec, int64_t layer, int64_t j) {
-  const int64_t i = layer * kLinears + j;
-  Linear l;
-  l.kind = spec[i * kSpec];
-  l.a_bits = spec[i * kSpec + 1];
-  l.w_bits = spec[i * kSpec + 2];
-  l.block = spec[i * kSpec + 3];
-  const OptT w = t.get(i * kTensors), e = t.get(i * kTensors + 1);
-  l.bias = t.get(i * kTensors + 2);
-  LLMCORE_CHECK(l.kind >= kDense && l.kind <= kIntAct, "linear_spec of layer ", layer, " ",
-                kNames[j], ": kind must be 0 (dense), 1 (BFP weight-only) or 2 (BFP int8 "
-                "activations), got ", l.kind);
-  LLMCORE_CHECK(w.has_value(), "linear of layer ", layer, " ", kNames[j], ": the weight is None");
-  LLMCORE_CHECK(l.kind == kDense || e.has_value(), "linear of layer ", layer, " ", kNames[j],
-                ": a BFP weight needs its exponent, got None");
-  l.w = *w;
-  if (e.has_value()) l.e = *e;
-  return l;
-}
 
 at::Tensor apply(const Linear& l, const at::Tensor& x) {
   const Ops& o = ops();
@@ -153,30 +178,18 @@ std::array<at::Tensor, N> apply_shared(const std::array<Linear, N>& ls, const at
 }
 
 at::Tensor decoder_layers_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                              at::TensorList norm_weight, double eps,
-                              const c10::List<OptT>& linear, at::IntArrayRef linear_spec,
-                              int64_t n_heads, int64_t n_kv_heads, const at::Tensor& k_cache,
-                              const at::Tensor& v_cache, const OptT& k_exponent,
-                              const OptT& v_exponent, const at::Tensor& cache_seqlens,
-                              const OptT& block_table, double softmax_scale) {
+                              const c10::intrusive_ptr<DecoderWeights>& weights,
+                              const at::Tensor& k_cache, const at::Tensor& v_cache,
+                              const OptT& k_exponent, const OptT& v_exponent,
+                              const at::Tensor& cache_seqlens, const OptT& block_table,
+                              double softmax_scale) {
   CHECK_DEVICE(x, at::Device(at::kCPU));
   CHECK_FLOAT_INPUT(x);
   CHECK_DIM(x, 3);
-  const int64_t n_norms = static_cast<int64_t>(norm_weight.size());
-  LLMCORE_CHECK(n_norms >= 3 && n_norms % 2 == 1, "norm_weight must hold 2 * layers + 1 "
-                "weights (each layer's input and post-attention norms, then the final norm), "
-                "got ", n_norms);
-  const int64_t L = (n_norms - 1) / 2;
-  LLMCORE_CHECK(static_cast<int64_t>(linear.size()) == L * kLinears * kTensors,
-                "linear must hold ", L * kLinears * kTensors, " entries (", kTensors,
-                " for each of q, k, v, o, gate, up, down in ", L, " layers), got ",
-                linear.size());
-  LLMCORE_CHECK(static_cast<int64_t>(linear_spec.size()) == L * kLinears * kSpec,
-                "linear_spec must hold ", L * kLinears * kSpec, " ints (", kSpec,
-                " per linear), got ", linear_spec.size());
-  LLMCORE_CHECK(n_heads >= 1 && n_kv_heads >= 1 && n_heads % n_kv_heads == 0,
-                "n_heads must be a positive multiple of n_kv_heads, got ", n_heads, " and ",
-                n_kv_heads);
+  const DecoderWeights& wts = *weights;
+  const int64_t L = wts.n_layers(), n_heads = wts.n_heads, n_kv_heads = wts.n_kv_heads;
+  const double eps = wts.eps;
+  const std::vector<at::Tensor>& norm_weight = wts.norm;
   LLMCORE_CHECK(k_cache.dim() == 5 && v_cache.sizes() == k_cache.sizes() &&
                     k_cache.size(0) == L,
                 "k_cache and v_cache must be [layers=", L, ", ...] of one shape, got ",
@@ -194,8 +207,7 @@ at::Tensor decoder_layers_cpu(const at::Tensor& x, const at::Tensor& cos, const 
   for (int64_t l = 0; l < L; ++l) {
     const char* where = "";
     try {
-      std::array<Linear, kLinears> lin;
-      for (int64_t j = 0; j < kLinears; ++j) lin[j] = linear_at(linear, linear_spec, l, j);
+      const std::array<Linear, kLinears>& lin = wts.layers[static_cast<size_t>(l)];
       where = "q_proj/k_proj/v_proj";
       auto [q, k, v] = apply_shared<3>({lin[0], lin[1], lin[2]}, h);
       q = q.view({B, T, n_heads, -1});
@@ -234,6 +246,20 @@ at::Tensor decoder_layers_cpu(const at::Tensor& x, const at::Tensor& cos, const 
 
 }  // namespace
 }  // namespace llmcore
+
+// The class, then the schema that names it, then the kernel: static registrations run in
+// the order they are written within a file (csrc/ops.cpp describes the op's contract).
+TORCH_LIBRARY_FRAGMENT(llmcore, m) {
+  m.class_<llmcore::fused::DecoderWeights>("DecoderWeights")
+      .def(torch::init<std::vector<at::Tensor>, double,
+                       const c10::List<std::optional<at::Tensor>>&, std::vector<int64_t>,
+                       int64_t, int64_t>())
+      .def("n_layers", &llmcore::fused::DecoderWeights::n_layers);
+  m.def("decoder_layers(Tensor x, Tensor cos, Tensor sin,"
+        " __torch__.torch.classes.llmcore.DecoderWeights weights, Tensor(a!) k_cache,"
+        " Tensor(b!) v_cache, Tensor(c!)? k_exponent, Tensor(d!)? v_exponent,"
+        " Tensor cache_seqlens, Tensor? block_table, float softmax_scale) -> Tensor");
+}
 
 TORCH_LIBRARY_IMPL(llmcore, CPU, m) {
   m.impl("decoder_layers", &llmcore::decoder_layers_cpu);

@@ -28,17 +28,19 @@ _DTYPE = attrgetter("dtype")
 
 class DecoderPlan:
     """``norm_weight``, ``eps``, ``linear`` and ``linear_spec`` of the op for one model and
-    dtype (``covered`` False: the op does not take this model), and the checks that say
-    the model still matches them."""
+    dtype and ``weights``, the ``DecoderWeights`` object made of them that the op takes
+    (``covered`` False: the op does not take this model), and the checks that say the
+    model still matches them."""
 
-    __slots__ = ("dtype", "covered", "norm_weight", "eps", "linear", "linear_spec", "_same",
-                 "_types", "_dtypes", "_keys")
+    __slots__ = ("dtype", "covered", "norm_weight", "eps", "linear", "linear_spec", "weights",
+                 "_same", "_types", "_dtypes", "_keys")
 
     def __init__(self, dtype: torch.dtype):
         self.dtype, self.covered, self.eps = dtype, False, 0.0
         self.norm_weight: list = []
         self.linear: list = []
         self.linear_spec: list[int] = []
+        self.weights = None  # torch.classes.llmcore.DecoderWeights of the lists above
         self._same: list = []    # (dict, key, object): d.get(key) is object
         self._types: list = []   # (object, type): type(object) is type
         self._dtypes: list = []  # (tensor, dtype)
@@ -66,6 +68,11 @@ class DecoderPlan:
         plan = cls(dtype)
         if kernel_supported("decoder_layers", _CPU, dtype):
             plan.covered = plan._fill(model, block_cls, norm_cls)
+        if plan.covered:  # the op's side of the plan, unpacked in C++ once
+            c = model.config
+            plan.weights = torch.classes.llmcore.DecoderWeights(
+                plan.norm_weight, plan.eps, plan.linear, plan.linear_spec, c.n_heads,
+                c.n_kv_heads)
         return plan
 
     def _module(self, owner: nn.Module, name: str):

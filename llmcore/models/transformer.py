@@ -512,11 +512,9 @@ class Transformer(nn.Module):
             plan = self._plan = DecoderPlan.build(self, x.dtype, Block, RMSNorm)
         if not plan.covered:
             return None
-        c = self.config
         return torch.ops.llmcore.decoder_layers(
-            x, cos, sin, plan.norm_weight, plan.eps, plan.linear, plan.linear_spec, c.n_heads,
-            c.n_kv_heads, cache.k_values, cache.v_values, cache.k_exponents, cache.v_exponents,
-            cache._seq, cache._table, 1.0 / math.sqrt(cache.head_dim))
+            x, cos, sin, plan.weights, cache.k_values, cache.v_values, cache.k_exponents,
+            cache.v_exponents, cache._seq, cache._table, 1.0 / math.sqrt(cache.head_dim))
 
     def _hidden_fused(self, x, cos, sin, cache, prefill, packed) -> torch.Tensor:
         """The blocks of :meth:`_hidden` through :meth:`Block.forward_fused`: each residual

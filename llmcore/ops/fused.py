@@ -115,6 +115,6 @@ if _ext.has_op("rms_norm"):
         return torch.empty_like(gate, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("llmcore::decoder_layers")
-    def _(x, cos, sin, norm_weight, eps, linear, linear_spec, n_heads, n_kv_heads, k_cache,
-          v_cache, k_exponent, v_exponent, cache_seqlens, block_table, softmax_scale):
+    def _(x, cos, sin, weights, k_cache, v_cache, k_exponent, v_exponent, cache_seqlens,
+          block_table, softmax_scale):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
