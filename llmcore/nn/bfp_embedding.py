@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from llmcore.formats import BFPFormat, get_format
+from llmcore.nn.bfp_linear import _cpu_kernel
 from llmcore.ops.bfp import BFPTensor, bfp_dequantize, bfp_quantize
 
 
@@ -65,10 +66,16 @@ class BFPEmbedding(nn.Module):
                 and bool(((flat < 0) | (flat >= self.num_embeddings)).any()):
             # (index_select raises IndexError on the CPU itself; elsewhere it would assert)
             raise IndexError(f"ids must lie in [0, {self.num_embeddings}) (the table's rows)")
-        rows = BFPTensor(self.weight_mantissa.index_select(0, flat),
-                         self.weight_exponent.index_select(0, flat), self.format,
-                         (flat.numel(), self.embedding_dim), self.weight_dtype)
-        return bfp_dequantize(rows, self.weight_dtype).view(*ids.shape, self.embedding_dim)
+        m = self.weight_mantissa.index_select(0, flat)
+        e = self.weight_exponent.index_select(0, flat)
+        if flat.device.type == "cpu" and _cpu_kernel("bfp_dequantize", self.weight_dtype):
+            f = self.format  # the per-token path: the op itself (its binding checks)
+            y = torch.ops.llmcore.bfp_dequantize(m, e, f.mantissa_bits, f.block_size,
+                                                 self.embedding_dim, self.weight_dtype)
+        else:
+            y = bfp_dequantize(BFPTensor(m, e, self.format, (flat.numel(), self.embedding_dim),
+                                         self.weight_dtype), self.weight_dtype)
+        return y.view(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, format={self.format.name}, "
