@@ -217,15 +217,22 @@ def load_pair(target_dir, draft_dir, device) -> tuple[Transformer, Transformer, 
     return target, draft, tok
 
 
-def _run_config(model_dir: str) -> dict | None:
-    """The training config of a run's ``final/`` (or checkpoint) directory, if beside it."""
-    for up in ("..", os.path.join("..", "..", "..")):
-        f = os.path.join(model_dir, up, "config.json")
+def _run_info(model_dir: str) -> dict:
+    """The training config and summary of the run a ``final/`` (or checkpoint) directory
+    belongs to, where they lie beside it ({} when they do not)."""
+    for up in ("..", os.path.join("..", "..")):  # RUN/final, RUN/checkpoints/step_N
+        run = os.path.join(model_dir, up)
+        f = os.path.join(run, "config.json")
         if os.path.isfile(f):
             cfg = json.loads(open(f, encoding="utf-8").read())
             if "recipe" in cfg:
-                return cfg
-    return None
+                info = {"run_dir": os.path.normpath(run), "config": cfg}
+                summary = os.path.join(run, "summary.json")
+                if os.path.isfile(summary):
+                    summ = json.loads(open(summary, encoding="utf-8").read())
+                    info["summary"] = {k: v for k, v in summ.items() if k != "config"}
+                return info
+    return {}
 
 
 def heldout_prompts(tok, n: int, plen: int, val_fraction: float) -> list[tuple[str, list[int]]]:
@@ -268,8 +275,8 @@ def run_trained(device: torch.device, target_dir, draft_dir, draft_tokens=None,
     n_prompts, plen, new, runs = plan_trained(quick)
     gammas = list(draft_tokens or [5])
     target32, draft32, tok = load_pair(target_dir, draft_dir, device)
-    run_cfg = {"target": _run_config(target_dir), "draft": _run_config(draft_dir)}
-    tcfg = run_cfg["target"] or {}
+    runs_info = {"target": _run_info(target_dir), "draft": _run_info(draft_dir)}
+    tcfg = runs_info["target"].get("config", {})
     val_fraction = tcfg.get("val_fraction", 0.05) if tcfg.get("data", "stdlib") == "stdlib" \
         else 0.05
     prompts = [(src, torch.tensor([ids], device=device))
@@ -356,7 +363,7 @@ def run_trained(device: torch.device, target_dir, draft_dir, draft_tokens=None,
             "extra": {"target_dir": str(target_dir), "draft_dir": str(draft_dir),
                       "params": params, "model_configs": {"target": target32.config.to_dict(),
                                                           "draft": draft32.config.to_dict()},
-                      "training": run_cfg, "prompt_tokens": plen, "new_tokens": new,
+                      "training": runs_info, "prompt_tokens": plen, "new_tokens": new,
                       "prompts": [src for src, _ in prompts], "val_fraction": val_fraction,
                       "draft_tokens": gammas},
             "text": "\n".join(lines)}
