@@ -89,12 +89,23 @@ def add_parser(subparsers):
     v.add_argument("--workdir", metavar="DIR", help="where checkpoints and GGUF files are "
                    "made and kept (default: <tmp>/llmcore-vs-llamacpp)")
     v.add_argument("--note", help="a note stored in the JSON (e.g. 'shared machine')")
+    a = b.add_argument_group("assisted")
+    a.add_argument("--target", metavar="DIR", help="a trained target model directory (a run's "
+                   "final/): measure it with --draft on held-out text instead of the "
+                   "random-weight rows")
+    a.add_argument("--draft", metavar="DIR", help="a trained draft model directory sharing "
+                   "the target's tokenizer")
+    a.add_argument("--draft-tokens", type=int_list, metavar="G[,G...]",
+                   help="starting draft lengths γ, one row each (default 5)")
     return b
 
 
 def _suite_options(args, names) -> dict:
     """{suite: keyword arguments} from the suite-specific flags; CLIError for a flag given
     without the suite that takes it, or for a list of threads where one is needed."""
+    assisted = _assisted_options(args, names)
+    if assisted:
+        return assisted
     own = {k: getattr(args, k) for k in ("llamacpp", "converter", "model", "models", "pairs",
                                          "rounds", "prompt", "decode", "prefill", "workdir",
                                          "note")}
@@ -122,6 +133,29 @@ def _suite_options(args, names) -> dict:
     return {"vs-llamacpp": {**own, "threads": args.threads}}
 
 
+def _assisted_options(args, names) -> dict:
+    """{"assisted": {...}} from --target/--draft/--draft-tokens, {} when none is given."""
+    given = [f"--{k.replace('_', '-')}" for k in ("target", "draft", "draft_tokens")
+             if getattr(args, k) is not None]
+    if not given:
+        return {}
+    if names != ["assisted"]:
+        raise CLIError(f"{', '.join(given)} apply to the assisted suite only (run it on its "
+                       "own: llmcore bench assisted --target DIR --draft DIR)")
+    if args.target is None or args.draft is None:
+        raise CLIError("--target and --draft go together (a trained target and its draft)")
+    for flag, path in (("--target", args.target), ("--draft", args.draft)):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise CLIError(f"{flag} {path}: no config.json in it (a model directory as "
+                           "`llmcore train` saves it: RUN/final)")
+    if args.threads and len(args.threads) > 1:
+        raise CLIError("--threads takes one number except for the vs-llamacpp suite")
+    if args.draft_tokens and max(args.draft_tokens) > 15:
+        raise CLIError(f"--draft-tokens: each must be in [1, 15], got {args.draft_tokens}")
+    return {"assisted": {"target_dir": args.target, "draft_dir": args.draft,
+                         "draft_tokens": args.draft_tokens}}
+
+
 def run(args) -> int:
     from llmcore.bench import SUITES, run_suites, suite_names
 
@@ -131,7 +165,7 @@ def run(args) -> int:
     names = suite_names(args.suites)  # checked before a run folder is made
     options = _suite_options(args, names)
     device = device_from_args(args)
-    if args.threads and not options:
+    if args.threads and "vs-llamacpp" not in options:
         torch.set_num_threads(args.threads[0])
     out_dir = None if args.no_save else (args.out or new_run_dir("bench"))
     run_suites(names, device, quick=args.quick, out_dir=out_dir,
