@@ -254,3 +254,19 @@ def test_writes_only_the_cache():
     now = [t for t in model._plan.norm_weight]
     now += [t for t in model._plan.linear if t is not None]
     assert all(torch.equal(a, b) for a, b in zip(weights, now, strict=True))
+
+
+def test_copies_build_their_own_plan():
+    import copy
+    import pickle
+
+    torch.manual_seed(8)
+    model = Transformer(_cfg()).eval().quantize("mxint8")
+    ids = torch.randint(0, 257, (1, 30))
+    fast, _ = _steps(model, ids)
+    twin = copy.deepcopy(model)
+    assert twin._plan is None
+    out, taken = _steps(twin, ids)
+    assert taken == 4 and torch.equal(out, fast)
+    assert twin._plan.weights is not model._plan.weights
+    assert pickle.loads(pickle.dumps(model._plan)) is None

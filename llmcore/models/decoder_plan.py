@@ -46,6 +46,11 @@ class DecoderPlan:
         self._dtypes: list = []  # (tensor, dtype)
         self._keys: tuple | None = None
 
+    def __reduce__(self):
+        """A copied or pickled model gets no plan (it holds a C++ object and the copied
+        model's tensors are others): the copy builds its own at its first step."""
+        return (_no_plan, ())
+
     def valid(self, dtype: torch.dtype) -> bool:
         """Whether the model still holds exactly the modules and tensors of this plan."""
         if dtype is not self.dtype:
@@ -150,3 +155,7 @@ class DecoderPlan:
         self.linear.extend((m, e, b))
         self.linear_spec.extend((kind, a_bits, f.mantissa_bits, f.block_size))
         return True
+
+
+def _no_plan() -> None:
+    return None
