@@ -120,18 +120,29 @@ bool gemv_q8_supported(int a_bits, int w_bits, int block);
 struct GemvQ8Plan {
   int64_t M, K;
   int w_bits;
-  int64_t row_bytes;  // weight bytes walked per row: mantissa_cols(K, w_bits) rounded up to 64
-  int64_t groups;     // row_bytes / 4: one int32 lane per 4 weight bytes
+  bool tiled;         // the AVX-512 layout (chosen by the ISA in use when planned)
+  int64_t row_bytes;  // weight bytes walked per row: mantissa_cols(K, w_bits) rounded up to
+                      // 256 (tiled) or 64
+  int64_t groups;     // int32 / fp32 lanes per row of corr and xs: 16 per 256 weight bytes
+                      // (tiled), else row_bytes / 4
   int64_t xq_cols;    // activation bytes per row: row_bytes (8-bit w) or 2 * row_bytes (4-bit w)
 };
 GemvQ8Plan gemv_q8_plan(int64_t M, int64_t K, int w_bits);
 
 // Lay out the activation rows for the weight's bytes (O(M K), once per call; the buffers
 // serve any number of weights of the same K and w_bits):
+//   tiled (AVX-512), per step of 256 weight bytes s and lane L = 4k + c (k, c < 4), which
+//   covers the weight bytes 256 s + 64 c + 16 k + [0, 16) (4-bit: one block; 8-bit: half):
+//   xq   [M][xq_cols] int8 a, 0 past K: per step, for j < 4, the lanes' partners of weight
+//        bytes 4j..4j+3 of each lane (64 bytes; 4-bit: those of the low nibbles, then of
+//        the high ones)
+//   corr int32 [M][groups]: the lane's -(w offset) * (sum of its a): -8 (4-bit), -128
+//   xs   fp32 [M][groups]: the scale of the lane's activation block, 0 past K
+//   otherwise (AVX2, scalar):
 //   xq   [M][xq_cols] bytes: 8-bit w: a + 128 in order, 128 (a = 0) past K; packed w:
 //        int8 a, per 64 weight bytes (128 elements) the 64 even elements, then the 64 odd
 //        ones (the low / high nibbles' partners), 0 past K
-//   corr int32 [M][groups]: packed w: -8 * (sum of the 8 a in the group); 8-bit w: unused
+//   corr unused
 //   xs   fp32 [M][groups]: xs[m][b] = scale of block b of row m for b < ceil(K / 32), 0 after
 void gemv_q8_prepare(const GemvQ8Plan& p, const int8_t* a_mant, int64_t a_row_stride,
                      const uint8_t* a_exp, int64_t a_exp_stride, int a_bits, int8_t* xq,

@@ -6,26 +6,23 @@
 //
 //   y[m, n] = sum_b sa[m, b] sw[n, b] sum_{k in b} a[m, k] w[n, k]   (+ bias[n])
 //
-// The weight is read in its storage layout, nothing is packed: one int32 lane covers 4
-// weight bytes (a "group": 4 elements of an 8-bit row, 8 of a 4-bit row). The activation
+// The weight is read in its storage layout, nothing is packed: one int32 lane of vpdpbusd
+// covers 4 weight bytes (4 elements of an 8-bit row, 8 of a 4-bit row). The activation
 // rows are laid out once per call to match (gemv_q8_prepare). vpdpbusd multiplies
-// unsigned by signed bytes, so one operand carries an offset whose share is removed from
-// the lane's starting value:
-//   8-bit w       activations as u8 a + 128: vpdpbusd(a + 128, w) = sum a w + 128 sum w.
-//                 The weight's share, 128 sum w, is one more vpdpbusd per 64 weight bytes
-//                 (against bytes of 128), shared by every activation row.
-//   4-bit w       weights as u8 w + 8 (nibble ^ 8: three instructions for both nibbles),
-//                 activations s8; the share -8 sum a depends on the activation only and is
-//                 laid out per group (corr). The low nibbles of a 64-byte load meet the
-//                 even activations, the high nibbles the odd ones.
-//   AVX-512 VNNI  per 16 blocks the weight scales are formed once and multiplied by each
-//                 row's activation block scales; per 64 weight bytes and activation row
-//                 that leaves vpdpbusd (two for 4-bit), a conversion, a permute of the
-//                 combined scales and one FMA. Up to 8 activation rows share each 64-byte
-//                 weight load (the weight row is read once from memory per 8 rows).
+// unsigned by signed bytes: the weight is made unsigned, w + 128 (8-bit) or w + 8 (4-bit,
+// nibble ^ 8), and the activation's share of the offset, -128 or -8 times the sum of the
+// lane's a, is the lane's starting value (corr, laid out per activation row).
+//   AVX-512 VNNI  a step is 256 weight bytes (four 64-byte loads) transposed in 4-byte
+//                 columns (8 unpacks), so that each int32 lane of a vector covers one
+//                 16-byte piece of the row (4-bit: a whole block; 8-bit: half of one) and
+//                 every lane holds a different piece. Per activation row a step is then
+//                 4 (8-bit) or 8 (4-bit) vpdpbusd into one int32 vector, one conversion and
+//                 one FMA by the lanes' scales (weight scales formed per 16 blocks and
+//                 permuted to lane order, times the row's activation scales, laid out in
+//                 lane order): the unpacking and transposing is shared by up to 8 rows.
 //   AVX2          vpmaddubsw(|a|, sign(w, a)) + vpmaddwd(1): no overflow since |a| <= 127.
-//   scalar        the same sums one group at a time (the definition).
-// Each group's int32 sum is exact (|sum| < 2^17), converted to fp32 (exact), times
+//   scalar        the same sums one group of 4 bytes at a time (the definition).
+// Each lane's int32 sum is exact (|sum| < 2^17), converted to fp32 (exact), times
 // sw * sa (powers of two: exact unless the product leaves fp32's normal range) and
 // accumulated in fp32 lanes; a NaN block scale (exponent byte 255) makes the output NaN.
 // Threading is the caller's ([n_begin, n_end) column ranges).
@@ -50,6 +47,8 @@ constexpr int kBlock = 32;
 #define LLMCORE_GEMV_PREFETCH 4096
 #endif
 constexpr int64_t kPrefetchBytes = LLMCORE_GEMV_PREFETCH;
+// Weight bytes per step of the AVX-512 GEMV (four 64-byte chunks, transposed together).
+constexpr int64_t kStepBytes = 256;
 
 inline int64_t group_elems(int w_bits) { return is_packed(w_bits) ? 8 : 4; }
 
@@ -160,6 +159,11 @@ void gemv_avx2(const GemvQ8Plan& p, const uint8_t* xq, const float* xs, const ui
 }
 
 // ---- AVX-512 VNNI ----------------------------------------------------------------------
+// GCC 12's AVX-512 intrinsics start from _mm512_undefined_*(), which -Wall reports as
+// maybe-uninitialised once inlined through a target attribute.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define LLMCORE_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
 
 // Block scales of the weight, 16 blocks from b0 (up to nb): 2^(e - 127 - shift), NaN for
@@ -179,66 +183,81 @@ LLMCORE_AVX512_TARGET inline __m512 weight_scales16(const uint8_t* er, int64_t b
   return _mm512_mask_blend_ps(nan, s, _mm512_set1_ps(__builtin_nanf("")));
 }
 
-// MT activation rows against weight row wr: out[r] = the row's dot product.
+// MT activation rows against weight row wr (bytes long), one step of 256 weight bytes at a
+// time: out[r] = the row's dot product.
 template <int MT, bool kPacked>
-LLMCORE_AVX512_TARGET void rows_avx512(const GemvQ8Plan& p, const uint8_t* xq,
-                                       const int32_t* corr, const float* xs, const uint8_t* wr,
-                                       const uint8_t* er, float* out) {
-  const int64_t bytes = mantissa_cols(p.K, p.w_bits), nb = exponent_cols(p.K, kBlock);
-  const int64_t nc = (bytes + 63) / 64;  // 64-byte chunks
-  // A chunk covers 2 blocks (8-bit, 8 lanes each) or 4 (4-bit, 4 lanes each): 16 blocks of
-  // scales serve 8 or 4 chunks.
-  constexpr int kChunks = kPacked ? 4 : 8, kBlocksPerChunk = kPacked ? 4 : 2;
-  const int shift = p.w_bits - 2;
-  const __m512i lane_block = _mm512_srli_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), kPacked ? 2 : 3);
-  const __m512i c128 = _mm512_set1_epi8(static_cast<char>(0x80));
-  const __m512i lo4 = _mm512_set1_epi8(0x0f), flip4 = _mm512_set1_epi8(static_cast<char>(0x88));
-  // Few rows: alternate two accumulators per row, so that the FMA latency does not bound
-  // the loop.
-  constexpr int kAcc = MT <= 4 ? 2 : 1;
-  __m512 acc[kAcc][MT], s16[MT];
-  for (int a = 0; a < kAcc; ++a)
-    for (int r = 0; r < MT; ++r) acc[a][r] = _mm512_setzero_ps();
-  for (int64_t c0 = 0; c0 < nc; c0 += kChunks) {
-    const int64_t b0 = c0 * kBlocksPerChunk;
-    const __m512 sw = weight_scales16(er, b0, nb, shift);
-    for (int r = 0; r < MT; ++r) s16[r] = _mm512_mul_ps(sw, _mm512_loadu_ps(xs + r * p.groups + b0));
-    const int qn = nc - c0 < kChunks ? static_cast<int>(nc - c0) : kChunks;
-#pragma GCC unroll 8
-    for (int q = 0; q < kChunks; ++q) {
-      if (q == qn) break;
-      const int64_t c = c0 + q;
-      const int64_t left = bytes - c * 64;
-      _mm_prefetch(reinterpret_cast<const char*>(wr + c * 64 + kPrefetchBytes), _MM_HINT_T0);
-      const __m512i raw = left >= 64 ? _mm512_loadu_si512(wr + c * 64)
-                                     : _mm512_maskz_loadu_epi8((__mmask64{1} << left) - 1, wr + c * 64);
-      __m512i wl = raw, wh = raw, init = _mm512_setzero_si512();
-      if (kPacked) {  // unsigned w + 8; the rows' accumulators start at -8 sum(a) (corr)
-        const __m512i u = _mm512_xor_si512(raw, flip4);
-        wl = _mm512_and_si512(u, lo4);
-        wh = _mm512_and_si512(_mm512_srli_epi16(u, 4), lo4);
+LLMCORE_AVX512_TARGET void rows_avx512(const uint8_t* xq, int64_t xq_cols, const int32_t* corr,
+                                       const float* xs, int64_t lanes, const uint8_t* wr,
+                                       const uint8_t* er, int64_t bytes, int64_t nb, int shift,
+                                       float* out) {
+  constexpr int kVecs = kPacked ? 8 : 4;  // activation vectors per step and row
+  // Block (from the step's first) of lane 4k + c: 4-bit 4c + k, 8-bit 2c + k / 2; an 8-bit
+  // step has 8 blocks, so one weight_scales16 serves two steps.
+  const __m512i lidx = kPacked
+      ? _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15)
+      : _mm512_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6, 1, 3, 5, 7, 1, 3, 5, 7);
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(kPacked ? 0x88 : 0x80));
+  const __m512i lo4 = _mm512_set1_epi8(0x0f);
+  const int64_t steps = (bytes + kStepBytes - 1) / kStepBytes, full = bytes / kStepBytes;
+  __m512 acc[MT];
+  for (int r = 0; r < MT; ++r) acc[r] = _mm512_setzero_ps();
+  __m512 sw16 = _mm512_setzero_ps();
+  auto step = [&](int64_t s, __m512i r0, __m512i r1, __m512i r2, __m512i r3) LLMCORE_AVX512_TARGET {
+    // 4x4 transpose of 4-byte columns: lane 4k + c of v[j] = bytes 16k + 4j.. of chunk c.
+    const __m512i t0 = _mm512_unpacklo_epi32(r0, r1), t1 = _mm512_unpackhi_epi32(r0, r1);
+    const __m512i t2 = _mm512_unpacklo_epi32(r2, r3), t3 = _mm512_unpackhi_epi32(r2, r3);
+    const __m512i v[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
+                          _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};
+    __m512i u[kVecs];  // unsigned weights: w + 8 (4-bit, low then high nibbles) or w + 128
+    for (int j = 0; j < 4; ++j) {
+      const __m512i f = _mm512_xor_si512(v[j], flip);
+      if (kPacked) {
+        u[2 * j] = _mm512_and_si512(f, lo4);
+        u[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(f, 4), lo4);
       } else {
-        init = _mm512_sub_epi32(init, _mm512_dpbusd_epi32(init, c128, wl));
-      }
-      const __m512i idx = _mm512_add_epi32(lane_block, _mm512_set1_epi32(q * kBlocksPerChunk));
-      for (int r = 0; r < MT; ++r) {
-        const uint8_t* xr = xq + r * p.xq_cols;
-        __m512i isum;
-        if (kPacked) {
-          isum = _mm512_loadu_si512(corr + r * p.groups + c * 16);
-          isum = _mm512_dpbusd_epi32(isum, wl, _mm512_loadu_si512(xr + c * 128));
-          isum = _mm512_dpbusd_epi32(isum, wh, _mm512_loadu_si512(xr + c * 128 + 64));
-        } else {
-          isum = _mm512_dpbusd_epi32(init, _mm512_loadu_si512(xr + c * 64), wl);
-        }
-        __m512& a = acc[q % kAcc][r];
-        a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_permutexvar_ps(idx, s16[r]), a);
+        u[j] = f;
       }
     }
+    __m512 sw;
+    if (kPacked) {
+      sw = _mm512_permutexvar_ps(lidx, weight_scales16(er, 16 * s, nb, shift));
+    } else {
+      if ((s & 1) == 0) sw16 = weight_scales16(er, 8 * s, nb, shift);
+      sw = _mm512_permutexvar_ps((s & 1) ? _mm512_add_epi32(lidx, _mm512_set1_epi32(8)) : lidx,
+                                 sw16);
+    }
+    for (int r = 0; r < MT; ++r) {
+      const uint8_t* x = xq + r * xq_cols + s * kVecs * 64;
+      // Two chains of vpdpbusd, so that its latency does not bound the loop.
+      __m512i i0 = _mm512_loadu_si512(corr + r * lanes + s * 16), i1 = _mm512_setzero_si512();
+      for (int j = 0; j < kVecs; j += 2) {
+        i0 = _mm512_dpbusd_epi32(i0, u[j], _mm512_loadu_si512(x + 64 * j));
+        i1 = _mm512_dpbusd_epi32(i1, u[j + 1], _mm512_loadu_si512(x + 64 * j + 64));
+      }
+      const __m512i isum = _mm512_add_epi32(i0, i1);
+      const __m512 sc = _mm512_mul_ps(sw, _mm512_loadu_ps(xs + r * lanes + s * 16));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sc, acc[r]);
+    }
+  };
+  for (int64_t s = 0; s < full; ++s) {
+    const uint8_t* w = wr + s * kStepBytes;
+    for (int c = 0; c < 4; ++c)
+      _mm_prefetch(reinterpret_cast<const char*>(w + 64 * c + kPrefetchBytes), _MM_HINT_T0);
+    step(s, _mm512_loadu_si512(w), _mm512_loadu_si512(w + 64), _mm512_loadu_si512(w + 128),
+         _mm512_loadu_si512(w + 192));
   }
-  for (int r = 0; r < MT; ++r)
-    out[r] = _mm512_reduce_add_ps(kAcc == 2 ? _mm512_add_ps(acc[0][r], acc[kAcc - 1][r]) : acc[0][r]);
+  if (full < steps) {  // the row's last bytes: zeros past the end (their activations are 0)
+    const uint8_t* w = wr + full * kStepBytes;
+    __m512i r[4];
+    for (int c = 0; c < 4; ++c) {
+      const int64_t left = bytes - full * kStepBytes - 64 * c;
+      r[c] = left <= 0 ? _mm512_setzero_si512()
+                       : _mm512_maskz_loadu_epi8(left >= 64 ? ~__mmask64{0} : (__mmask64{1} << left) - 1,
+                                                 w + 64 * c);
+    }
+    step(full, r[0], r[1], r[2], r[3]);
+  }
+  for (int r = 0; r < MT; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
 template <bool kPacked>
@@ -248,35 +267,40 @@ LLMCORE_AVX512_TARGET void gemv_avx512_t(const GemvQ8Plan& p, const uint8_t* xq,
                                          int64_t w_exp_stride, const float* bias, float* y,
                                          int64_t ldy, int64_t n_begin, int64_t n_end) {
   constexpr int kMaxMT = 8;
+  const int64_t M = p.M, xq_cols = p.xq_cols, lanes = p.groups;
+  const int64_t bytes = mantissa_cols(p.K, p.w_bits), nb = exponent_cols(p.K, kBlock);
+  const int shift = p.w_bits - 2;
   // Rows in tiles of at most 8, as even as possible: the weight row is read from memory
   // once and from L1 for the next tile.
-  const int64_t tiles = (p.M + kMaxMT - 1) / kMaxMT;
+  const int64_t tiles = (M + kMaxMT - 1) / kMaxMT;
   float out[kMaxMT];
   for (int64_t n = n_begin; n < n_end; ++n) {
     const uint8_t* wr = w_mant + n * w_row_stride;
     const uint8_t* er = w_exp + n * w_exp_stride;
-    const float b = bias ? bias[n] : 0.0f;
     for (int64_t t = 0, m = 0; t < tiles; ++t) {
-      const int64_t mt = (p.M - m) / (tiles - t);
-      const uint8_t* x = xq + m * p.xq_cols;
-      const float* s = xs + m * p.groups;
-      const int32_t* cr = corr + m * p.groups;
+      const int64_t mt = (M - m) / (tiles - t);
+      const uint8_t* x = xq + m * xq_cols;
+      const float* s = xs + m * lanes;
+      const int32_t* cr = corr + m * lanes;
+#define LLMCORE_ROWS(R) rows_avx512<R, kPacked>(x, xq_cols, cr, s, lanes, wr, er, bytes, nb, shift, out)
       switch (mt) {
-        case 1: rows_avx512<1, kPacked>(p, x, cr, s, wr, er, out); break;
-        case 2: rows_avx512<2, kPacked>(p, x, cr, s, wr, er, out); break;
-        case 3: rows_avx512<3, kPacked>(p, x, cr, s, wr, er, out); break;
-        case 4: rows_avx512<4, kPacked>(p, x, cr, s, wr, er, out); break;
-        case 5: rows_avx512<5, kPacked>(p, x, cr, s, wr, er, out); break;
-        case 6: rows_avx512<6, kPacked>(p, x, cr, s, wr, er, out); break;
-        case 7: rows_avx512<7, kPacked>(p, x, cr, s, wr, er, out); break;
-        default: rows_avx512<8, kPacked>(p, x, cr, s, wr, er, out);
+        case 1: LLMCORE_ROWS(1); break;
+        case 2: LLMCORE_ROWS(2); break;
+        case 3: LLMCORE_ROWS(3); break;
+        case 4: LLMCORE_ROWS(4); break;
+        case 5: LLMCORE_ROWS(5); break;
+        case 6: LLMCORE_ROWS(6); break;
+        case 7: LLMCORE_ROWS(7); break;
+        default: LLMCORE_ROWS(8);
       }
-      for (int64_t r = 0; r < mt; ++r) y[(m + r) * ldy + n] = bias ? out[r] + b : out[r];
+#undef LLMCORE_ROWS
+      for (int64_t r = 0; r < mt; ++r) y[(m + r) * ldy + n] = bias ? out[r] + bias[n] : out[r];
       m += mt;
     }
   }
 }
 #undef LLMCORE_AVX512_TARGET
+#pragma GCC diagnostic pop
 #endif  // __x86_64__
 
 }  // namespace
@@ -290,11 +314,60 @@ GemvQ8Plan gemv_q8_plan(int64_t M, int64_t K, int w_bits) {
   p.M = M;
   p.K = K;
   p.w_bits = w_bits;
-  p.row_bytes = (mantissa_cols(K, w_bits) + 63) / 64 * 64;
-  p.groups = p.row_bytes / 4;
+#if defined(__x86_64__)
+  p.tiled = active_isa() == Isa::kAvx512;
+#else
+  p.tiled = false;
+#endif
+  const int64_t bytes = mantissa_cols(K, w_bits);
+  if (p.tiled) {
+    p.row_bytes = (bytes + kStepBytes - 1) / kStepBytes * kStepBytes;
+    p.groups = p.row_bytes / kStepBytes * 16;
+  } else {
+    p.row_bytes = (bytes + 63) / 64 * 64;
+    p.groups = p.row_bytes / 4;
+  }
   p.xq_cols = is_packed(w_bits) ? 2 * p.row_bytes : p.row_bytes;
   return p;
 }
+
+namespace {
+
+// The AVX-512 layout of one activation row (see gemv_q8_prepare in bfp_cpu.h).
+void prepare_tiled_row(const GemvQ8Plan& p, const int8_t* ar, const uint8_t* er, int a_bits,
+                       uint8_t* xr, int32_t* cr, float* sr) {
+  const bool packed = is_packed(p.w_bits);
+  const int64_t K = p.K, nb = exponent_cols(K, kBlock), steps = p.row_bytes / kStepBytes;
+  auto a = [&](int64_t e) -> int { return e < K ? ar[e] : 0; };
+  memset(xr, 0, static_cast<size_t>(p.xq_cols));
+  for (int64_t s = 0; s < steps; ++s) {
+    for (int L = 0; L < 16; ++L) {
+      const int c = L & 3, k = L >> 2;
+      const int64_t b0 = s * kStepBytes + 64 * c + 16 * k;  // the lane's first weight byte
+      int32_t sum = 0;
+      for (int j = 0; j < 4; ++j) {
+        for (int i = 0; i < 4; ++i) {
+          const int64_t byte = b0 + 4 * j + i;
+          if (packed) {
+            const int lo = a(2 * byte), hi = a(2 * byte + 1);
+            xr[s * 512 + j * 128 + L * 4 + i] = static_cast<uint8_t>(lo);
+            xr[s * 512 + j * 128 + 64 + L * 4 + i] = static_cast<uint8_t>(hi);
+            sum += lo + hi;
+          } else {
+            const int v = a(byte);
+            xr[s * 256 + j * 64 + L * 4 + i] = static_cast<uint8_t>(v);
+            sum += v;
+          }
+        }
+      }
+      cr[s * 16 + L] = (packed ? -8 : -128) * sum;
+      const int64_t b = packed ? b0 / 16 : b0 / 32;
+      sr[s * 16 + L] = b < nb ? block_scale(er[b], a_bits) : 0.0f;
+    }
+  }
+}
+
+}  // namespace
 
 void gemv_q8_prepare(const GemvQ8Plan& p, const int8_t* a_mant, int64_t a_row_stride,
                      const uint8_t* a_exp, int64_t a_exp_stride, int a_bits, int8_t* xq,
@@ -305,6 +378,11 @@ void gemv_q8_prepare(const GemvQ8Plan& p, const int8_t* a_mant, int64_t a_row_st
   for (int64_t m = 0; m < p.M; ++m) {
     const int8_t* ar = a_mant + m * a_row_stride;
     auto* xr = reinterpret_cast<uint8_t*>(xq + m * cols);
+    const uint8_t* er = a_exp + m * a_exp_stride;
+    if (p.tiled) {
+      prepare_tiled_row(p, ar, er, a_bits, xr, corr + m * groups, xs + m * groups);
+      continue;
+    }
     int64_t e = 0;
     if (packed) {  // a itself; per 128 elements the evens, then the odds
       for (; e + 128 <= K; e += 128) {
@@ -315,17 +393,10 @@ void gemv_q8_prepare(const GemvQ8Plan& p, const int8_t* a_mant, int64_t a_row_st
       }
       memset(xr + e, 0, static_cast<size_t>(cols - e));  // a = 0 past K
       for (; e < K; ++e) xr[packed_pos(e)] = static_cast<uint8_t>(ar[e]);
-      int32_t* cr = corr + m * groups;  // -8 * (sum of the 8 a in the group)
-      for (int64_t g = 0; g < groups; ++g) {
-        int32_t sum = 0;
-        for (int64_t i = g * 8; i < g * 8 + 8 && i < K; ++i) sum += ar[i];
-        cr[g] = -8 * sum;
-      }
     } else {  // a + 128
       for (; e < K; ++e) xr[e] = static_cast<uint8_t>(ar[e] ^ 0x80);
       memset(xr + e, 0x80, static_cast<size_t>(cols - e));
     }
-    const uint8_t* er = a_exp + m * a_exp_stride;
     float* sr = xs + m * groups;
     for (int64_t b = 0; b < nb; ++b) sr[b] = block_scale(er[b], a_bits);
     for (int64_t b = nb; b < groups; ++b) sr[b] = 0.0f;
@@ -338,13 +409,12 @@ void gemv_q8(const GemvQ8Plan& p, const int8_t* xq, const int32_t* corr, const f
              int64_t n_end) {
   const auto* xu = reinterpret_cast<const uint8_t*>(xq);
 #if defined(__x86_64__)
-  const Isa isa = active_isa();
-  if (isa == Isa::kAvx512) {
+  if (p.tiled) {  // the layout prepared for the AVX-512 kernel
     auto f = is_packed(p.w_bits) ? gemv_avx512_t<true> : gemv_avx512_t<false>;
     f(p, xu, corr, xs, w_mant, w_row_stride, w_exp, w_exp_stride, bias, y, ldy, n_begin, n_end);
     return;
   }
-  if (isa == Isa::kAvx2) {
+  if (active_isa() == Isa::kAvx2) {
     gemv_avx2(p, xu, xs, w_mant, w_row_stride, w_exp, w_exp_stride, bias, y, ldy, n_begin, n_end);
     return;
   }
