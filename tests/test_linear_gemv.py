@@ -152,3 +152,33 @@ def test_compiles():
     x, w = randn((2, 40), torch.bfloat16), randn((24, 40), torch.bfloat16)
     fn = torch.compile(lambda a, b: linear_gemv(a, b) * 2, fullgraph=True, backend="eager")
     assert torch.equal(fn(x, w), linear_gemv(x, w) * 2)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_model_decode_matches_the_module_chain(dtype):
+    """A dense model's cached steps (decode and a 5-token verify, the blocks in
+    decoder_layers and the head in Python, all through linear_gemv) against the module
+    chain (nn.Linear: F.linear), to the dtype's rounding."""
+    from llmcore.models import Transformer, TransformerConfig
+
+    cfg = TransformerConfig(dim=96, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=200,
+                            vocab_size=257, max_seq_len=64, attention_bias=True)
+    model = Transformer(cfg, dtype=dtype).eval()
+    ids = torch.randint(0, 257, (2, 20))
+
+    def run():
+        cache = model.new_cache(2, 32)
+        with torch.inference_mode():
+            out = [model(ids[:, :9], cache=cache, prefill=True)[:, -1:]]
+            out += [model(ids[:, i:i + 1], cache=cache) for i in range(9, 14)]
+            out.append(model(ids[:, 14:19], cache=cache))
+        return torch.cat(out, 1).float()
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fast = run()
+    calls = sum(e.count for e in prof.key_averages() if e.key == "llmcore::linear_gemv")
+    assert calls == 6 * (2 * 7 + 1)  # 6 cached steps: 7 projections per layer and the head
+    model.fused_inference = False
+    chain = run()
+    rtol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype]
+    torch.testing.assert_close(fast, chain, rtol=rtol, atol=rtol * chain.abs().max().item())

@@ -74,8 +74,9 @@ at::Tensor linear_gemv_cpu(const at::Tensor& x, const at::Tensor& weight,
   const void* bp = b.defined() ? b.data_ptr() : nullptr;
   void* yp = y.data_ptr();
   const int64_t row_bytes = std::max<int64_t>(1, K * weight.element_size());
+  // (a multiple of 4 columns: the kernels' blocks of weight rows stay whole)
   const int64_t chunk =
-      N * row_bytes <= kChunkBytes ? N : std::max<int64_t>(1, kChunkBytes / row_bytes);
+      N * row_bytes <= kChunkBytes ? N : std::max<int64_t>(4, kChunkBytes / row_bytes / 4 * 4);
   parallel_chunks(N, chunk, [&](int64_t n0, int64_t n1) {
     cpu::gemv(p, xs, wp, ldw, bp, yp, N, n0, n1);
   });

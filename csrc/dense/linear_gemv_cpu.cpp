@@ -3,10 +3,10 @@
 //
 // At M = 1 a GEMV does one multiply-add per weight element it reads, so it is bound by
 // memory; torch's F.linear reached 4-5 GB/s of bf16 weights on the 2-core Xeon against
-// ~9 GB/s per core of streaming bandwidth. Here each weight row is one sequential stream,
-// loaded 64 bytes at a time with a software prefetch a few KB ahead, and every activation
-// row multiplies the same load (rows in tiles of up to 8 whose weight row comes from L1
-// after the first tile):
+// ~9 GB/s per core of streaming bandwidth. Here weight rows go in blocks of 4, four
+// sequential streams loaded 64 bytes at a time with a software prefetch a few KB ahead,
+// and every activation row multiplies the same loads (activation rows in tiles of up to 4;
+// after the first tile the block comes from L1):
 //   AVX-512 + AVX512_BF16  bf16: vdpbf16ps multiplies 32 bf16 pairs exactly and adds them
 //                          into 16 fp32 lanes (inputs' subnormals read as zero, the
 //                          instruction's rule); the activation rows stay bf16.
@@ -16,9 +16,9 @@
 //   AVX2                   the same with 8 fp32 lanes, the row tail through a zeroed buffer.
 //   scalar                 the definition, one fp32 sum per output.
 // The activation rows are laid out once per call (gemv_prepare) with zeros from K to a
-// multiple of 32, so only the weight needs masked loads at the end of a row. Two
-// accumulators per row keep the FMA latency off the critical path; the sum of a row
-// depends on M (its tile) and K only, so any column split gives the same bits.
+// multiple of 32, so only the weight needs masked loads at the end of a row. Each output
+// has its own accumulator, summed in the same order whatever block or tile it falls in,
+// so any column split (any thread count) gives the same bits.
 //
 // Build: part of llmcore._C (python setup.py build_ext --inplace).
 #include "dense/dense_cpu.h"
@@ -209,101 +209,122 @@ LLMCORE_AVX512_TARGET inline void load32_avx512(const uint8_t* p, int64_t left, 
   }
 }
 
-// MT activation rows (fp32, row stride kp) against weight row wr: out[r].
-template <DType T, int MT>
-LLMCORE_AVX512_TARGET void rows_avx512(const GemvPlan& p, const float* xs, const uint8_t* wr,
-                                       float* out) {
+// NR weight rows (wr[i]) against MT activation rows (fp32, row stride kp): out[i * MT + r].
+// One accumulator per (weight row, activation row): NR * MT independent FMA chains, and
+// each output's sum runs in the same order whatever NR and MT are.
+template <DType T, int NR, int MT>
+LLMCORE_AVX512_TARGET void block_avx512(const GemvPlan& p, const float* xs,
+                                        const uint8_t* const* wr, int64_t pf, float* out) {
   constexpr int64_t kEl = T == DType::kFloat32 ? 4 : 2;
-  __m512 acc0[MT], acc1[MT];
-  for (int r = 0; r < MT; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  __m512 acc[NR][MT];
+  for (int i = 0; i < NR; ++i)
+    for (int r = 0; r < MT; ++r) acc[i][r] = _mm512_setzero_ps();
   for (int64_t k = 0; k < p.K; k += 32) {
-    const uint8_t* wk = wr + k * kEl;
-    _mm_prefetch(reinterpret_cast<const char*>(wk + kPrefetchBytes), _MM_HINT_T0);
-    if constexpr (kEl == 4)
-      _mm_prefetch(reinterpret_cast<const char*>(wk + kPrefetchBytes + 64), _MM_HINT_T0);
-    __m512 w0, w1;
-    load32_avx512<T>(wk, p.K - k, w0, w1);
+    __m512 w0[NR], w1[NR];
+    for (int i = 0; i < NR; ++i) {
+      const uint8_t* wk = wr[i] + k * kEl;
+      _mm_prefetch(reinterpret_cast<const char*>(wk + pf), _MM_HINT_T0);
+      if constexpr (kEl == 4) _mm_prefetch(reinterpret_cast<const char*>(wk + pf + 64), _MM_HINT_T0);
+      load32_avx512<T>(wk, p.K - k, w0[i], w1[i]);
+    }
     for (int r = 0; r < MT; ++r) {
       const float* xr = xs + r * p.kp + k;
-      acc0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), acc0[r]);
-      acc1[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), acc1[r]);
+      const __m512 x0 = _mm512_loadu_ps(xr), x1 = _mm512_loadu_ps(xr + 16);
+      for (int i = 0; i < NR; ++i)
+        acc[i][r] = _mm512_fmadd_ps(w1[i], x1, _mm512_fmadd_ps(w0[i], x0, acc[i][r]));
     }
   }
-  for (int r = 0; r < MT; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
+  for (int i = 0; i < NR; ++i)
+    for (int r = 0; r < MT; ++r) out[i * MT + r] = _mm512_reduce_add_ps(acc[i][r]);
 }
 
-// bf16 with AVX512_BF16: MT activation rows (bf16, row stride kp) against weight row wr;
-// steps of 32 elements alternate between two accumulators per row.
-template <int MT>
-LLMCORE_AVX512BF16_TARGET inline void dot_step(const uint16_t* xs, int64_t kp, const uint16_t* wr,
-                                               int64_t k, int64_t K, __m512* acc) {
-  _mm_prefetch(reinterpret_cast<const char*>(wr + k) + kPrefetchBytes, _MM_HINT_T0);
-  const int64_t left = K - k;
-  const __m512i w = left >= 32 ? _mm512_loadu_si512(wr + k) : _mm512_maskz_loadu_epi16(mask32(left), wr + k);
-  for (int r = 0; r < MT; ++r)
-    acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)w, (__m512bh)_mm512_loadu_si512(xs + r * kp + k));
-}
-
-template <int MT>
-LLMCORE_AVX512BF16_TARGET void rows_avx512_bf16dot(const GemvPlan& p, const uint16_t* xs,
-                                                   const uint8_t* w, float* out) {
-  const auto* wr = reinterpret_cast<const uint16_t*>(w);
-  __m512 acc0[MT], acc1[MT];
-  for (int r = 0; r < MT; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 32 < p.K; k += 64) {
-    dot_step<MT>(xs, p.kp, wr, k, p.K, acc0);
-    dot_step<MT>(xs, p.kp, wr, k + 32, p.K, acc1);
+// bf16 with AVX512_BF16, as block_avx512 with bf16 activation rows: vdpbf16ps adds the
+// exact products of 32 bf16 pairs into 16 fp32 lanes.
+template <int NR, int MT>
+LLMCORE_AVX512BF16_TARGET void block_avx512_bf16dot(const GemvPlan& p, const uint16_t* xs,
+                                                    const uint8_t* const* wr, int64_t pf,
+                                                    float* out) {
+  __m512 acc[NR][MT];
+  for (int i = 0; i < NR; ++i)
+    for (int r = 0; r < MT; ++r) acc[i][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < p.K; k += 32) {
+    const int64_t left = p.K - k;
+    __m512i w[NR];
+    for (int i = 0; i < NR; ++i) {
+      const auto* wk = reinterpret_cast<const uint16_t*>(wr[i]) + k;
+      _mm_prefetch(reinterpret_cast<const char*>(wk) + pf, _MM_HINT_T0);
+      w[i] = left >= 32 ? _mm512_loadu_si512(wk) : _mm512_maskz_loadu_epi16(mask32(left), wk);
+    }
+    for (int r = 0; r < MT; ++r) {
+      const __m512i x = _mm512_loadu_si512(xs + r * p.kp + k);
+      for (int i = 0; i < NR; ++i) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], (__m512bh)w[i], (__m512bh)x);
+    }
   }
-  if (k < p.K) dot_step<MT>(xs, p.kp, wr, k, p.K, acc0);
-  for (int r = 0; r < MT; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
+  for (int i = 0; i < NR; ++i)
+    for (int r = 0; r < MT; ++r) out[i * MT + r] = _mm512_reduce_add_ps(acc[i][r]);
 }
 
-// (Compiled for AVX-512 without AVX512_BF16: it calls the bf16 dot tiles, not inlines them.)
+template <DType T, bool kDot, int NR, int MT>
+void block_call(const GemvPlan& p, const void* x, const uint8_t* const* wr, int64_t pf,
+                float* out) {
+  if constexpr (kDot) block_avx512_bf16dot<NR, MT>(p, static_cast<const uint16_t*>(x), wr, pf, out);
+  else block_avx512<T, NR, MT>(p, static_cast<const float*>(x), wr, pf, out);
+}
+
+// MT <= 4 with NR = 4 weight rows, <= 8 with 1 or 2 (at most 16 accumulators).
+template <DType T, bool kDot, int NR>
+void block_rows(const GemvPlan& p, const void* x, int64_t mt, const uint8_t* const* wr,
+                int64_t pf, float* out) {
+  switch (mt) {
+    case 1: block_call<T, kDot, NR, 1>(p, x, wr, pf, out); break;
+    case 2: block_call<T, kDot, NR, 2>(p, x, wr, pf, out); break;
+    case 3: block_call<T, kDot, NR, 3>(p, x, wr, pf, out); break;
+    case 4: block_call<T, kDot, NR, 4>(p, x, wr, pf, out); break;
+    default:
+      if constexpr (NR <= 2) {
+        switch (mt) {
+          case 5: block_call<T, kDot, NR, 5>(p, x, wr, pf, out); break;
+          case 6: block_call<T, kDot, NR, 6>(p, x, wr, pf, out); break;
+          case 7: block_call<T, kDot, NR, 7>(p, x, wr, pf, out); break;
+          default: block_call<T, kDot, NR, 8>(p, x, wr, pf, out);
+        }
+      }
+  }
+}
+
+// Weight rows in blocks (four streams from memory, each activation load shared by the
+// block; one by one at the end of the range): 4 rows for up to 4 activation rows, else 2
+// rows and activation tiles of up to 8, as even as possible (for the next tile the block
+// comes from L1 or L2). Each row's prefetch runs ahead to the same offset of the next
+// block (short rows) or 4 KB ahead in the row (long rows).
 template <DType T, bool kDot>
-LLMCORE_AVX512_TARGET void gemv_avx512(const GemvPlan& p, const void* xs, const uint8_t* w,
-                                           int64_t ldw_bytes, const void* bias, void* y,
-                                           int64_t ldy, int64_t n_begin, int64_t n_end) {
-  constexpr int kMaxMT = 8;
-  // Rows in tiles of at most 8, as even as possible: the weight row is read from memory
-  // once and from L1 for the next tile.
-  const int64_t tiles = (p.M + kMaxMT - 1) / kMaxMT;
+void gemv_avx512(const GemvPlan& p, const void* xs, const uint8_t* w, int64_t ldw_bytes,
+                 const void* bias, void* y, int64_t ldy, int64_t n_begin, int64_t n_end) {
+  const int kNR = p.M <= 4 ? 4 : 2;
+  const int64_t max_mt = p.M <= 4 ? 4 : 8;
+  const int64_t tiles = (p.M + max_mt - 1) / max_mt;
   const int64_t x_el = kDot ? 2 : 4;
-  float out[kMaxMT];
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const uint8_t* wr = w + n * ldw_bytes;
-    const float b = bias ? load_float(bias, T, n) : 0.0f;
+  const int64_t block_bytes = kNR * ldw_bytes;
+  const int64_t pf = block_bytes <= 2 * kPrefetchBytes ? block_bytes : kPrefetchBytes;
+  float out[16];
+  const uint8_t* wr[4];
+  for (int64_t n = n_begin; n < n_end;) {
+    const int nr = n_end - n >= kNR ? kNR : 1;
+    for (int i = 0; i < nr; ++i) wr[i] = w + (n + i) * ldw_bytes;
     for (int64_t t = 0, m = 0; t < tiles; ++t) {
       const int64_t mt = (p.M - m) / (tiles - t);
       const void* x = static_cast<const uint8_t*>(xs) + m * p.kp * x_el;
-      if constexpr (kDot) {
-        const auto* xb = static_cast<const uint16_t*>(x);
-        switch (mt) {
-          case 1: rows_avx512_bf16dot<1>(p, xb, wr, out); break;
-          case 2: rows_avx512_bf16dot<2>(p, xb, wr, out); break;
-          case 3: rows_avx512_bf16dot<3>(p, xb, wr, out); break;
-          case 4: rows_avx512_bf16dot<4>(p, xb, wr, out); break;
-          case 5: rows_avx512_bf16dot<5>(p, xb, wr, out); break;
-          case 6: rows_avx512_bf16dot<6>(p, xb, wr, out); break;
-          case 7: rows_avx512_bf16dot<7>(p, xb, wr, out); break;
-          default: rows_avx512_bf16dot<8>(p, xb, wr, out);
-        }
-      } else {
-        const auto* xf = static_cast<const float*>(x);
-        switch (mt) {
-          case 1: rows_avx512<T, 1>(p, xf, wr, out); break;
-          case 2: rows_avx512<T, 2>(p, xf, wr, out); break;
-          case 3: rows_avx512<T, 3>(p, xf, wr, out); break;
-          case 4: rows_avx512<T, 4>(p, xf, wr, out); break;
-          case 5: rows_avx512<T, 5>(p, xf, wr, out); break;
-          case 6: rows_avx512<T, 6>(p, xf, wr, out); break;
-          case 7: rows_avx512<T, 7>(p, xf, wr, out); break;
-          default: rows_avx512<T, 8>(p, xf, wr, out);
-        }
+      if (nr == 4) block_rows<T, kDot, 4>(p, x, mt, wr, pf, out);
+      else if (nr == 2) block_rows<T, kDot, 2>(p, x, mt, wr, pf, out);
+      else block_rows<T, kDot, 1>(p, x, mt, wr, pf, out);
+      for (int i = 0; i < nr; ++i) {
+        const float b = bias ? load_float(bias, T, n + i) : 0.0f;
+        for (int64_t r = 0; r < mt; ++r)
+          store_float(y, T, (m + r) * ldy + n + i, out[i * mt + r] + b);
       }
-      for (int64_t r = 0; r < mt; ++r) store_float(y, T, (m + r) * ldy + n, out[r] + b);
       m += mt;
     }
+    n += nr;
   }
 }
 #undef LLMCORE_AVX512_TARGET
