@@ -58,8 +58,9 @@ bool bf16_dot_enabled() {
 
 template <DType T>
 inline float wload(const uint8_t* w, int64_t i) {
-  if constexpr (T == DType::kBFloat16) return bf16_to_f32(reinterpret_cast<const uint16_t*>(w)[i]);
-  else if constexpr (T == DType::kFloat16) return f16_to_f32(reinterpret_cast<const uint16_t*>(w)[i]);
+  const auto* h = reinterpret_cast<const uint16_t*>(w);
+  if constexpr (T == DType::kBFloat16) return bf16_to_f32(h[i]);
+  else if constexpr (T == DType::kFloat16) return f16_to_f32(h[i]);
   else return reinterpret_cast<const float*>(w)[i];
 }
 
@@ -224,7 +225,8 @@ LLMCORE_AVX512_TARGET void block_avx512(const GemvPlan& p, const float* xs,
     for (int i = 0; i < NR; ++i) {
       const uint8_t* wk = wr[i] + k * kEl;
       _mm_prefetch(reinterpret_cast<const char*>(wk + pf), _MM_HINT_T0);
-      if constexpr (kEl == 4) _mm_prefetch(reinterpret_cast<const char*>(wk + pf + 64), _MM_HINT_T0);
+      if constexpr (kEl == 4)
+        _mm_prefetch(reinterpret_cast<const char*>(wk + pf + 64), _MM_HINT_T0);
       load32_avx512<T>(wk, p.K - k, w0[i], w1[i]);
     }
     for (int r = 0; r < MT; ++r) {
@@ -257,7 +259,8 @@ LLMCORE_AVX512BF16_TARGET void block_avx512_bf16dot(const GemvPlan& p, const uin
     }
     for (int r = 0; r < MT; ++r) {
       const __m512i x = _mm512_loadu_si512(xs + r * p.kp + k);
-      for (int i = 0; i < NR; ++i) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], (__m512bh)w[i], (__m512bh)x);
+      for (int i = 0; i < NR; ++i)
+        acc[i][r] = _mm512_dpbf16_ps(acc[i][r], (__m512bh)w[i], (__m512bh)x);
     }
   }
   for (int i = 0; i < NR; ++i)
@@ -378,7 +381,8 @@ void gemv_prepare(const GemvPlan& p, const void* x, int64_t ldx, void* scratch) 
   if (p.layout == XLayout::kBf16) {
     auto* xs = static_cast<uint16_t*>(scratch);
     for (int64_t m = 0; m < p.M; ++m) {
-      memcpy(xs + m * p.kp, static_cast<const uint16_t*>(x) + m * ldx, static_cast<size_t>(p.K * 2));
+      const uint16_t* xr = static_cast<const uint16_t*>(x) + m * ldx;
+      memcpy(xs + m * p.kp, xr, static_cast<size_t>(p.K * 2));
       memset(xs + m * p.kp + p.K, 0, static_cast<size_t>((p.kp - p.K) * 2));
     }
     return;
