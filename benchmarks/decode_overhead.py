@@ -12,8 +12,9 @@ bfp_act_linear(_multi) (the GEMV kernels) against the whole step. ``--tiny`` kee
 layers at dims where the kernels cost about nothing: its time per token is the overhead.
 ``--verify T`` times one step of T new tokens (verifying T - 1 drafts of assisted
 generation) against one single-token step, alternated at the same context: the verify
-cost ratio. ``--format`` picks the weight format (default mxint8), ``--storage`` the KV
-cache's.
+cost ratio. ``--format`` picks the weight format (default mxint8; ``none`` keeps the
+dense weights: their projections run ``linear_gemv``), ``--dtype`` the model's dtype
+(default float32), ``--storage`` the KV cache's.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from llmcore.models import Transformer, TransformerConfig
 PROMPT, STEPS = 128, 64
 
 
-def build(storage: str = "native", tiny: bool = False, fmt: str = "mxint8"
-          ) -> tuple[Transformer, object, torch.Tensor]:
+def build(storage: str = "native", tiny: bool = False, fmt: str = "mxint8",
+          dtype: torch.dtype = torch.float32) -> tuple[Transformer, object, torch.Tensor]:
     torch.manual_seed(0)
     if tiny:  # the 110M's 12 layers at dims where the kernels cost ~nothing: the overhead
         cfg = TransformerConfig(dim=64, n_layers=12, n_heads=2, ffn_dim=128, vocab_size=256,
@@ -39,11 +40,12 @@ def build(storage: str = "native", tiny: bool = False, fmt: str = "mxint8"
     else:
         cfg = TransformerConfig(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=3072,
                                 vocab_size=32000, max_seq_len=512)
-    model = Transformer(cfg).eval()
+    model = Transformer(cfg, dtype=dtype).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
-    model.quantize(fmt)
+    if fmt != "none":
+        model.quantize(fmt)
     prompt = torch.randint(0, cfg.vocab_size, (1, PROMPT))
     cache = model.new_cache(1, PROMPT + STEPS + 1, storage=storage)
     return model, cache, prompt
@@ -95,7 +97,8 @@ def profile(model, cache, prompt) -> dict:
     total = sum(e.self_cpu_time_total for e in ev) / 1e3 / n
     kern = sum(e.cpu_time_total for e in ev
                if e.key in ("llmcore::bfp_gemm", "llmcore::bfp_linear", "llmcore::bfp_act_linear",
-                            "llmcore::bfp_act_linear_multi")) / 1e3 / n
+                            "llmcore::bfp_act_linear_multi", "llmcore::linear_gemv",
+                            "aten::linear")) / 1e3 / n
     attn = sum(e.cpu_time_total for e in ev if e.key == "llmcore::decode_attention") / 1e3 / n
     ops = sum(e.count for e in ev if e.key.startswith("aten::")) / n
     empty = sum(e.count for e in ev if e.key in ("aten::empty", "aten::empty_strided")) / n
@@ -117,10 +120,12 @@ def main() -> None:
     ap.add_argument("--verify", type=int, default=0, metavar="T",
                     help="also time one step of T new tokens (verifying T - 1 drafts) "
                          "against one single-token step, alternated: the verify cost ratio")
-    ap.add_argument("--format", default="mxint8", help="weight format (default mxint8)")
+    ap.add_argument("--format", default="mxint8",
+                    help="weight format (default mxint8; none: dense weights)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--out")
     args = ap.parse_args()
-    model, cache, prompt = build(args.storage, args.tiny, args.format)
+    model, cache, prompt = build(args.storage, args.tiny, args.format, getattr(torch, args.dtype))
     times = {t: [] for t in args.threads}
     for _ in range(args.rounds):
         for t in args.threads:

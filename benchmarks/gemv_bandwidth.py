@@ -13,13 +13,17 @@ streaming-read bandwidth. This measures both, in rounds that interleave everythi
   (mantissas + exponents) per wall second. Weights rotate over more than twice the
   last-level cache, so every call reads them from memory.
 
+``--kind dense`` measures the dense decode GEMV instead: ``torch.ops.llmcore.linear_gemv``
+against ``F.linear`` (what a bf16/fp32 model ran before it) on the same shapes, bf16 and
+fp32 weights, the two called in turn within each timed batch; GB/s of weight bytes.
+
 Each variant (``--variant NAME=DIR``: DIR holds the ``llmcore`` package to import, e.g. a
 copy of the package with an older build of the extension) runs in its own process, one
 process per round and variant, in the order A, B, A, B, ...; medians over rounds.
 
 Run from the repository root:
   python benchmarks/gemv_bandwidth.py [--quick] [--rounds 5] [--threads 1,2]
-      [--variant before=/tmp/old --variant after=.] [--out FILE]
+      [--variant before=/tmp/old --variant after=.] [--kind bfp|dense] [--out FILE]
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ SHAPES = {  # name: (N, K)
 }
 QUICK = ("110M qkvo 768x768", "110M head 32000x768", "1B gate/up 8192x2048")
 FORMATS = {"mxint8": 8, "mxint4": 4}
+DENSE = ("bf16 linear_gemv", "bf16 F.linear", "fp32 linear_gemv", "fp32 F.linear")
 
 
 def llc_bytes() -> int:
@@ -60,8 +65,63 @@ def llc_bytes() -> int:
         return 32 << 20
 
 
+def _time(calls: dict, seconds: float, count: int) -> dict[str, float]:
+    """Median seconds per call of each of ``calls`` (name -> f(i)), the batches of the
+    different calls interleaved."""
+    per = {}
+    for name, call in calls.items():
+        call(0)
+        w0 = time.perf_counter()
+        call(1)
+        per[name] = max(count, min(400, int(seconds / max(time.perf_counter() - w0, 1e-6))))
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    i = 2
+    for _ in range(3):  # median of three batches
+        for name, call in calls.items():
+            w0 = time.perf_counter()
+            for _ in range(per[name]):
+                call(i)
+                i += 1
+            samples[name].append((time.perf_counter() - w0) / per[name])
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def dense_worker(args) -> None:
+    """One round of --kind dense: linear_gemv and F.linear in turn, per (shape, dtype, M,
+    threads); prints a JSON dict of ms."""
+    import torch
+    import torch.nn.functional as F
+
+    import llmcore  # noqa: F401  (loads the extension)
+
+    torch.manual_seed(0)
+    gemv = torch.ops.llmcore.linear_gemv
+    rotate = 2 * llc_bytes()
+    out = {}
+    for shape in args.shapes.split(";"):
+        n, k = SHAPES[shape]
+        for dtype, tag in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+            nbytes = n * k * dtype.itemsize
+            count = max(2, -(-rotate // nbytes))
+            w = torch.randn(n, k).to(dtype) * 0.02
+            ws = [w] + [w.clone() for _ in range(count - 1)]
+            for m in args.ms:
+                x = torch.randn(m, k).to(dtype)
+                calls = {f"{tag} linear_gemv": lambda i, x=x, ws=ws: gemv(x, ws[i % len(ws)], None),
+                         f"{tag} F.linear": lambda i, x=x, ws=ws: F.linear(x, ws[i % len(ws)])}
+                for t in args.threads:
+                    torch.set_num_threads(t)
+                    for name, sec in _time(calls, args.seconds, len(ws)).items():
+                        out[f"{shape}|{name}|{m}|{t}"] = {"ms": sec * 1e3, "weight_bytes": nbytes}
+            del ws, w
+    print("RESULT " + json.dumps(out), flush=True)
+
+
 def worker(args) -> None:
     """One round: every (shape, format, M, threads) once; prints a JSON dict of ms."""
+    if args.kind == "dense":
+        dense_worker(args)
+        return
     import torch
 
     import llmcore  # noqa: F401  (loads the extension)
@@ -127,6 +187,8 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=None,
                     help="NAME=DIR: import llmcore from DIR (default: this checkout)")
     ap.add_argument("--seconds", type=float, default=0.03, help="per timed batch")
+    ap.add_argument("--kind", choices=("bfp", "dense"), default="bfp",
+                    help="bfp: the int8-activation BFP GEMV; dense: linear_gemv vs F.linear")
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -143,7 +205,7 @@ def main() -> None:
                     str(binary)], check=True)
     cmd = [sys.executable, __file__, "--worker", "--shapes", ";".join(shapes),
            "--threads", ",".join(map(str, args.threads)), "--ms", ",".join(map(str, args.ms)),
-           "--seconds", str(args.seconds)]
+           "--seconds", str(args.seconds), "--kind", args.kind]
     bw: dict[int, list[float]] = {t: [] for t in args.threads}
     samples: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
     nbytes: dict[str, int] = {}
@@ -177,15 +239,16 @@ def main() -> None:
     names = list(variants)
     print("\nstreaming read (membw.cpp, 512 MiB): "
           + ", ".join(f"{t} thread(s) {g:.1f} GB/s" for t, g in roof.items()))
-    print(f"{'shape':24s} {'fmt':6s} M  t " + " ".join(f"{n:>16s}" for n in names)
+    print(f"{'shape':24s} {'fmt':16s} M  t " + " ".join(f"{n:>16s}" for n in names)
           + "   (GB/s of weights, fraction of membw)")
     for row in rows:
-        print(f"{row['shape']:24s} {row['format']:6s} {row['M']:<2d} {row['threads']} "
+        print(f"{row['shape']:24s} {row['format']:16s} {row['M']:<2d} {row['threads']} "
               + " ".join(f"{row[n]['GBps']:8.1f} ({row[n]['fraction_of_membw']:4.2f})"
                          for n in names))
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                             cwd=HERE).stdout.strip()
-    res = {"benchmark": "gemv_bandwidth", "command": "python " + " ".join(sys.argv),
+    res = {"benchmark": "gemv_bandwidth" if args.kind == "bfp" else "gemv_bandwidth_dense",
+           "command": "python " + " ".join(sys.argv),
            "commit": commit, "variants": variants,
            "cpu": next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
                         if ln.startswith("model name")), platform.machine()),
@@ -196,7 +259,8 @@ def main() -> None:
                     "in turn (A, B, A, B). The machine is shared (2 cores): wall-clock "
                     "figures are noisy."}
     dev = "cpu-intel-xeon" if "Intel" in open("/proc/cpuinfo").read() else "cpu"
-    out = Path(args.out or HERE / "results" / dev / "gemv_bandwidth.json")
+    name = "gemv_bandwidth.json" if args.kind == "bfp" else "gemv_bandwidth_dense.json"
+    out = Path(args.out or HERE / "results" / dev / name)
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {out}")
 

@@ -48,6 +48,13 @@ TORCH_LIBRARY(llmcore, m) {
   m.def("bfp_act_linear_multi(Tensor x, Tensor[] w_mantissa, Tensor[] w_exponent, int a_bits,"
         " int w_bits, int block_size, bool round_even, Tensor?[] bias) -> Tensor[]");
 
+  // ---- dense decode GEMV (csrc/dense) -------------------------------------------------------
+  // y = x @ weight^T (+ bias) for x [..., K] of M = prod(leading dims) <= 16 rows, weight
+  // [N, K] (contiguous rows, any row stride) and bias [N] of x's dtype (float32/bf16/fp16):
+  // fp32 sums, bias added in fp32, one rounding to x's dtype -> [..., N]. Each weight row is
+  // streamed once for all M rows (decode, draft verification); more rows: F.linear.
+  m.def("linear_gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+
   // ---- fused attention (csrc/attention) --------------------------------------------------
   // q [B, Sq, H, D], k/v [B, Sk, Hkv, D] (H % Hkv == 0: GQA/MQA), last dim contiguous.
   // causal: query i sees keys j <= i + Sk - Sq (bottom-right aligned). Returns out
@@ -112,13 +119,14 @@ TORCH_LIBRARY(llmcore, m) {
   // norm_weight [input_norm_0, post_attention_norm_0, ..., final_norm] (one eps for all)
   // and, per layer, seven linears in the order q, k, v, o, gate, up, down, each giving 3
   // entries of `linear` (weight or w_mantissa, w_exponent or None, bias or None) and 4 of
-  // linear_spec: kind (0 dense weight [N, K]: at::linear; 1 BFP weight-only: bfp_linear; 2
-  // BFP with int8 activations: bfp_act_linear_multi, one call for q/k/v and one for
-  // gate/up when they share a format), a_bits, w_bits, block_size. cos/sin [B, T, head_dim]
-  // in x's dtype. The cache is all layers' storage [L, ...] as kv_cache_append takes it per
-  // layer (plus the exponents of an MXINT8 cache); cache_seqlens int32 [B] = lengths before
-  // this step: the new k/v are written at cache_seqlens + t and attended with
-  // decode_attention (cache_seqlens + T keys). Bit for bit the chain of those ops.
+  // linear_spec: kind (0 dense weight [N, K]: linear_gemv up to 16 rows, else at::linear;
+  // 1 BFP weight-only: bfp_linear; 2 BFP with int8 activations: bfp_act_linear_multi, one
+  // call for q/k/v and one for gate/up when they share a format), a_bits, w_bits,
+  // block_size. cos/sin [B, T, head_dim] in x's dtype. The cache is all layers' storage
+  // [L, ...] as kv_cache_append takes it per layer (plus the exponents of an MXINT8 cache);
+  // cache_seqlens int32 [B] = lengths before this step: the new k/v are written at
+  // cache_seqlens + t and attended with decode_attention (cache_seqlens + T keys). Bit for
+  // bit the chain of those ops.
   //
   //   decoder_layers(Tensor x, Tensor cos, Tensor sin,
   //                  __torch__.torch.classes.llmcore.DecoderWeights weights,

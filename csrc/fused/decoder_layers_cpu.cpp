@@ -100,6 +100,9 @@ struct Ops {
           "llmcore::rope_");
   c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&)> silu_mul =
       op<at::Tensor(const at::Tensor&, const at::Tensor&)>("llmcore::silu_mul");
+  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const OptT&)>
+      linear_gemv = op<at::Tensor(const at::Tensor&, const at::Tensor&, const OptT&)>(
+          "llmcore::linear_gemv");
   c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                       int64_t, int64_t, const OptT&)>
       bfp_linear = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
@@ -131,11 +134,21 @@ const Ops& ops() {
   return o;
 }
 
+// Whether a dense projection takes linear_gemv, as Transformer's inference paths decide
+// (llmcore.ops.dense.gemv_applies): at most 16 rows, one dtype, rows contiguous.
+bool gemv_applies(const Linear& l, const at::Tensor& x) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
+  return rows <= 16 && l.w.dim() == 2 && l.w.scalar_type() == x.scalar_type() &&
+         (l.w.stride(1) == 1 || l.w.size(1) <= 1) &&
+         (!l.bias.has_value() || l.bias->scalar_type() == x.scalar_type());
+}
 
 at::Tensor apply(const Linear& l, const at::Tensor& x) {
   const Ops& o = ops();
   switch (l.kind) {
-    case kDense: return at::linear(x, l.w, l.bias);
+    case kDense:
+      return gemv_applies(l, x) ? o.linear_gemv.call(x, l.w, l.bias) : at::linear(x, l.w, l.bias);
     case kWeightOnly: {  // a 2-D op, as bfp_linear's Python face calls it
       std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
       shape.back() = l.w.size(0);

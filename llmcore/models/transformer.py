@@ -36,6 +36,7 @@ from llmcore.nn.bfp_linear import _excluded, bfp_linears_shared_input
 from llmcore.ops import fused
 from llmcore.ops._dispatch import kernel_supported
 from llmcore.ops.bfp import BFPTensor
+from llmcore.ops.dense import gemv_applies
 
 BACKENDS = ("llmcore", "torch")
 _FUSED_OPS = ("rms_norm", "add_rms_norm", "rope_", "silu_mul")  # the fused inference path
@@ -163,7 +164,8 @@ class Attention(nn.Module):
         [B, T, hd] in h's dtype."""
         b, t, _ = h.shape
         qkv = bfp_linears_shared_input(h, (self.q_proj, self.k_proj, self.v_proj))
-        q, k, v = qkv if qkv is not None else (self.q_proj(h), self.k_proj(h), self.v_proj(h))
+        q, k, v = qkv if qkv is not None else (dense(self.q_proj, h), dense(self.k_proj, h),
+                                               dense(self.v_proj, h))
         q = q.view(b, t, self.n_heads, self.head_dim)
         k = k.view(b, t, self.n_kv_heads, self.head_dim)
         v = v.view(b, t, self.n_kv_heads, self.head_dim)
@@ -179,7 +181,7 @@ class Attention(nn.Module):
                 cache.append(self.layer, k, v)
             o = (self._packed(q, k, v, "llmcore", packed) if packed is not None
                  else self._dense(q, k, v, "llmcore"))
-        return self.o_proj(o.reshape(b, t, -1))
+        return dense(self.o_proj, o.reshape(b, t, -1))
 
     def _dense(self, q, k, v, backend):
         if backend == "llmcore":
@@ -242,10 +244,10 @@ class MLP(nn.Module):
         """:meth:`forward` for inference: gate and up from one call when they are BFP
         linears sharing the quantised input, silu(gate) * up in one op."""
         gu = bfp_linears_shared_input(h, (self.gate_proj, self.up_proj))
-        g, u = gu if gu is not None else (self.gate_proj(h), self.up_proj(h))
+        g, u = gu if gu is not None else (dense(self.gate_proj, h), dense(self.up_proj, h))
         y = (torch.ops.llmcore.silu_mul(g, u) if g.dtype == u.dtype == h.dtype
              else fused.silu_mul(g, u))
-        return self.down_proj(y)
+        return dense(self.down_proj, y)
 
 
 class Block(nn.Module):
@@ -269,6 +271,19 @@ class Block(nn.Module):
         a = self.self_attn.forward_fused(h, cos, sin, cache, prefill, packed)
         x, h = _add_rms_norm(x, a, self.post_attention_layernorm)
         return _add_rms_norm(x, self.mlp.forward_fused(h), next_norm)
+
+
+def dense(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)`` in the inference paths (fused blocks, the cached step's head): a plain
+    ``nn.Linear`` whose product the dense GEMV kernel takes (CPU, at most 16 rows, x's dtype:
+    ``ops.dense.gemv_applies``) runs ``linear_gemv``, the weight streamed once, as
+    ``llmcore::decoder_layers`` does for the same projection (so the two stay bit for bit
+    equal); anything else, or a recorded gradient, runs the module."""
+    if type(linear) is nn.Linear and not torch.is_grad_enabled():
+        w, b = linear.weight, linear.bias
+        if gemv_applies(x, w, b):
+            return torch.ops.llmcore.linear_gemv(x, w, b)
+    return linear(x)
 
 
 def _add_rms_norm(x: torch.Tensor, delta: torch.Tensor, norm: RMSNorm):
@@ -464,7 +479,10 @@ class Transformer(nn.Module):
                             logits_to_keep)
 
     def _logits(self, input_ids, positions, cache, prefill, keep=0) -> torch.Tensor:
-        return self.lm_head(_kept(self._hidden(input_ids, positions, cache, prefill), keep))
+        h = _kept(self._hidden(input_ids, positions, cache, prefill), keep)
+        if self.fused_inference and self.backend == "llmcore":  # decode: the dense GEMV
+            return dense(self.lm_head, h)
+        return self.lm_head(h)
 
     def _hidden(self, input_ids, positions, cache, prefill, packed=None) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [B, T, dim]

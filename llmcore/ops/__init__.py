@@ -10,6 +10,7 @@ from llmcore.ops.bfp import (
     save_bfp,
 )
 from llmcore.ops.decode import decode_attention, kv_cache_append
+from llmcore.ops.dense import linear_gemv
 
 __all__ = [
     "attention",
@@ -20,6 +21,7 @@ __all__ = [
     "bfp_quantize",
     "decode_attention",
     "kv_cache_append",
+    "linear_gemv",
     "load_bfp",
     "save_bfp",
 ]

@@ -56,6 +56,7 @@ KERNELS = {
     "bfp_gemm": {"cpu": _ANY_FLOAT, "cuda": _ANY_FLOAT},
     "bfp_act_linear": {"cpu": _ANY_FLOAT},
     "bfp_act_linear_multi": {"cpu": _ANY_FLOAT},
+    "linear_gemv": {"cpu": _ANY_FLOAT},  # dense decode GEMV, M <= 16 rows
     # fused decoder-step ops (inference only)
     "rms_norm": {"cpu": _ANY_FLOAT},
     "add_rms_norm": {"cpu": _ANY_FLOAT},

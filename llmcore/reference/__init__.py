@@ -20,6 +20,7 @@ from llmcore.reference.bfp import (
     unpack_nibbles,
 )
 from llmcore.reference.decode import decode_attention, kv_cache_append
+from llmcore.reference.dense import linear_gemv
 from llmcore.reference.fused import add_rms_norm, rms_norm, rope_, silu_mul
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "bfp_dequantize",
     "decode_attention",
     "kv_cache_append",
+    "linear_gemv",
     "bfp_gemm",
     "bfp_linear",
     "bfp_quantize",
