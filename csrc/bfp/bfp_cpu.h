@@ -120,7 +120,8 @@ bool gemv_q8_supported(int a_bits, int w_bits, int block);
 struct GemvQ8Plan {
   int64_t M, K;
   int w_bits;
-  bool tiled;         // the AVX-512 layout (chosen by the ISA in use when planned)
+  bool tiled;         // the AVX-512 layout (chosen by the ISA in use when planned; M > 1)
+  bool row1;          // M == 1 on AVX-512: the single-row kernel on the plain layout
   int64_t row_bytes;  // weight bytes walked per row: mantissa_cols(K, w_bits) rounded up to
                       // 256 (tiled) or 64
   int64_t groups;     // int32 / fp32 lanes per row of corr and xs: 16 per 256 weight bytes
@@ -142,7 +143,8 @@ GemvQ8Plan gemv_q8_plan(int64_t M, int64_t K, int w_bits);
 //   xq   [M][xq_cols] bytes: 8-bit w: a + 128 in order, 128 (a = 0) past K; packed w:
 //        int8 a, per 64 weight bytes (128 elements) the 64 even elements, then the 64 odd
 //        ones (the low / high nibbles' partners), 0 past K
-//   corr unused
+//   corr int32 [M][groups]: for row1 (AVX-512, M = 1) and 4-bit w, -8 * (sum of the 8 a of
+//        each 4-byte group); otherwise unused
 //   xs   fp32 [M][groups]: xs[m][b] = scale of block b of row m for b < ceil(K / 32), 0 after
 void gemv_q8_prepare(const GemvQ8Plan& p, const int8_t* a_mant, int64_t a_row_stride,
                      const uint8_t* a_exp, int64_t a_exp_stride, int a_bits, int8_t* xq,
