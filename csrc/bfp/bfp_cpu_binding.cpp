@@ -441,19 +441,68 @@ std::vector<at::Tensor> bfp_act_linear_multi_cpu(
                      reinterpret_cast<uint8_t*>(amp), mcols, aep, ecols, 0, M);
   const cpu::GemvQ8Plan g = prepare_gemv_q8(s, M, K, ab, wb, amp, mcols, aep, ecols);
   const bool f32 = x.scalar_type() == at::kFloat;
+  if (n_w == 1) {
+    const int64_t N = w_mantissa[0].size(0);
+    at::Tensor y = at::empty(out_shape(N), x.options());
+    if (N > 0) {
+      float* yp = f32 ? y.data_ptr<float>() : grow(s.y32, M * N);
+      run_gemv_q8(g, s, w_mantissa[0], w_exponent[0],
+                  b32[0].defined() ? b32[0].data_ptr<float>() : nullptr, yp, N);
+      if (!f32) convert_from_f32(yp, y.data_ptr(), x.scalar_type(), M * N);
+    }
+    out.push_back(y);
+    return out;
+  }
+  // Several weights (q/k/v, gate/up): one parallel dispatch over all their column chunks,
+  // not one per weight, so the threads meet once per call.
+  struct Part {
+    const uint8_t *m, *e;
+    int64_t m_cols, e_cols, N, chunk, first_task;
+    const float* bias;
+    float* y;
+  };
+  std::vector<at::Tensor> keep;  // contiguous copies, should a weight not be
+  std::vector<Part> parts(n_w);
+  int64_t tasks = 0, y32_total = 0;
   for (size_t i = 0; i < n_w; ++i) {
     const int64_t N = w_mantissa[i].size(0);
-    at::Tensor y = at::empty(out_shape(N), x.options());
-    if (N == 0) {
-      out.push_back(y);
-      continue;
-    }
-    float* yp = f32 ? y.data_ptr<float>() : grow(s.y32, M * N);
-    run_gemv_q8(g, s, w_mantissa[i], w_exponent[i],
-                b32[i].defined() ? b32[i].data_ptr<float>() : nullptr, yp, N);
-    if (!f32) convert_from_f32(yp, y.data_ptr(), x.scalar_type(), M * N);
-    out.push_back(y);
+    out.push_back(at::empty(out_shape(N), x.options()));
+    if (!f32) y32_total += M * N;
   }
+  float* y32 = f32 ? nullptr : grow(s.y32, y32_total);
+  for (size_t i = 0, off = 0; i < n_w; ++i) {
+    const at::Tensor bm = w_mantissa[i].contiguous(), be = w_exponent[i].contiguous();
+    keep.push_back(bm);
+    keep.push_back(be);
+    Part& p = parts[i];
+    p.m = static_cast<const uint8_t*>(bm.data_ptr());
+    p.e = be.data_ptr<uint8_t>();
+    p.m_cols = bm.size(1);
+    p.e_cols = be.size(1);
+    p.N = bm.size(0);
+    const int64_t row = p.m_cols + p.e_cols;
+    p.chunk = std::max<int64_t>(1, p.N * row <= kGemvChunkBytes ? p.N : gemv_chunk_cols(row));
+    p.first_task = tasks;
+    tasks += (p.N + p.chunk - 1) / p.chunk;
+    p.bias = b32[i].defined() ? b32[i].data_ptr<float>() : nullptr;
+    p.y = f32 ? out[i].data_ptr<float>() : y32 + off;
+    off += M * p.N;
+  }
+  const int8_t* xq = s.xq.data();
+  const int32_t* corr = s.corr.data();
+  const float* xs = s.xs.data();
+  parallel_chunks(tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      size_t i = 0;
+      while (i + 1 < n_w && parts[i + 1].first_task <= t) ++i;
+      const Part& p = parts[i];
+      const int64_t n0 = (t - p.first_task) * p.chunk, n1 = std::min(p.N, n0 + p.chunk);
+      cpu::gemv_q8(g, xq, corr, xs, p.m, p.m_cols, p.e, p.e_cols, p.bias, p.y, p.N, n0, n1);
+    }
+  });
+  if (!f32)
+    for (size_t i = 0; i < n_w; ++i)
+      convert_from_f32(parts[i].y, out[i].data_ptr(), x.scalar_type(), M * parts[i].N);
   return out;
 }
 
