@@ -55,6 +55,22 @@ def target_model(preset: str, device) -> Transformer:
     return model
 
 
+def _verify_cost(target, cache, prompt: torch.Tensor, tokens: int, t_step: float,
+                 device: torch.device) -> float:
+    """One target call on ``tokens`` new tokens over the prompt's cache (rolled back after
+    each), relative to t_step (the plain per-token cost)."""
+    plen = prompt.shape[1]
+    cache.reset()
+    target(prompt, cache=cache, prefill=True)
+    x = prompt[:, :tokens]
+
+    def call():
+        target(x, cache=cache)
+        cache.rollback(plen)
+    call()
+    return _median_s(call, 5, device)[0] / t_step
+
+
 def _median_s(fn, runs: int, device: torch.device) -> tuple[float, object]:
     times, out = [], None
     for _ in range(runs):
@@ -121,17 +137,7 @@ def run(device: torch.device, quick: bool = False, progress_factory=None,
     cache = target.new_cache(1, plen + 32)
 
     def verify_cost(tokens: int) -> float:
-        """One target call on ``tokens`` new tokens over the prompt's cache, relative to
-        t_step (the plain per-token cost)."""
-        cache.reset()
-        target(prompt, cache=cache, prefill=True)
-        x = prompt[:, :tokens]
-
-        def call():
-            target(x, cache=cache)
-            cache.rollback(plen)
-        call()
-        return _median_s(call, 5, device)[0] / t_step
+        return _verify_cost(target, cache, prompt, tokens, t_step, device)
 
     for name, make, case, draft_kv in todo:
         draft = make()
@@ -303,15 +309,7 @@ def run_trained(device: torch.device, target_dir, draft_dir, draft_tokens=None,
         cache = target.new_cache(1, plen + 32)
 
         def verify_cost(tokens: int, target=target, cache=cache, p0=p0, t_step=t_step) -> float:
-            cache.reset()
-            target(p0, cache=cache, prefill=True)
-            x = p0[:, :tokens]
-
-            def call():
-                target(x, cache=cache)
-                cache.rollback(plen)
-            call()
-            return _median_s(call, 5, device)[0] / t_step
+            return _verify_cost(target, cache, p0, tokens, t_step, device)
 
         for dname, draft in drafts_.items():
             generate(draft, p0, 4)
