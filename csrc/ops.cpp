@@ -110,7 +110,7 @@ TORCH_LIBRARY(llmcore, m) {
         " Tensor start_pos, Tensor? block_table, Tensor(c!)? k_exponent,"
         " Tensor(d!)? v_exponent) -> ()");
 
-  // ---- a decoder's blocks in one call (csrc/fused/decoder_layers_cpu.cpp) --------------------
+  // ---- a decoder's blocks in one call (csrc/fused/decoder_layers_binding.cpp) --------------------
   // Every block of a Llama-family decoder (pre-norm attention with RoPE over the KV cache,
   // SwiGLU MLP) for T new tokens per sequence, as a chain of the ops above: x [B, T, dim]
   // (the embedded tokens) -> the final norm of the residual stream [B, T, dim]. The model's
@@ -135,6 +135,6 @@ TORCH_LIBRARY(llmcore, m) {
   //                  float softmax_scale) -> Tensor
   //
   // is the one schema defined elsewhere: with its class, in
-  // csrc/fused/decoder_layers_cpu.cpp, since a schema that names a class can be parsed only
+  // csrc/fused/decoder_layers_binding.cpp, since a schema that names a class can be parsed only
   // once the class is registered, and only within one file is that order guaranteed.
 }

@@ -9,7 +9,7 @@ from llmcore import _ext
 
 CSRC = os.path.join(os.path.dirname(__file__), "..", "csrc")
 # csrc/ops.cpp holds every schema but decoder_layers', defined with its class
-SCHEMA_FILES = ("ops.cpp", os.path.join("fused", "decoder_layers_cpu.cpp"))
+SCHEMA_FILES = ("ops.cpp", os.path.join("fused", "decoder_layers_binding.cpp"))
 
 
 def test_ops_list_matches_schema_table():

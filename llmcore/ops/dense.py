@@ -81,7 +81,7 @@ def linear_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 def gemv_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether :func:`linear_gemv`'s kernel takes this product as the model's inference
-    paths call it (csrc/fused/decoder_layers_cpu.cpp decides the same way): CPU, at most 16
+    paths call it (csrc/fused/decoder_layers_binding.cpp decides the same way): CPU, at most 16
     rows, one float dtype, a weight contiguous in its last dim and no autocast."""
     return (x.device.type == "cpu" and x.dim() >= 1 and weight.dtype == x.dtype
             and (bias is None or bias.dtype == x.dtype) and weight.dim() == 2
