@@ -36,9 +36,10 @@ int64_t grain_rows(int64_t row_elems) {
 // holds up little of the call, large enough that taking a task costs nothing.
 constexpr int64_t kGemvChunkBytes = int64_t{32} << 10;
 
-// Columns per task for a GEMV whose weight rows are row_bytes long (a multiple of 16, so
-// the kernels' 4-row tiles stay whole).
-int64_t gemv_chunk_cols(int64_t row_bytes) {
+// Columns per task for a GEMV of N weight rows row_bytes long: all of them when they fit
+// one chunk, else a multiple of 16 (so the kernels' 4-row tiles stay whole).
+int64_t gemv_chunk_cols(int64_t N, int64_t row_bytes) {
+  if (N * row_bytes <= kGemvChunkBytes) return std::max<int64_t>(1, N);
   const int64_t rows = kGemvChunkBytes / std::max<int64_t>(1, row_bytes);
   return std::max<int64_t>(16, rows / 16 * 16);
 }
@@ -83,8 +84,7 @@ void run_gemv_q8(const cpu::GemvQ8Plan& g, const GemvScratch& s, const at::Tenso
   const auto* bmp = static_cast<const uint8_t*>(bm.data_ptr());
   const auto* bep = be.data_ptr<uint8_t>();
   const int64_t b_cols = bm.size(1), be_cols = be.size(1);
-  const int64_t chunk =
-      N * (b_cols + be_cols) <= kGemvChunkBytes ? N : gemv_chunk_cols(b_cols + be_cols);
+  const int64_t chunk = gemv_chunk_cols(N, b_cols + be_cols);
   const int8_t* xq = s.xq.data();
   const int32_t* corr = s.corr.data();
   const float* xs = s.xs.data();
@@ -215,7 +215,7 @@ at::Tensor bfp_linear_cpu(const at::Tensor& x, const at::Tensor& w_mantissa,
     const DType xt = to_dtype(x.scalar_type());
     const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
     float* yp = y32.data_ptr<float>();
-    const int64_t chunk = N * (wcols + ecols) <= kGemvChunkBytes ? N : gemv_chunk_cols(wcols + ecols);
+    const int64_t chunk = gemv_chunk_cols(N, wcols + ecols);
     parallel_chunks(N, chunk, [&](int64_t n0, int64_t n1) {
       cpu::linear_rows_typed(xp, xt, M, K, K, wmp, wcols, wep, ecols, bits, block, bp, yp, N, n0,
                              n1);
@@ -481,7 +481,7 @@ std::vector<at::Tensor> bfp_act_linear_multi_cpu(
     p.e_cols = be.size(1);
     p.N = bm.size(0);
     const int64_t row = p.m_cols + p.e_cols;
-    p.chunk = std::max<int64_t>(1, p.N * row <= kGemvChunkBytes ? p.N : gemv_chunk_cols(row));
+    p.chunk = gemv_chunk_cols(p.N, row);
     p.first_task = tasks;
     tasks += (p.N + p.chunk - 1) / p.chunk;
     p.bias = b32[i].defined() ? b32[i].data_ptr<float>() : nullptr;

@@ -55,6 +55,15 @@ def target_model(preset: str, device) -> Transformer:
     return model
 
 
+def _stat_cols(r: Row) -> str:
+    """The printed columns a drafter row shares: acceptance .. measured speedup."""
+    e = r.extra
+    return (f"{e['acceptance_rate']:6.1%} {e['alpha']:6.2f} {e['tokens_per_call']:8.2f} "
+            f"{e['mean_draft_length']:6.1f} {e['draft_cost_ratio']:5.2f} "
+            f"{e['verify_cost_ratio']:5.2f} {e['predicted_speedup']:8.2f}x "
+            f"{e['predicted_speedup_measured_verify']:6.2f}x {r.ratios['plain greedy']:8.2f}x")
+
+
 def _verify_cost(target, cache, prompt: torch.Tensor, tokens: int, t_step: float,
                  device: torch.device) -> float:
     """One target call on ``tokens`` new tokens over the prompt's cache (rolled back after
@@ -173,12 +182,8 @@ def run(device: torch.device, quick: bool = False, progress_factory=None,
     for r in rows:
         if r.method == "plain greedy":
             continue
-        e = r.extra
         lines.append(f"{r.method:23s} {r.case.split()[-2] + ' ' + r.case.split()[-1]:11s} "
-                     f"{e['acceptance_rate']:6.1%} {e['alpha']:6.2f} {e['tokens_per_call']:8.2f} "
-                     f"{e['mean_draft_length']:6.1f} {e['draft_cost_ratio']:5.2f} "
-                     f"{e['verify_cost_ratio']:5.2f} {e['predicted_speedup']:8.2f}x "
-                     f"{e['predicted_speedup_measured_verify']:6.2f}x {r.ratios['plain greedy']:8.2f}x")
+                     + _stat_cols(r))
     return {"rows": rows, "baselines": BASELINES,
             "extra": {"prompt_tokens": plen, "new_tokens": new, "preset": preset},
             "text": "\n".join(lines)}
@@ -349,12 +354,7 @@ def run_trained(device: torch.device, target_dir, draft_dir, draft_tokens=None,
         if r.method == "plain greedy":
             continue
         e = r.extra
-        lines.append(f"{e['target_precision']:7s} {r.method:26s} {e['acceptance_rate']:6.1%} "
-                     f"{e['alpha']:6.2f} {e['tokens_per_call']:8.2f} "
-                     f"{e['mean_draft_length']:6.1f} {e['draft_cost_ratio']:5.2f} "
-                     f"{e['verify_cost_ratio']:5.2f} {e['predicted_speedup']:8.2f}x "
-                     f"{e['predicted_speedup_measured_verify']:6.2f}x "
-                     f"{r.ratios['plain greedy']:8.2f}x")
+        lines.append(f"{e['target_precision']:7s} {r.method:26s} " + _stat_cols(r))
     params = {k: sum(p.numel() for p in m.parameters())
               for k, m in (("target", target32), ("draft", draft32))}
     return {"rows": rows, "baselines": BASELINES,
