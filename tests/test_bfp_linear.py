@@ -316,6 +316,22 @@ def test_cpu_isa_paths(cpu_isa):
 # int8-activation decode GEMV (M <= 16, 8-bit activations, block 32): the CPU kernel that
 # quantize() uses for inference by default
 # ---------------------------------------------------------------------------------------
+@pytest.fixture(params=["scalar", "avx2", "avx512", "avx512-cols", "avx512-steps"])
+def gemv_isa(request, monkeypatch) -> str:
+    """The decode GEMV's CPU paths: LLMCORE_CPU_ISA, and on AVX-512 both kernels for M > 1
+    (LLMCORE_CPU_GEMV: the column tiles, the 256-byte steps; "avx512" keeps the default
+    choice by weight format)."""
+    isa, _, kernel = request.param.partition("-")
+    flags = set(open("/proc/cpuinfo").read().split()) if isa != "scalar" else set()
+    need = {"avx2": {"avx2", "fma"}, "avx512": {"avx512f", "avx512bw", "avx512vl"}}
+    if not need.get(isa, set()) <= flags:
+        pytest.skip(f"CPU lacks {isa}")
+    monkeypatch.setenv("LLMCORE_CPU_ISA", isa)
+    if kernel:
+        monkeypatch.setenv("LLMCORE_CPU_GEMV", kernel)
+    return request.param
+
+
 def act_error_bound(x, q):
     """The documented bound on |y(act_format="mxint8") - y(exact)| before fp32 rounding:
     sum over x's blocks of (the block's mantissa unit) * (sum of |W| over the block)."""
@@ -330,7 +346,7 @@ def act_error_bound(x, q):
 @pytest.mark.parametrize("wname", ["mxint8", "mxint4"])
 @pytest.mark.parametrize("m", [1, 2, 5, 16])
 @pytest.mark.parametrize("k", [32, 61, 130, 1025, 2048])
-def test_int8_act_gemv(wname, m, k, cpu_isa):
+def test_int8_act_gemv(wname, m, k, gemv_isa):
     n = 37
     q = make_weight(n, k, wname, "cpu")
     x = randn((m, k)) * torch.linspace(0.01, 100, k)  # block scales far apart
@@ -343,7 +359,7 @@ def test_int8_act_gemv(wname, m, k, cpu_isa):
 
 
 @pytest.mark.parametrize("wname", ["mxint8", "mxint4"])
-def test_int8_act_gemv_noncontiguous_and_dtypes(wname, cpu_isa):
+def test_int8_act_gemv_noncontiguous_and_dtypes(wname, gemv_isa):
     q = make_weight(33, 257, wname, "cpu")
     for dtype in FLOAT_DTYPES:
         x = randn((257, 5), dtype).T  # [5, 257], column-major
@@ -351,7 +367,7 @@ def test_int8_act_gemv_noncontiguous_and_dtypes(wname, cpu_isa):
         check_act(randn((2, 3, 2 * 257), dtype)[..., ::2], q, "mxint8", "even")
 
 
-def test_int8_act_gemv_nan_inf(cpu_isa):
+def test_int8_act_gemv_nan_inf(gemv_isa):
     k, n = 100, 9
     q = make_weight(n, k, "mxint4", "cpu", nan_at=[(4, 70)])
     x = randn((3, k))
@@ -364,7 +380,7 @@ def test_int8_act_gemv_nan_inf(cpu_isa):
 
 
 @pytest.mark.parametrize("wname", ["mxint8", "mxint4"])
-def test_int8_act_gemv_every_m(wname, cpu_isa):
+def test_int8_act_gemv_every_m(wname, gemv_isa):
     """M = 1..16 (row tiles of up to 8, split evenly), K that ends mid-chunk and mid-tile
     of scales (8-bit: 18 chunks of 64 bytes; 4-bit: 9), an odd N, and block exponents far
     apart."""
@@ -376,7 +392,7 @@ def test_int8_act_gemv_every_m(wname, cpu_isa):
         check_act(x[:m], q, "mxint8", bias=b)
 
 
-def test_int8_act_gemv_nan_weight_scale(cpu_isa):
+def test_int8_act_gemv_nan_weight_scale(gemv_isa):
     """A weight block with exponent byte 255 (NaN) makes its output column NaN, at every
     row tile size; its neighbours stay finite."""
     k, n = 300, 7
@@ -422,7 +438,8 @@ def test_int8_act_gemv_concurrent_callers():
     assert not errors
 
 
-@pytest.mark.parametrize("n,k,fmt,m", [(4099, 96, "mxint8", 3),    # the decode GEMV
+@pytest.mark.parametrize("n,k,fmt,m", [(4099, 96, "mxint8", 3),    # the decode GEMV (steps)
+                                       (4099, 200, "mxint4", 5),   # (column tiles)
                                        (1000, 320, "mxint4", 100)])  # the prefill GEMM
 def test_int8_act_threads(n, k, fmt, m):
     """1 and 2+ threads give the same bits (many column chunks)."""

@@ -120,18 +120,27 @@ bool gemv_q8_supported(int a_bits, int w_bits, int block);
 struct GemvQ8Plan {
   int64_t M, K;
   int w_bits;
-  bool tiled;         // the AVX-512 layout (chosen by the ISA in use when planned; M > 1)
+  bool cols;          // the AVX-512 column-tile layout (M > 1, 4-bit w by default)
+  bool tiled;         // the AVX-512 256-byte step layout (M > 1, 8-bit w by default); both
+                      // chosen by the ISA in use when planned
   bool row1;          // M == 1 on AVX-512: the single-row kernel on the plain layout
-  int64_t row_bytes;  // weight bytes walked per row: mantissa_cols(K, w_bits) rounded up to
-                      // 256 (tiled) or 64
-  int64_t groups;     // int32 / fp32 lanes per row of corr and xs: 16 per 256 weight bytes
-                      // (tiled), else row_bytes / 4
-  int64_t xq_cols;    // activation bytes per row: row_bytes (8-bit w) or 2 * row_bytes (4-bit w)
+  int64_t row_bytes;  // weight bytes walked per row: mantissa_cols(K, w_bits) (cols), else
+                      // rounded up to 256 (tiled) or 64
+  int64_t groups;     // int32 / fp32 lanes per row of corr and xs: one per block of 32
+                      // (cols), 16 per 256 weight bytes (tiled), else row_bytes / 4
+  int64_t xq_cols;    // activation bytes per row: 32 per block (cols), row_bytes (8-bit w)
+                      // or 2 * row_bytes (4-bit w)
 };
 GemvQ8Plan gemv_q8_plan(int64_t M, int64_t K, int w_bits);
 
 // Lay out the activation rows for the weight's bytes (O(M K), once per call; the buffers
 // serve any number of weights of the same K and w_bits):
+//   cols (AVX-512), per block b of 32 elements (K padded with a = 0):
+//   xq   [M][32 * nb] int8 a: 8 groups of 4 bytes per block, the partners of the weight
+//        block's 4-byte groups: 8-bit w, elements in order; 4-bit w, group 2j the elements
+//        8j + 0, 2, 4, 6 (low nibbles of bytes 4j..4j+3), group 2j + 1 the odd ones
+//   corr int32 [M][nb]: -(w offset) * (sum of the block's a): -8 (4-bit), -128 (8-bit)
+//   xs   fp32 [M][nb]: the scale of the activation block
 //   tiled (AVX-512), per step of 256 weight bytes s and lane L = 4k + c (k, c < 4), which
 //   covers the weight bytes 256 s + 64 c + 16 k + [0, 16) (4-bit: one block; 8-bit: half):
 //   xq   [M][xq_cols] int8 a, 0 past K: per step, for j < 4, the lanes' partners of weight

@@ -12,14 +12,21 @@
 // unsigned by signed bytes: the weight is made unsigned, w + 128 (8-bit) or w + 8 (4-bit,
 // nibble ^ 8), and the activation's share of the offset, -128 or -8 times the sum of the
 // lane's a, is the lane's starting value (corr, laid out per activation row).
-//   AVX-512 VNNI  a step is 256 weight bytes (four 64-byte loads) transposed in 4-byte
-//                 columns (8 unpacks), so that each int32 lane of a vector covers one
-//                 16-byte piece of the row (4-bit: a whole block; 8-bit: half of one) and
-//                 every lane holds a different piece. Per activation row a step is then
-//                 4 (8-bit) or 8 (4-bit) vpdpbusd into one int32 vector, one conversion and
-//                 one FMA by the lanes' scales (weight scales formed per 16 blocks and
-//                 permuted to lane order, times the row's activation scales, laid out in
-//                 lane order): the unpacking and transposing is shared by up to 8 rows.
+//   AVX-512 VNNI  M > 1, two kernels sharing the unpacking among up to 8 rows:
+//                 steps: 256 bytes of one weight row (four 64-byte loads) transposed in
+//                 4-byte columns (8 unpacks), so that each int32 lane covers one 16-byte
+//                 piece of the row (4-bit: a whole block; 8-bit: half of one); per row and
+//                 step 4 (8-bit) or 8 (4-bit) vpdpbusd, one conversion and one FMA by the
+//                 lanes' scales, and a horizontal sum per output at the end.
+//                 cols: 16 weight rows (output columns) at a time, one block at a time: the
+//                 rows' block bytes transposed so that int32 lane L belongs to one column,
+//                 each 4-byte group meeting its 4 activation bytes broadcast; per row and
+//                 block 8 vpdpbusd, one conversion and one FMA by the 16 columns' block
+//                 scales (a table per tile); no horizontal sums, no half-empty steps.
+//                 4-bit weights take cols (the 110M's verification GEMVs: 1.9 -> 1.65x a
+//                 decode step at 1 thread), 8-bit ones steps (one sequential stream per
+//                 row measured faster there); LLMCORE_CPU_GEMV=cols|steps overrides.
+//                 M = 1: the single-row kernel (row1_avx512) on the plain layout.
 //   AVX2          vpmaddubsw(|a|, sign(w, a)) + vpmaddwd(1): no overflow since |a| <= 127.
 //   scalar        the same sums one group of 4 bytes at a time (the definition).
 // Each lane's int32 sum is exact (|sum| < 2^17), converted to fp32 (exact), times
@@ -28,7 +35,10 @@
 // Threading is the caller's ([n_begin, n_end) column ranges).
 #include "bfp/bfp_cpu_internal.h"
 
+#include <stdlib.h>
 #include <string.h>
+
+#include <vector>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -47,7 +57,9 @@ constexpr int kBlock = 32;
 #define LLMCORE_GEMV_PREFETCH 4096
 #endif
 constexpr int64_t kPrefetchBytes = LLMCORE_GEMV_PREFETCH;
-// Weight bytes per step of the AVX-512 GEMV (four 64-byte chunks, transposed together).
+
+// Weight bytes per step of the AVX-512 step kernel (four 64-byte chunks, transposed
+// together).
 constexpr int64_t kStepBytes = 256;
 
 inline int64_t group_elems(int w_bits) { return is_packed(w_bits) ? 8 : 4; }
@@ -300,6 +312,202 @@ LLMCORE_AVX512_TARGET void gemv_avx512_t(const GemvQ8Plan& p, const uint8_t* xq,
   }
 }
 
+
+// Rows (M >= 2) against 16 weight rows at a time, one block of 32 at a time: lane L of every
+// vector belongs to output column n0 + col_of(L), so a block's int32 sums of all 16 columns
+// come out in one vector, are scaled by one vector of block scales and accumulate in fp32
+// lanes with no horizontal sums (one per column and row in the whole call, as stores).
+// Per block and tile, the 16 columns' block bytes (16 each, 4-bit; 32, 8-bit, in two
+// halves) are loaded as 128-bit pieces, four columns per vector, and transposed in 4-byte
+// groups (8 unpacks) as the 256-byte steps of the layout before this one did: lane 4k + c
+// then holds column 4c + k. Each group g of 4 bytes (4-bit: 8 elements, low nibbles then
+// high; 8-bit: 4 elements) meets the row's matching 4 activation bytes broadcast from xq.
+// The unpacking is shared by every row; each row costs 8 vpdpbusd, one conversion and one
+// FMA per block and tile.
+inline int col_of(int lane) { return 4 * (lane & 3) + (lane >> 2); }
+
+// The block scales 2^(e - 127 - shift) (NaN for exponent byte 255) of the 16 columns
+// whose exponent rows are cols[L] (lane order), every block: tab[b][L], fp32. Per 16
+// blocks, the 16 rows' bytes are transposed (16 x 16 bytes, 64 unpacks).
+LLMCORE_AVX512_TARGET void col_scales(const uint8_t* const* cols, int64_t nb, int shift,
+                                      float* tab) {
+  const __m512i bias = _mm512_set1_epi32(kExpBias + shift);
+  const __m512i nan_e = _mm512_set1_epi32(kNaNExponent);
+  const __m512 one = _mm512_set1_ps(1.0f), nan = _mm512_set1_ps(__builtin_nanf(""));
+  for (int64_t b0 = 0; b0 < nb; b0 += 16) {
+    const int64_t left = nb - b0 < 16 ? nb - b0 : 16;
+    const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xffff)
+                                   : static_cast<__mmask16>((1u << left) - 1u);
+    __m128i a[16], t[16];
+    for (int i = 0; i < 16; ++i) a[i] = _mm_maskz_loadu_epi8(m, cols[i] + b0);
+    for (int i = 0; i < 8; ++i) {  // byte pairs of rows 2i, 2i + 1
+      t[2 * i] = _mm_unpacklo_epi8(a[2 * i], a[2 * i + 1]);
+      t[2 * i + 1] = _mm_unpackhi_epi8(a[2 * i], a[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {  // rows 4i..4i+3, blocks 0-3, 4-7, 8-11, 12-15
+      a[4 * i] = _mm_unpacklo_epi16(t[4 * i], t[4 * i + 2]);
+      a[4 * i + 1] = _mm_unpackhi_epi16(t[4 * i], t[4 * i + 2]);
+      a[4 * i + 2] = _mm_unpacklo_epi16(t[4 * i + 1], t[4 * i + 3]);
+      a[4 * i + 3] = _mm_unpackhi_epi16(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int h = 0; h < 2; ++h)  // rows 8h..8h+7, two blocks each
+      for (int q = 0; q < 4; ++q) {
+        t[8 * h + 2 * q] = _mm_unpacklo_epi32(a[8 * h + q], a[8 * h + 4 + q]);
+        t[8 * h + 2 * q + 1] = _mm_unpackhi_epi32(a[8 * h + q], a[8 * h + 4 + q]);
+      }
+    for (int p = 0; p < 8; ++p) {  // all 16 rows of blocks 2p, 2p + 1
+      a[2 * p] = _mm_unpacklo_epi64(t[p], t[8 + p]);
+      a[2 * p + 1] = _mm_unpackhi_epi64(t[p], t[8 + p]);
+    }
+    for (int j = 0; j < left; ++j) {
+      const __m512i e = _mm512_cvtepu8_epi32(a[j]);
+      const __m512 s = _mm512_scalef_ps(one, _mm512_cvtepi32_ps(_mm512_sub_epi32(e, bias)));
+      _mm512_storeu_ps(tab + 16 * (b0 + j),
+                      _mm512_mask_blend_ps(_mm512_cmpeq_epi32_mask(e, nan_e), s, nan));
+    }
+  }
+}
+
+// Four columns' 16-byte pieces at byte `at` of their rows, in the 128-bit lanes of one
+// vector; `tail` bytes of each (< 16: the row's last, partial block), zeros after.
+LLMCORE_AVX512_TARGET inline __m512i load4(const uint8_t* const* r, int64_t at, int tail) {
+  if (tail >= 16) {
+    __m512i z = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r[0] + at)));
+    z = _mm512_inserti32x4(z, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r[1] + at)), 1);
+    z = _mm512_inserti32x4(z, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r[2] + at)), 2);
+    return _mm512_inserti32x4(z, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r[3] + at)), 3);
+  }
+  const __mmask16 m = tail <= 0 ? 0 : static_cast<__mmask16>((1u << tail) - 1u);
+  __m512i z = _mm512_castsi128_si512(_mm_maskz_loadu_epi8(m, r[0] + at));
+  z = _mm512_inserti32x4(z, _mm_maskz_loadu_epi8(m, r[1] + at), 1);
+  z = _mm512_inserti32x4(z, _mm_maskz_loadu_epi8(m, r[2] + at), 2);
+  return _mm512_inserti32x4(z, _mm_maskz_loadu_epi8(m, r[3] + at), 3);
+}
+
+// 4x4 transpose of 4-byte groups: lane 4k + c of v[j] = group j of piece k of z[c].
+LLMCORE_AVX512_TARGET inline void transpose4(const __m512i* z, __m512i* v) {
+  const __m512i t0 = _mm512_unpacklo_epi32(z[0], z[1]), t1 = _mm512_unpackhi_epi32(z[0], z[1]);
+  const __m512i t2 = _mm512_unpacklo_epi32(z[2], z[3]), t3 = _mm512_unpackhi_epi32(z[2], z[3]);
+  v[0] = _mm512_unpacklo_epi64(t0, t2);
+  v[1] = _mm512_unpackhi_epi64(t0, t2);
+  v[2] = _mm512_unpacklo_epi64(t1, t3);
+  v[3] = _mm512_unpackhi_epi64(t1, t3);
+}
+
+// MT rows (xq / corr / xs from row 0 of these pointers) against the 16 columns at rows r
+// (valid of them real; the others repeat one and are not stored): y[m][col] for m < MT.
+template <int MT, bool kPacked>
+LLMCORE_AVX512_TARGET void cols16_avx512(const GemvQ8Plan& p, const uint8_t* xq,
+                                         const int32_t* corr, const float* xs,
+                                         const uint8_t* const* r, int64_t ahead,
+                                         const float* tab, const float* bias, float* y,
+                                         int64_t ldy, int valid) {
+  constexpr int kBlockBytes = kPacked ? 16 : 32;
+  const int64_t nb = exponent_cols(p.K, kBlock), bytes = mantissa_cols(p.K, p.w_bits);
+  const int64_t xq_cols = p.xq_cols, groups = p.groups;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(kPacked ? 0x88 : 0x80));
+  const __m512i lo4 = _mm512_set1_epi8(0x0f);
+  __m512 acc[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t at = b * kBlockBytes;
+    // The next tile's rows (`ahead` bytes on), a line per row every 64 / kBlockBytes
+    // blocks: the 16 interleaved rows are no stream the hardware prefetcher follows.
+    constexpr int kPer = 16 * kBlockBytes / 64;
+    for (int j = 0; j < kPer; ++j)
+      _mm_prefetch(reinterpret_cast<const char*>(r[(b * kPer + j) & 15] + at + ahead),
+                   _MM_HINT_T1);
+    __m512i u[8];  // unsigned weights of group g: 4-bit w + 8 (low, high nibbles), 8-bit w + 128
+    for (int h = 0; h < kBlockBytes / 16; ++h) {
+      const int tail = static_cast<int>(bytes - at - 16 * h);
+      __m512i z[4], v[4];
+      for (int c = 0; c < 4; ++c) z[c] = load4(r + 4 * c, at + 16 * h, tail);
+      transpose4(z, v);
+      for (int j = 0; j < 4; ++j) {
+        const __m512i f = _mm512_xor_si512(v[j], flip);
+        if (kPacked) {
+          u[2 * j] = _mm512_and_si512(f, lo4);
+          u[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(f, 4), lo4);
+        } else {
+          u[4 * h + j] = f;
+        }
+      }
+    }
+    const __m512 sw = _mm512_loadu_ps(tab + 16 * b);
+    for (int m = 0; m < MT; ++m) {
+      const auto* x = reinterpret_cast<const int32_t*>(xq + m * xq_cols + b * 32);
+      // Two chains of vpdpbusd, so that its latency does not bound the loop.
+      __m512i i0 = _mm512_set1_epi32(corr[m * groups + b]), i1 = _mm512_setzero_si512();
+      for (int g = 0; g < 8; g += 2) {
+        i0 = _mm512_dpbusd_epi32(i0, u[g], _mm512_set1_epi32(x[g]));
+        i1 = _mm512_dpbusd_epi32(i1, u[g + 1], _mm512_set1_epi32(x[g + 1]));
+      }
+      const __m512 sc = _mm512_mul_ps(sw, _mm512_set1_ps(xs[m * groups + b]));
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), sc, acc[m]);
+    }
+  }
+  // Lane L holds column col_of(L); col_of is its own inverse, so one permute puts the
+  // columns in order.
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const __mmask16 keep = valid >= 16 ? static_cast<__mmask16>(0xffff)
+                                     : static_cast<__mmask16>((1u << valid) - 1u);
+  const __m512 bv = bias ? _mm512_maskz_loadu_ps(keep, bias) : _mm512_setzero_ps();
+  for (int m = 0; m < MT; ++m) {
+    __m512 o = _mm512_permutexvar_ps(order, acc[m]);
+    if (bias) o = _mm512_add_ps(o, bv);
+    _mm512_mask_storeu_ps(y + m * ldy, keep, o);
+  }
+}
+
+template <bool kPacked>
+LLMCORE_AVX512_TARGET void gemv_cols_avx512_t(const GemvQ8Plan& p, const uint8_t* xq,
+                                              const int32_t* corr, const float* xs,
+                                              const uint8_t* w_mant, int64_t w_row_stride,
+                                              const uint8_t* w_exp, int64_t w_exp_stride,
+                                              const float* bias, float* y, int64_t ldy,
+                                              int64_t n_begin, int64_t n_end) {
+  constexpr int kMaxMT = 8;
+  const int64_t M = p.M, xq_cols = p.xq_cols, groups = p.groups, nb = p.groups;
+  const int shift = p.w_bits - 2;
+  thread_local std::vector<float> scales;  // [nb][16] of the tile
+  if (static_cast<int64_t>(scales.size()) < 16 * nb) scales.resize(static_cast<size_t>(16 * nb));
+  float* tab = scales.data();
+  // Rows in tiles of at most 8, as even as possible: a tile of columns is read from memory
+  // once and from cache for the next row tile.
+  const int64_t tiles = (M + kMaxMT - 1) / kMaxMT;
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += 16) {
+    const int valid = static_cast<int>(n_end - n0 < 16 ? n_end - n0 : 16);
+    const uint8_t* r[16];
+    const uint8_t* er[16];  // in lane order
+    for (int i = 0; i < 16; ++i) {  // past the range: column 0 again (computed, not stored)
+      r[i] = w_mant + (n0 + (i < valid ? i : 0)) * w_row_stride;
+      er[i] = w_exp + (n0 + (col_of(i) < valid ? col_of(i) : 0)) * w_exp_stride;
+    }
+    col_scales(er, nb, shift, tab);
+    const float* bn = bias ? bias + n0 : nullptr;
+    for (int64_t t = 0, m = 0; t < tiles; ++t) {
+      const int64_t mt = (M - m) / (tiles - t);
+      const uint8_t* x = xq + m * xq_cols;
+      const int32_t* cr = corr + m * groups;
+      const float* s = xs + m * groups;
+      float* yt = y + m * ldy + n0;
+#define LLMCORE_COLS(R) cols16_avx512<R, kPacked>(p, x, cr, s, r, 16 * w_row_stride, tab, bn, yt, ldy, valid)
+      switch (mt) {
+        case 1: LLMCORE_COLS(1); break;
+        case 2: LLMCORE_COLS(2); break;
+        case 3: LLMCORE_COLS(3); break;
+        case 4: LLMCORE_COLS(4); break;
+        case 5: LLMCORE_COLS(5); break;
+        case 6: LLMCORE_COLS(6); break;
+        case 7: LLMCORE_COLS(7); break;
+        default: LLMCORE_COLS(8);
+      }
+#undef LLMCORE_COLS
+      m += mt;
+    }
+  }
+}
+
 // One activation row (decode, M = 1) on the plain layout (as AVX2's, with corr for 4-bit
 // weights): per 64 weight bytes one (8-bit) or two (4-bit) vpdpbusd, a conversion, a
 // permute of the combined block scales and one FMA, two accumulators in turn. With a single
@@ -386,9 +594,24 @@ GemvQ8Plan gemv_q8_plan(int64_t M, int64_t K, int w_bits) {
 #else
   const bool avx512 = false;
 #endif
-  p.tiled = avx512 && M > 1;  // rows that share the tiled steps' unpacking
+  // M > 1: 4-bit weights take the column tiles, 8-bit ones the 256-byte steps (which
+  // measured faster for them in the 110M's verification step: one sequential stream);
+  // LLMCORE_CPU_GEMV=cols or =steps picks one for every weight (tests, A/B runs).
+  const char* force = getenv("LLMCORE_CPU_GEMV");
+  const bool cols = force && !strcmp(force, "cols")    ? true
+                    : force && !strcmp(force, "steps") ? false
+                                                       : is_packed(w_bits);
+  p.cols = avx512 && M > 1 && cols;
+  p.tiled = avx512 && M > 1 && !p.cols;
   p.row1 = avx512 && M == 1;  // one row: the single-row AVX-512 kernel, plain layout
   const int64_t bytes = mantissa_cols(K, w_bits);
+  if (p.cols) {  // 32 activation bytes per block
+    const int64_t nb = exponent_cols(K, kBlock);
+    p.row_bytes = bytes;
+    p.groups = nb;
+    p.xq_cols = 32 * nb;
+    return p;
+  }
   if (p.tiled) {
     p.row_bytes = (bytes + kStepBytes - 1) / kStepBytes * kStepBytes;
     p.groups = p.row_bytes / kStepBytes * 16;
@@ -402,7 +625,7 @@ GemvQ8Plan gemv_q8_plan(int64_t M, int64_t K, int w_bits) {
 
 namespace {
 
-// The AVX-512 layout of one activation row (see gemv_q8_prepare in bfp_cpu.h).
+// The AVX-512 step layout of one activation row (see gemv_q8_prepare in bfp_cpu.h).
 void prepare_tiled_row(const GemvQ8Plan& p, const int8_t* ar, const uint8_t* er, int a_bits,
                        uint8_t* xr, int32_t* cr, float* sr) {
   const bool packed = is_packed(p.w_bits);
@@ -436,6 +659,28 @@ void prepare_tiled_row(const GemvQ8Plan& p, const int8_t* ar, const uint8_t* er,
   }
 }
 
+
+// The AVX-512 column-tile layout of one activation row (see gemv_q8_prepare in bfp_cpu.h).
+void prepare_cols_row(const GemvQ8Plan& p, const int8_t* ar, const uint8_t* er, int a_bits,
+                      uint8_t* xr, int32_t* cr, float* sr) {
+  const bool packed = is_packed(p.w_bits);
+  const int64_t K = p.K, nb = p.groups;
+  for (int64_t b = 0; b < nb; ++b) {
+    int32_t sum = 0;
+    for (int i = 0; i < 32; ++i) {
+      const int64_t e = 32 * b + i;
+      const int v = e < K ? ar[e] : 0;
+      // 4-bit: group 2j holds elements 8j + 0, 2, 4, 6 (the low nibbles of bytes 4j..4j+3),
+      // group 2j + 1 elements 8j + 1, 3, 5, 7; 8-bit: in order.
+      const int pos = packed ? (i >> 3) * 8 + (i & 1) * 4 + ((i & 7) >> 1) : i;
+      xr[32 * b + pos] = static_cast<uint8_t>(v);
+      sum += v;
+    }
+    cr[b] = (packed ? -8 : -128) * sum;
+    sr[b] = block_scale(er[b], a_bits);
+  }
+}
+
 }  // namespace
 
 void gemv_q8_prepare(const GemvQ8Plan& p, const int8_t* a_mant, int64_t a_row_stride,
@@ -448,8 +693,9 @@ void gemv_q8_prepare(const GemvQ8Plan& p, const int8_t* a_mant, int64_t a_row_st
     const int8_t* ar = a_mant + m * a_row_stride;
     auto* xr = reinterpret_cast<uint8_t*>(xq + m * cols);
     const uint8_t* er = a_exp + m * a_exp_stride;
-    if (p.tiled) {
-      prepare_tiled_row(p, ar, er, a_bits, xr, corr + m * groups, xs + m * groups);
+    if (p.tiled || p.cols) {
+      (p.cols ? prepare_cols_row : prepare_tiled_row)(p, ar, er, a_bits, xr, corr + m * groups,
+                                                      xs + m * groups);
       continue;
     }
     int64_t e = 0;
@@ -486,7 +732,12 @@ void gemv_q8(const GemvQ8Plan& p, const int8_t* xq, const int32_t* corr, const f
              int64_t n_end) {
   const auto* xu = reinterpret_cast<const uint8_t*>(xq);
 #if defined(__x86_64__)
-  if (p.tiled) {  // the layout prepared for the AVX-512 kernel
+  if (p.cols) {  // the layouts prepared for the AVX-512 kernels
+    auto f = is_packed(p.w_bits) ? gemv_cols_avx512_t<true> : gemv_cols_avx512_t<false>;
+    f(p, xu, corr, xs, w_mant, w_row_stride, w_exp, w_exp_stride, bias, y, ldy, n_begin, n_end);
+    return;
+  }
+  if (p.tiled) {
     auto f = is_packed(p.w_bits) ? gemv_avx512_t<true> : gemv_avx512_t<false>;
     f(p, xu, corr, xs, w_mant, w_row_stride, w_exp, w_exp_stride, bias, y, ldy, n_begin, n_end);
     return;
