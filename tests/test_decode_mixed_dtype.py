@@ -34,13 +34,19 @@ def test_decode_attention_mixed(q_dtype, cache_dtype, lq):
 
 @pytest.mark.parametrize("k_dtype,cache_dtype", MIXED, ids=str)
 @pytest.mark.parametrize("paged", [False, True])
-def test_kv_cache_append_rounds_to_the_cache(k_dtype, cache_dtype, paged):
+@pytest.mark.parametrize("path", ["best", "scalar"])
+def test_kv_cache_append_rounds_to_the_cache(k_dtype, cache_dtype, paged, path, monkeypatch):
+    """Bit for bit the reference's rounding, on the vector (AVX-512) and scalar paths, with
+    NaN, Inf, overflow and values that are subnormal in the cache's dtype."""
+    if path == "scalar":
+        monkeypatch.setenv("LLMCORE_CPU_ISA", "scalar")
     torch.manual_seed(1)
     b, t, hkv, d, cap = 2, 3, 2, 48, 12
     kc = torch.zeros(b, cap, hkv, d, dtype=cache_dtype)
     vc = torch.zeros_like(kc)
     k, v = randn((b, t, hkv, d), k_dtype) * 300, randn((b, t, hkv, d), k_dtype)
     k[0, 0, 0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 7e4])
+    k[0, 0, 1, :4] = torch.tensor([1e-6, -3e-8, 6.1e-5, 2e-39])  # fp16 (bf16) subnormals
     start = torch.tensor([0, 5], dtype=torch.int32)
     table = None
     if paged:  # pages of 4 positions, in reverse order

@@ -8,6 +8,7 @@
 
 #include <vector>
 
+#include "common/convert_rows.h"
 #include "common/half_convert.h"
 #include "bfp/bfp_rule.h"
 
@@ -196,6 +197,9 @@ int64_t kv_cache_append_rows(const AppendArgs& a, int64_t r0, int64_t r1) {
   const DType st = a.src_type;
   int64_t skipped = 0;
   float xb[kMxBlock];
+  constexpr int64_t kWiden = 256;
+  float wide[kWiden];
+  const bool vec = convert_vec();
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t b = r / a.new_tokens, t = r % a.new_tokens;
     const int64_t pos = static_cast<int64_t>(a.start_pos[b]) + t;
@@ -217,8 +221,17 @@ int64_t kv_cache_append_rows(const AppendArgs& a, int64_t r0, int64_t r1) {
         continue;
       }
       if (a.cache_type != kMxint8) {  // a float cache of another dtype: round to it
-        for (int64_t i = 0; i < D; ++i)
-          store_float(a.cache, a.cache_type, off + i, load_float(a.src, st, src_off + i));
+        char* dst = static_cast<char*>(a.cache) + off * esize;
+        const char* src = static_cast<const char*>(a.src) + src_off * dtype_size(st);
+        if (st == DType::kFloat32) {
+          narrow_floats(reinterpret_cast<const float*>(src), a.cache_type, D, dst, vec);
+          continue;
+        }
+        for (int64_t i0 = 0; i0 < D; i0 += kWiden) {  // 16-bit -> the other 16-bit type
+          const int64_t n = D - i0 < kWiden ? D - i0 : kWiden;
+          widen_floats(src + i0 * dtype_size(st), st, n, wide, vec);
+          narrow_floats(wide, a.cache_type, n, dst + i0 * esize, vec);
+        }
         continue;
       }
       int8_t* mant = static_cast<int8_t*>(a.cache) + off;
