@@ -150,6 +150,13 @@ def prepare_data(cfg: TrainConfig, progress: bool) -> tuple[Path, Path, Path | N
         cfg.data, cfg.vocab_size, cfg.val_fraction, progress)
     shard_dir = Path(cfg.shards) if cfg.shards else ensure_shards(
         cfg.data, tok_dir, cfg.val_fraction, progress)
+    if cfg.shards and cfg.tokenizer:  # both given: they must belong together
+        from llmcore.data.shards import read_header
+        from llmcore.tokenizer import tokenizer_hash
+
+        if read_header(shard_dir).get("tokenizer_sha256") != tokenizer_hash(tok_dir):
+            raise ValueError(f"config key 'shards' {str(shard_dir)!r} was tokenised with "
+                             f"another tokenizer than config key 'tokenizer' {str(tok_dir)!r}")
     decay_dir = (ensure_shards(cfg.decay_data, tok_dir, cfg.val_fraction, progress)
                  if cfg.decay_data is not None else None)
     return tok_dir, shard_dir, decay_dir
