@@ -19,7 +19,9 @@ from llmcore.data.shards import TokenShards
 from llmcore.generation import generate
 from llmcore.models import Transformer, TransformerConfig
 from llmcore.tokenizer import load_tokenizer, train_tokenizer
+from llmcore.training.config import TrainConfig
 from llmcore.training.distill import document_spans, write_distill_shards
+from llmcore.training.recipes.pretrain import WindowBatches, counted_tokens
 
 VF = 0.2  # the target run's val_fraction
 SMALL = {"prompts": 7, "prompt_tokens": 12, "new_tokens": 9, "batch_size": 3,
@@ -191,9 +193,36 @@ def test_cli_then_train_a_draft_on_it(target, cache, tmp_path, capsys, monkeypat
     rc, text, err = _cli(capsys, "train", "pretrain", *argv, "--out", tmp_path / "run")
     assert rc == 0 and "done:" in text, err
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    rc, text, err = _cli(capsys, "train", "pretrain", *argv, "--set", 'loss_on="generated"',
+                         "--out", tmp_path / "run-generated")
+    assert rc == 0 and "done:" in text, err
     other = train_tokenizer(["def f(x):\n    return x\n" * 50], 300, tmp_path / "tok2",
                             show_progress=False)
     argv[argv.index(f"tokenizer={json.dumps(str(target))}")] = \
         f"tokenizer={json.dumps(str(other))}"
     rc, _, err = _cli(capsys, "train", "pretrain", *argv, "--out", tmp_path / "run2")
     assert rc == 2 and "another tokenizer" in err, err
+
+
+def test_loss_on_generated_counts_only_the_continuations(target, corpus, cache, tmp_path):
+    write_distill_shards(target, tmp_path / "d", **SMALL)
+    sh = TokenShards(tmp_path / "d")
+    cfg = TrainConfig(loss_on="generated").validate()
+    assert counted_tokens(cfg, sh) == (12, 9)
+    assert counted_tokens(TrainConfig(), sh) is None
+    b = WindowBatches(sh, 4, 30, seed=3, counted=(12, 9)).batch(0, 0)
+    plain = WindowBatches(sh, 4, 30, seed=3).batch(0, 0)
+    assert torch.equal(b["input_ids"], plain["input_ids"])
+    toks = sh.tokens("train").to(torch.int64)
+    for x, y, y0 in zip(b["input_ids"], b["labels"], plain["labels"], strict=True):
+        start = next(s for s in range(toks.numel() - 30) if torch.equal(toks[s:s + 30], x))
+        pos = (torch.arange(start + 1, start + 31)) % 22  # each label's place in its document
+        keep = (pos >= 12) & (pos < 21)
+        assert torch.equal(y[keep], y0[keep]) and (y[~keep] == -100).all()
+    plain_shards = TokenShards(ensure_shards([str(corpus)], target, VF, progress=False))
+    with pytest.raises(ValueError, match="needs distillation shards"):
+        counted_tokens(cfg, plain_shards)
+    with pytest.raises(ValueError, match="config key 'loss_on' must be one of"):
+        TrainConfig(loss_on="prompt").validate()
+    with pytest.raises(ValueError, match="config key 'loss_on' must be 'all' with"):
+        TrainConfig(loss_on="generated", domain_weights="uniform").validate()
