@@ -226,3 +226,14 @@ def test_loss_on_generated_counts_only_the_continuations(target, corpus, cache, 
         TrainConfig(loss_on="prompt").validate()
     with pytest.raises(ValueError, match="config key 'loss_on' must be 'all' with"):
         TrainConfig(loss_on="generated", domain_weights="uniform").validate()
+
+
+def test_a_run_saved_before_loss_on_existed_still_resumes(tmp_path):
+    from llmcore.training.loop import TrainingError, resume_compatible
+
+    old = TrainConfig().to_dict()
+    del old["loss_on"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    resume_compatible(tmp_path, TrainConfig())  # the missing key reads as its default
+    with pytest.raises(TrainingError, match="config keys differ from the saved run: loss_on"):
+        resume_compatible(tmp_path, TrainConfig(loss_on="generated"))
