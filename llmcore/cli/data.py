@@ -1,5 +1,6 @@
 """``llmcore data``: token shards from a corpus, instruction / preference sets made from
-the standard library's functions, the cleaning pipeline and its quality classifier."""
+the standard library's functions, the cleaning pipeline and its quality classifier, and
+a model's greedy continuations (distillation data for an assisted-generation draft)."""
 
 from __future__ import annotations
 
@@ -50,7 +51,60 @@ def add_parser(subparsers):
     f.add_argument("--out", required=True, help="folder for train.jsonl, val.jsonl, filter.json")
     f.add_argument("--skip-bad-rows", action="store_true")
     _add_clean_parsers(sub)
+    _add_distill_parser(sub)
     return p
+
+
+def _add_distill_parser(sub) -> None:
+    d = sub.add_parser("distill", help="a model's greedy continuations of training-text "
+                       "prompts, as token shards (to train an assisted-generation draft on)")
+    d.add_argument("--model", required=True, help="the target model directory (RUN/final)")
+    d.add_argument("--data", nargs="+", metavar="stdlib|PATH",
+                   help="where the prompts come from (its train split; default: the "
+                   "target run's data, else stdlib)")
+    d.add_argument("--out", required=True, help="shard directory")
+    d.add_argument("--prompts", type=int_at_least(1), default=2048,
+                   help="continuations written (train + val)")
+    d.add_argument("--prompt-tokens", type=int_at_least(1), default=64)
+    d.add_argument("--new-tokens", type=int_at_least(1), default=96,
+                   help="greedy tokens per prompt")
+    d.add_argument("--batch-size", type=int_at_least(1), default=32)
+    d.add_argument("--val-prompts", type=int_at_least(0),
+                   help="of --prompts, how many (from other documents) form the val split "
+                   "(default: 1 in 20)")
+    d.add_argument("--val-fraction", type=float_in(0.0, 1.0, hi_open=True),
+                   help="share of --data held out and never read (default: the target "
+                   "run's; a smaller one is an error)")
+    d.add_argument("--quantize", choices=["mxint8", "mxint4"],
+                   help="generate with BFP weights (default: the saved dtype)")
+    d.add_argument("--seed", type=int, default=0, help="the prompt draw")
+
+
+def _run_distill(args) -> int:
+    from llmcore.training.distill import write_distill_shards
+
+    data = None if args.data is None else "stdlib" if args.data == ["stdlib"] else args.data
+    try:
+        h = write_distill_shards(args.model, args.out, data, args.prompts, args.prompt_tokens,
+                                 args.new_tokens, args.batch_size, args.val_prompts,
+                                 args.val_fraction, args.quantize, args.seed)
+    except ValueError as e:
+        raise CLIError(_flag_names(str(e))) from None
+    d = h["distill"]
+    for split, s in h["splits"].items():
+        print(f"{split}: {s['documents']:,} prompts, {s['tokens']:,} tokens, "
+              f"{s['bytes']:,} bytes")
+    print(f"{d['seconds']:.1f} s; wrote {args.out} (train with --set shards='\"{args.out}\"' "
+          f"--set tokenizer='\"{args.model}\"')")
+    return 0
+
+
+def _flag_names(msg: str) -> str:
+    """The library's argument names as the command's flags."""
+    import re
+
+    return re.sub(r"(?<![\w-])(prompt_tokens|new_tokens|batch_size|val_prompts|val_fraction|"
+                  r"prompts|quantize)\b", lambda m: "--" + m.group(1).replace("_", "-"), msg)
 
 
 def _add_clean_parsers(sub) -> None:
@@ -162,6 +216,8 @@ def run(args) -> int:
         return _run_clean(args)
     if args.action == "quality-train":
         return _run_quality_train(args)
+    if args.action == "distill":
+        return _run_distill(args)
     if args.action == "filter":
         from llmcore.evaluation.filtering import write_filtered
         from llmcore.evaluation.judges import make_judge

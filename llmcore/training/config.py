@@ -23,6 +23,7 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 
 SCHEDULES = ("cosine", "wsd", "constant")
+LOSS_ON = ("all", "generated")
 DTYPES = ("float32", "bfloat16")
 BACKENDS = ("llmcore", "torch")
 PARALLEL = ("ddp", "fsdp")
@@ -61,6 +62,7 @@ class TrainConfig:
     tokenizer: str | None = None  # tokenizer directory; None: train one (cached)
     vocab_size: int = 8192  # for a tokenizer trained by the run
     shards: str | None = None  # prepared shard directory; None: prepare (cached)
+    loss_on: str = "all"  # pretrain: "all" tokens, or "generated" (distill shards' continuations)
     decay_data: str | list | None = None  # data for the final (decay) phase of "wsd"
     domains: str | dict | None = None  # "stdlib", "field:NAME" or {name = [paths]}
     domain_weights: str | dict | None = None  # the mixture: natural|uniform|FILE.json|{d = w}
@@ -146,6 +148,9 @@ class TrainConfig:
              "label_smoothing", f"applies to loss_type dpo and robust only (loss_type is "
              f"{self.loss_type!r})")
         need(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
+        need(self.loss_on in LOSS_ON, "loss_on", f"must be one of {LOSS_ON}")
+        need(self.loss_on == "all" or (self.domain_weights is None and self.decay_data is None),
+             "loss_on", "must be 'all' with domain_weights or decay_data")
         need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
         need(self.backend in BACKENDS, "backend", f"must be one of {BACKENDS}")
         need(self.parallel in PARALLEL, "parallel", f"must be one of {PARALLEL}")

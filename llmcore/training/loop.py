@@ -414,7 +414,9 @@ def resume_compatible(run_dir: Path, cfg: TrainConfig) -> None:
     old = json.loads(f.read_text(encoding="utf-8"))
     free = {"progress", "eval_every", "save_every", "keep_last", "log_every", "tensorboard",
             "sample_tokens", "sample_prompt", "eval_tokens"}
-    diff = sorted(k for k, v in cfg.to_dict().items() if k not in free and old.get(k) != v)
+    default = TrainConfig().to_dict()  # a key added since the run was saved: its default
+    diff = sorted(k for k, v in cfg.to_dict().items()
+                  if k not in free and old.get(k, default[k]) != v)
     if diff:
         raise TrainingError(f"cannot resume {run_dir}: config keys differ from the saved run: "
                             f"{', '.join(diff)}")

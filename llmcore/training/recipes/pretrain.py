@@ -58,16 +58,21 @@ def _seed_of(*parts: int) -> int:
 class WindowBatches:
     """Random windows of a shard split: ``batch(step, index)`` -> {"input_ids",
     "labels"} [batch_size, seq_len] int64. From step ``switch_step`` on, windows come
-    from ``decay_shards`` (the anneal-on-the-best-data phase of a WSD run)."""
+    from ``decay_shards`` (the anneal-on-the-best-data phase of a WSD run).
+    ``counted = (P, T)``: the shards hold documents of P + T + 1 tokens (distillation
+    data: a prompt, T generated tokens, EOS) and only the generated tokens are labels
+    (the others are -100)."""
 
     def __init__(self, shards: TokenShards, batch_size: int, seq_len: int, seed: int,
-                 decay_shards: TokenShards | None = None, switch_step: int | None = None):
+                 decay_shards: TokenShards | None = None, switch_step: int | None = None,
+                 counted: tuple[int, int] | None = None):
         for s in (shards, decay_shards):
             if s is not None and s.num_tokens("train") < seq_len + 2:
                 raise ValueError(f"{s.path}: the train split holds {s.num_tokens('train')} "
                                  f"tokens, fewer than seq_len + 2 = {seq_len + 2}")
         self.shards, self.decay_shards, self.switch_step = shards, decay_shards, switch_step
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.counted = counted
 
     def batch(self, step: int, index: int) -> dict:
         shards = self.shards
@@ -78,7 +83,30 @@ class WindowBatches:
         starts = torch.randint(0, tokens.numel() - self.seq_len - 1, (self.batch_size,),
                                generator=g).tolist()
         x = torch.stack([tokens[s:s + self.seq_len + 1].to(torch.int64) for s in starts])
-        return {"input_ids": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous()}
+        labels = x[:, 1:].contiguous()
+        if self.counted is not None:
+            p, t = self.counted
+            pos = (torch.tensor(starts).unsqueeze(1) + torch.arange(1, self.seq_len + 1)) \
+                % (p + t + 1)  # each label's place in its document
+            labels[(pos < p) | (pos >= p + t)] = -100
+        return {"input_ids": x[:, :-1].contiguous(), "labels": labels}
+
+
+def counted_tokens(cfg: TrainConfig, shards: TokenShards) -> tuple[int, int] | None:
+    """(prompt tokens, generated tokens) of distillation shards when ``cfg.loss_on`` is
+    "generated" (None for "all"); ValueError for other shards."""
+    if cfg.loss_on == "all":
+        return None
+    d = shards.header.get("distill")
+    if not isinstance(d, dict):
+        raise ValueError(f"config key 'loss_on' 'generated' needs distillation shards "
+                         f"(`llmcore data distill`); {shards.path} are not")
+    p, t = d["prompt_tokens"], d["new_tokens"]
+    info = shards.header["splits"]["train"]
+    if info["tokens"] != info["documents"] * (p + t + 1):
+        raise ValueError(f"{shards.path}: the train split is not made of documents of "
+                         f"{p} + {t} + 1 tokens")
+    return p, t
 
 
 def step_fn(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -150,6 +178,13 @@ def prepare_data(cfg: TrainConfig, progress: bool) -> tuple[Path, Path, Path | N
         cfg.data, cfg.vocab_size, cfg.val_fraction, progress)
     shard_dir = Path(cfg.shards) if cfg.shards else ensure_shards(
         cfg.data, tok_dir, cfg.val_fraction, progress)
+    if cfg.shards and cfg.tokenizer:  # both given: they must belong together
+        from llmcore.data.shards import read_header
+        from llmcore.tokenizer import tokenizer_hash
+
+        if read_header(shard_dir).get("tokenizer_sha256") != tokenizer_hash(tok_dir):
+            raise ValueError(f"config key 'shards' {str(shard_dir)!r} was tokenised with "
+                             f"another tokenizer than config key 'tokenizer' {str(tok_dir)!r}")
     decay_dir = (ensure_shards(cfg.decay_data, tok_dir, cfg.val_fraction, progress)
                  if cfg.decay_data is not None else None)
     return tok_dir, shard_dir, decay_dir
@@ -318,7 +353,8 @@ def run(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False,
     decay = TokenShards(decay_dir) if decay_dir is not None else None
     model = build_model(cfg, shards.vocab_size)
     batches = WindowBatches(shards, cfg.batch_size, cfg.seq_len, cfg.seed, decay,
-                            decay_start(cfg.steps, cfg.warmup, cfg.decay_frac))
+                            decay_start(cfg.steps, cfg.warmup, cfg.decay_frac),
+                            counted=counted_tokens(cfg, shards))
 
     def eval_fn(m, final: bool) -> dict:
         r = evaluate_split(m, shards, "val", cfg.seq_len, cfg.batch_size,
