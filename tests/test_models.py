@@ -82,6 +82,37 @@ def test_rollback_then_continue_equals_never_appended():
     torch.testing.assert_close(out1, m(ids[:, 8:], cache=c2), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("head_dim", [64, 80])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_table_gives_the_computed_values(head_dim, dtype):
+    """A CPU forward reads cos / sin from a table built once (``end`` given): the values
+    computed per call, bit for bit where torch's vectorised cos covers both (rows of a
+    multiple of 32 elements), within 1e-6 elsewhere (its scalar tail); the table grows
+    with ``end`` and is rebuilt when ``inv_freq`` is replaced."""
+    cfg = TransformerConfig(dim=2 * head_dim, n_heads=2, n_layers=1, vocab_size=64,
+                            max_seq_len=512, rope_theta=500000.0,
+                            rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 64})
+    model = Transformer(cfg)
+    for positions, end in ((torch.tensor([[7]]), 8), (torch.randint(0, 40, (3, 5)), 40),
+                           (torch.tensor([[0, 1, 2], [300, 301, 302]]), 303)):
+        got = model.rope(positions, dtype, end)
+        want = model.rope(positions, dtype)
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == w.shape == (*positions.shape, head_dim) and g.dtype == dtype
+            if head_dim % 32 == 0:
+                assert torch.equal(g, w)
+            else:
+                torch.testing.assert_close(g, w, rtol=0, atol=1e-6 if dtype == torch.float32
+                                           else 8e-3)
+        assert model._rope_table[1].shape[0] >= end
+    table = model._rope_table
+    model.inv_freq = rope_inv_freq(cfg)  # replaced: a new table
+    model.rope(torch.tensor([[3]]), dtype, 4)
+    assert model._rope_table is not table
+
+
 def test_rope_scaling_llama3_changes_low_frequencies_only():
     base = TransformerConfig(dim=64, n_heads=2, rope_theta=500000.0)
     scaled = TransformerConfig(dim=64, n_heads=2, rope_theta=500000.0,

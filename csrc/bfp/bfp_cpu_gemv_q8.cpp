@@ -416,7 +416,7 @@ LLMCORE_AVX512_TARGET void cols16_avx512(const GemvQ8Plan& p, const uint8_t* xq,
     constexpr int kPer = 16 * kBlockBytes / 64;
     for (int j = 0; j < kPer; ++j)
       _mm_prefetch(reinterpret_cast<const char*>(r[(b * kPer + j) & 15] + at + ahead),
-                   _MM_HINT_T1);
+                   _MM_HINT_T0);
     __m512i u[8];  // unsigned weights of group g: 4-bit w + 8 (low, high nibbles), 8-bit w + 128
     for (int h = 0; h < kBlockBytes / 16; ++h) {
       const int tail = static_cast<int>(bytes - at - 16 * h);

@@ -163,6 +163,12 @@ class KVCache(nn.Module):
         """Committed length of each sequence (the host mirror of ``seqlens``)."""
         return list(self._lengths)
 
+    @property
+    def end(self) -> int:
+        """One past the last position in use, host-side: during a step (after
+        :meth:`prepare`) that of its new tokens, else the longest sequence's length."""
+        return max(self._lengths) + self._pending
+
     def nbytes(self) -> int:
         parts = (self.k_values, self.v_values, self.k_exponents, self.v_exponents)
         return sum(t.numel() * t.element_size() for t in parts if t is not None)

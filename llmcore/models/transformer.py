@@ -370,6 +370,7 @@ class Transformer(nn.Module):
         # and attention run only there; the fused path calls the projections directly)
         self.fused_inference = True
         self._plan: DecoderPlan | None = None  # decoder_layers' arguments (see _decoder_layers)
+        self._rope_table: tuple | None = None  # (inv_freq, cos, sin): see rope()
         kw = {"device": device, "dtype": dtype}
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim, **kw)
         self.layers = nn.ModuleList(Block(config, i, device, dtype) for i in range(config.n_layers))
@@ -425,7 +426,32 @@ class Transformer(nn.Module):
                        c.head_dim, dtype=self.dtype, device=self.device, storage=storage,
                        page_size=page_size)
 
-    def rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, positions: torch.Tensor, dtype, end: int | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [..., head_dim] in ``dtype`` of integer ``positions``. ``end`` (a host
+        int above every position) lets a CPU forward read them from a table of positions
+        [0, n) computed once (the same float32 arithmetic, so the same values: a decode
+        step otherwise spends ~0.1 ms of torch ops here); the table is rebuilt when
+        ``inv_freq`` is replaced (moving the model, loading) and grows when ``end`` passes
+        it. Under torch.compile, or
+        without ``end``, they are computed."""
+        if (end is None or positions.device.type != "cpu" or torch.compiler.is_compiling()):
+            return self._rope_values(positions, dtype)
+        inv, table = self.inv_freq, self._rope_table
+        same = table is not None and table[0] is inv
+        if not same or table[1].shape[0] < end:
+            # multiples of 32 positions: every element takes torch's vectorised cos / sin
+            n = -(-max(end, 2 * table[1].shape[0] if same else 0, 32) // 32) * 32
+            with torch.no_grad():
+                cos, sin = self._rope_values(torch.arange(n, device=positions.device),
+                                             torch.float32)
+            table = self._rope_table = (inv, cos, sin)
+        idx = positions.reshape(-1)
+        shape = (*positions.shape, table[1].shape[-1])
+        return (table[1].index_select(0, idx).view(shape).to(dtype),
+                table[2].index_select(0, idx).view(shape).to(dtype))
+
+    def _rope_values(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float().unsqueeze(-1) * self.inv_freq.float()  # [B, T, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -486,7 +512,11 @@ class Transformer(nn.Module):
 
     def _hidden(self, input_ids, positions, cache, prefill, packed=None) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [B, T, dim]
-        cos, sin = self.rope(positions, x.dtype)
+        # positions lie below the cache's end, or below T (a packed row's restart); a
+        # compiled step computes them (reading the host lengths would guard on them)
+        end = (None if torch.compiler.is_compiling()
+               else cache.end if cache is not None else input_ids.shape[1])
+        cos, sin = self.rope(positions, x.dtype, end)
         if cache is not None and not prefill and packed is None:
             h = self._decoder_layers(x, cos, sin, cache)
             if h is not None:
