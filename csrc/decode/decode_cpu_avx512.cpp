@@ -232,10 +232,10 @@ void task(const DecodeArgs& a, const DecodePlan& p, float* ws, int64_t t) {
   const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
   constexpr int64_t esz = dtype_size(CT);
   const int64_t row_bytes = D * esz;
-  // Rows of one kv head are Hkv * D elements apart, no stream the hardware prefetcher
-  // follows: fetch the first kPrefetchRows rows now, then at each tile the rows
-  // kPrefetchRows ahead, so DRAM latency hides behind the tiles' arithmetic.
-  for (int64_t j = k.j0 - kPrefetchRows; j < k.j1; j += kTile) {
+  for (int64_t j = k.j0; j < k.j1; j += kTile) {
+    const int64_t n = k.j1 - j < kTile ? k.j1 - j : kTile;
+    // Rows of one kv head are Hkv * D elements apart: prefetch the tile after next so
+    // DRAM latency hides behind this tile's arithmetic.
     for (int64_t i = j + kPrefetchRows; i < j + kPrefetchRows + kTile && i < k.j1; ++i) {
       const RowLoc loc = locate(c, k.b, i);
       if (loc.i0 < 0) continue;
@@ -245,8 +245,6 @@ void task(const DecodeArgs& a, const DecodePlan& p, float* ws, int64_t t) {
         _mm_prefetch(static_cast<const char*>(a.v) + off + line, _MM_HINT_T0);
       }
     }
-    if (j < k.j0) continue;  // the prologue's prefetches only
-    const int64_t n = k.j1 - j < kTile ? k.j1 - j : kTile;
     uint32_t valid = 0;
     for (int64_t i = 0; i < kTile; ++i) {
       kp[i] = vp[i] = zero;
