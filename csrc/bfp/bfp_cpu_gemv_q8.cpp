@@ -38,6 +38,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -195,6 +196,29 @@ LLMCORE_AVX512_TARGET inline __m512 weight_scales16(const uint8_t* er, int64_t b
   return _mm512_mask_blend_ps(nan, s, _mm512_set1_ps(__builtin_nanf("")));
 }
 
+// The activation rows in tiles of at most 8, as even as possible (16 -> 8 + 8, 10 -> 5 + 5),
+// each tile's weight read from memory once and from cache for the next: f(m, R) for the
+// tile of R rows from row m, R a compile-time constant (std::integral_constant).
+constexpr int kMaxRowTile = 8;
+template <class F>
+inline void for_row_tiles(int64_t M, F&& f) {
+  const int64_t tiles = (M + kMaxRowTile - 1) / kMaxRowTile;
+  for (int64_t t = 0, m = 0; t < tiles; ++t) {
+    const int64_t mt = (M - m) / (tiles - t);
+    switch (mt) {
+      case 1: f(m, std::integral_constant<int, 1>{}); break;
+      case 2: f(m, std::integral_constant<int, 2>{}); break;
+      case 3: f(m, std::integral_constant<int, 3>{}); break;
+      case 4: f(m, std::integral_constant<int, 4>{}); break;
+      case 5: f(m, std::integral_constant<int, 5>{}); break;
+      case 6: f(m, std::integral_constant<int, 6>{}); break;
+      case 7: f(m, std::integral_constant<int, 7>{}); break;
+      default: f(m, std::integral_constant<int, 8>{});
+    }
+    m += mt;
+  }
+}
+
 // MT activation rows against weight row wr (bytes long), one step of 256 weight bytes at a
 // time: out[r] = the row's dot product.
 template <int MT, bool kPacked>
@@ -278,40 +302,21 @@ LLMCORE_AVX512_TARGET void gemv_avx512_t(const GemvQ8Plan& p, const uint8_t* xq,
                                          int64_t w_row_stride, const uint8_t* w_exp,
                                          int64_t w_exp_stride, const float* bias, float* y,
                                          int64_t ldy, int64_t n_begin, int64_t n_end) {
-  constexpr int kMaxMT = 8;
   const int64_t M = p.M, xq_cols = p.xq_cols, lanes = p.groups;
   const int64_t bytes = mantissa_cols(p.K, p.w_bits), nb = exponent_cols(p.K, kBlock);
   const int shift = p.w_bits - 2;
-  // Rows in tiles of at most 8, as even as possible: the weight row is read from memory
-  // once and from L1 for the next tile.
-  const int64_t tiles = (M + kMaxMT - 1) / kMaxMT;
-  float out[kMaxMT];
+  float out[kMaxRowTile];
   for (int64_t n = n_begin; n < n_end; ++n) {
     const uint8_t* wr = w_mant + n * w_row_stride;
     const uint8_t* er = w_exp + n * w_exp_stride;
-    for (int64_t t = 0, m = 0; t < tiles; ++t) {
-      const int64_t mt = (M - m) / (tiles - t);
-      const uint8_t* x = xq + m * xq_cols;
-      const float* s = xs + m * lanes;
-      const int32_t* cr = corr + m * lanes;
-#define LLMCORE_ROWS(R) rows_avx512<R, kPacked>(x, xq_cols, cr, s, lanes, wr, er, bytes, nb, shift, out)
-      switch (mt) {
-        case 1: LLMCORE_ROWS(1); break;
-        case 2: LLMCORE_ROWS(2); break;
-        case 3: LLMCORE_ROWS(3); break;
-        case 4: LLMCORE_ROWS(4); break;
-        case 5: LLMCORE_ROWS(5); break;
-        case 6: LLMCORE_ROWS(6); break;
-        case 7: LLMCORE_ROWS(7); break;
-        default: LLMCORE_ROWS(8);
-      }
-#undef LLMCORE_ROWS
-      for (int64_t r = 0; r < mt; ++r) y[(m + r) * ldy + n] = bias ? out[r] + bias[n] : out[r];
-      m += mt;
-    }
+    for_row_tiles(M, [&](int64_t m, auto rows) LLMCORE_AVX512_TARGET {
+      constexpr int R = decltype(rows)::value;
+      rows_avx512<R, kPacked>(xq + m * xq_cols, xq_cols, corr + m * lanes, xs + m * lanes, lanes,
+                              wr, er, bytes, nb, shift, out);
+      for (int r = 0; r < R; ++r) y[(m + r) * ldy + n] = bias ? out[r] + bias[n] : out[r];
+    });
   }
 }
-
 
 // Rows (M >= 2) against 16 weight rows at a time, one block of 32 at a time: lane L of every
 // vector belongs to output column n0 + col_of(L), so a block's int32 sums of all 16 columns
@@ -319,8 +324,7 @@ LLMCORE_AVX512_TARGET void gemv_avx512_t(const GemvQ8Plan& p, const uint8_t* xq,
 // lanes with no horizontal sums (one per column and row in the whole call, as stores).
 // Per block and tile, the 16 columns' block bytes (16 each, 4-bit; 32, 8-bit, in two
 // halves) are loaded as 128-bit pieces, four columns per vector, and transposed in 4-byte
-// groups (8 unpacks) as the 256-byte steps of the layout before this one did: lane 4k + c
-// then holds column 4c + k. Each group g of 4 bytes (4-bit: 8 elements, low nibbles then
+// groups (8 unpacks, as the step kernel's): lane 4k + c then holds column 4c + k. Each group g of 4 bytes (4-bit: 8 elements, low nibbles then
 // high; 8-bit: 4 elements) meets the row's matching 4 activation bytes broadcast from xq.
 // The unpacking is shared by every row; each row costs 8 vpdpbusd, one conversion and one
 // FMA per block and tile.
@@ -466,15 +470,11 @@ LLMCORE_AVX512_TARGET void gemv_cols_avx512_t(const GemvQ8Plan& p, const uint8_t
                                               const uint8_t* w_exp, int64_t w_exp_stride,
                                               const float* bias, float* y, int64_t ldy,
                                               int64_t n_begin, int64_t n_end) {
-  constexpr int kMaxMT = 8;
   const int64_t M = p.M, xq_cols = p.xq_cols, groups = p.groups, nb = p.groups;
   const int shift = p.w_bits - 2;
   thread_local std::vector<float> scales;  // [nb][16] of the tile
   if (static_cast<int64_t>(scales.size()) < 16 * nb) scales.resize(static_cast<size_t>(16 * nb));
   float* tab = scales.data();
-  // Rows in tiles of at most 8, as even as possible: a tile of columns is read from memory
-  // once and from cache for the next row tile.
-  const int64_t tiles = (M + kMaxMT - 1) / kMaxMT;
   for (int64_t n0 = n_begin; n0 < n_end; n0 += 16) {
     const int valid = static_cast<int>(n_end - n0 < 16 ? n_end - n0 : 16);
     const uint8_t* r[16];
@@ -485,26 +485,11 @@ LLMCORE_AVX512_TARGET void gemv_cols_avx512_t(const GemvQ8Plan& p, const uint8_t
     }
     col_scales(er, nb, shift, tab);
     const float* bn = bias ? bias + n0 : nullptr;
-    for (int64_t t = 0, m = 0; t < tiles; ++t) {
-      const int64_t mt = (M - m) / (tiles - t);
-      const uint8_t* x = xq + m * xq_cols;
-      const int32_t* cr = corr + m * groups;
-      const float* s = xs + m * groups;
-      float* yt = y + m * ldy + n0;
-#define LLMCORE_COLS(R) cols16_avx512<R, kPacked>(p, x, cr, s, r, 16 * w_row_stride, tab, bn, yt, ldy, valid)
-      switch (mt) {
-        case 1: LLMCORE_COLS(1); break;
-        case 2: LLMCORE_COLS(2); break;
-        case 3: LLMCORE_COLS(3); break;
-        case 4: LLMCORE_COLS(4); break;
-        case 5: LLMCORE_COLS(5); break;
-        case 6: LLMCORE_COLS(6); break;
-        case 7: LLMCORE_COLS(7); break;
-        default: LLMCORE_COLS(8);
-      }
-#undef LLMCORE_COLS
-      m += mt;
-    }
+    for_row_tiles(M, [&](int64_t m, auto rows) LLMCORE_AVX512_TARGET {
+      cols16_avx512<decltype(rows)::value, kPacked>(p, xq + m * xq_cols, corr + m * groups,
+                                                    xs + m * groups, r, 16 * w_row_stride, tab,
+                                                    bn, y + m * ldy + n0, ldy, valid);
+    });
   }
 }
 
