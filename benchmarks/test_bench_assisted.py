@@ -91,6 +91,21 @@ def test_trained_pair_rows(pair):
     assert len(set(res["extra"]["prompts"])) == 2  # two held-out documents
     assert res["extra"]["params"]["target"] > res["extra"]["params"]["draft"]
     assert "trained draft mxint8 g=4" in res["text"]
+    assert {r.extra.get("schedule") for r in rows if r.method != PLAIN} == {"heuristic"}
+
+
+@torch.inference_mode()
+def test_trained_pair_constant_schedule(pair):
+    """schedule="constant": every step proposes γ drafts (the mean draft length is γ, or
+    less where the end of the output cuts a step short), outputs still plain greedy's."""
+    target, draft, _, _ = pair
+    res = suite.run(torch.device("cpu"), quick=True, target_dir=target, draft_dir=draft,
+                    draft_tokens=[3], schedule="constant")
+    assert res["extra"]["schedule"] == "constant" and "constant schedule" in res["text"]
+    for r in res["rows"]:
+        if r.method != PLAIN:
+            assert r.extra["schedule"] == "constant"
+            assert 1.0 <= r.extra["mean_draft_length"] <= 3.0
 
 
 @torch.inference_mode()
@@ -128,6 +143,7 @@ def test_trained_pair_errors(pair):
 
 @pytest.mark.parametrize("argv, message", [
     (["--target", "T"], "--target and --draft go together"),
+    (["--schedule", "constant"], "--target and --draft go together"),
     (["--target", "T", "--draft", "D", "generate"], "apply to the assisted suite only"),
     (["--draft-tokens", "3", "--target", "nowhere", "--draft", "D"], "--target nowhere: no "
      "config.json"),

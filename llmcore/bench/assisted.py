@@ -122,9 +122,10 @@ def drafts(target: Transformer) -> list[tuple[str, object, str, str]]:
 @torch.inference_mode()
 def run(device: torch.device, quick: bool = False, progress_factory=None,
         target_dir: str | None = None, draft_dir: str | None = None,
-        draft_tokens: list[int] | None = None) -> dict:
+        draft_tokens: list[int] | None = None, schedule: str = "heuristic") -> dict:
     if target_dir is not None or draft_dir is not None:
-        return run_trained(device, target_dir, draft_dir, draft_tokens, quick, progress_factory)
+        return run_trained(device, target_dir, draft_dir, draft_tokens, quick, progress_factory,
+                           schedule)
     preset, plen, new, runs = plan(quick)
     target = target_model(preset, device)
     prompts = make_prompts(target.config.vocab_size, plen, device)
@@ -280,9 +281,11 @@ def merge_stats(stats) -> AssistedStats:
 
 @torch.inference_mode()
 def run_trained(device: torch.device, target_dir, draft_dir, draft_tokens=None,
-                quick: bool = False, progress_factory=None) -> dict:
+                quick: bool = False, progress_factory=None, schedule: str = "heuristic"
+                ) -> dict:
     """The suite on a trained target and draft (module docstring): per target precision
-    (fp32, mxint8) the plain greedy row and one row per (draft precision, starting γ)."""
+    (fp32, mxint8) the plain greedy row and one row per (draft precision, γ): the starting
+    γ of the heuristic schedule, or every step's with ``schedule="constant"``."""
     n_prompts, plen, new, runs = plan_trained(quick)
     gammas = list(draft_tokens or [5])
     target32, draft32, tok = load_pair(target_dir, draft_dir, device)
@@ -326,7 +329,7 @@ def run_trained(device: torch.device, target_dir, draft_dir, draft_tokens=None,
                 secs, stats = 0.0, []
                 for (src, p), want in zip(prompts, plain_out, strict=True):
                     s, (out, st) = _median_s(lambda p=p, draft=draft, g=g, target=target: assisted_generate(
-                        target, draft, p, new, num_draft_tokens=g), runs, device)
+                        target, draft, p, new, num_draft_tokens=g, schedule=schedule), runs, device)
                     if not torch.equal(out, want):
                         raise RuntimeError(f"assisted generation with the {name} differs from "
                                            f"plain greedy (target {tname}, prompt from {src})")
@@ -342,11 +345,12 @@ def run_trained(device: torch.device, target_dir, draft_dir, draft_tokens=None,
                                        "predicted_speedup": pred, "verify_cost_ratio": v,
                                        "predicted_speedup_measured_verify": pred_v,
                                        "draft_precision": dname, "num_draft_tokens": g,
-                                       **common}))
+                                       "schedule": schedule, **common}))
                 pbar.update()
     pbar.close()
     add_ratios(rows, BASELINES)
-    lines = ["trained pair: greedy, prompts = held-out stdlib text; outputs equal plain greedy",
+    lines = [f"trained pair: greedy, prompts = held-out stdlib text; outputs equal plain greedy; "
+             f"{schedule} schedule",
              "c: draft cost per token / target's; v: one verification call / one target step",
              "target  method                     accept  alpha  tok/call  gamma   c     v    "
              "predicted  with v  measured"]
@@ -363,5 +367,5 @@ def run_trained(device: torch.device, target_dir, draft_dir, draft_tokens=None,
                                                           "draft": draft32.config.to_dict()},
                       "training": runs_info, "prompt_tokens": plen, "new_tokens": new,
                       "prompts": [src for src, _ in prompts], "val_fraction": val_fraction,
-                      "draft_tokens": gammas},
+                      "draft_tokens": gammas, "schedule": schedule},
             "text": "\n".join(lines)}

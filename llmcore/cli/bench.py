@@ -97,6 +97,9 @@ def add_parser(subparsers):
                    "the target's tokenizer")
     a.add_argument("--draft-tokens", type=int_list, metavar="G[,G...]",
                    help="starting draft lengths γ, one row each (default 5)")
+    a.add_argument("--schedule", choices=("heuristic", "constant"),
+                   help="how γ moves between steps: heuristic (the default: it grows while "
+                   "every draft is kept) or constant (--draft-tokens at every step)")
     return b
 
 
@@ -135,7 +138,7 @@ def _suite_options(args, names) -> dict:
 
 def _assisted_options(args, names) -> dict:
     """{"assisted": {...}} from --target/--draft/--draft-tokens, {} when none is given."""
-    given = [f"--{k.replace('_', '-')}" for k in ("target", "draft", "draft_tokens")
+    given = [f"--{k.replace('_', '-')}" for k in ("target", "draft", "draft_tokens", "schedule")
              if getattr(args, k) is not None]
     if not given:
         return {}
@@ -153,7 +156,8 @@ def _assisted_options(args, names) -> dict:
     if args.draft_tokens and max(args.draft_tokens) > 15:
         raise CLIError(f"--draft-tokens: each must be in [1, 15], got {args.draft_tokens}")
     return {"assisted": {"target_dir": args.target, "draft_dir": args.draft,
-                         "draft_tokens": args.draft_tokens}}
+                         "draft_tokens": args.draft_tokens,
+                         "schedule": args.schedule or "heuristic"}}
 
 
 def run(args) -> int:
