@@ -196,6 +196,33 @@ LLMCORE_AVX512_TARGET inline __m512 weight_scales16(const uint8_t* er, int64_t b
   return _mm512_mask_blend_ps(nan, s, _mm512_set1_ps(__builtin_nanf("")));
 }
 
+// 4x4 transpose of 4-byte groups: lane 4k + c of v[j] = group j of piece k of z[c].
+LLMCORE_AVX512_TARGET inline void transpose4(const __m512i* z, __m512i* v) {
+  const __m512i t0 = _mm512_unpacklo_epi32(z[0], z[1]), t1 = _mm512_unpackhi_epi32(z[0], z[1]);
+  const __m512i t2 = _mm512_unpacklo_epi32(z[2], z[3]), t3 = _mm512_unpackhi_epi32(z[2], z[3]);
+  v[0] = _mm512_unpacklo_epi64(t0, t2);
+  v[1] = _mm512_unpackhi_epi64(t0, t2);
+  v[2] = _mm512_unpacklo_epi64(t1, t3);
+  v[3] = _mm512_unpackhi_epi64(t1, t3);
+}
+
+// The unsigned weights of 4 transposed groups v: 4-bit, w + 8 of the low then the high
+// nibbles (u[2j], u[2j + 1]); 8-bit, w + 128 (u[j]).
+template <bool kPacked>
+LLMCORE_AVX512_TARGET inline void unsigned_weights(const __m512i* v, __m512i* u) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(kPacked ? 0x88 : 0x80));
+  const __m512i lo4 = _mm512_set1_epi8(0x0f);
+  for (int j = 0; j < 4; ++j) {
+    const __m512i f = _mm512_xor_si512(v[j], flip);
+    if (kPacked) {
+      u[2 * j] = _mm512_and_si512(f, lo4);
+      u[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(f, 4), lo4);
+    } else {
+      u[j] = f;
+    }
+  }
+}
+
 // The activation rows in tiles of at most 8, as even as possible (16 -> 8 + 8, 10 -> 5 + 5),
 // each tile's weight read from memory once and from cache for the next: f(m, R) for the
 // tile of R rows from row m, R a compile-time constant (std::integral_constant).
@@ -232,28 +259,16 @@ LLMCORE_AVX512_TARGET void rows_avx512(const uint8_t* xq, int64_t xq_cols, const
   const __m512i lidx = kPacked
       ? _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15)
       : _mm512_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6, 1, 3, 5, 7, 1, 3, 5, 7);
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(kPacked ? 0x88 : 0x80));
-  const __m512i lo4 = _mm512_set1_epi8(0x0f);
   const int64_t steps = (bytes + kStepBytes - 1) / kStepBytes, full = bytes / kStepBytes;
   __m512 acc[MT];
   for (int r = 0; r < MT; ++r) acc[r] = _mm512_setzero_ps();
   __m512 sw16 = _mm512_setzero_ps();
   auto step = [&](int64_t s, __m512i r0, __m512i r1, __m512i r2, __m512i r3) LLMCORE_AVX512_TARGET {
-    // 4x4 transpose of 4-byte columns: lane 4k + c of v[j] = bytes 16k + 4j.. of chunk c.
-    const __m512i t0 = _mm512_unpacklo_epi32(r0, r1), t1 = _mm512_unpackhi_epi32(r0, r1);
-    const __m512i t2 = _mm512_unpacklo_epi32(r2, r3), t3 = _mm512_unpackhi_epi32(r2, r3);
-    const __m512i v[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
-                          _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};
-    __m512i u[kVecs];  // unsigned weights: w + 8 (4-bit, low then high nibbles) or w + 128
-    for (int j = 0; j < 4; ++j) {
-      const __m512i f = _mm512_xor_si512(v[j], flip);
-      if (kPacked) {
-        u[2 * j] = _mm512_and_si512(f, lo4);
-        u[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(f, 4), lo4);
-      } else {
-        u[j] = f;
-      }
-    }
+    // lane 4k + c of v[j] = bytes 16k + 4j.. of chunk c
+    const __m512i z[4] = {r0, r1, r2, r3};
+    __m512i v[4], u[kVecs];
+    transpose4(z, v);
+    unsigned_weights<kPacked>(v, u);
     __m512 sw;
     if (kPacked) {
       sw = _mm512_permutexvar_ps(lidx, weight_scales16(er, 16 * s, nb, shift));
@@ -388,16 +403,6 @@ LLMCORE_AVX512_TARGET inline __m512i load4(const uint8_t* const* r, int64_t at, 
   return _mm512_inserti32x4(z, _mm_maskz_loadu_epi8(m, r[3] + at), 3);
 }
 
-// 4x4 transpose of 4-byte groups: lane 4k + c of v[j] = group j of piece k of z[c].
-LLMCORE_AVX512_TARGET inline void transpose4(const __m512i* z, __m512i* v) {
-  const __m512i t0 = _mm512_unpacklo_epi32(z[0], z[1]), t1 = _mm512_unpackhi_epi32(z[0], z[1]);
-  const __m512i t2 = _mm512_unpacklo_epi32(z[2], z[3]), t3 = _mm512_unpackhi_epi32(z[2], z[3]);
-  v[0] = _mm512_unpacklo_epi64(t0, t2);
-  v[1] = _mm512_unpackhi_epi64(t0, t2);
-  v[2] = _mm512_unpacklo_epi64(t1, t3);
-  v[3] = _mm512_unpackhi_epi64(t1, t3);
-}
-
 // MT rows (xq / corr / xs from row 0 of these pointers) against the 16 columns at rows r
 // (valid of them real; the others repeat one and are not stored): y[m][col] for m < MT.
 template <int MT, bool kPacked>
@@ -409,8 +414,6 @@ LLMCORE_AVX512_TARGET void cols16_avx512(const GemvQ8Plan& p, const uint8_t* xq,
   constexpr int kBlockBytes = kPacked ? 16 : 32;
   const int64_t nb = exponent_cols(p.K, kBlock), bytes = mantissa_cols(p.K, p.w_bits);
   const int64_t xq_cols = p.xq_cols, groups = p.groups;
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(kPacked ? 0x88 : 0x80));
-  const __m512i lo4 = _mm512_set1_epi8(0x0f);
   __m512 acc[MT];
   for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
@@ -427,15 +430,7 @@ LLMCORE_AVX512_TARGET void cols16_avx512(const GemvQ8Plan& p, const uint8_t* xq,
       __m512i z[4], v[4];
       for (int c = 0; c < 4; ++c) z[c] = load4(r + 4 * c, at + 16 * h, tail);
       transpose4(z, v);
-      for (int j = 0; j < 4; ++j) {
-        const __m512i f = _mm512_xor_si512(v[j], flip);
-        if (kPacked) {
-          u[2 * j] = _mm512_and_si512(f, lo4);
-          u[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(f, 4), lo4);
-        } else {
-          u[4 * h + j] = f;
-        }
-      }
+      unsigned_weights<kPacked>(v, u + 4 * h);  // 8-bit: the half's 4 groups
     }
     const __m512 sw = _mm512_loadu_ps(tab + 16 * b);
     for (int m = 0; m < MT; ++m) {

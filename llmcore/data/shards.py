@@ -39,6 +39,16 @@ def _content_hash(man: dict, tok_sha: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def current_header(path: str | os.PathLike, content: str) -> dict | None:
+    """The header of the shard directory ``path`` when it holds exactly ``content``
+    (its ``content_sha256``), else None (missing, unreadable or other content)."""
+    try:
+        header = read_header(path)
+    except (FileNotFoundError, ValueError):
+        return None
+    return header if header.get("content_sha256") == content else None
+
+
 def read_header(path: str | os.PathLike) -> dict:
     """The header of shard directory ``path``, checked."""
     f = Path(path) / "header.json"
@@ -86,12 +96,9 @@ def prepare_shards(data: str | Sequence[str | os.PathLike], tokenizer_dir: str |
     man = manifest(data, val_fraction)
     content = _content_hash(man, tokenizer_hash(tokenizer_dir))
     out = Path(out)
-    try:
-        old = read_header(out)
-        if old.get("content_sha256") == content:
-            return old
-    except (FileNotFoundError, ValueError):
-        pass
+    old = current_header(out, content)
+    if old is not None:
+        return old
     out.mkdir(parents=True, exist_ok=True)
     (out / "header.json").unlink(missing_ok=True)  # invalid until the new one is written
     vocab = tok.vocab_size

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from llmcore.data.corpus import split_of
-from llmcore.data.shards import FORMAT, VERSION, TokenShards, read_header
+from llmcore.data.shards import FORMAT, VERSION, TokenShards, current_header
 from llmcore.generation import generate
 
 DISTILL_VERSION = 1
@@ -192,12 +192,9 @@ def write_distill_shards(model_dir: str | os.PathLike, out: str | os.PathLike,
                 "val_prompts": val_prompts, "quantize": quantize, "seed": seed}
     content = _content_hash(settings)
     out = Path(out)
-    try:
-        old = read_header(out)
-        if old.get("content_sha256") == content:
-            return old
-    except (FileNotFoundError, ValueError):
-        pass
+    old = current_header(out, content)
+    if old is not None:
+        return old
 
     model = Transformer.from_pretrained(str(model_dir), quantize=quantize).eval()
     check_args(prompts, prompt_tokens, new_tokens, batch_size, val_prompts,
