@@ -47,6 +47,14 @@ TORCH_LIBRARY(llmcore, m) {
   // quantised once -> one [..., N_i] per weight.
   m.def("bfp_act_linear_multi(Tensor x, Tensor[] w_mantissa, Tensor[] w_exponent, int a_bits,"
         " int w_bits, int block_size, bool round_even, Tensor?[] bias) -> Tensor[]");
+  // The GEMV tile layout of a weight (csrc/bfp/bfp_cpu.h, docs/bfp.md), CPU: mantissa
+  // [N, K or K/2] and exponent [N, K/32] (block 32, N % 16 == 0, K % 32 == 0) <-> tiles
+  // [N/16, K/32, 16 * block bytes] and [N/16, K/32, 16]: the same bytes, reordered.
+  // bfp_act_linear(_multi) take weights in either layout (one layout per call).
+  m.def("bfp_tiles_pack(Tensor mantissa, Tensor exponent, int mantissa_bits, int block_size)"
+        " -> (Tensor tiles, Tensor tile_exponent)");
+  m.def("bfp_tiles_unpack(Tensor tiles, Tensor tile_exponent, int mantissa_bits,"
+        " int block_size) -> (Tensor mantissa, Tensor exponent)");
 
   // ---- dense decode GEMV (csrc/dense) -------------------------------------------------------
   // y = x @ weight^T (+ bias) for x [..., K] of M = prod(leading dims) <= 16 rows, weight

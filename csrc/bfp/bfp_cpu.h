@@ -120,6 +120,8 @@ bool gemv_q8_supported(int a_bits, int w_bits, int block);
 struct GemvQ8Plan {
   int64_t M, K;
   int w_bits;
+  bool tiles;         // the weight is in the GEMV tile layout (below); the AVX-512 tile
+                      // kernel reads it with the `cols` activation layout
   bool cols;          // the AVX-512 column-tile layout (M > 1, 4-bit w by default)
   bool tiled;         // the AVX-512 256-byte step layout (M > 1, 8-bit w by default); both
                       // chosen by the ISA in use when planned
@@ -132,6 +134,9 @@ struct GemvQ8Plan {
                       // or 2 * row_bytes (4-bit w)
 };
 GemvQ8Plan gemv_q8_plan(int64_t M, int64_t K, int w_bits);
+// The plan for a weight in the tile layout: `tiles` (and `cols`) on AVX-512 VNNI, any M;
+// elsewhere the plain plan (tiles false): the caller unpacks the weight rows first.
+GemvQ8Plan gemv_q8_plan_tiles(int64_t M, int64_t K, int w_bits);
 
 // Lay out the activation rows for the weight's bytes (O(M K), once per call; the buffers
 // serve any number of weights of the same K and w_bits):
@@ -164,6 +169,31 @@ void gemv_q8(const GemvQ8Plan& p, const int8_t* xq, const int32_t* corr, const f
              const uint8_t* w_mant, int64_t w_row_stride, const uint8_t* w_exp,
              int64_t w_exp_stride, const float* bias, float* y, int64_t ldy, int64_t n_begin,
              int64_t n_end);
+
+// ---- the GEMV tile layout: bfp_cpu_gemv_q8.cpp -------------------------------------------
+// A weight [N, K] in blocks of 32 with N % 16 == 0 and K % 32 == 0 can be stored as tiles of
+// 16 rows: per tile t and block b, the 16 rows' block bytes (32 for int8 mantissas, 16 for
+// packed nibbles) in 4-byte groups, group-major, so that one 64-byte vector holds group g of
+// all 16 rows (lane c = row 16 t + c):
+//   tmant[((t * nb + b) * G + g) * 64 + 4 c + i] = mant[16 t + c][bb * b + 4 g + i]
+//   texp [(t * nb + b) * 16 + c]                 = exp [16 t + c][b]
+// (bb = block bytes, G = bb / 4, nb = K / 32). The same bytes, reordered: the decode GEMV
+// then reads one sequential stream and needs no transposes (gemv_q8_tiles).
+bool tiles_supported(int64_t N, int64_t K, int bits, int block);
+inline int64_t tile_block_bytes(int bits) { return bits <= 4 ? 16 : 32; }
+// Tiles [t_begin, t_end) from the plain layout (row strides in bytes), and back.
+void tiles_pack(const uint8_t* mant, int64_t mant_stride, const uint8_t* exp, int64_t exp_stride,
+                int64_t K, int bits, uint8_t* tmant, uint8_t* texp, int64_t t_begin,
+                int64_t t_end);
+void tiles_unpack(const uint8_t* tmant, const uint8_t* texp, int64_t K, int bits, uint8_t* mant,
+                  int64_t mant_stride, uint8_t* exp, int64_t exp_stride, int64_t t_begin,
+                  int64_t t_end);
+
+// gemv_q8 for a weight in the tile layout, planned with gemv_q8_plan_tiles (p.tiles true):
+// output columns [n_begin, n_end), multiples of 16.
+void gemv_q8_tiles(const GemvQ8Plan& p, const int8_t* xq, const int32_t* corr, const float* xs,
+                   const uint8_t* tmant, const uint8_t* texp, const float* bias, float* y,
+                   int64_t ldy, int64_t n_begin, int64_t n_end);
 
 // ---- int8-activation GEMM on AMX tiles (prefill, M > 16): bfp_cpu_gemm_amx.cpp ----------
 // The same sums as gemv_q8 for many rows. The weight is read in its storage layout (4-bit

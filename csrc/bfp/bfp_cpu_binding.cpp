@@ -68,8 +68,9 @@ T* grow(std::vector<T>& v, int64_t n) {
 // Lay out M activation rows (mantissas of a_bits, in blocks of 32) for gemv_q8 into s.
 cpu::GemvQ8Plan prepare_gemv_q8(GemvScratch& s, int64_t M, int64_t K, int a_bits, int w_bits,
                                 const int8_t* a_mant, int64_t a_stride, const uint8_t* a_exp,
-                                int64_t a_exp_stride) {
-  const cpu::GemvQ8Plan g = cpu::gemv_q8_plan(M, K, w_bits);
+                                int64_t a_exp_stride, bool tiles = false) {
+  const cpu::GemvQ8Plan g =
+      tiles ? cpu::gemv_q8_plan_tiles(M, K, w_bits) : cpu::gemv_q8_plan(M, K, w_bits);
   cpu::gemv_q8_prepare(g, a_mant, a_stride, a_exp, a_exp_stride, a_bits,
                        grow(s.xq, M * g.xq_cols), grow(s.corr, M * g.groups),
                        grow(s.xs, M * g.groups));
@@ -122,6 +123,85 @@ void check_bfp_operand(const at::Tensor& m, const at::Tensor& e, int64_t bits, i
   LLMCORE_CHECK(m.sizes().slice(0, m.dim() - 1) == e.sizes().slice(0, e.dim() - 1), m_name,
                 " and ", e_name, " must have the same leading dims, got shapes ",
                 shape_str(m.sizes()), " and ", shape_str(e.sizes()));
+}
+
+// ---- weights in the GEMV tile layout (bfp_cpu.h): mantissa [N/16, nb, 16 bb], exponent
+// [N/16, nb, 16] ----------------------------------------------------------------------------
+bool is_tiled(const at::Tensor& m) { return m.dim() == 3; }
+
+// Checks a tiled weight for k inputs; returns N.
+int64_t check_tiles(const at::Tensor& m, const at::Tensor& e, int64_t bits, int64_t block,
+                    int64_t k, const char* m_name, const char* e_name) {
+  LLMCORE_CHECK(m.device().is_cpu() && e.device().is_cpu(), m_name, " and ", e_name,
+                " (tile layout) must be on cpu, got ", m.device(), " and ", e.device());
+  const at::ScalarType want = bits <= 4 ? at::kByte : at::kChar;
+  LLMCORE_CHECK(m.scalar_type() == want, m_name, " must have dtype ",
+                bits <= 4 ? "uint8 (two 4-bit mantissas per byte)" : "int8", " for ", bits,
+                "-bit mantissas, got ", m.scalar_type());
+  LLMCORE_CHECK(e.scalar_type() == at::kByte, e_name, " must have dtype uint8, got ",
+                e.scalar_type());
+  LLMCORE_CHECK(block == 32 && k % 32 == 0, "the tile layout needs block_size 32 and K a "
+                "multiple of 32, got block_size ", block, " and K ", k);
+  const int64_t nb = k / 32, bb = cpu::tile_block_bytes(static_cast<int>(bits));
+  LLMCORE_CHECK(m.size(1) == nb && m.size(2) == 16 * bb, m_name, " in the tile layout must be [N/16, ",
+                nb, ", ", 16 * bb, "] for K=", k, " and ", bits, "-bit mantissas, got shape ",
+                shape_str(m.sizes()));
+  LLMCORE_CHECK(e.dim() == 3 && e.size(0) == m.size(0) && e.size(1) == nb && e.size(2) == 16,
+                e_name, " in the tile layout must be [", m.size(0), ", ", nb, ", 16], got shape ",
+                shape_str(e.sizes()));
+  return 16 * m.size(0);
+}
+
+// The plain layout of a tiled weight (a new tensor pair).
+std::tuple<at::Tensor, at::Tensor> untile(const at::Tensor& tm, const at::Tensor& te,
+                                          int64_t bits, int64_t k) {
+  const int b = static_cast<int>(bits);
+  const int64_t N = 16 * tm.size(0), mc = cpu::mantissa_cols(k, b), nb = k / 32;
+  at::Tensor m = at::empty({N, mc}, tm.options()), e = at::empty({N, nb}, te.options());
+  const at::Tensor tmc = tm.contiguous(), tec = te.contiguous();
+  const auto* tmp = static_cast<const uint8_t*>(tmc.data_ptr());
+  const auto* tep = tec.data_ptr<uint8_t>();
+  auto* mp = static_cast<uint8_t*>(m.data_ptr());
+  auto* ep = e.data_ptr<uint8_t>();
+  at::parallel_for(0, N / 16, grain_rows(16 * mc), [&](int64_t t0, int64_t t1) {
+    cpu::tiles_unpack(tmp, tep, k, b, mp, mc, ep, nb, t0, t1);
+  });
+  return {m, e};
+}
+
+std::tuple<at::Tensor, at::Tensor> bfp_tiles_pack_cpu(const at::Tensor& mantissa,
+                                                      const at::Tensor& exponent,
+                                                      int64_t mantissa_bits, int64_t block_size) {
+  check_format(mantissa_bits, block_size, "mantissa_bits");
+  CHECK_DIM(mantissa, 2);
+  const int b = static_cast<int>(mantissa_bits);
+  const int64_t N = mantissa.size(0), k = b <= 4 ? 2 * mantissa.size(1) : mantissa.size(1);
+  check_bfp_operand(mantissa, exponent, mantissa_bits, block_size, k, "mantissa", "exponent");
+  LLMCORE_CHECK(cpu::tiles_supported(N, k, b, static_cast<int>(block_size)),
+                "bfp_tiles_pack needs block_size 32, K a multiple of 32 and N (rows) a multiple "
+                "of 16, got block_size ", block_size, ", K ", k, " and N ", N);
+  const int64_t nb = k / 32, bb = cpu::tile_block_bytes(b);
+  at::Tensor tm = at::empty({N / 16, nb, 16 * bb}, mantissa.options());
+  at::Tensor te = at::empty({N / 16, nb, 16}, exponent.options());
+  const at::Tensor mc = mantissa.contiguous(), ec = exponent.contiguous();
+  const auto* mp = static_cast<const uint8_t*>(mc.data_ptr());
+  const auto* ep = ec.data_ptr<uint8_t>();
+  auto* tmp = static_cast<uint8_t*>(tm.data_ptr());
+  auto* tep = te.data_ptr<uint8_t>();
+  at::parallel_for(0, N / 16, grain_rows(16 * mc.size(1)), [&](int64_t t0, int64_t t1) {
+    cpu::tiles_pack(mp, mc.size(1), ep, nb, k, b, tmp, tep, t0, t1);
+  });
+  return {tm, te};
+}
+
+std::tuple<at::Tensor, at::Tensor> bfp_tiles_unpack_cpu(const at::Tensor& tiles,
+                                                        const at::Tensor& tile_exponent,
+                                                        int64_t mantissa_bits, int64_t block_size) {
+  check_format(mantissa_bits, block_size, "mantissa_bits");
+  CHECK_DIM(tiles, 3);
+  const int64_t k = 32 * tiles.size(1);
+  check_tiles(tiles, tile_exponent, mantissa_bits, block_size, k, "tiles", "tile_exponent");
+  return untile(tiles, tile_exponent, mantissa_bits, k);
 }
 
 std::tuple<at::Tensor, at::Tensor> bfp_quantize_cpu(const at::Tensor& x, int64_t mantissa_bits,
@@ -396,13 +476,25 @@ std::vector<at::Tensor> bfp_act_linear_multi_cpu(
                 ", ", w_exponent.size(), " and ", bias.size());
   const int64_t K = x.size(-1), M = x.numel() / K;
   std::vector<at::Tensor> b32(n_w);
+  // Weights in the GEMV tile layout (3-D) or the plain one (2-D), one layout per call.
+  const bool tiled = is_tiled(w_mantissa[0]);
+  std::vector<int64_t> rows_of(n_w);
   for (size_t i = 0; i < n_w; ++i) {
-    CHECK_DIM(w_mantissa[i], 2);
-    check_bfp_operand(w_mantissa[i], w_exponent[i], w_bits, block_size, K, "w_mantissa",
-                      "w_exponent");
+    LLMCORE_CHECK(is_tiled(w_mantissa[i]) == tiled, "w_mantissa must all be in one layout "
+                  "(2-D plain or 3-D tiles), got shapes ", shape_str(w_mantissa[0].sizes()),
+                  " and ", shape_str(w_mantissa[i].sizes()));
+    if (tiled) {
+      rows_of[i] = check_tiles(w_mantissa[i], w_exponent[i], w_bits, block_size, K, "w_mantissa",
+                               "w_exponent");
+    } else {
+      CHECK_DIM(w_mantissa[i], 2);
+      check_bfp_operand(w_mantissa[i], w_exponent[i], w_bits, block_size, K, "w_mantissa",
+                        "w_exponent");
+      rows_of[i] = w_mantissa[i].size(0);
+    }
     const std::optional<at::Tensor> b = bias.get(i);
     if (!b.has_value()) continue;
-    const int64_t N = w_mantissa[i].size(0);
+    const int64_t N = rows_of[i];
     CHECK_DEVICE(*b, at::Device(at::kCPU));
     LLMCORE_CHECK(is_float_dtype(b->scalar_type()),
                   "bias must be float32, bfloat16 or float16, got ", b->scalar_type());
@@ -425,9 +517,14 @@ std::vector<at::Tensor> bfp_act_linear_multi_cpu(
     for (size_t i = 0; i < n_w; ++i) {
       std::optional<at::Tensor> b;
       if (b32[i].defined()) b = b32[i];
-      out.push_back(bfp_gemm_cpu(am, ae, w_mantissa[i], w_exponent[i], a_bits, w_bits,
-                                 block_size, K, b, x.scalar_type())
-                        .view(out_shape(w_mantissa[i].size(0))));
+      // Prefill: the GEMM kernels read the plain layout (tiles are unpacked for the call).
+      at::Tensor wm = w_mantissa[i], we = w_exponent[i];
+      if (tiled && M > 0) std::tie(wm, we) = untile(wm, we, w_bits, K);
+      out.push_back(tiled && M == 0
+                        ? at::empty(out_shape(rows_of[i]), x.options())
+                        : bfp_gemm_cpu(am, ae, wm, we, a_bits, w_bits, block_size, K, b,
+                                       x.scalar_type())
+                              .view(out_shape(rows_of[i])));
     }
     return out;
   }
@@ -439,10 +536,10 @@ std::vector<at::Tensor> bfp_act_linear_multi_cpu(
   auto* aep = grow(s.a_exp, M * ecols);
   cpu::quantize_rows(xc.data_ptr(), to_dtype(x.scalar_type()), K, K, ab, blk, round_even,
                      reinterpret_cast<uint8_t*>(amp), mcols, aep, ecols, 0, M);
-  const cpu::GemvQ8Plan g = prepare_gemv_q8(s, M, K, ab, wb, amp, mcols, aep, ecols);
+  const cpu::GemvQ8Plan g = prepare_gemv_q8(s, M, K, ab, wb, amp, mcols, aep, ecols, tiled);
   const bool f32 = x.scalar_type() == at::kFloat;
-  if (n_w == 1) {
-    const int64_t N = w_mantissa[0].size(0);
+  if (n_w == 1 && !tiled) {
+    const int64_t N = rows_of[0];
     at::Tensor y = at::empty(out_shape(N), x.options());
     if (N > 0) {
       float* yp = f32 ? y.data_ptr<float>() : grow(s.y32, M * N);
@@ -465,7 +562,7 @@ std::vector<at::Tensor> bfp_act_linear_multi_cpu(
   std::vector<Part> parts(n_w);
   int64_t tasks = 0, y32_total = 0;
   for (size_t i = 0; i < n_w; ++i) {
-    const int64_t N = w_mantissa[i].size(0);
+    const int64_t N = rows_of[i];
     out.push_back(at::empty(out_shape(N), x.options()));
     if (!f32) y32_total += M * N;
   }
@@ -477,9 +574,9 @@ std::vector<at::Tensor> bfp_act_linear_multi_cpu(
     Part& p = parts[i];
     p.m = static_cast<const uint8_t*>(bm.data_ptr());
     p.e = be.data_ptr<uint8_t>();
-    p.m_cols = bm.size(1);
-    p.e_cols = be.size(1);
-    p.N = bm.size(0);
+    p.N = rows_of[i];
+    p.m_cols = tiled ? cpu::mantissa_cols(K, wb) : bm.size(1);
+    p.e_cols = tiled ? K / 32 : be.size(1);
     const int64_t row = p.m_cols + p.e_cols;
     p.chunk = gemv_chunk_cols(p.N, row);
     p.first_task = tasks;
@@ -497,7 +594,10 @@ std::vector<at::Tensor> bfp_act_linear_multi_cpu(
       while (i + 1 < n_w && parts[i + 1].first_task <= t) ++i;
       const Part& p = parts[i];
       const int64_t n0 = (t - p.first_task) * p.chunk, n1 = std::min(p.N, n0 + p.chunk);
-      cpu::gemv_q8(g, xq, corr, xs, p.m, p.m_cols, p.e, p.e_cols, p.bias, p.y, p.N, n0, n1);
+      if (tiled)  // chunks of whole tiles (gemv_chunk_cols: N, or a multiple of 16)
+        cpu::gemv_q8_tiles(g, xq, corr, xs, p.m, p.e, p.bias, p.y, p.N, n0, n1);
+      else
+        cpu::gemv_q8(g, xq, corr, xs, p.m, p.m_cols, p.e, p.e_cols, p.bias, p.y, p.N, n0, n1);
     }
   });
   if (!f32)
@@ -526,4 +626,6 @@ TORCH_LIBRARY_IMPL(llmcore, CPU, m) {
   m.impl("bfp_gemm", &llmcore::bfp_gemm_cpu);
   m.impl("bfp_act_linear", &llmcore::bfp_act_linear_cpu);
   m.impl("bfp_act_linear_multi", &llmcore::bfp_act_linear_multi_cpu);
+  m.impl("bfp_tiles_pack", &llmcore::bfp_tiles_pack_cpu);
+  m.impl("bfp_tiles_unpack", &llmcore::bfp_tiles_unpack_cpu);
 }

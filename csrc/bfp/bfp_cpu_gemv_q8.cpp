@@ -263,9 +263,25 @@ LLMCORE_AVX512_TARGET void rows_avx512(const uint8_t* xq, int64_t xq_cols, const
   __m512 acc[MT];
   for (int r = 0; r < MT; ++r) acc[r] = _mm512_setzero_ps();
   __m512 sw16 = _mm512_setzero_ps();
-  auto step = [&](int64_t s, __m512i r0, __m512i r1, __m512i r2, __m512i r3) LLMCORE_AVX512_TARGET {
+  // One loop body for the full steps and the last, partial one (zeros past the row's end:
+  // their activations are 0), so that the accumulators stay in registers.
+  for (int64_t s = 0; s < steps; ++s) {
+    const uint8_t* w = wr + s * kStepBytes;
+    __m512i z[4];
+    if (s < full) {
+      for (int c = 0; c < 4; ++c) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + 64 * c + kPrefetchBytes), _MM_HINT_T0);
+        z[c] = _mm512_loadu_si512(w + 64 * c);
+      }
+    } else {
+      for (int c = 0; c < 4; ++c) {
+        const int64_t left = bytes - s * kStepBytes - 64 * c;
+        z[c] = left <= 0 ? _mm512_setzero_si512()
+                         : _mm512_maskz_loadu_epi8(left >= 64 ? ~__mmask64{0} : (__mmask64{1} << left) - 1,
+                                                   w + 64 * c);
+      }
+    }
     // lane 4k + c of v[j] = bytes 16k + 4j.. of chunk c
-    const __m512i z[4] = {r0, r1, r2, r3};
     __m512i v[4], u[kVecs];
     transpose4(z, v);
     unsigned_weights<kPacked>(v, u);
@@ -289,24 +305,6 @@ LLMCORE_AVX512_TARGET void rows_avx512(const uint8_t* xq, int64_t xq_cols, const
       const __m512 sc = _mm512_mul_ps(sw, _mm512_loadu_ps(xs + r * lanes + s * 16));
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sc, acc[r]);
     }
-  };
-  for (int64_t s = 0; s < full; ++s) {
-    const uint8_t* w = wr + s * kStepBytes;
-    for (int c = 0; c < 4; ++c)
-      _mm_prefetch(reinterpret_cast<const char*>(w + 64 * c + kPrefetchBytes), _MM_HINT_T0);
-    step(s, _mm512_loadu_si512(w), _mm512_loadu_si512(w + 64), _mm512_loadu_si512(w + 128),
-         _mm512_loadu_si512(w + 192));
-  }
-  if (full < steps) {  // the row's last bytes: zeros past the end (their activations are 0)
-    const uint8_t* w = wr + full * kStepBytes;
-    __m512i r[4];
-    for (int c = 0; c < 4; ++c) {
-      const int64_t left = bytes - full * kStepBytes - 64 * c;
-      r[c] = left <= 0 ? _mm512_setzero_si512()
-                       : _mm512_maskz_loadu_epi8(left >= 64 ? ~__mmask64{0} : (__mmask64{1} << left) - 1,
-                                                 w + 64 * c);
-    }
-    step(full, r[0], r[1], r[2], r[3]);
   }
   for (int r = 0; r < MT; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
@@ -554,6 +552,68 @@ LLMCORE_AVX512_TARGET void gemv1_avx512_t(const GemvQ8Plan& p, const uint8_t* xq
     y[n] = bias ? out + bias[n] : out;
   }
 }
+// MT rows against one tile of the tile layout (16 columns, in lane order): per block, 8
+// (8-bit) or 4 (nibbles) sequential 64-byte loads, made unsigned as the other kernels do,
+// the 16 columns' scales from 16 exponent bytes, and per row 8 vpdpbusd, a conversion and
+// one FMA. No transposes, no horizontal sums; the whole weight is one stream.
+template <int MT, bool kPacked>
+LLMCORE_AVX512_TARGET void tile_avx512(const GemvQ8Plan& p, const uint8_t* xq, const int32_t* corr,
+                                       const float* xs, const uint8_t* tw, const uint8_t* te,
+                                       const float* bias, float* y, int64_t ldy) {
+  constexpr int kGroups = kPacked ? 4 : 8;  // 64-byte vectors per block
+  const int64_t nb = p.groups, xq_cols = p.xq_cols, groups = p.groups;
+  const __m512i ebias = _mm512_set1_epi32(kExpBias + p.w_bits - 2);
+  const __m512i nan_e = _mm512_set1_epi32(kNaNExponent);
+  const __m512 one = _mm512_set1_ps(1.0f), nan = _mm512_set1_ps(__builtin_nanf(""));
+  __m512 acc[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* w = tw + b * kGroups * 64;
+    __m512i z[4], u[8];
+    for (int g = 0; g < kGroups; ++g)
+      _mm_prefetch(reinterpret_cast<const char*>(w + 64 * g + kPrefetchBytes), _MM_HINT_T0);
+    for (int h = 0; h < kGroups / 4; ++h) {  // 8-bit: two sets of 4 groups
+      for (int j = 0; j < 4; ++j) z[j] = _mm512_loadu_si512(w + 256 * h + 64 * j);
+      unsigned_weights<kPacked>(z, u + 4 * h);
+    }
+    const __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(te + 16 * b)));
+    const __m512 s = _mm512_scalef_ps(one, _mm512_cvtepi32_ps(_mm512_sub_epi32(e, ebias)));
+    const __m512 sw = _mm512_mask_blend_ps(_mm512_cmpeq_epi32_mask(e, nan_e), s, nan);
+    for (int m = 0; m < MT; ++m) {
+      const auto* x = reinterpret_cast<const int32_t*>(xq + m * xq_cols + b * 32);
+      // Two chains of vpdpbusd, so that its latency does not bound the loop.
+      __m512i i0 = _mm512_set1_epi32(corr[m * groups + b]), i1 = _mm512_setzero_si512();
+      for (int g = 0; g < 8; g += 2) {
+        i0 = _mm512_dpbusd_epi32(i0, u[g], _mm512_set1_epi32(x[g]));
+        i1 = _mm512_dpbusd_epi32(i1, u[g + 1], _mm512_set1_epi32(x[g + 1]));
+      }
+      const __m512 sc = _mm512_mul_ps(sw, _mm512_set1_ps(xs[m * groups + b]));
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), sc, acc[m]);
+    }
+  }
+  const __m512 bv = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+  for (int m = 0; m < MT; ++m) _mm512_storeu_ps(y + m * ldy, _mm512_add_ps(acc[m], bv));
+}
+
+template <bool kPacked>
+LLMCORE_AVX512_TARGET void gemv_tiles_avx512_t(const GemvQ8Plan& p, const uint8_t* xq,
+                                               const int32_t* corr, const float* xs,
+                                               const uint8_t* tmant, const uint8_t* texp,
+                                               const float* bias, float* y, int64_t ldy,
+                                               int64_t n_begin, int64_t n_end) {
+  const int64_t nb = p.groups, xq_cols = p.xq_cols, groups = p.groups;
+  const int64_t tile_bytes = 16 * nb * (kPacked ? 16 : 32);
+  for (int64_t t = n_begin / 16; t < n_end / 16; ++t) {
+    const uint8_t* tw = tmant + t * tile_bytes;
+    const uint8_t* te = texp + t * nb * 16;
+    const float* bt = bias ? bias + 16 * t : nullptr;
+    for_row_tiles(p.M, [&](int64_t m, auto rows) LLMCORE_AVX512_TARGET {
+      tile_avx512<decltype(rows)::value, kPacked>(p, xq + m * xq_cols, corr + m * groups,
+                                                  xs + m * groups, tw, te, bt,
+                                                  y + m * ldy + 16 * t, ldy);
+    });
+  }
+}
 #undef LLMCORE_AVX512_TARGET
 #pragma GCC diagnostic pop
 #endif  // __x86_64__
@@ -569,6 +629,7 @@ GemvQ8Plan gemv_q8_plan(int64_t M, int64_t K, int w_bits) {
   p.M = M;
   p.K = K;
   p.w_bits = w_bits;
+  p.tiles = false;
 #if defined(__x86_64__)
   const bool avx512 = active_isa() == Isa::kAvx512;
 #else
@@ -603,7 +664,50 @@ GemvQ8Plan gemv_q8_plan(int64_t M, int64_t K, int w_bits) {
   return p;
 }
 
+GemvQ8Plan gemv_q8_plan_tiles(int64_t M, int64_t K, int w_bits) {
+#if defined(__x86_64__)
+  if (active_isa() == Isa::kAvx512) {
+    GemvQ8Plan p = gemv_q8_plan(M, K, w_bits);
+    const int64_t nb = exponent_cols(K, kBlock);
+    p.tiles = p.cols = true;
+    p.tiled = p.row1 = false;
+    p.row_bytes = mantissa_cols(K, w_bits);
+    p.groups = nb;
+    p.xq_cols = 32 * nb;
+    return p;
+  }
+#endif
+  return gemv_q8_plan(M, K, w_bits);
+}
+
+bool tiles_supported(int64_t N, int64_t K, int bits, int block) {
+  return block == kBlock && bits >= 2 && bits <= 8 && N >= 0 && N % 16 == 0 && K > 0 &&
+         K % kBlock == 0;
+}
+
 namespace {
+
+// One tile of the layout (tm, te) <-> its 16 plain rows (row 0 at m / e, strides in bytes);
+// Pack picks the direction. 4-byte groups move as one.
+template <bool Pack>
+void convert_tile(uint8_t* m, int64_t m_stride, uint8_t* e, int64_t e_stride, int64_t K,
+                  int bits, uint8_t* tm, uint8_t* te) {
+  const int64_t nb = K / kBlock, bb = tile_block_bytes(bits), G = bb / 4;
+  for (int c = 0; c < 16; ++c) {
+    uint8_t* row = m + c * m_stride;
+    uint8_t* erow = e + c * e_stride;
+    for (int64_t b = 0; b < nb; ++b) {
+      for (int64_t g = 0; g < G; ++g) {
+        uint8_t* packed = tm + ((b * G + g) * 16 + c) * 4;
+        uint8_t* plain = row + b * bb + 4 * g;
+        if (Pack) memcpy(packed, plain, 4);
+        else memcpy(plain, packed, 4);
+      }
+      if (Pack) te[b * 16 + c] = erow[b];
+      else erow[b] = te[b * 16 + c];
+    }
+  }
+}
 
 // The AVX-512 step layout of one activation row (see gemv_q8_prepare in bfp_cpu.h).
 void prepare_tiled_row(const GemvQ8Plan& p, const int8_t* ar, const uint8_t* er, int a_bits,
@@ -733,6 +837,54 @@ void gemv_q8(const GemvQ8Plan& p, const int8_t* xq, const int32_t* corr, const f
   }
 #endif
   gemv_scalar(p, xu, xs, w_mant, w_row_stride, w_exp, w_exp_stride, bias, y, ldy, n_begin, n_end);
+}
+
+void tiles_pack(const uint8_t* mant, int64_t mant_stride, const uint8_t* exp, int64_t exp_stride,
+                int64_t K, int bits, uint8_t* tmant, uint8_t* texp, int64_t t_begin,
+                int64_t t_end) {
+  const int64_t nb = K / kBlock, tile_bytes = 16 * nb * tile_block_bytes(bits);
+  for (int64_t t = t_begin; t < t_end; ++t)
+    convert_tile<true>(const_cast<uint8_t*>(mant + 16 * t * mant_stride), mant_stride,
+                       const_cast<uint8_t*>(exp + 16 * t * exp_stride), exp_stride, K, bits,
+                       tmant + t * tile_bytes, texp + t * 16 * nb);
+}
+
+void tiles_unpack(const uint8_t* tmant, const uint8_t* texp, int64_t K, int bits, uint8_t* mant,
+                  int64_t mant_stride, uint8_t* exp, int64_t exp_stride, int64_t t_begin,
+                  int64_t t_end) {
+  const int64_t nb = K / kBlock, tile_bytes = 16 * nb * tile_block_bytes(bits);
+  for (int64_t t = t_begin; t < t_end; ++t)
+    convert_tile<false>(mant + 16 * t * mant_stride, mant_stride, exp + 16 * t * exp_stride,
+                        exp_stride, K, bits, const_cast<uint8_t*>(tmant + t * tile_bytes),
+                        const_cast<uint8_t*>(texp + t * 16 * nb));
+}
+
+void gemv_q8_tiles(const GemvQ8Plan& p, const int8_t* xq, const int32_t* corr, const float* xs,
+                   const uint8_t* tmant, const uint8_t* texp, const float* bias, float* y,
+                   int64_t ldy, int64_t n_begin, int64_t n_end) {
+#if defined(__x86_64__)
+  if (p.tiles) {
+    auto f = is_packed(p.w_bits) ? gemv_tiles_avx512_t<true> : gemv_tiles_avx512_t<false>;
+    f(p, reinterpret_cast<const uint8_t*>(xq), corr, xs, tmant, texp, bias, y, ldy, n_begin,
+      n_end);
+    return;
+  }
+#endif
+  // Planned without the tile kernel (another ISA): unpack 16 rows at a time and run the
+  // plain kernels on them.
+  const int64_t nb = p.K / kBlock, bb = tile_block_bytes(p.w_bits);
+  thread_local std::vector<uint8_t> rows;
+  if (static_cast<int64_t>(rows.size()) < 16 * nb * (bb + 1))
+    rows.resize(static_cast<size_t>(16 * nb * (bb + 1)));
+  uint8_t* m = rows.data();
+  uint8_t* e = m + 16 * nb * bb;
+  for (int64_t t = n_begin / 16; t < n_end / 16; ++t) {
+    convert_tile<false>(m, nb * bb, e, nb, p.K, p.w_bits,
+                        const_cast<uint8_t*>(tmant + t * 16 * nb * bb),
+                        const_cast<uint8_t*>(texp + t * 16 * nb));
+    gemv_q8(p, xq, corr, xs, m, nb * bb, e, nb, bias ? bias + 16 * t : nullptr, y + 16 * t, ldy, 0,
+            16);
+  }
 }
 
 }  // namespace cpu

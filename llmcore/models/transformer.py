@@ -35,7 +35,7 @@ from llmcore.nn import BFPEmbedding, BFPLinear, replace_linear
 from llmcore.nn.bfp_linear import _excluded, bfp_linears_shared_input
 from llmcore.ops import fused
 from llmcore.ops._dispatch import kernel_supported
-from llmcore.ops.bfp import BFPTensor
+from llmcore.ops.bfp import BFPTensor, tiles_fast
 from llmcore.ops.dense import gemv_applies
 
 BACKENDS = ("llmcore", "torch")
@@ -597,7 +597,8 @@ class Transformer(nn.Module):
     # -- checkpoints ---------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device=None,
-                        quantize: str | None = None, backend: str = "llmcore") -> Transformer:
+                        quantize: str | None = None, backend: str = "llmcore",
+                        tiles: bool | str = "auto") -> Transformer:
         """Load a local Hugging Face Llama/Mistral/Qwen2 directory (config.json and
         safetensors weights, sharded or not; see :mod:`llmcore.models.hf`). A BFP
         checkpoint written by :meth:`save_pretrained` loads back exactly, its BFP weights
@@ -606,7 +607,10 @@ class Transformer(nn.Module):
 
         The model is built on the meta device and filled one tensor at a time, each read
         from its file and dropped once converted, so the peak memory is about the loaded
-        model plus one tensor."""
+        model plus one tensor. ``tiles``: as in :meth:`quantize`, for the BFP linears of a
+        quantised or BFP checkpoint."""
+        if tiles not in (True, False, "auto"):
+            raise ValueError(f"tiles must be True, False or 'auto', got {tiles!r}")
         ckpt = hf.open_checkpoint(path)
         if ckpt.quantized and quantize is not None:
             raise ValueError(f"{path} is already BFP-quantised; load it with quantize=None")
@@ -629,6 +633,8 @@ class Transformer(nn.Module):
         plan = model._quantize_plan(quantize) if quantize is not None else {}
         model._load_streamed(ckpt, Path(path), device, plan,
                              "auto" if quantize is not None else None)
+        if tiles is True or (tiles == "auto" and tiles_fast()):
+            model.tile_weights()
         return model.eval()
 
     def _load_streamed(self, ckpt: hf.Checkpoint, where: Path, device, plan: dict,
@@ -680,8 +686,8 @@ class Transformer(nn.Module):
 
     # -- quantised and truncated models --------------------------------------------------
     def quantize(self, format: str = "mxint8", act_format: str | None = "auto",
-                 exclude=(), lm_head: str | None = "auto", embedding: str | None = "auto"
-                 ) -> Transformer:
+                 exclude=(), lm_head: str | None = "auto", embedding: str | None = "auto",
+                 tiles: bool | str = "auto") -> Transformer:
         """Replace the linear layers by frozen BFP linears (in place).
 
         ``act_format`` sets how activations meet the BFP weights. ``"auto"`` (the default)
@@ -709,15 +715,59 @@ class Transformer(nn.Module):
         rounding error (measured in docs/bfp.md). ``None`` keeps the table in full
         precision (a tied head is then untied: a BFP copy for the head), and a format name
         forces one.
+
+        ``tiles`` stores the int8-activation weights in the CPU's GEMV tile layout
+        (:meth:`tile_weights`): ``"auto"`` (the default) does when the model is on a CPU
+        whose kernels read it directly (AVX-512 VNNI), True wherever it applies (elsewhere
+        the kernels unpack the tiles per call), False never.
         """
         if embedding not in (None, "auto"):
             get_format(embedding)  # an unknown name fails before anything is replaced
+        if tiles not in (True, False, "auto"):
+            raise ValueError(f"tiles must be True, False or 'auto', got {tiles!r}")
         tied = self.head_tied()
         for name, (fmt, act) in self._quantize_plan(format, act_format, exclude,
                                                     lm_head).items():
             replace_linear(self, name, fmt, act)
         self._compact_embedding(embedding, tied)
+        if tiles is True or (tiles == "auto" and tiles_fast()):
+            self.tile_weights()
         return self
+
+    # -- the GEMV tile layout --------------------------------------------------------------
+    def tile_weights(self) -> int:
+        """Store every frozen BFP linear with int8 activations that can take it
+        (:meth:`BFPLinear.can_tile`) in the GEMV tile layout, in place: the same bytes
+        reordered so that the CPU decode kernels read each weight as one stream (a decode
+        step and, above all, a verification step of assisted generation get faster;
+        docs/bfp.md). A head tied to the BFP embedding stays tied: the lookup reads the
+        tiles. Saving, ``state_dict`` and ``qweight`` still see the plain layout. Returns the
+        number of layers tiled."""
+        tied = self.head_tied()
+        n = 0
+        for m in self.modules():
+            if isinstance(m, BFPLinear) and m.can_tile():
+                m.tile_()
+                n += 1
+        if tied and isinstance(self.lm_head, BFPLinear) and self.lm_head.tiled:
+            e = self.embed_tokens
+            e.weight_mantissa, e.weight_exponent = (self.lm_head.weight_mantissa,
+                                                    self.lm_head.weight_exponent)
+        return n
+
+    def untile_weights(self) -> int:
+        """Back to the plain layout everywhere (in place); returns the number of layers."""
+        tied = self.head_tied()
+        n = 0
+        for m in self.modules():
+            if isinstance(m, BFPLinear) and m.tiled:
+                m.untile_()
+                n += 1
+        if tied and isinstance(self.lm_head, BFPLinear) and n:
+            e = self.embed_tokens
+            e.weight_mantissa, e.weight_exponent = (self.lm_head.weight_mantissa,
+                                                    self.lm_head.weight_exponent)
+        return n
 
     def _compact_embedding(self, embedding: str | None, tied: bool) -> None:
         """Store a full-precision input embedding as BFP (see :meth:`quantize`); ``tied``:

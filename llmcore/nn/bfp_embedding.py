@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from llmcore.formats import BFPFormat, get_format
-from llmcore.nn.bfp_linear import _cpu_kernel
-from llmcore.ops.bfp import BFPTensor, bfp_dequantize, bfp_quantize
+from llmcore.nn.bfp_linear import (_cpu_kernel, _is_tiled, _plain_state_dict, _plain_weight,
+                                   _tiled_load)
+from llmcore.ops.bfp import BFPTensor, bfp_dequantize, bfp_quantize, tile_rows
 
 
 class BFPEmbedding(nn.Module):
@@ -35,6 +36,10 @@ class BFPEmbedding(nn.Module):
         self.weight_dtype = weight.dtype
         self.register_buffer("weight_mantissa", weight.mantissa)
         self.register_buffer("weight_exponent", weight.exponent)
+        # A table shared with a tied head in the GEMV tile layout (Transformer.tile_weights)
+        # is looked up from the tiles; state_dict and qweight see the plain layout.
+        self._register_state_dict_hook(_plain_state_dict)
+        self._register_load_state_dict_pre_hook(_tiled_load, with_module=True)
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, format: str | BFPFormat = "mxint8"
@@ -49,8 +54,13 @@ class BFPEmbedding(nn.Module):
     @property
     def qweight(self) -> BFPTensor:
         """The BFP table [num_embeddings, embedding_dim]."""
-        return BFPTensor(self.weight_mantissa, self.weight_exponent, self.format,
-                         (self.num_embeddings, self.embedding_dim), self.weight_dtype)
+        m, e = _plain_weight(self)
+        return BFPTensor(m, e, self.format, (self.num_embeddings, self.embedding_dim),
+                         self.weight_dtype)
+
+    @property
+    def _bfp_k(self) -> int:
+        return self.embedding_dim
 
     @property
     def dtype(self) -> torch.dtype:
@@ -66,8 +76,15 @@ class BFPEmbedding(nn.Module):
                 and bool(((flat < 0) | (flat >= self.num_embeddings)).any()):
             # (index_select raises IndexError on the CPU itself; elsewhere it would assert)
             raise IndexError(f"ids must lie in [0, {self.num_embeddings}) (the table's rows)")
-        m = self.weight_mantissa.index_select(0, flat)
-        e = self.weight_exponent.index_select(0, flat)
+        if _is_tiled(self):
+            if not torch.compiler.is_compiling() and flat.numel() \
+                    and bool(((flat < 0) | (flat >= self.num_embeddings)).any()):
+                raise IndexError(f"ids must lie in [0, {self.num_embeddings}) (the table's rows)")
+            m, e = tile_rows(self.weight_mantissa, self.weight_exponent, self.format,
+                             self.embedding_dim, flat)
+        else:
+            m = self.weight_mantissa.index_select(0, flat)
+            e = self.weight_exponent.index_select(0, flat)
         if flat.device.type == "cpu" and _cpu_kernel("bfp_dequantize", self.weight_dtype):
             f = self.format  # the per-token path: the op itself (its binding checks)
             y = torch.ops.llmcore.bfp_dequantize(m, e, f.mantissa_bits, f.block_size,

@@ -23,7 +23,43 @@ from torch import nn
 
 from llmcore.formats import BFPFormat, get_format
 from llmcore.ops._dispatch import kernel_supported
-from llmcore.ops.bfp import BFPTensor, bfp_linear, bfp_linear_trainable, bfp_quantize
+from llmcore.ops.bfp import (BFPTensor, bfp_linear, bfp_linear_trainable, bfp_quantize,
+                             plain_layout, tile_layout, tiles_supported)
+
+
+# ---- the GEMV tile layout of frozen BFP weights (docs/bfp.md) ------------------------------
+# A module's ``weight_mantissa`` / ``weight_exponent`` buffers may hold the tile layout
+# (3-D: llmcore.ops.bfp.tile_layout) for the CPU kernels; everything outside the kernels
+# (state_dict, qweight, load_state_dict) sees the plain layout.
+def _is_tiled(module: nn.Module) -> bool:
+    m = module._buffers.get("weight_mantissa")
+    return m is not None and m.dim() == 3
+
+
+def _plain_state_dict(module, state_dict, prefix, local_metadata) -> None:
+    """state_dict hook: a tiled weight is saved in the plain layout."""
+    if _is_tiled(module):
+        m, e = plain_layout(module.weight_mantissa, module.weight_exponent, module.format,
+                            module._bfp_k)
+        state_dict[prefix + "weight_mantissa"], state_dict[prefix + "weight_exponent"] = m, e
+
+
+def _tiled_load(module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: plain tensors loaded into a tiled module are tiled first
+    (then copied in place, so a shared buffer stays shared)."""
+    km, ke = prefix + "weight_mantissa", prefix + "weight_exponent"
+    if _is_tiled(module) and km in state_dict and ke in state_dict \
+            and state_dict[km].dim() == 2 and state_dict[km].shape[0] % 16 == 0:
+        state_dict[km], state_dict[ke] = tile_layout(state_dict[km], state_dict[ke],
+                                                     module.format, module._bfp_k)
+
+
+def _plain_weight(module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mantissa, exponent) of a frozen module's weight in the plain layout."""
+    if _is_tiled(module):
+        return plain_layout(module.weight_mantissa, module.weight_exponent, module.format,
+                            module._bfp_k)
+    return module.weight_mantissa, module.weight_exponent
 
 
 class BFPLinear(nn.Module):
@@ -61,6 +97,8 @@ class BFPLinear(nn.Module):
         self.bias = None if lin.bias is None else nn.Parameter(
             lin.bias.detach().to(dtype or torch.float32), requires_grad=trainable)
         self.weight_dtype = dtype or torch.float32
+        self._register_state_dict_hook(_plain_state_dict)
+        self._register_load_state_dict_pre_hook(_tiled_load, with_module=True)
         if trainable:
             self.weight = nn.Parameter(lin.weight.detach())
         else:
@@ -77,8 +115,58 @@ class BFPLinear(nn.Module):
         """The BFP weight [out_features, in_features] (quantised now if trainable)."""
         if self.weight is not None:
             return bfp_quantize(self.weight.detach(), self.format)
-        return BFPTensor(self.weight_mantissa, self.weight_exponent, self.format,
-                         (self.out_features, self.in_features), self.weight_dtype)
+        m, e = _plain_weight(self)
+        return BFPTensor(m, e, self.format, (self.out_features, self.in_features),
+                         self.weight_dtype)
+
+    @property
+    def _bfp_k(self) -> int:
+        return self.in_features
+
+    # -- the tile layout ---------------------------------------------------------------------
+    @property
+    def tiled(self) -> bool:
+        """Whether the weight buffers hold the GEMV tile layout (:meth:`tile_`)."""
+        return _is_tiled(self)
+
+    def can_tile(self) -> bool:
+        """Whether :meth:`tile_` applies: a frozen weight on the CPU, int8 activations in the
+        weight's blocks of 32, out_features a multiple of 16 and in_features of 32."""
+        af = self.act_format
+        return (self.weight is None and not self.tiled and af is not None
+                and af.block_size == self.format.block_size
+                and self.weight_mantissa.device.type == "cpu"
+                and tiles_supported((self.out_features, self.in_features), self.format))
+
+    def tile_(self) -> BFPLinear:
+        """Store the weight in the GEMV tile layout (in place; the same bytes reordered), which
+        the CPU int8-activation kernels read as one stream: decode and verification steps
+        get faster (docs/bfp.md). ``state_dict``, :attr:`qweight` and saving still see the
+        plain layout; moving the layer off the CPU restores it. Raises ValueError when
+        :meth:`can_tile` is False."""
+        if self.tiled:
+            return self
+        if not self.can_tile():
+            raise ValueError(
+                "tile_ needs a frozen BFPLinear on the CPU with act_format in the weight's "
+                f"blocks of 32, out_features % 16 == 0 and in_features % 32 == 0; got "
+                f"{self.extra_repr()} on {self.weight_mantissa.device if self.weight is None else 'a trainable weight'}")
+        self.weight_mantissa, self.weight_exponent = tile_layout(
+            self.weight_mantissa, self.weight_exponent, self.format, self.in_features)
+        return self
+
+    def untile_(self) -> BFPLinear:
+        """Back to the plain layout (in place); a no-op when not tiled."""
+        if self.tiled:
+            self.weight_mantissa, self.weight_exponent = _plain_weight(self)
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        # The tiles are a CPU layout: a weight moved elsewhere goes back to the plain one.
+        out = super()._apply(fn, *args, **kwargs)
+        if self.tiled and self.weight_mantissa.device.type != "cpu":
+            self.untile_()
+        return out
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, format: str | BFPFormat = "mxint8",
@@ -202,6 +290,7 @@ def bfp_linears_shared_input(x: torch.Tensor, layers) -> list[torch.Tensor] | No
         return None
     for m in layers[1:]:  # x, the grad mode and the kernel were checked with the first
         if (type(m) is not BFPLinear or m.weight is not None or m.format != first.format
+                or m.tiled != first.tiled
                 or m.act_format != first.act_format or m.in_features != first.in_features
                 or (m.bias is not None and m.bias.requires_grad and torch.is_grad_enabled())):
             return None

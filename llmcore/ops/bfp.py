@@ -302,6 +302,77 @@ def read_bfp_tensor(path: str | os.PathLike, name: str, device: str | torch.devi
 # ---------------------------------------------------------------------------------------
 # Ops
 # ---------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------
+# The GEMV tile layout (docs/bfp.md): a CPU inference layout of BFP weights
+# ---------------------------------------------------------------------------------------
+def tiles_supported(shape, fmt: BFPFormat) -> bool:
+    """Whether a BFP weight of ``shape`` [N, K] in ``fmt`` can take the tile layout: blocks
+    of 32, N a multiple of 16 and K of 32."""
+    return (len(shape) == 2 and fmt.block_size == 32 and shape[0] % 16 == 0 and shape[0] > 0
+            and shape[1] % 32 == 0 and shape[1] > 0)
+
+
+def _tile_view(fmt: BFPFormat, k: int) -> tuple[int, int]:
+    """(blocks along K, 4-byte groups per block) of the tile layout."""
+    return k // 32, (4 if fmt.packed else 8)
+
+
+def tile_layout(mantissa: torch.Tensor, exponent: torch.Tensor, fmt: BFPFormat, k: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tile layout of a plain BFP weight (mantissa [N, K or K/2], exponent [N, K/32]):
+    ``([N/16, K/32, 16 * block bytes], [N/16, K/32, 16])``, the same bytes reordered so that
+    one 64-byte vector holds a 4-byte group of 16 rows (csrc/bfp/bfp_cpu.h). A permutation
+    in torch: any device; the CPU kernels read it directly."""
+    n = mantissa.shape[0]
+    nb, groups = _tile_view(fmt, k)
+    tm = (mantissa.reshape(n // 16, 16, nb, groups, 4).permute(0, 2, 3, 1, 4)
+          .reshape(n // 16, nb, groups * 64).contiguous())
+    te = exponent.reshape(n // 16, 16, nb).permute(0, 2, 1).contiguous()
+    return tm, te
+
+
+def plain_layout(tiles: torch.Tensor, tile_exponent: torch.Tensor, fmt: BFPFormat, k: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain layout of a weight in the tile layout (inverse of :func:`tile_layout`)."""
+    t = tiles.shape[0]
+    nb, groups = _tile_view(fmt, k)
+    m = (tiles.reshape(t, nb, groups, 16, 4).permute(0, 3, 1, 2, 4)
+         .reshape(16 * t, nb * groups * 4).contiguous())
+    e = tile_exponent.permute(0, 2, 1).reshape(16 * t, nb).contiguous()
+    return m, e
+
+
+def tile_rows(tiles: torch.Tensor, tile_exponent: torch.Tensor, fmt: BFPFormat, k: int,
+              rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``rows`` (int64 [R]) of a weight in the tile layout, in the plain layout:
+    mantissa [R, K or K/2], exponent [R, K/32] (an embedding lookup from a tied head)."""
+    t = tiles.shape[0]
+    nb, groups = _tile_view(fmt, k)
+    tile, lane = rows // 16, rows % 16
+    m = tiles.reshape(t, nb, groups, 16, 4)[tile, :, :, lane, :]  # [R, nb, groups, 4]
+    e = tile_exponent[tile, :, lane]  # [R, nb]
+    return m.reshape(rows.numel(), nb * groups * 4), e
+
+
+def tiles_fast() -> bool:
+    """Whether the CPU kernels read the tile layout directly here (AVX-512 VNNI, and
+    ``LLMCORE_CPU_ISA`` not lowering the ISA). Elsewhere a tiled weight still works: the
+    kernels unpack it per 16 rows, which costs more than the plain layout."""
+    global _TILES_FAST
+    if _TILES_FAST is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                flags = set(f.read().split())
+        except OSError:
+            flags = set()
+        _TILES_FAST = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags
+    isa = os.environ.get("LLMCORE_CPU_ISA", "")
+    return _TILES_FAST and isa in ("", "avx512", "amx")
+
+
+_TILES_FAST: bool | None = None
+
+
 def _check_float(name: str, x) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -593,13 +664,30 @@ if _ext.available():
 
     if _ext.has_op("bfp_act_linear"):
 
+        def _rows(m):  # output features of a plain [N, *] or tiled [N/16, *, *] weight
+            return m.shape[0] * 16 if m.dim() == 3 else m.shape[0]
+
         @torch.library.register_fake("llmcore::bfp_act_linear")
         def _(x, w_mantissa, w_exponent, a_bits, w_bits, block_size, round_even, bias):
-            return x.new_empty((*x.shape[:-1], w_mantissa.shape[0]))
+            return x.new_empty((*x.shape[:-1], _rows(w_mantissa)))
 
         @torch.library.register_fake("llmcore::bfp_act_linear_multi")
         def _(x, w_mantissa, w_exponent, a_bits, w_bits, block_size, round_even, bias):
-            return [x.new_empty((*x.shape[:-1], m.shape[0])) for m in w_mantissa]
+            return [x.new_empty((*x.shape[:-1], _rows(m))) for m in w_mantissa]
+
+    if _ext.has_op("bfp_tiles_pack"):
+
+        @torch.library.register_fake("llmcore::bfp_tiles_pack")
+        def _(mantissa, exponent, mantissa_bits, block_size):
+            n, cols = mantissa.shape
+            nb = exponent.shape[1]
+            return (mantissa.new_empty((n // 16, nb, 16 * (cols // nb))),
+                    exponent.new_empty((n // 16, nb, 16)))
+
+        @torch.library.register_fake("llmcore::bfp_tiles_unpack")
+        def _(tiles, tile_exponent, mantissa_bits, block_size):
+            t, nb, b = tiles.shape
+            return tiles.new_empty((16 * t, nb * b // 16)), tile_exponent.new_empty((16 * t, nb))
 
     @torch.library.register_fake("llmcore::bfp_gemm")
     def _(a_mantissa, a_exponent, b_mantissa, b_exponent, a_bits, b_bits, block_size, k, bias,

@@ -56,6 +56,9 @@ KERNELS = {
     "bfp_gemm": {"cpu": _ANY_FLOAT, "cuda": _ANY_FLOAT},
     "bfp_act_linear": {"cpu": _ANY_FLOAT},
     "bfp_act_linear_multi": {"cpu": _ANY_FLOAT},
+    # the GEMV tile layout of BFP weights (byte permutations: no float dtype involved)
+    "bfp_tiles_pack": {"cpu": _ANY_FLOAT},
+    "bfp_tiles_unpack": {"cpu": _ANY_FLOAT},
     "linear_gemv": {"cpu": _ANY_FLOAT},  # dense decode GEMV, M <= 16 rows
     # fused decoder-step ops (inference only)
     "rms_norm": {"cpu": _ANY_FLOAT},
