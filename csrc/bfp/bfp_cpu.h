@@ -223,6 +223,20 @@ void gemm_amx(const GemmAmxPlan& p, const int8_t* a_tiles, const float* a_scales
               int64_t w_exp_stride, const float* bias, float* y, int64_t ldy, int64_t n_begin,
               int64_t n_end);
 
+// The same product for a weight in the GEMV tile layout (above): there a block of 16 rows
+// is AMX's B operand as stored (8 rows of 64 bytes: 4-byte groups of 16 columns; nibbles
+// are widened per 16-row tile), and the activation rows are the A operand, 16 x 32 bytes
+// per block: int8 [m_tiles * 16][32 nb], zero rows past M (4-bit weights: each block's
+// elements even, then odd, as for gemm_amx_prepare), and their scales as gemm_amx_prepare
+// writes them. Output columns [n_begin, n_end), multiples of 16.
+size_t gemm_amx_rows_bytes(const GemmAmxPlan& p);
+void gemm_amx_prepare_rows(const GemmAmxPlan& p, const int8_t* a_mant, int64_t a_row_stride,
+                           const uint8_t* a_exp, int64_t a_exp_stride, int a_bits,
+                           int8_t* a_rows, float* a_scales, int64_t t_begin, int64_t t_end);
+void gemm_amx_tiles(const GemmAmxPlan& p, const int8_t* a_rows, const float* a_scales,
+                    const uint8_t* tmant, const uint8_t* texp, const float* bias, float* y,
+                    int64_t ldy, int64_t n_begin, int64_t n_end);
+
 }  // namespace cpu
 }  // namespace bfp
 }  // namespace llmcore

@@ -96,6 +96,37 @@ void gemm_amx_prepare(const GemmAmxPlan& p, const int8_t* a_mant, int64_t a_row_
   }
 }
 
+size_t gemm_amx_rows_bytes(const GemmAmxPlan& p) {
+  return static_cast<size_t>(p.m_tiles * 16 * p.nb) * 32;
+}
+
+void gemm_amx_prepare_rows(const GemmAmxPlan& p, const int8_t* a_mant, int64_t a_row_stride,
+                           const uint8_t* a_exp, int64_t a_exp_stride, int a_bits,
+                           int8_t* a_rows, float* a_scales, int64_t t_begin, int64_t t_end) {
+  const bool packed = is_packed(p.w_bits);
+  const int64_t lda = 32 * p.nb;
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    float* scales = a_scales + t * p.nb * 16;
+    for (int r = 0; r < 16; ++r) {
+      const int64_t m = t * 16 + r;
+      int8_t* dst = a_rows + m * lda;
+      if (m >= p.M) {
+        memset(dst, 0, static_cast<size_t>(lda));
+        for (int64_t b = 0; b < p.nb; ++b) scales[b * 16 + r] = 0.0f;
+        continue;
+      }
+      const int8_t* src = a_mant + m * a_row_stride;
+      for (int64_t b = 0; b < p.nb; ++b) {
+        if (packed)
+          for (int i = 0; i < 32; ++i) dst[b * 32 + tile_pos(i, true)] = src[b * 32 + i];
+        else
+          memcpy(dst + b * 32, src + b * 32, 32);
+        scales[b * 16 + r] = block_scale(a_exp[m * a_exp_stride + b], a_bits);
+      }
+    }
+  }
+}
+
 #if defined(LLMCORE_AMX)
 namespace {
 
@@ -137,6 +168,10 @@ void load_config() {
   for (int t : {0, 1}) { cfg.rows[t] = 16; cfg.colsb[t] = 32; }
   for (int t : {2, 3}) { cfg.rows[t] = 8; cfg.colsb[t] = 64; }
   for (int t : {4, 5, 6, 7}) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+  // GCC 12 does not see ldtilecfg read the whole struct: out of line, it dropped the rows /
+  // colsb stores above (the config then had no tiles and the first tile op raised SIGILL).
+  // The barrier makes every store land first.
+  __asm__ volatile("" : : "r"(&cfg) : "memory");
   _tile_loadconfig(&cfg);
 }
 
@@ -273,10 +308,105 @@ void gemm_amx_impl(const GemmAmxPlan& p, const int8_t* a_tiles, const float* a_s
   _tile_release();
 }
 
+// One 16-row tile of 4-bit weights in the tile layout, every block, as AMX B tiles
+// [nb][8][64] int8: rows 0-3 the low nibbles of groups 0-3, rows 4-7 the high nibbles (the
+// block's even elements, then the odd ones: tile_pos), sign-extended.
+void widen_tile(int64_t nb, const uint8_t* tw, int8_t* out) {
+  const __m512i lo = _mm512_set1_epi8(0x0f), eight = _mm512_set1_epi8(8);
+  for (int64_t b = 0; b < nb; ++b)
+    for (int g = 0; g < 4; ++g) {
+      const __m512i v = _mm512_loadu_si512(tw + (b * 4 + g) * 64);
+      const __m512i l = _mm512_sub_epi8(_mm512_xor_si512(_mm512_and_si512(v, lo), eight), eight);
+      const __m512i h = _mm512_sub_epi8(
+          _mm512_xor_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), lo), eight), eight);
+      _mm512_storeu_si512(out + b * 512 + g * 64, l);
+      _mm512_storeu_si512(out + b * 512 + (4 + g) * 64, h);
+    }
+}
+
+// acc[r] += float(ci[r]) * sa[r] * sw (16 output columns in lanes) for 16 activation rows.
+inline void scale_rows(const int32_t* ci, const float* sa, __m512 sw, __m512 acc[16]) {
+#pragma GCC unroll 16
+  for (int r = 0; r < 16; ++r) {
+    const __m512 v = _mm512_cvtepi32_ps(_mm512_load_si512(ci + r * 16));
+    acc[r] = _mm512_fmadd_ps(v, _mm512_mul_ps(sw, _mm512_set1_ps(sa[r])), acc[r]);
+  }
+}
+
+void gemm_amx_tiles_impl(const GemmAmxPlan& p, const int8_t* a_rows, const float* a_scales,
+                         const uint8_t* tmant, const uint8_t* texp, const float* bias, float* y,
+                         int64_t ldy, int64_t n_begin, int64_t n_end) {
+  load_config();
+  const int64_t nb = p.nb, lda = 32 * nb;
+  const bool packed = is_packed(p.w_bits);
+  const int64_t tile_bytes = 16 * nb * (packed ? 16 : 32);
+  std::vector<int8_t> wide;
+  std::vector<float> sw(static_cast<size_t>(nb) * 16);
+  alignas(64) int32_t ci[8][256];
+  const __m512i ebias = _mm512_set1_epi32(kExpBias + p.w_bits - 2);
+  const __m512i nan_e = _mm512_set1_epi32(kNaNExponent);
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += 16) {
+    const uint8_t* tw = tmant + (n0 / 16) * tile_bytes;
+    const uint8_t* te = texp + (n0 / 16) * nb * 16;
+    for (int64_t b = 0; b < nb; ++b) {  // the 16 columns' block scales
+      const __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(te + 16 * b)));
+      const __m512 s = _mm512_scalef_ps(_mm512_set1_ps(1.0f),
+                                        _mm512_cvtepi32_ps(_mm512_sub_epi32(e, ebias)));
+      _mm512_storeu_ps(sw.data() + 16 * b, _mm512_mask_blend_ps(_mm512_cmpeq_epi32_mask(e, nan_e), s,
+                                                               _mm512_set1_ps(__builtin_nanf(""))));
+    }
+    const int8_t* wt = reinterpret_cast<const int8_t*>(tw);
+    if (packed) {
+      wide.resize(static_cast<size_t>(nb) * 512);
+      widen_tile(nb, tw, wide.data());
+      wt = wide.data();
+    }
+    const __m512 bv = bias ? _mm512_loadu_ps(bias + n0) : _mm512_setzero_ps();
+    for (int64_t t = 0; t < p.m_tiles; ++t) {
+      const int8_t* at = a_rows + t * 16 * lda;
+      const float* sa = a_scales + t * nb * 16;
+      __m512 acc[16];
+      for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+#define LLMCORE_AMX_ISSUE(TA, TW, TC, b)       \
+  _tile_zero(TC);                              \
+  _tile_loadd(TA, at + (b) * 32, lda);         \
+  _tile_loadd(TW, wt + (b) * 512, 64);         \
+  _tile_dpbssd(TC, TA, TW);
+      // As gemm_amx_impl: four result tiles in turn, each read back kLag blocks later.
+      constexpr int64_t kLag = 3;
+      for (int64_t b = 0; b < nb; ++b) {
+        int32_t* dst = ci[b & 7];
+        switch (b & 3) {
+          case 0: LLMCORE_AMX_ISSUE(0, 2, 4, b) _tile_stored(4, dst, 64); break;
+          case 1: LLMCORE_AMX_ISSUE(1, 3, 5, b) _tile_stored(5, dst, 64); break;
+          case 2: LLMCORE_AMX_ISSUE(0, 2, 6, b) _tile_stored(6, dst, 64); break;
+          default: LLMCORE_AMX_ISSUE(1, 3, 7, b) _tile_stored(7, dst, 64); break;
+        }
+        if (b >= kLag)
+          scale_rows(ci[(b - kLag) & 7], sa + (b - kLag) * 16,
+                     _mm512_loadu_ps(sw.data() + (b - kLag) * 16), acc);
+      }
+      for (int64_t b = nb > kLag ? nb - kLag : 0; b < nb; ++b)
+        scale_rows(ci[b & 7], sa + b * 16, _mm512_loadu_ps(sw.data() + b * 16), acc);
+#undef LLMCORE_AMX_ISSUE
+      const int m_valid = static_cast<int>(p.M - t * 16 < 16 ? p.M - t * 16 : 16);
+      for (int r = 0; r < m_valid; ++r)
+        _mm512_storeu_ps(y + (t * 16 + r) * ldy + n0, _mm512_add_ps(acc[r], bv));
+    }
+  }
+  _tile_release();
+}
+
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
 
 }  // namespace
+
+void gemm_amx_tiles(const GemmAmxPlan& p, const int8_t* a_rows, const float* a_scales,
+                    const uint8_t* tmant, const uint8_t* texp, const float* bias, float* y,
+                    int64_t ldy, int64_t n_begin, int64_t n_end) {
+  gemm_amx_tiles_impl(p, a_rows, a_scales, tmant, texp, bias, y, ldy, n_begin, n_end);
+}
 
 bool gemm_amx_supported(int a_bits, int w_bits, int block) {
   static const bool granted = request_tiles();
@@ -301,6 +431,9 @@ bool gemm_amx_supported(int, int, int) { return false; }
 
 void gemm_amx(const GemmAmxPlan&, const int8_t*, const float*, const uint8_t*, int64_t,
               const uint8_t*, int64_t, const float*, float*, int64_t, int64_t, int64_t) {}
+
+void gemm_amx_tiles(const GemmAmxPlan&, const int8_t*, const float*, const uint8_t*,
+                    const uint8_t*, const float*, float*, int64_t, int64_t, int64_t) {}
 
 #endif
 
