@@ -14,7 +14,10 @@ layers at dims where the kernels cost about nothing: its time per token is the o
 generation) against one single-token step, alternated at the same context: the verify
 cost ratio. ``--format`` picks the weight format (default mxint8; ``none`` keeps the
 dense weights: their projections run ``linear_gemv``), ``--dtype`` the model's dtype
-(default float32), ``--storage`` the KV cache's.
+(default float32), ``--storage`` the KV cache's. ``--layouts tiles plain`` times the same
+model in both weight layouts (docs/bfp.md: ``Transformer.tile_weights`` /
+``untile_weights``), switched in place and alternated every round, so a noisy machine's
+swings fall on both alike; each round also times the verify ratio when ``--verify`` is set.
 """
 
 from __future__ import annotations
@@ -109,6 +112,36 @@ def profile(model, cache, prompt) -> dict:
             "aten_ops": ops, "aten_empty": empty, "top_self_ms": table}
 
 
+def compare_layouts(model, cache, prompt, args) -> dict:
+    """ms per token (and the verify ratio) of each weight layout in args.layouts, the
+    layouts and thread counts alternated in every round; medians over the rounds."""
+    switch = {"tiles": model.tile_weights, "plain": model.untile_weights}
+    runs = {(lay, t): [] for lay in args.layouts for t in args.threads}
+    ver = {(lay, t): [] for lay in args.layouts for t in args.threads}
+    for _ in range(args.rounds):
+        for t in args.threads:
+            torch.set_num_threads(t)
+            for lay in args.layouts:
+                switch[lay]()
+                runs[(lay, t)].append(decode_ms(model, cache, prompt))
+                if args.verify:
+                    ver[(lay, t)].append(verify_ratio(model, cache, prompt, args.verify, reps=16))
+    out: dict = {"layouts": {}}
+    for lay in args.layouts:
+        per = out["layouts"][lay] = {"threads": {}}
+        for t in args.threads:
+            r = {"ms_per_token": statistics.median(runs[(lay, t)]), "runs_ms": runs[(lay, t)]}
+            if args.verify:
+                vs = ver[(lay, t)]
+                key = f"verify_{args.verify}_ms"
+                r["verify"] = {"step_ms": statistics.median(v["step_ms"] for v in vs),
+                               key: statistics.median(v[key] for v in vs),
+                               "ratio": statistics.median(v["ratio"] for v in vs),
+                               "ratios": [v["ratio"] for v in vs]}
+            per["threads"][str(t)] = r
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -123,9 +156,18 @@ def main() -> None:
     ap.add_argument("--format", default="mxint8",
                     help="weight format (default mxint8; none: dense weights)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    ap.add_argument("--layouts", nargs="+", choices=("tiles", "plain"),
+                    help="compare these weight layouts, alternated every round")
     ap.add_argument("--out")
     args = ap.parse_args()
     model, cache, prompt = build(args.storage, args.tiny, args.format, getattr(torch, args.dtype))
+    if args.layouts:
+        res = compare_layouts(model, cache, prompt, args)
+        print(json.dumps(res, indent=1))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(res, f, indent=1)
+        return
     times = {t: [] for t in args.threads}
     for _ in range(args.rounds):
         for t in args.threads:
