@@ -152,21 +152,33 @@ int64_t check_tiles(const at::Tensor& m, const at::Tensor& e, int64_t bits, int6
   return 16 * m.size(0);
 }
 
+// tiles_pack (Pack) or tiles_unpack of a whole weight of K = k inputs, its tiles spread over
+// the threads, from (src_m, src_e) into new tensors of shapes m_shape and e_shape.
+template <bool Pack>
+std::tuple<at::Tensor, at::Tensor> convert_tiles(const at::Tensor& src_m, const at::Tensor& src_e,
+                                                 at::IntArrayRef m_shape, at::IntArrayRef e_shape,
+                                                 int64_t k, int bits) {
+  at::Tensor m = at::empty(m_shape, src_m.options()), e = at::empty(e_shape, src_e.options());
+  const at::Tensor sm = src_m.contiguous(), se = src_e.contiguous();
+  const auto* smp = static_cast<const uint8_t*>(sm.data_ptr());
+  const auto* sep = se.data_ptr<uint8_t>();
+  auto* mp = static_cast<uint8_t*>(m.data_ptr());
+  auto* ep = e.data_ptr<uint8_t>();
+  const int64_t tiles = Pack ? src_m.size(0) / 16 : src_m.size(0);
+  const int64_t mc = cpu::mantissa_cols(k, bits), nb = k / 32;
+  at::parallel_for(0, tiles, grain_rows(16 * mc), [&](int64_t t0, int64_t t1) {
+    if (Pack) cpu::tiles_pack(smp, mc, sep, nb, k, bits, mp, ep, t0, t1);
+    else cpu::tiles_unpack(smp, sep, k, bits, mp, mc, ep, nb, t0, t1);
+  });
+  return {m, e};
+}
+
 // The plain layout of a tiled weight (a new tensor pair).
 std::tuple<at::Tensor, at::Tensor> untile(const at::Tensor& tm, const at::Tensor& te,
                                           int64_t bits, int64_t k) {
   const int b = static_cast<int>(bits);
-  const int64_t N = 16 * tm.size(0), mc = cpu::mantissa_cols(k, b), nb = k / 32;
-  at::Tensor m = at::empty({N, mc}, tm.options()), e = at::empty({N, nb}, te.options());
-  const at::Tensor tmc = tm.contiguous(), tec = te.contiguous();
-  const auto* tmp = static_cast<const uint8_t*>(tmc.data_ptr());
-  const auto* tep = tec.data_ptr<uint8_t>();
-  auto* mp = static_cast<uint8_t*>(m.data_ptr());
-  auto* ep = e.data_ptr<uint8_t>();
-  at::parallel_for(0, N / 16, grain_rows(16 * mc), [&](int64_t t0, int64_t t1) {
-    cpu::tiles_unpack(tmp, tep, k, b, mp, mc, ep, nb, t0, t1);
-  });
-  return {m, e};
+  const int64_t N = 16 * tm.size(0);
+  return convert_tiles<false>(tm, te, {N, cpu::mantissa_cols(k, b)}, {N, k / 32}, k, b);
 }
 
 std::tuple<at::Tensor, at::Tensor> bfp_tiles_pack_cpu(const at::Tensor& mantissa,
@@ -180,18 +192,9 @@ std::tuple<at::Tensor, at::Tensor> bfp_tiles_pack_cpu(const at::Tensor& mantissa
   LLMCORE_CHECK(cpu::tiles_supported(N, k, b, static_cast<int>(block_size)),
                 "bfp_tiles_pack needs block_size 32, K a multiple of 32 and N (rows) a multiple "
                 "of 16, got block_size ", block_size, ", K ", k, " and N ", N);
-  const int64_t nb = k / 32, bb = cpu::tile_block_bytes(b);
-  at::Tensor tm = at::empty({N / 16, nb, 16 * bb}, mantissa.options());
-  at::Tensor te = at::empty({N / 16, nb, 16}, exponent.options());
-  const at::Tensor mc = mantissa.contiguous(), ec = exponent.contiguous();
-  const auto* mp = static_cast<const uint8_t*>(mc.data_ptr());
-  const auto* ep = ec.data_ptr<uint8_t>();
-  auto* tmp = static_cast<uint8_t*>(tm.data_ptr());
-  auto* tep = te.data_ptr<uint8_t>();
-  at::parallel_for(0, N / 16, grain_rows(16 * mc.size(1)), [&](int64_t t0, int64_t t1) {
-    cpu::tiles_pack(mp, mc.size(1), ep, nb, k, b, tmp, tep, t0, t1);
-  });
-  return {tm, te};
+  const int64_t nb = k / 32;
+  return convert_tiles<true>(mantissa, exponent, {N / 16, nb, 16 * cpu::tile_block_bytes(b)},
+                             {N / 16, nb, 16}, k, b);
 }
 
 std::tuple<at::Tensor, at::Tensor> bfp_tiles_unpack_cpu(const at::Tensor& tiles,

@@ -401,6 +401,27 @@ LLMCORE_AVX512_TARGET inline __m512i load4(const uint8_t* const* r, int64_t at, 
   return _mm512_inserti32x4(z, _mm_maskz_loadu_epi8(m, r[3] + at), 3);
 }
 
+// acc[m] += the block-b products of MT activation rows with 16 columns whose unsigned
+// weights u (8 groups of 4 bytes per lane) and scales sw (per lane) are in registers: per
+// row 8 vpdpbusd (4-byte groups of the row's activation broadcast), a conversion and an FMA.
+template <int MT>
+LLMCORE_AVX512_TARGET inline void block_rows(const uint8_t* xq, int64_t xq_cols,
+                                             const int32_t* corr, const float* xs,
+                                             int64_t groups, int64_t b, const __m512i* u,
+                                             __m512 sw, __m512* acc) {
+  for (int m = 0; m < MT; ++m) {
+    const auto* x = reinterpret_cast<const int32_t*>(xq + m * xq_cols + b * 32);
+    // Two chains of vpdpbusd, so that its latency does not bound the loop.
+    __m512i i0 = _mm512_set1_epi32(corr[m * groups + b]), i1 = _mm512_setzero_si512();
+    for (int g = 0; g < 8; g += 2) {
+      i0 = _mm512_dpbusd_epi32(i0, u[g], _mm512_set1_epi32(x[g]));
+      i1 = _mm512_dpbusd_epi32(i1, u[g + 1], _mm512_set1_epi32(x[g + 1]));
+    }
+    const __m512 sc = _mm512_mul_ps(sw, _mm512_set1_ps(xs[m * groups + b]));
+    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), sc, acc[m]);
+  }
+}
+
 // MT rows (xq / corr / xs from row 0 of these pointers) against the 16 columns at rows r
 // (valid of them real; the others repeat one and are not stored): y[m][col] for m < MT.
 template <int MT, bool kPacked>
@@ -430,18 +451,7 @@ LLMCORE_AVX512_TARGET void cols16_avx512(const GemvQ8Plan& p, const uint8_t* xq,
       transpose4(z, v);
       unsigned_weights<kPacked>(v, u + 4 * h);  // 8-bit: the half's 4 groups
     }
-    const __m512 sw = _mm512_loadu_ps(tab + 16 * b);
-    for (int m = 0; m < MT; ++m) {
-      const auto* x = reinterpret_cast<const int32_t*>(xq + m * xq_cols + b * 32);
-      // Two chains of vpdpbusd, so that its latency does not bound the loop.
-      __m512i i0 = _mm512_set1_epi32(corr[m * groups + b]), i1 = _mm512_setzero_si512();
-      for (int g = 0; g < 8; g += 2) {
-        i0 = _mm512_dpbusd_epi32(i0, u[g], _mm512_set1_epi32(x[g]));
-        i1 = _mm512_dpbusd_epi32(i1, u[g + 1], _mm512_set1_epi32(x[g + 1]));
-      }
-      const __m512 sc = _mm512_mul_ps(sw, _mm512_set1_ps(xs[m * groups + b]));
-      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), sc, acc[m]);
-    }
+    block_rows<MT>(xq, xq_cols, corr, xs, groups, b, u, _mm512_loadu_ps(tab + 16 * b), acc);
   }
   // Lane L holds column col_of(L); col_of is its own inverse, so one permute puts the
   // columns in order.
@@ -562,9 +572,6 @@ LLMCORE_AVX512_TARGET void tile_avx512(const GemvQ8Plan& p, const uint8_t* xq, c
                                        const float* bias, float* y, int64_t ldy) {
   constexpr int kGroups = kPacked ? 4 : 8;  // 64-byte vectors per block
   const int64_t nb = p.groups, xq_cols = p.xq_cols, groups = p.groups;
-  const __m512i ebias = _mm512_set1_epi32(kExpBias + p.w_bits - 2);
-  const __m512i nan_e = _mm512_set1_epi32(kNaNExponent);
-  const __m512 one = _mm512_set1_ps(1.0f), nan = _mm512_set1_ps(__builtin_nanf(""));
   __m512 acc[MT];
   for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
@@ -576,20 +583,9 @@ LLMCORE_AVX512_TARGET void tile_avx512(const GemvQ8Plan& p, const uint8_t* xq, c
       for (int j = 0; j < 4; ++j) z[j] = _mm512_loadu_si512(w + 256 * h + 64 * j);
       unsigned_weights<kPacked>(z, u + 4 * h);
     }
-    const __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(te + 16 * b)));
-    const __m512 s = _mm512_scalef_ps(one, _mm512_cvtepi32_ps(_mm512_sub_epi32(e, ebias)));
-    const __m512 sw = _mm512_mask_blend_ps(_mm512_cmpeq_epi32_mask(e, nan_e), s, nan);
-    for (int m = 0; m < MT; ++m) {
-      const auto* x = reinterpret_cast<const int32_t*>(xq + m * xq_cols + b * 32);
-      // Two chains of vpdpbusd, so that its latency does not bound the loop.
-      __m512i i0 = _mm512_set1_epi32(corr[m * groups + b]), i1 = _mm512_setzero_si512();
-      for (int g = 0; g < 8; g += 2) {
-        i0 = _mm512_dpbusd_epi32(i0, u[g], _mm512_set1_epi32(x[g]));
-        i1 = _mm512_dpbusd_epi32(i1, u[g + 1], _mm512_set1_epi32(x[g + 1]));
-      }
-      const __m512 sc = _mm512_mul_ps(sw, _mm512_set1_ps(xs[m * groups + b]));
-      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), sc, acc[m]);
-    }
+    // The 16 columns' 16 exponent bytes of the block, in lane order.
+    const __m512 sw = weight_scales16(te + 16 * b, 0, 16, p.w_bits - 2);
+    block_rows<MT>(xq, xq_cols, corr, xs, groups, b, u, sw, acc);
   }
   const __m512 bv = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
   for (int m = 0; m < MT; ++m) _mm512_storeu_ps(y + m * ldy, _mm512_add_ps(acc[m], bv));
