@@ -101,8 +101,9 @@ void check_format(int64_t bits, int64_t block, const char* bits_name) {
 
 // mantissa [..., mantissa_cols(k)] of the storage dtype for `bits`, exponent
 // [..., ceil(k / block)] uint8 with the same leading dims.
-void check_bfp_operand(const at::Tensor& m, const at::Tensor& e, int64_t bits, int64_t block,
-                       int64_t k, const char* m_name, const char* e_name) {
+// A BFP operand's devices (CPU) and dtypes (int8 / uint8 nibbles, uint8 exponents).
+void check_bfp_dtypes(const at::Tensor& m, const at::Tensor& e, int64_t bits, const char* m_name,
+                      const char* e_name) {
   LLMCORE_CHECK(m.device().is_cpu(), m_name, " must be on cpu, got ", m.device());
   LLMCORE_CHECK(e.device().is_cpu(), e_name, " must be on cpu, got ", e.device());
   const at::ScalarType want = bits <= 4 ? at::kByte : at::kChar;
@@ -111,6 +112,11 @@ void check_bfp_operand(const at::Tensor& m, const at::Tensor& e, int64_t bits, i
                 "-bit mantissas, got ", m.scalar_type());
   LLMCORE_CHECK(e.scalar_type() == at::kByte, e_name, " must have dtype uint8, got ",
                 e.scalar_type());
+}
+
+void check_bfp_operand(const at::Tensor& m, const at::Tensor& e, int64_t bits, int64_t block,
+                       int64_t k, const char* m_name, const char* e_name) {
+  check_bfp_dtypes(m, e, bits, m_name, e_name);
   LLMCORE_CHECK(m.dim() >= 1 && e.dim() == m.dim(), m_name, " and ", e_name,
                 " must have the same number of dims (>= 1), got shapes ", shape_str(m.sizes()),
                 " and ", shape_str(e.sizes()));
@@ -132,14 +138,7 @@ bool is_tiled(const at::Tensor& m) { return m.dim() == 3; }
 // Checks a tiled weight for k inputs; returns N.
 int64_t check_tiles(const at::Tensor& m, const at::Tensor& e, int64_t bits, int64_t block,
                     int64_t k, const char* m_name, const char* e_name) {
-  LLMCORE_CHECK(m.device().is_cpu() && e.device().is_cpu(), m_name, " and ", e_name,
-                " (tile layout) must be on cpu, got ", m.device(), " and ", e.device());
-  const at::ScalarType want = bits <= 4 ? at::kByte : at::kChar;
-  LLMCORE_CHECK(m.scalar_type() == want, m_name, " must have dtype ",
-                bits <= 4 ? "uint8 (two 4-bit mantissas per byte)" : "int8", " for ", bits,
-                "-bit mantissas, got ", m.scalar_type());
-  LLMCORE_CHECK(e.scalar_type() == at::kByte, e_name, " must have dtype uint8, got ",
-                e.scalar_type());
+  check_bfp_dtypes(m, e, bits, m_name, e_name);
   LLMCORE_CHECK(block == 32 && k % 32 == 0, "the tile layout needs block_size 32 and K a "
                 "multiple of 32, got block_size ", block, " and K ", k);
   const int64_t nb = k / 32, bb = cpu::tile_block_bytes(static_cast<int>(bits));
