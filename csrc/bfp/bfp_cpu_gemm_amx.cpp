@@ -32,7 +32,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__linux__)
@@ -177,42 +176,27 @@ void load_config() {
 }
 
 
-// The block loop of both AMX kernels. Block b's int32 products go to result tile
-// 4 + (b & 3), from operand tiles 0 / 2 or 1 / 3 in turn: issue(b, A, B, C) loads and
-// multiplies (the tile numbers as Tile<N>), and the result is stored to
-// ci[b & 7]. Four blocks are in flight: a block's tdpbssd -> tilestored chain is long, so
-// scale(b) reads block b back only kLag blocks later, when its stores have long reached L1
-// (reading at once would wait for the whole chain every block).
-template <int T>
-using Tile = std::integral_constant<int, T>;
-
-template <class Issue, class Scale>
-inline void amx_blocks(int64_t nb, int32_t (*ci)[256], Issue&& issue, Scale&& scale) {
-  constexpr int64_t kLag = 3;
-  for (int64_t b = 0; b < nb; ++b) {
-    int32_t* dst = ci[b & 7];
-    switch (b & 3) {
-      case 0:
-        issue(b, Tile<0>{}, Tile<2>{}, Tile<4>{});
-        _tile_stored(4, dst, 64);
-        break;
-      case 1:
-        issue(b, Tile<1>{}, Tile<3>{}, Tile<5>{});
-        _tile_stored(5, dst, 64);
-        break;
-      case 2:
-        issue(b, Tile<0>{}, Tile<2>{}, Tile<6>{});
-        _tile_stored(6, dst, 64);
-        break;
-      default:
-        issue(b, Tile<1>{}, Tile<3>{}, Tile<7>{});
-        _tile_stored(7, dst, 64);
-        break;
-    }
-    if (b >= kLag) scale(b - kLag);
-  }
-  for (int64_t b = nb > kLag ? nb - kLag : 0; b < nb; ++b) scale(b);
-}
+// The block loop of both AMX kernels, a macro because the tile intrinsics take literal tile
+// numbers. Block b's int32 products go to result tile 4 + (b & 3), from operand tiles 0 / 2
+// or 1 / 3 in turn: ISSUE(A, B, C, b) (a macro) loads and multiplies, and the result is
+// stored to ci[b & 7]. Four blocks are in flight: a block's tdpbssd -> tilestored chain is
+// long, so SCALE(b) reads block b back only kLag blocks later, when its stores have long
+// reached L1 (reading at once would wait for the whole chain every block).
+#define LLMCORE_AMX_BLOCKS(nb, ci, ISSUE, SCALE)                                  \
+  do {                                                                            \
+    constexpr int64_t kLag = 3;                                                   \
+    for (int64_t b = 0; b < (nb); ++b) {                                          \
+      int32_t* dst = (ci)[b & 7];                                                 \
+      switch (b & 3) {                                                            \
+        case 0: ISSUE(0, 2, 4, b) _tile_stored(4, dst, 64); break;                \
+        case 1: ISSUE(1, 3, 5, b) _tile_stored(5, dst, 64); break;                \
+        case 2: ISSUE(0, 2, 6, b) _tile_stored(6, dst, 64); break;                \
+        default: ISSUE(1, 3, 7, b) _tile_stored(7, dst, 64); break;               \
+      }                                                                           \
+      if (b >= kLag) SCALE(b - kLag);                                             \
+    }                                                                             \
+    for (int64_t b = (nb) > kLag ? (nb) - kLag : 0; b < (nb); ++b) SCALE(b);      \
+  } while (0)
 
 // 16 rows of 4-bit weights, every block, unpacked to int8 [nb][16][32] (low nibbles of the
 // block's 16 bytes, then the high nibbles); rows >= rows_valid and bytes past the row are 0.
@@ -312,12 +296,14 @@ void gemm_amx_impl(const GemmAmxPlan& p, const int8_t* a_tiles, const float* a_s
       __m512 acc[16];
       for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
       // Weight tile (16 rows x 32 bytes) times activation tile (8 x 64), C[n][m].
-      amx_blocks(nb, ci, [&]<int TW, int TA, int TC>(int64_t b, Tile<TW>, Tile<TA>, Tile<TC>) {
-        _tile_zero(TC);
-        _tile_loadd(TW, wt + b * wt_step, wt_stride);
-        _tile_loadd(TA, at + b * 512, 64);
-        _tile_dpbssd(TC, TW, TA);
-      }, [&](int64_t b) { scale_block(ci[b & 7], sa + b * 16, sw.data() + b * 16, acc); });
+#define LLMCORE_AMX_ISSUE(TW, TA, TC, b)          \
+  _tile_zero(TC);                                 \
+  _tile_loadd(TW, wt + (b) * wt_step, wt_stride); \
+  _tile_loadd(TA, at + (b) * 512, 64);            \
+  _tile_dpbssd(TC, TW, TA);
+      auto scale = [&](int64_t b) { scale_block(ci[b & 7], sa + b * 16, sw.data() + b * 16, acc); };
+      LLMCORE_AMX_BLOCKS(nb, ci, LLMCORE_AMX_ISSUE, scale);
+#undef LLMCORE_AMX_ISSUE
       // acc[r] holds output column n0 + r for the tile's 16 rows m: write it transposed.
       for (int r = 0; r < 16; ++r) _mm512_store_ps(out + r * 16, acc[r]);
       const int m_valid = static_cast<int>(p.M - t * 16 < 16 ? p.M - t * 16 : 16);
@@ -390,14 +376,16 @@ void gemm_amx_tiles_impl(const GemmAmxPlan& p, const int8_t* a_rows, const float
       __m512 acc[16];
       for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
       // Activation tile (16 rows x 32 bytes) times weight tile (8 x 64, as stored), C[m][n].
-      amx_blocks(nb, ci, [&]<int TA, int TW, int TC>(int64_t b, Tile<TA>, Tile<TW>, Tile<TC>) {
-        _tile_zero(TC);
-        _tile_loadd(TA, at + b * 32, lda);
-        _tile_loadd(TW, wt + b * 512, 64);
-        _tile_dpbssd(TC, TA, TW);
-      }, [&](int64_t b) {
+#define LLMCORE_AMX_ISSUE(TA, TW, TC, b)  \
+  _tile_zero(TC);                         \
+  _tile_loadd(TA, at + (b) * 32, lda);    \
+  _tile_loadd(TW, wt + (b) * 512, 64);    \
+  _tile_dpbssd(TC, TA, TW);
+      auto scale = [&](int64_t b) {
         scale_rows(ci[b & 7], sa + b * 16, _mm512_loadu_ps(sw.data() + b * 16), acc);
-      });
+      };
+      LLMCORE_AMX_BLOCKS(nb, ci, LLMCORE_AMX_ISSUE, scale);
+#undef LLMCORE_AMX_ISSUE
       const int m_valid = static_cast<int>(p.M - t * 16 < 16 ? p.M - t * 16 : 16);
       for (int r = 0; r < m_valid; ++r)
         _mm512_storeu_ps(y + (t * 16 + r) * ldy + n0, _mm512_add_ps(acc[r], bv));
@@ -406,6 +394,7 @@ void gemm_amx_tiles_impl(const GemmAmxPlan& p, const int8_t* a_rows, const float
   _tile_release();
 }
 
+#undef LLMCORE_AMX_BLOCKS
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
 

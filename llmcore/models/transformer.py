@@ -35,7 +35,7 @@ from llmcore.nn import BFPEmbedding, BFPLinear, replace_linear
 from llmcore.nn.bfp_linear import _excluded, bfp_linears_shared_input
 from llmcore.ops import fused
 from llmcore.ops._dispatch import kernel_supported
-from llmcore.ops.bfp import BFPTensor, tiles_fast
+from llmcore.ops.bfp import BFPTensor, tile_layout, tiles_fast
 from llmcore.ops.dense import gemv_applies
 
 BACKENDS = ("llmcore", "torch")
@@ -631,18 +631,21 @@ class Transformer(nn.Module):
                 and "lm_head" not in ckpt.quantized:  # one BFP matrix for the two
             model.lm_head = BFPLinear.from_bfp(model.embed_tokens.qweight, None, ckpt.act_format)
         plan = model._quantize_plan(quantize) if quantize is not None else {}
+        tile = tiles is True or (tiles == "auto" and tiles_fast())
         model._load_streamed(ckpt, Path(path), device, plan,
-                             "auto" if quantize is not None else None)
-        if tiles is True or (tiles == "auto" and tiles_fast()):
+                             "auto" if quantize is not None else None, tile)
+        if tile:
             model.tile_weights()
         return model.eval()
 
     def _load_streamed(self, ckpt: hf.Checkpoint, where: Path, device, plan: dict,
-                       embedding: str | None = None) -> None:
+                       embedding: str | None = None, tiles: bool = False) -> None:
         """Fill this meta-device model from ``ckpt`` (from :func:`hf.open_checkpoint`) one
         tensor at a time, replacing each placeholder, and quantise each linear of ``plan``
         ({name: (format, act_format)}) as soon as its tensors are in, then the embedding
-        as :meth:`quantize` does (``embedding``)."""
+        as :meth:`quantize` does (``embedding``). ``tiles``: a stored BFP weight that will
+        take the GEMV tile layout takes it as it is read (the plain copy is dropped at once,
+        so the peak stays one tensor above the model)."""
         tied = self.head_tied()
         hf.state_dict_from_checkpoint(ckpt, self.state_dict(), tied, where)  # checks only
         device = torch.device(device if device is not None else "cpu")
@@ -654,6 +657,12 @@ class Transformer(nn.Module):
             if isinstance(placeholder, BFPTensor):  # into a BFPLinear, as stored
                 q = ckpt.read(name, device)
                 mod.weight_mantissa, mod.weight_exponent = q.mantissa, q.exponent
+                head = self.lm_head  # a tied head tiles the table it shares
+                if tiles and (mod.can_tile() if isinstance(mod, BFPLinear) else
+                              tied and isinstance(head, BFPLinear) and head.can_tile()):
+                    mod.weight_mantissa, mod.weight_exponent = tile_layout(
+                        q.mantissa, q.exponent, q.format, q.shape[1])
+                del q
                 continue
             old = getattr(mod, leaf)
             t = ckpt.read(name, device, old.dtype)
