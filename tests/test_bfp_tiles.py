@@ -106,7 +106,7 @@ def test_tiles_every_m(wname, gemv_isa):  # noqa: F811
             want, tol = act_expected(x[:m], q, "mxint8", "nearest", b)
             for nw in (1, 3):
                 plain, tiled = both(x[:m], q, b, nw)
-                for p, t in zip(plain, tiled):
+                for p, t in zip(plain, tiled, strict=True):
                     assert_within(t, want, tol, f"tiles m={m} k={k}")
                     if same_order(gemv_isa, m):
                         assert torch.equal(p, t), (n, k, m, nw)

@@ -14,8 +14,13 @@ import torch
 from torch import nn
 
 from llmcore.formats import BFPFormat, get_format
-from llmcore.nn.bfp_linear import (_cpu_kernel, _is_tiled, _plain_state_dict, _plain_weight,
-                                   _tiled_load)
+from llmcore.nn.bfp_linear import (
+    _cpu_kernel,
+    _is_tiled,
+    _plain_state_dict,
+    _plain_weight,
+    _tiled_load,
+)
 from llmcore.ops.bfp import BFPTensor, bfp_dequantize, bfp_quantize, tile_rows
 
 

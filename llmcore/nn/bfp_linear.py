@@ -23,8 +23,15 @@ from torch import nn
 
 from llmcore.formats import BFPFormat, get_format
 from llmcore.ops._dispatch import kernel_supported
-from llmcore.ops.bfp import (BFPTensor, bfp_linear, bfp_linear_trainable, bfp_quantize,
-                             plain_layout, tile_layout, tiles_supported)
+from llmcore.ops.bfp import (
+    BFPTensor,
+    bfp_linear,
+    bfp_linear_trainable,
+    bfp_quantize,
+    plain_layout,
+    tile_layout,
+    tiles_supported,
+)
 
 
 # ---- the GEMV tile layout of frozen BFP weights (docs/bfp.md) ------------------------------
@@ -147,10 +154,12 @@ class BFPLinear(nn.Module):
         if self.tiled:
             return self
         if not self.can_tile():
+            where = "a trainable weight" if self.weight is not None else \
+                f"device {self.weight_mantissa.device}"
             raise ValueError(
                 "tile_ needs a frozen BFPLinear on the CPU with act_format in the weight's "
                 f"blocks of 32, out_features % 16 == 0 and in_features % 32 == 0; got "
-                f"{self.extra_repr()} on {self.weight_mantissa.device if self.weight is None else 'a trainable weight'}")
+                f"{self.extra_repr()} ({where})")
         self.weight_mantissa, self.weight_exponent = tile_layout(
             self.weight_mantissa, self.weight_exponent, self.format, self.in_features)
         return self
