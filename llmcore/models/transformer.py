@@ -350,6 +350,14 @@ def _act_for(weight_format, act_format):
     return "mxint8" if get_format(weight_format).block_size == 32 else None
 
 
+def _wants_tiles(tiles) -> bool:
+    """Whether ``tiles`` (True, False or "auto": where the CPU kernels read tiles directly)
+    asks for the GEMV tile layout; any other value raises ValueError."""
+    if tiles not in (True, False, "auto"):
+        raise ValueError(f"tiles must be True, False or 'auto', got {tiles!r}")
+    return tiles is True or (tiles == "auto" and tiles_fast())
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -609,8 +617,7 @@ class Transformer(nn.Module):
         from its file and dropped once converted, so the peak memory is about the loaded
         model plus one tensor. ``tiles``: as in :meth:`quantize`, for the BFP linears of a
         quantised or BFP checkpoint."""
-        if tiles not in (True, False, "auto"):
-            raise ValueError(f"tiles must be True, False or 'auto', got {tiles!r}")
+        tile = _wants_tiles(tiles)  # (an unknown value fails before anything is read)
         ckpt = hf.open_checkpoint(path)
         if ckpt.quantized and quantize is not None:
             raise ValueError(f"{path} is already BFP-quantised; load it with quantize=None")
@@ -631,7 +638,6 @@ class Transformer(nn.Module):
                 and "lm_head" not in ckpt.quantized:  # one BFP matrix for the two
             model.lm_head = BFPLinear.from_bfp(model.embed_tokens.qweight, None, ckpt.act_format)
         plan = model._quantize_plan(quantize) if quantize is not None else {}
-        tile = tiles is True or (tiles == "auto" and tiles_fast())
         model._load_streamed(ckpt, Path(path), device, plan,
                              "auto" if quantize is not None else None, tile)
         if tile:
@@ -732,14 +738,13 @@ class Transformer(nn.Module):
         """
         if embedding not in (None, "auto"):
             get_format(embedding)  # an unknown name fails before anything is replaced
-        if tiles not in (True, False, "auto"):
-            raise ValueError(f"tiles must be True, False or 'auto', got {tiles!r}")
+        tile = _wants_tiles(tiles)
         tied = self.head_tied()
         for name, (fmt, act) in self._quantize_plan(format, act_format, exclude,
                                                     lm_head).items():
             replace_linear(self, name, fmt, act)
         self._compact_embedding(embedding, tied)
-        if tiles is True or (tiles == "auto" and tiles_fast()):
+        if tile:
             self.tile_weights()
         return self
 
@@ -752,27 +757,22 @@ class Transformer(nn.Module):
         docs/bfp.md). A head tied to the BFP embedding stays tied: the lookup reads the
         tiles. Saving, ``state_dict`` and ``qweight`` still see the plain layout. Returns the
         number of layers tiled."""
-        tied = self.head_tied()
-        n = 0
-        for m in self.modules():
-            if isinstance(m, BFPLinear) and m.can_tile():
-                m.tile_()
-                n += 1
-        if tied and isinstance(self.lm_head, BFPLinear) and self.lm_head.tiled:
-            e = self.embed_tokens
-            e.weight_mantissa, e.weight_exponent = (self.lm_head.weight_mantissa,
-                                                    self.lm_head.weight_exponent)
-        return n
+        return self._switch_layout(BFPLinear.can_tile, BFPLinear.tile_)
 
     def untile_weights(self) -> int:
         """Back to the plain layout everywhere (in place); returns the number of layers."""
+        return self._switch_layout(lambda m: m.tiled, BFPLinear.untile_)
+
+    def _switch_layout(self, applies, switch) -> int:
+        """switch(m) for every BFPLinear m where applies(m); a head tied to the embedding
+        stays tied (the embedding takes the head's new buffers). Returns the count."""
         tied = self.head_tied()
         n = 0
         for m in self.modules():
-            if isinstance(m, BFPLinear) and m.tiled:
-                m.untile_()
+            if isinstance(m, BFPLinear) and applies(m):
+                switch(m)
                 n += 1
-        if tied and isinstance(self.lm_head, BFPLinear) and n:
+        if tied and n and isinstance(self.lm_head, BFPLinear):
             e = self.embed_tokens
             e.weight_mantissa, e.weight_exponent = (self.lm_head.weight_mantissa,
                                                     self.lm_head.weight_exponent)
