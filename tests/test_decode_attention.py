@@ -36,6 +36,8 @@ DECODE_CASES = [
     (1, 1, 8, 128, 16, 1025, None, False),  # one long sequence: the KV split (flash-decoding)
     (1, 2, 4, 80, 1, 1025, 0.05, True),
     (5, 1, 4, 128, 4, 300, 0.05, False),
+    (1, 12, 1, 64, 1, 200, None, False),  # a small MHA model's decode step: 12 kv heads
+    (2, 8, 4, 64, 5, 300, None, True),    # a GQA model verifying 4 drafts (20 rows a head)
 ]
 
 
@@ -89,3 +91,28 @@ def test_decode_attention_empty(device):
                                     sl[:0], return_lse=True)
     assert out.shape == (0, 1, 4, 64) and lse.shape == (0, 4, 1) and lse.dtype == torch.float32
 
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_decode_attention_row_independent_of_query_count(dtype, threads):
+    """A query row's output does not depend on how many rows share its call: the CPU
+    kernel reads K/V straight from the cache for a few rows per kv head and widens each
+    tile once for many, in the same order, so a decode step (1 row a head) and a verify
+    step (9 rows a head) give the last row the same bits."""
+    need_kernel_dtype(torch.device("cpu"), dtype)
+    b, hkv, d, cap, lq = 2, 3, 80, 70, 9
+    lengths = [70, 41]
+    kc, vc = float_cache(b, cap, hkv, d, dtype, lengths)
+    q = randn((b, lq, hkv, d), dtype)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        many, lse_many = ops.decode_attention(q, kc, vc, seqlens, return_lse=True)
+        one, lse_one = ops.decode_attention(q[:, -1:].contiguous(), kc, vc, seqlens,
+                                            return_lse=True)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[:, 0], many[:, -1])
+    assert torch.equal(lse_one[..., 0], lse_many[..., -1])

@@ -3,17 +3,22 @@
 // after __builtin_cpu_supports said yes.
 //
 // Per tile of 16 cache rows (one task = one sequence, one kv head, one split):
-//   widen    each valid K/V row to fp32 once (fp32 rows with D % 16 == 0 are used in place;
-//            bf16: vpmovzxwd + shift; fp16: vcvtph2ps; MXINT8: vpmovsxbd, vcvtdq2ps, times
-//            the block scale 2^(e-133) of its 32-element block), padded to D16 = 16 * ceil(D/16)
-//            with zeros; an empty row (past the split, or on an invalid page) is a zero row.
-//   scores   blocks of 4 query rows x 4 keys: 16 accumulators over D16 (4 K loads feed 16
-//            FMAs), then a shuffle tree turns 16 accumulators per row into one vector of the
-//            16 scores of the tile (no per-score horizontal sums).
+//   K/V      up to 8 query rows (decode, and verification without GQA): each 16-element
+//            chunk of a row is read straight from the cache and widened in registers
+//            (fp32 as is; bf16: vpmovzxwd + shift; fp16: vcvtph2ps; MXINT8: vpmovsxbd,
+//            vcvtdq2ps, times the block scale 2^(e-133) of its 32-element block), never
+//            stored; more rows: each valid row is widened once into an fp32 tile, padded
+//            to D16 = 16 * ceil(D/16) with zeros, that all rows share. An empty row (past
+//            the split, or on an invalid page) is a zero row. Both give the same values.
+//   scores   blocks of up to 4 query rows x 4-16 keys (16 accumulators over D16), then a
+//            shuffle tree turns each row's accumulators into one vector of the 16 scores of
+//            the tile (no per-score horizontal sums). Every score is the same sum in the
+//            same order whatever the blocking, so a row's result does not depend on R.
 //   softmax  per query row: causal + validity mask, running max m and sum l; the fp32
 //            accumulator row is rescaled only when m grows; p = exp(s - m) (vector exp,
 //            range reduction + degree-6 polynomial + vscalefps, about 2 ulp).
-//   P.V      blocks of up to 8 query rows: each V vector feeds 8 FMAs with p broadcast.
+//   P.V      blocks of 8 or 4 query rows: each V vector feeds their FMAs with p broadcast;
+//            a single row holds up to 8 chunks of its accumulator and walks the keys.
 #include "decode/decode_cpu_internal.h"
 
 #if defined(__x86_64__)
@@ -112,88 +117,143 @@ inline __m512 combine4(__m512 u0, __m512 u1, __m512 u2, __m512 u3) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(x0, x1, 0x88), _mm512_shuffle_f32x4(x0, x1, 0xDD));
 }
 
-// S[rr][0..16) = q[rr] . k[i] for RB query rows (stride d16) and the tile's 16 rows.
-template <int RB>
-inline void scores(const float* q, int64_t d16, const float* const* kp, int64_t n, float* S) {
+// The tile's K/V rows as fp32 vectors: ld(i, c) is elements [16c, 16c + 16) of row i.
+// F32Rows reads rows already in fp32 (a widened tile); CacheRows<T> reads the cache rows
+// where they are and widens (MXINT8: and scales) in registers, giving the very values
+// widen_row would have stored, padding lanes zero. An empty row points at zeros.
+struct F32Rows {
+  const float* const* p;
+  __m512 operator()(int64_t i, int64_t c) const { return _mm512_loadu_ps(p[i] + 16 * c); }
+};
+
+template <DType T>
+struct CacheRows {
+  const void* const* p;      // row starts
+  const uint8_t* const* e;   // MXINT8: the row's block exponents
+  const __mmask16* mask;     // per 16-element chunk: the lanes inside head_dim
+  __m512 operator()(int64_t i, int64_t c) const {
+    __m512 x = load16<T>(p[i], 16 * c, mask[c]);
+    if constexpr (T == kMxint8)
+      x = _mm512_mul_ps(x, _mm512_set1_ps(bfp::block_scale(e[i][(16 * c) / kMxBlock], kMxBits)));
+    return x;
+  }
+};
+
+// S[rr][0..16) = q[rr] . k[i] for RB query rows (stride d16) and the tile's 16 rows, keys
+// taken KG at a time (RB * KG accumulators). Every score is the same sum in the same order
+// whatever RB and KG are (an FMA chain over the chunks, then a fixed lane tree), so a
+// query row's scores do not depend on how many rows share its task.
+template <int RB, int KG, class Ld>
+inline void scores(const float* q, int64_t d16, const Ld& ld, int64_t n, float* S) {
+  static_assert(KG % 4 == 0 && 16 % KG == 0 && RB * KG <= 16, "register blocking");
   const int64_t nd = d16 / 16;
   __m512 u[RB][4];
-  for (int kq = 0; kq < 4; ++kq) {
-    if (4 * kq >= n) {
-      for (int rr = 0; rr < RB; ++rr) u[rr][kq] = _mm512_setzero_ps();
+  for (int g = 0; g < 16 / KG; ++g) {
+    const int k0 = g * KG;
+    if (k0 >= n) {
+      for (int rr = 0; rr < RB; ++rr)
+        for (int x = 0; x < KG / 4; ++x) u[rr][k0 / 4 + x] = _mm512_setzero_ps();
       continue;
     }
-    __m512 acc[RB][4];
+    __m512 acc[RB][KG];
     for (int rr = 0; rr < RB; ++rr)
-      for (int x = 0; x < 4; ++x) acc[rr][x] = _mm512_setzero_ps();
-    const float* k0 = kp[4 * kq];
-    const float* k1 = kp[4 * kq + 1];
-    const float* k2 = kp[4 * kq + 2];
-    const float* k3 = kp[4 * kq + 3];
+      for (int x = 0; x < KG; ++x) acc[rr][x] = _mm512_setzero_ps();
     for (int64_t c = 0; c < nd; ++c) {
-      const __m512 kv0 = _mm512_loadu_ps(k0 + 16 * c);
-      const __m512 kv1 = _mm512_loadu_ps(k1 + 16 * c);
-      const __m512 kv2 = _mm512_loadu_ps(k2 + 16 * c);
-      const __m512 kv3 = _mm512_loadu_ps(k3 + 16 * c);
+      __m512 kv[KG];
+      for (int x = 0; x < KG; ++x) kv[x] = ld(k0 + x, c);
       for (int rr = 0; rr < RB; ++rr) {
         const __m512 qv = _mm512_loadu_ps(q + rr * d16 + 16 * c);
-        acc[rr][0] = _mm512_fmadd_ps(qv, kv0, acc[rr][0]);
-        acc[rr][1] = _mm512_fmadd_ps(qv, kv1, acc[rr][1]);
-        acc[rr][2] = _mm512_fmadd_ps(qv, kv2, acc[rr][2]);
-        acc[rr][3] = _mm512_fmadd_ps(qv, kv3, acc[rr][3]);
+        for (int x = 0; x < KG; ++x) acc[rr][x] = _mm512_fmadd_ps(qv, kv[x], acc[rr][x]);
       }
     }
     for (int rr = 0; rr < RB; ++rr)
-      u[rr][kq] = reduce4(acc[rr][0], acc[rr][1], acc[rr][2], acc[rr][3]);
+      for (int x = 0; x < KG / 4; ++x)
+        u[rr][k0 / 4 + x] = reduce4(acc[rr][4 * x], acc[rr][4 * x + 1], acc[rr][4 * x + 2],
+                                    acc[rr][4 * x + 3]);
   }
   for (int rr = 0; rr < RB; ++rr)
     _mm512_storeu_ps(S + 16 * rr, combine4(u[rr][0], u[rr][1], u[rr][2], u[rr][3]));
 }
 
-// O[rr] += sum_i P[rr][i] * v[i] for RB query rows (stride d16), tile rows i < n. Skip:
-// terms with P exactly 0 are left out, so a key hidden from a row (a later new token) never
-// brings its NaN into that row (0 * NaN is NaN).
-template <int RB, bool Skip>
-inline void accumulate_pv(const float* P, const float* const* vp, int64_t n, float* O,
-                          int64_t d16) {
+// o = fma(p, v, o) for one accumulator, or (Skip) only where p != 0, so a key hidden from a
+// row (a later new token) never brings its NaN into that row (0 * NaN is NaN).
+template <bool Skip>
+inline __m512 fma_p(__m512 p, __m512 v, __m512 o) {
+  if constexpr (Skip)
+    return _mm512_mask3_fmadd_ps(p, v, o, _mm512_cmp_ps_mask(p, _mm512_setzero_ps(), _CMP_NEQ_UQ));
+  return _mm512_fmadd_ps(p, v, o);
+}
+
+// O[rr] += sum_i P[rr][i] * v[i] for RB query rows (stride d16), tile rows i < n, in key
+// order per accumulator: chunk by chunk, each V chunk feeding RB accumulators.
+template <int RB, bool Skip, class Ld>
+inline void accumulate_pv(const float* P, const Ld& ld, int64_t n, float* O, int64_t d16) {
   const int64_t nd = d16 / 16;
   for (int64_t c = 0; c < nd; ++c) {
     __m512 o[RB];
     for (int rr = 0; rr < RB; ++rr) o[rr] = _mm512_loadu_ps(O + rr * d16 + 16 * c);
     for (int64_t i = 0; i < n; ++i) {
-      const __m512 v = _mm512_loadu_ps(vp[i] + 16 * c);
-      for (int rr = 0; rr < RB; ++rr) {
-        const __m512 x = _mm512_set1_ps(P[16 * rr + i]);
-        if constexpr (Skip)
-          o[rr] = _mm512_mask3_fmadd_ps(
-              x, v, o[rr], _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_NEQ_UQ));
-        else
-          o[rr] = _mm512_fmadd_ps(x, v, o[rr]);
-      }
+      const __m512 v = ld(i, c);
+      for (int rr = 0; rr < RB; ++rr) o[rr] = fma_p<Skip>(_mm512_set1_ps(P[16 * rr + i]), v, o[rr]);
     }
     for (int rr = 0; rr < RB; ++rr) _mm512_storeu_ps(O + rr * d16 + 16 * c, o[rr]);
   }
 }
 
-void scores_rows(const float* q, int64_t R, int64_t d16, const float* const* kp, int64_t n,
-                 float* S) {
+// The same sums for one query row with CB chunks [c0, c0 + CB) held at once: keys outer,
+// so the CB accumulators are independent chains (one row has no other rows to overlap).
+template <int CB, bool Skip, class Ld>
+inline void accumulate_pv_row(const float* P, const Ld& ld, int64_t n, float* O, int64_t c0) {
+  __m512 o[CB];
+  for (int cc = 0; cc < CB; ++cc) o[cc] = _mm512_loadu_ps(O + 16 * (c0 + cc));
+  for (int64_t i = 0; i < n; ++i) {
+    const __m512 p = _mm512_set1_ps(P[i]);
+    for (int cc = 0; cc < CB; ++cc) o[cc] = fma_p<Skip>(p, ld(i, c0 + cc), o[cc]);
+  }
+  for (int cc = 0; cc < CB; ++cc) _mm512_storeu_ps(O + 16 * (c0 + cc), o[cc]);
+}
+
+template <bool Skip, class Ld>
+void pv_row(const float* P, const Ld& ld, int64_t n, float* O, int64_t d16) {
+  const int64_t nd = d16 / 16;
+  for (int64_t c0 = 0; c0 < nd; c0 += 8) {
+    switch (nd - c0 < 8 ? nd - c0 : 8) {
+      case 1: accumulate_pv_row<1, Skip>(P, ld, n, O, c0); break;
+      case 2: accumulate_pv_row<2, Skip>(P, ld, n, O, c0); break;
+      case 3: accumulate_pv_row<3, Skip>(P, ld, n, O, c0); break;
+      case 4: accumulate_pv_row<4, Skip>(P, ld, n, O, c0); break;
+      case 5: accumulate_pv_row<5, Skip>(P, ld, n, O, c0); break;
+      case 6: accumulate_pv_row<6, Skip>(P, ld, n, O, c0); break;
+      case 7: accumulate_pv_row<7, Skip>(P, ld, n, O, c0); break;
+      default: accumulate_pv_row<8, Skip>(P, ld, n, O, c0); break;
+    }
+  }
+}
+
+template <class Ld>
+void scores_rows(const float* q, int64_t R, int64_t d16, const Ld& ld, int64_t n, float* S) {
   int64_t r = 0;
-  for (; r + 4 <= R; r += 4) scores<4>(q + r * d16, d16, kp, n, S + 16 * r);
+  for (; r + 4 <= R; r += 4) scores<4, 4>(q + r * d16, d16, ld, n, S + 16 * r);
   switch (R - r) {
-    case 3: scores<3>(q + r * d16, d16, kp, n, S + 16 * r); break;
-    case 2: scores<2>(q + r * d16, d16, kp, n, S + 16 * r); break;
-    case 1: scores<1>(q + r * d16, d16, kp, n, S + 16 * r); break;
+    case 3: scores<3, 4>(q + r * d16, d16, ld, n, S + 16 * r); break;
+    case 2: scores<2, 8>(q + r * d16, d16, ld, n, S + 16 * r); break;
+    case 1: scores<1, 16>(q + r * d16, d16, ld, n, S + 16 * r); break;
     default: break;
   }
 }
 
-template <bool Skip>
-void pv_rows(const float* P, int64_t R, const float* const* vp, int64_t n, float* O,
-             int64_t d16) {
+template <bool Skip, class Ld>
+void pv_rows(const float* P, int64_t R, const Ld& ld, int64_t n, float* O, int64_t d16) {
   int64_t r = 0;
-  for (; r + 8 <= R; r += 8) accumulate_pv<8, Skip>(P + 16 * r, vp, n, O + r * d16, d16);
-  for (; r + 4 <= R; r += 4) accumulate_pv<4, Skip>(P + 16 * r, vp, n, O + r * d16, d16);
-  for (; r < R; ++r) accumulate_pv<1, Skip>(P + 16 * r, vp, n, O + r * d16, d16);
+  for (; r + 8 <= R; r += 8) accumulate_pv<8, Skip>(P + 16 * r, ld, n, O + r * d16, d16);
+  for (; r + 4 <= R; r += 4) accumulate_pv<4, Skip>(P + 16 * r, ld, n, O + r * d16, d16);
+  for (; r < R; ++r) pv_row<Skip>(P + 16 * r, ld, n, O + r * d16, d16);
 }
+
+// At most this many query rows per task read K/V straight from the cache (each chunk
+// widened once per block of rows, never stored); more rows widen the tile to fp32 once and
+// share it. The two give the same bits.
+constexpr int64_t kDirectRows = 8;
 
 template <DType CT>
 void task(const DecodeArgs& a, const DecodePlan& p, float* ws, int64_t t) {
@@ -201,11 +261,13 @@ void task(const DecodeArgs& a, const DecodePlan& p, float* ws, int64_t t) {
   const CacheLayout& c = a.layout;
   const int64_t R = p.rows, D = a.head_dim;
   const int64_t nd = (D + 15) / 16, d16 = 16 * nd;
-  const bool in_place = CT == DType::kFloat32 && D % 16 == 0;
+  const bool direct = R <= kDirectRows || (CT == DType::kFloat32 && D % 16 == 0);
   thread_local std::vector<float> buf;
   thread_local std::vector<int64_t> lim;  // keys j < lim[r] are visible to query row r
+  thread_local std::vector<__mmask16> masks;
   buf.resize(static_cast<size_t>(2 * R * d16 + 16 * R + 2 * R + (2 * kTile + 1) * d16));
   lim.resize(static_cast<size_t>(R));
+  masks.resize(static_cast<size_t>(nd));
   float* q = buf.data();
   float* O = q + R * d16;
   float* S = O + R * d16;  // scores, then probabilities, [R][16]
@@ -213,8 +275,9 @@ void task(const DecodeArgs& a, const DecodePlan& p, float* ws, int64_t t) {
   float* l = m + R;
   float* kt = l + R;
   float* vt = kt + kTile * d16;
-  float* zero = vt + kTile * d16;
+  float* zero = vt + kTile * d16;  // an empty row: zero values (and zero exponents)
   memset(zero, 0, sizeof(float) * static_cast<size_t>(d16));
+  for (int64_t cc = 0; cc < nd; ++cc) masks[static_cast<size_t>(cc)] = tail_mask(D - 16 * cc);
 
   const DType qt = a.q_type;
   for (int64_t r = 0; r < R; ++r) {
@@ -227,8 +290,15 @@ void task(const DecodeArgs& a, const DecodePlan& p, float* ws, int64_t t) {
   }
   memset(O, 0, sizeof(float) * static_cast<size_t>(R * d16));
 
+  const void* kraw[kTile];
+  const void* vraw[kTile];
+  const uint8_t* kexp[kTile];
+  const uint8_t* vexp[kTile];
   const float* kp[kTile];
   const float* vp[kTile];
+  const CacheRows<CT> kd{kraw, kexp, masks.data()}, vd{vraw, vexp, masks.data()};
+  const F32Rows kw{kp}, vw{vp};
+  const uint8_t* zero_exp = reinterpret_cast<const uint8_t*>(zero);
   const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
   constexpr int64_t esz = dtype_size(CT);
   const int64_t row_bytes = D * esz;
@@ -247,26 +317,32 @@ void task(const DecodeArgs& a, const DecodePlan& p, float* ws, int64_t t) {
     }
     uint32_t valid = 0;
     for (int64_t i = 0; i < kTile; ++i) {
-      kp[i] = vp[i] = zero;
+      kraw[i] = vraw[i] = kp[i] = vp[i] = zero;
+      kexp[i] = vexp[i] = zero_exp;
       if (i >= n) continue;
       const RowLoc loc = locate(c, k.b, j + i);
       if (loc.i0 < 0) continue;
       valid |= 1u << i;
       const int64_t off = loc.i0 * c.stride0 + loc.i1 * c.stride1 + k.kvh * c.stride2;
-      if (in_place) {
-        kp[i] = static_cast<const float*>(a.k) + off;
-        vp[i] = static_cast<const float*>(a.v) + off;
-        continue;
-      }
       const int64_t eoff =
           loc.i0 * c.exp_stride0 + loc.i1 * c.exp_stride1 + k.kvh * c.exp_stride2;
+      if (direct) {
+        kraw[i] = static_cast<const char*>(a.k) + off * esz;
+        vraw[i] = static_cast<const char*>(a.v) + off * esz;
+        if (CT == kMxint8) {
+          kexp[i] = a.k_exp + eoff;
+          vexp[i] = a.v_exp + eoff;
+        }
+        continue;
+      }
       widen_row<CT>(a.k, a.k_exp, off, eoff, D, nd, kt + i * d16);
       widen_row<CT>(a.v, a.v_exp, off, eoff, D, nd, vt + i * d16);
       kp[i] = kt + i * d16;
       vp[i] = vt + i * d16;
     }
     if (!valid) continue;
-    scores_rows(q, R, d16, kp, n, S);
+    if (direct) scores_rows(q, R, d16, kd, n, S);
+    else scores_rows(q, R, d16, kw, n, S);
     bool hidden = false;  // some valid row of the tile hidden from some query row
     for (int64_t r = 0; r < R; ++r) {
       const int64_t see = lim[static_cast<size_t>(r)] - j;
@@ -294,10 +370,13 @@ void task(const DecodeArgs& a, const DecodePlan& p, float* ws, int64_t t) {
       l[r] += _mm512_reduce_add_ps(pv);
       _mm512_storeu_ps(S + 16 * r, pv);
     }
-    if (hidden)
-      pv_rows<true>(S, R, vp, n, O, d16);
-    else
-      pv_rows<false>(S, R, vp, n, O, d16);
+    if (direct) {
+      if (hidden) pv_rows<true>(S, R, vd, n, O, d16);
+      else pv_rows<false>(S, R, vd, n, O, d16);
+    } else {
+      if (hidden) pv_rows<true>(S, R, vw, n, O, d16);
+      else pv_rows<false>(S, R, vw, n, O, d16);
+    }
   }
 
   float* out = task_out(a, p, ws, t);
