@@ -116,3 +116,30 @@ def test_decode_attention_row_independent_of_query_count(dtype, threads):
         torch.set_num_threads(before)
     assert torch.equal(one[:, 0], many[:, -1])
     assert torch.equal(lse_one[..., 0], lse_many[..., -1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_decode_attention_merge_and_append_in_chunks(dtype):
+    """A GQA verify step over many sequences at 2 threads: the split merge (rows x head_dim
+    small enough to hand groups to the helper threads in chunks) and the cache write of
+    many rows, against the reference."""
+    need_kernel_dtype(torch.device("cpu"), dtype)
+    b, hkv, g, d, lq, cap = 8, 8, 4, 64, 5, 90
+    lengths = mixed_lengths(b, cap, lq)
+    kc, vc = float_cache(b, cap, hkv, d, dtype, lengths)
+    q = randn((b, lq, hkv * g, d), dtype)
+    k_new, v_new = randn((b, 40, hkv, d), dtype), randn((b, 40, hkv, d), dtype)
+    start = torch.zeros(b, dtype=torch.int32)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        kw, vw = kc.clone(), vc.clone()
+        ops.kv_cache_append(kw, vw, k_new, v_new, start)
+        out, lse = ops.decode_attention(q, kc, vc, seqlens, return_lse=True)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(kw[:, :40], k_new) and torch.equal(vw[:, :40], v_new)
+    for after, was in ((kw, kc), (vw, vc)):  # the rest untouched (NaN poison included)
+        torch.testing.assert_close(after[:, 40:], was[:, 40:], rtol=0, atol=0, equal_nan=True)
+    check_decode(out, lse, q, kc, vc, seqlens, None, what=f"lengths {lengths}")

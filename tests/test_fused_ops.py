@@ -286,3 +286,43 @@ def test_fused_decode_step_compiles_to_one_graph():
             got += [m(ids[:, i:i + 1], cache=cache) for i in range(9, 12)]
     torch.testing.assert_close(torch.cat(got, 1), torch.cat(want, 1), rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_row_chunks_on_helper_threads(dtype):
+    """Sizes that span several parallel chunks (the per-token ops hand rows to the helper
+    threads of common/parallel.h, not to OpenMP): right at 2 threads, and the same bits as
+    at 1 (each row is computed alone)."""
+    x, d = randn((300, 1025), dtype), randn((300, 1025), dtype)
+    w = randn((1025,), dtype)
+    g, u = 4 * randn((3, 100_003), dtype), randn((3, 100_003), dtype)
+    b, t, h, hd = 4, 300, 5, 64
+    q, k = randn((b, t, h, hd), dtype), randn((b, t, 1, hd), dtype)
+    pos = torch.randint(0, 4000, (b, t)).float()
+    freqs = pos.unsqueeze(-1) / 10000 ** (torch.arange(0, hd, 2).float() / hd)
+    emb = torch.cat((freqs, freqs), -1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def run():
+        qq, kk = q.clone(), k.clone()
+        fused.rope_(qq, kk, cos, sin)
+        return (fused.rms_norm(x, w, 1e-5), *fused.add_rms_norm(x, d, w, 1e-6),
+                fused.silu_mul(g, u), qq, kk)
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        two = run()
+    finally:
+        torch.set_num_threads(before)
+    for a, c in zip(one, two, strict=True):
+        assert torch.equal(a, c)
+    _close(two[0], ref.rms_norm(x, w, 1e-5), dtype, "rms_norm")
+    _close(two[2], ref.add_rms_norm(x, d, w, 1e-6)[1], dtype, "add_rms_norm")
+    _close(two[3], ref.silu_mul(g, u), dtype, "silu_mul")
+    q_ref, k_ref = q.clone(), k.clone()
+    ref.rope_(q_ref, k_ref, cos, sin)
+    _close(two[4], q_ref, dtype, "rope q")
+    _close(two[5], k_ref, dtype, "rope k")

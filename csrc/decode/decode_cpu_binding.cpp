@@ -1,6 +1,8 @@
 // Torch binding of the CPU decode kernels (decode_cpu.h): checks, layout, threads. All the
-// arithmetic is in the framework-free kernels; threads come from at::parallel_for, so
-// torch.set_num_threads is respected.
+// arithmetic is in the framework-free kernels; threads come from the per-token ops' helper
+// pool (common/parallel.h: torch.get_num_threads() threads, no OpenMP region whose
+// spinning workers would take a core from the next GEMV), so torch.set_num_threads is
+// respected.
 //
 // decode_attention trusts cache_seqlens / block_table values only as far as the kernel's
 // own clamping goes (lengths clamped to the capacity, out-of-range pages read as empty):
@@ -172,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(
   float* lsep = lse.data_ptr<float>();
   const int64_t merge_grain =
       std::max<int64_t>(1, 4096 / std::max<int64_t>(1, plan.rows * D * plan.splits));
-  at::parallel_for(0, plan.groups, merge_grain, [&](int64_t g0, int64_t g1) {
+  parallel_chunks(plan.groups, merge_grain, [&](int64_t g0, int64_t g1) {
     cpu::decode_attention_merge(a, plan, wsp, outp, lsep, g0, g1);
   });
   return {out, lse};
@@ -237,7 +239,7 @@ void kv_cache_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, c
     a.batch = B;
     a.new_tokens = T;
     a.start_pos = spp;
-    at::parallel_for(0, B * T, grain, [&](int64_t r0, int64_t r1) {
+    parallel_chunks(B * T, grain, [&](int64_t r0, int64_t r1) {
       cpu::kv_cache_append_rows(a, r0, r1);
     });
   }

@@ -8,6 +8,7 @@
 #include <algorithm>
 
 #include "common/check.h"
+#include "common/parallel.h"
 #include "fused/fused_cpu.h"
 
 namespace llmcore {
@@ -15,7 +16,9 @@ namespace {
 
 namespace cpu = fused::cpu;
 
-// Elements per parallel task, so a decode step's rows stay on one thread.
+// Elements per parallel task, so a decode step's rows stay on one thread. Tasks go to the
+// per-token ops' own helper threads (common/parallel.h), never to an OpenMP region: after
+// one, libgomp's workers spin for a while and take the core a GEMV's helper needs.
 constexpr int64_t kGrainElems = int64_t{1} << 16;
 
 int64_t grain_rows(int64_t row_elems) {
@@ -58,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor> norm_impl(const at::Tensor& x, const at::Tens
   const void* wp = wc.data_ptr();
   void* yp = y.data_ptr();
   const float e = static_cast<float>(eps);
-  at::parallel_for(0, rows, grain_rows(n), [&](int64_t r0, int64_t r1) {
+  parallel_chunks(rows, grain_rows(n), [&](int64_t r0, int64_t r1) {
     cpu::rms_norm_rows(xp, dp, wp, sp, yp, t, n, e, r0, r1);
   });
   return {sum, y};
@@ -93,7 +96,7 @@ void rope_one(const at::Tensor& x, const char* name, const at::Tensor& c, const 
   void* xp = x.data_ptr();
   const DType t = to_dtype(x.scalar_type());
   const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2);
-  at::parallel_for(0, B * T, grain_rows(H * D), [&](int64_t r0, int64_t r1) {
+  parallel_chunks(B * T, grain_rows(H * D), [&](int64_t r0, int64_t r1) {
     cpu::rope_rows(xp, T, s0, s1, s2, H, D, cp, sp, t, r0, r1);
   });
 }
@@ -122,7 +125,7 @@ at::Tensor silu_mul_cpu(const at::Tensor& gate, const at::Tensor& up) {
   const void* upp = uc.data_ptr();
   void* yp = y.data_ptr();
   const DType t = to_dtype(gate.scalar_type());
-  at::parallel_for(0, n, kGrainElems, [&](int64_t i0, int64_t i1) {
+  parallel_chunks(n, kGrainElems, [&](int64_t i0, int64_t i1) {
     cpu::silu_mul(gp, upp, yp, t, i0, i1);
   });
   return y;
