@@ -6,8 +6,9 @@ of assisted generation) against one single-token step, at the same context.
 
 Loads CHECKPOINT with ``Transformer.from_pretrained(quantize=FORMAT)`` (``none``: as
 stored), fills a KV cache with a 128-token prompt, then per round and thread count times
-12 single-token steps and 4 steps of T tokens, each rolled back to the prompt; prints the
-medians and their ratio. ``llmcore bench vs-llamacpp`` leaves its checkpoints (110M, 1B)
+single-token steps and steps of T tokens alternated, each rolled back to the prompt
+(``decode_overhead.verify_ratio``, ``--reps`` pairs); prints the medians over rounds and
+their ratio. ``llmcore bench vs-llamacpp`` leaves its checkpoints (110M, 1B)
 in ``<tmp>/llmcore-vs-llamacpp/``.
 """
 
@@ -16,32 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
+from decode_overhead import verify_ratio
 
 from llmcore.models import Transformer
 
 PROMPT = 128
-
-
-@torch.inference_mode()
-def measure(model, cache, ids, tokens: int) -> tuple[float, float]:
-    cache.reset()
-    model(ids, cache=cache, prefill=True, logits_to_keep=1)
-    n = cache.lengths[0]
-    tok = ids[:, -1:]
-    model(tok, cache=cache)
-    t0 = time.perf_counter()
-    for _ in range(12):
-        model(tok, cache=cache)
-    step = (time.perf_counter() - t0) / 12
-    cache.rollback(n)
-    t0 = time.perf_counter()
-    for _ in range(4):
-        model(ids[:, :tokens], cache=cache)
-        cache.rollback(n)
-    return step * 1e3, (time.perf_counter() - t0) / 4 * 1e3
 
 
 def main() -> None:
@@ -51,6 +33,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=5)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=8)
     ap.add_argument("--storage", default="float16")
     ap.add_argument("--out")
     a = ap.parse_args()
@@ -59,18 +42,18 @@ def main() -> None:
     cache = model.new_cache(1, PROMPT + 16 + a.tokens, storage=a.storage)
     ids = torch.randint(0, model.config.vocab_size, (1, PROMPT),
                         generator=torch.Generator().manual_seed(0))
-    times: dict[int, list[tuple[float, float]]] = {t: [] for t in a.threads}
+    key = f"verify_{a.tokens}_ms"
+    runs: dict[int, list[dict]] = {t: [] for t in a.threads}
     for _ in range(a.rounds):
         for t in a.threads:
             torch.set_num_threads(t)
-            times[t].append(measure(model, cache, ids, a.tokens))
+            runs[t].append(verify_ratio(model, cache, ids, a.tokens, reps=a.reps))
     res = {"checkpoint": a.checkpoint, "format": a.format, "tokens": a.tokens,
            "storage": a.storage, "threads": {}}
-    for t, v in times.items():
-        step = statistics.median(x[0] for x in v)
-        ver = statistics.median(x[1] for x in v)
-        res["threads"][str(t)] = {"step_ms": step, f"verify_{a.tokens}_ms": ver,
-                                  "ratio": ver / step, "runs_ms": v}
+    for t, v in runs.items():
+        step = statistics.median(x["step_ms"] for x in v)
+        ver = statistics.median(x[key] for x in v)
+        res["threads"][str(t)] = {"step_ms": step, key: ver, "ratio": ver / step, "runs": v}
         print(f"threads {t}: step {step:.1f} ms, {a.tokens} tokens {ver:.1f} ms, "
               f"ratio {ver / step:.2f}")
     if a.out:

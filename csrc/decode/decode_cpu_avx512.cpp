@@ -370,13 +370,12 @@ void task(const DecodeArgs& a, const DecodePlan& p, float* ws, int64_t t) {
       l[r] += _mm512_reduce_add_ps(pv);
       _mm512_storeu_ps(S + 16 * r, pv);
     }
-    if (direct) {
-      if (hidden) pv_rows<true>(S, R, vd, n, O, d16);
-      else pv_rows<false>(S, R, vd, n, O, d16);
-    } else {
-      if (hidden) pv_rows<true>(S, R, vw, n, O, d16);
-      else pv_rows<false>(S, R, vw, n, O, d16);
-    }
+    const auto accumulate = [&](const auto& ld) {
+      if (hidden) pv_rows<true>(S, R, ld, n, O, d16);
+      else pv_rows<false>(S, R, ld, n, O, d16);
+    };
+    if (direct) accumulate(vd);
+    else accumulate(vw);
   }
 
   float* out = task_out(a, p, ws, t);
