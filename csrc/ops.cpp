@@ -55,6 +55,11 @@ TORCH_LIBRARY(llmcore, m) {
         " -> (Tensor tiles, Tensor tile_exponent)");
   m.def("bfp_tiles_unpack(Tensor tiles, Tensor tile_exponent, int mantissa_bits,"
         " int block_size) -> (Tensor mantissa, Tensor exponent)");
+  // Embedding lookup, CPU: rows ids (int64/int32, any shape, each in [0, N): else
+  // IndexError) of a BFP table [N, k] in either layout (mantissa 2-D plain, 3-D tiles),
+  // dequantised -> [*ids.shape, k] of dtype; the same values as bfp_dequantize of the rows.
+  m.def("bfp_embedding(Tensor mantissa, Tensor exponent, Tensor ids, int mantissa_bits,"
+        " int block_size, int k, ScalarType dtype) -> Tensor");
 
   // ---- dense decode GEMV (csrc/dense) -------------------------------------------------------
   // y = x @ weight^T (+ bias) for x [..., K] of M = prod(leading dims) <= 16 rows, weight

@@ -189,6 +189,11 @@ void tiles_unpack(const uint8_t* tmant, const uint8_t* texp, int64_t K, int bits
                   int64_t mant_stride, uint8_t* exp, int64_t exp_stride, int64_t t_begin,
                   int64_t t_end);
 
+// Row `row` of a tiled weight in the plain layout: mant (mantissa_cols(K, bits) bytes) and
+// exp (K / 32 bytes); an embedding lookup from a table shared with a tiled head.
+void tiles_row(const uint8_t* tmant, const uint8_t* texp, int64_t K, int bits, int64_t row,
+               uint8_t* mant, uint8_t* exp);
+
 // gemv_q8 for a weight in the tile layout, planned with gemv_q8_plan_tiles (p.tiles true):
 // output columns [n_begin, n_end), multiples of 16.
 void gemv_q8_tiles(const GemvQ8Plan& p, const int8_t* xq, const int32_t* corr, const float* xs,

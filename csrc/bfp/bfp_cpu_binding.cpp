@@ -260,6 +260,61 @@ at::Tensor bfp_dequantize_cpu(const at::Tensor& mantissa, const at::Tensor& expo
   return out;
 }
 
+// Rows ids of a BFP table (plain [N, cols] / [N, k/32], or tiled [N/16, k/32, 16 bb] /
+// [N/16, k/32, 16]), dequantised: [*ids.shape, k] of dtype. A decode step looks up a handful
+// of ids: no OpenMP region (its spinning workers would take the next GEMV's helper core).
+at::Tensor bfp_embedding_cpu(const at::Tensor& mantissa, const at::Tensor& exponent,
+                             const at::Tensor& ids, int64_t mantissa_bits, int64_t block_size,
+                             int64_t k, at::ScalarType dtype) {
+  check_format(mantissa_bits, block_size, "mantissa_bits");
+  LLMCORE_CHECK(k >= 1, "k must be >= 1, got ", k);
+  LLMCORE_CHECK(is_float_dtype(dtype), "dtype must be float32, bfloat16 or float16, got ", dtype);
+  LLMCORE_CHECK(ids.device().is_cpu(), "ids must be on cpu, got ", ids.device());
+  LLMCORE_CHECK(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
+                "ids must have dtype int64 or int32, got ", ids.scalar_type());
+  const bool tiled = mantissa.dim() == 3;
+  int64_t rows;
+  if (tiled) {
+    rows = check_tiles(mantissa, exponent, mantissa_bits, block_size, k, "mantissa", "exponent");
+  } else {
+    CHECK_DIM(mantissa, 2);
+    check_bfp_operand(mantissa, exponent, mantissa_bits, block_size, k, "mantissa", "exponent");
+    rows = mantissa.size(0);
+  }
+  std::vector<int64_t> oshape(ids.sizes().begin(), ids.sizes().end());
+  oshape.push_back(k);
+  at::Tensor out = at::empty(oshape, mantissa.options().dtype(dtype));
+  const int64_t n = ids.numel();
+  if (n == 0) return out;
+  const at::Tensor idc = ids.to(at::kLong).contiguous();
+  const int64_t* idp = idc.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK_INDEX(idp[i] >= 0 && idp[i] < rows, "ids must lie in [0, ", rows,
+                      ") (the table's rows), got ", idp[i]);
+  const at::Tensor mc = mantissa.contiguous(), ec = exponent.contiguous();
+  const int bits = static_cast<int>(mantissa_bits), block = static_cast<int>(block_size);
+  const auto* mp = static_cast<const uint8_t*>(mc.data_ptr());
+  const auto* ep = ec.data_ptr<uint8_t>();
+  const int64_t mcols = cpu::mantissa_cols(k, bits), ecols = cpu::exponent_cols(k, block);
+  const int64_t osize = out.element_size() * k;
+  auto* op = static_cast<char*>(out.data_ptr());
+  const DType ot = to_dtype(dtype);
+  parallel_chunks(n, grain_rows(k), [&](int64_t i0, int64_t i1) {
+    std::vector<uint8_t> row(tiled ? static_cast<size_t>(mcols + ecols) : 0);
+    for (int64_t i = i0; i < i1; ++i) {
+      const uint8_t* m = mp + idp[i] * mcols;
+      const uint8_t* e = ep + idp[i] * ecols;
+      if (tiled) {
+        cpu::tiles_row(mp, ep, k, bits, idp[i], row.data(), row.data() + mcols);
+        m = row.data();
+        e = row.data() + mcols;
+      }
+      cpu::dequantize_rows(m, mcols, e, ecols, k, bits, block, op + i * osize, ot, k, 0, 1);
+    }
+  });
+  return out;
+}
+
 at::Tensor bfp_linear_cpu(const at::Tensor& x, const at::Tensor& w_mantissa,
                           const at::Tensor& w_exponent, int64_t mantissa_bits, int64_t block_size,
                           const std::optional<at::Tensor>& bias) {
@@ -662,4 +717,5 @@ TORCH_LIBRARY_IMPL(llmcore, CPU, m) {
   m.impl("bfp_act_linear_multi", &llmcore::bfp_act_linear_multi_cpu);
   m.impl("bfp_tiles_pack", &llmcore::bfp_tiles_pack_cpu);
   m.impl("bfp_tiles_unpack", &llmcore::bfp_tiles_unpack_cpu);
+  m.impl("bfp_embedding", &llmcore::bfp_embedding_cpu);
 }

@@ -683,26 +683,30 @@ bool tiles_supported(int64_t N, int64_t K, int bits, int block) {
 
 namespace {
 
-// One tile of the layout (tm, te) <-> its 16 plain rows (row 0 at m / e, strides in bytes);
-// Pack picks the direction. 4-byte groups move as one.
+// Column c of one tile of the layout (tm, te) <-> its plain row (row / erow); Pack picks the
+// direction. 4-byte groups move as one.
+template <bool Pack>
+void convert_column(uint8_t* row, uint8_t* erow, int64_t K, int bits, int c, uint8_t* tm,
+                    uint8_t* te) {
+  const int64_t nb = K / kBlock, bb = tile_block_bytes(bits), G = bb / 4;
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int64_t g = 0; g < G; ++g) {
+      uint8_t* packed = tm + ((b * G + g) * 16 + c) * 4;
+      uint8_t* plain = row + b * bb + 4 * g;
+      if (Pack) memcpy(packed, plain, 4);
+      else memcpy(plain, packed, 4);
+    }
+    if (Pack) te[b * 16 + c] = erow[b];
+    else erow[b] = te[b * 16 + c];
+  }
+}
+
+// One tile <-> its 16 plain rows (row 0 at m / e, strides in bytes).
 template <bool Pack>
 void convert_tile(uint8_t* m, int64_t m_stride, uint8_t* e, int64_t e_stride, int64_t K,
                   int bits, uint8_t* tm, uint8_t* te) {
-  const int64_t nb = K / kBlock, bb = tile_block_bytes(bits), G = bb / 4;
-  for (int c = 0; c < 16; ++c) {
-    uint8_t* row = m + c * m_stride;
-    uint8_t* erow = e + c * e_stride;
-    for (int64_t b = 0; b < nb; ++b) {
-      for (int64_t g = 0; g < G; ++g) {
-        uint8_t* packed = tm + ((b * G + g) * 16 + c) * 4;
-        uint8_t* plain = row + b * bb + 4 * g;
-        if (Pack) memcpy(packed, plain, 4);
-        else memcpy(plain, packed, 4);
-      }
-      if (Pack) te[b * 16 + c] = erow[b];
-      else erow[b] = te[b * 16 + c];
-    }
-  }
+  for (int c = 0; c < 16; ++c)
+    convert_column<Pack>(m + c * m_stride, e + c * e_stride, K, bits, c, tm, te);
 }
 
 // The AVX-512 step layout of one activation row (see gemv_q8_prepare in bfp_cpu.h).
@@ -852,6 +856,14 @@ void tiles_unpack(const uint8_t* tmant, const uint8_t* texp, int64_t K, int bits
   for (int64_t t = t_begin; t < t_end; ++t)
     convert_tile<false>(mant + 16 * t * mant_stride, mant_stride, exp + 16 * t * exp_stride,
                         exp_stride, K, bits, const_cast<uint8_t*>(tmant + t * tile_bytes),
+                        const_cast<uint8_t*>(texp + t * 16 * nb));
+}
+
+void tiles_row(const uint8_t* tmant, const uint8_t* texp, int64_t K, int bits, int64_t row,
+               uint8_t* mant, uint8_t* exp) {
+  const int64_t nb = K / kBlock, tile_bytes = 16 * nb * tile_block_bytes(bits), t = row / 16;
+  convert_column<false>(mant, exp, K, bits, static_cast<int>(row % 16),
+                        const_cast<uint8_t*>(tmant + t * tile_bytes),
                         const_cast<uint8_t*>(texp + t * 16 * nb));
 }
 

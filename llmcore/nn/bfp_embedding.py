@@ -76,27 +76,26 @@ class BFPEmbedding(nn.Module):
         return self.weight_mantissa.device
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids: [...] -> [..., dim]
+        f = self.format
+        if ids.device.type == "cpu" and _cpu_kernel("bfp_embedding", self.weight_dtype):
+            # The per-token path: one op gathers the rows from either layout and checks the
+            # ids (IndexError), with no OpenMP region for a handful of them.
+            return torch.ops.llmcore.bfp_embedding(self.weight_mantissa, self.weight_exponent,
+                                                   ids, f.mantissa_bits, f.block_size,
+                                                   self.embedding_dim, self.weight_dtype)
         flat = ids.reshape(-1)
-        if flat.device.type != "cpu" and not torch.compiler.is_compiling() and flat.numel() \
+        if not torch.compiler.is_compiling() and flat.numel() \
                 and bool(((flat < 0) | (flat >= self.num_embeddings)).any()):
             # (index_select raises IndexError on the CPU itself; elsewhere it would assert)
             raise IndexError(f"ids must lie in [0, {self.num_embeddings}) (the table's rows)")
         if _is_tiled(self):
-            if not torch.compiler.is_compiling() and flat.numel() \
-                    and bool(((flat < 0) | (flat >= self.num_embeddings)).any()):
-                raise IndexError(f"ids must lie in [0, {self.num_embeddings}) (the table's rows)")
-            m, e = tile_rows(self.weight_mantissa, self.weight_exponent, self.format,
+            m, e = tile_rows(self.weight_mantissa, self.weight_exponent, f,
                              self.embedding_dim, flat)
         else:
             m = self.weight_mantissa.index_select(0, flat)
             e = self.weight_exponent.index_select(0, flat)
-        if flat.device.type == "cpu" and _cpu_kernel("bfp_dequantize", self.weight_dtype):
-            f = self.format  # the per-token path: the op itself (its binding checks)
-            y = torch.ops.llmcore.bfp_dequantize(m, e, f.mantissa_bits, f.block_size,
-                                                 self.embedding_dim, self.weight_dtype)
-        else:
-            y = bfp_dequantize(BFPTensor(m, e, self.format, (flat.numel(), self.embedding_dim),
-                                         self.weight_dtype), self.weight_dtype)
+        y = bfp_dequantize(BFPTensor(m, e, f, (flat.numel(), self.embedding_dim),
+                                     self.weight_dtype), self.weight_dtype)
         return y.view(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:

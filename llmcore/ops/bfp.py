@@ -689,6 +689,12 @@ if _ext.available():
             t, nb, b = tiles.shape
             return tiles.new_empty((16 * t, nb * b // 16)), tile_exponent.new_empty((16 * t, nb))
 
+    if _ext.has_op("bfp_embedding"):
+
+        @torch.library.register_fake("llmcore::bfp_embedding")
+        def _(mantissa, exponent, ids, mantissa_bits, block_size, k, dtype):
+            return mantissa.new_empty((*ids.shape, k), dtype=dtype)
+
     @torch.library.register_fake("llmcore::bfp_gemm")
     def _(a_mantissa, a_exponent, b_mantissa, b_exponent, a_bits, b_bits, block_size, k, bias,
           out_dtype):

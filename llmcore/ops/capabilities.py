@@ -59,6 +59,7 @@ KERNELS = {
     # the GEMV tile layout of BFP weights (byte permutations: no float dtype involved)
     "bfp_tiles_pack": {"cpu": _ANY_FLOAT},
     "bfp_tiles_unpack": {"cpu": _ANY_FLOAT},
+    "bfp_embedding": {"cpu": _ANY_FLOAT},  # BFP table lookup, either layout
     "linear_gemv": {"cpu": _ANY_FLOAT},  # dense decode GEMV, M <= 16 rows
     # fused decoder-step ops (inference only)
     "rms_norm": {"cpu": _ANY_FLOAT},
