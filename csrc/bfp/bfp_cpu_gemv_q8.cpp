@@ -610,6 +610,32 @@ LLMCORE_AVX512_TARGET void gemv_tiles_avx512_t(const GemvQ8Plan& p, const uint8_
     });
   }
 }
+// The column-tile layout of one activation row (prepare_cols_row's definition), 32 bytes a
+// block: 4-bit weights take each 8-byte group's even elements then its odd ones (one
+// vpshufb), 8-bit ones the bytes as they are; the block's sum from vpsadbw on a ^ 0x80
+// (every one of the 32 lanes, zeros past K included, adds 128).
+LLMCORE_AVX512_TARGET void prepare_cols_row_avx512(int64_t K, int64_t nb, bool packed,
+                                                   const int8_t* ar, const uint8_t* er,
+                                                   int a_bits, uint8_t* xr, int32_t* cr,
+                                                   float* sr) {
+  const __m256i order = _mm256_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15,
+                                         0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t left = K - 32 * b;
+    const __mmask32 m = left >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << left) - 1u);
+    const __m256i v = _mm256_maskz_loadu_epi8(m, ar + 32 * b);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xr + 32 * b),
+                        packed ? _mm256_shuffle_epi8(v, order) : v);
+    const __m256i s4 = _mm256_sad_epu8(_mm256_xor_si256(v, flip), _mm256_setzero_si256());
+    const __m128i s2 = _mm_add_epi64(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
+    const int32_t sum = static_cast<int32_t>(_mm_cvtsi128_si64(s2) + _mm_extract_epi64(s2, 1)) -
+                        32 * 128;
+    cr[b] = (packed ? -8 : -128) * sum;
+    sr[b] = block_scale(er[b], a_bits);
+  }
+}
+
 #undef LLMCORE_AVX512_TARGET
 #pragma GCC diagnostic pop
 #endif  // __x86_64__
@@ -749,6 +775,12 @@ void prepare_cols_row(const GemvQ8Plan& p, const int8_t* ar, const uint8_t* er, 
                       uint8_t* xr, int32_t* cr, float* sr) {
   const bool packed = is_packed(p.w_bits);
   const int64_t K = p.K, nb = p.groups;
+#if defined(__x86_64__)
+  if (active_isa() == Isa::kAvx512) {  // as the kernels that read this layout
+    prepare_cols_row_avx512(K, nb, packed, ar, er, a_bits, xr, cr, sr);
+    return;
+  }
+#endif
   for (int64_t b = 0; b < nb; ++b) {
     int32_t sum = 0;
     for (int i = 0; i < 32; ++i) {
