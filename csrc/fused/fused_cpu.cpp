@@ -26,25 +26,41 @@ inline float round_to(float v) {
   return v;
 }
 
+// The sum of squares in kLanes partial sums (lane i % kLanes), added pairwise at the end:
+// a fixed order the compiler vectorises (one running sum would be a chain of n dependent
+// adds, 4 cycles each: 1.3 us a 768-wide row).
+constexpr int kLanes = 16;
+
+inline float lanes_sum(float* acc) {
+  for (int w = kLanes / 2; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) acc[i] += acc[i + w];
+  return acc[0];
+}
+
 template <DType T>
 void rms_norm_impl(const void* x, const void* delta, const void* weight, void* sum, void* y,
                    int64_t n, float eps, int64_t r0, int64_t r1) {
+  const int64_t body = n / kLanes * kLanes;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t o = r * n;
-    float ss = 0.0f;
+    float acc[kLanes] = {};
     if (delta != nullptr) {
       for (int64_t i = 0; i < n; ++i) {
         const float v = round_to<T>(load_float(x, T, o + i) + load_float(delta, T, o + i));
         store_float(sum, T, o + i, v);
-        ss += v * v;
-      }
-    } else {
-      for (int64_t i = 0; i < n; ++i) {
-        const float v = load_float(x, T, o + i);
-        ss += v * v;
       }
     }
     const void* src = delta != nullptr ? sum : x;
+    for (int64_t i = 0; i < body; i += kLanes)
+      for (int l = 0; l < kLanes; ++l) {
+        const float v = load_float(src, T, o + i + l);
+        acc[l] += v * v;
+      }
+    for (int64_t i = body; i < n; ++i) {
+      const float v = load_float(src, T, o + i);
+      acc[i - body] += v * v;
+    }
+    const float ss = lanes_sum(acc);
     const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
     for (int64_t i = 0; i < n; ++i) {
       const float v = round_to<T>(load_float(src, T, o + i) * inv);
