@@ -77,7 +77,8 @@ class BFPEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids: [...] -> [..., dim]
         f = self.format
-        if ids.device.type == "cpu" and _cpu_kernel("bfp_embedding", self.weight_dtype):
+        if (ids.device.type == "cpu" and self.weight_mantissa.device.type == "cpu"
+                and _cpu_kernel("bfp_embedding", self.weight_dtype)):
             # The per-token path: one op gathers the rows from either layout and checks the
             # ids (IndexError), with no OpenMP region for a handful of them.
             return torch.ops.llmcore.bfp_embedding(self.weight_mantissa, self.weight_exponent,
