@@ -280,10 +280,18 @@ void task(const DecodeArgs& a, const DecodePlan& p, float* ws, int64_t t) {
   for (int64_t cc = 0; cc < nd; ++cc) masks[static_cast<size_t>(cc)] = tail_mask(D - 16 * cc);
 
   const DType qt = a.q_type;
+  const float scale = a.scale;  // a local: the stores into q could alias `a`
   for (int64_t r = 0; r < R; ++r) {
     const int64_t qo = q_offset(a, p, k.b, k.kvh, r);
-    for (int64_t i = 0; i < d16; ++i)
-      q[r * d16 + i] = i < D ? load_float(a.q, qt, qo + i) * a.scale : 0.0f;
+    float* qr = q + r * d16;
+    switch (qt) {  // one loop per dtype, which the compiler vectorises
+      case DType::kFloat32:
+        for (int64_t i = 0; i < D; ++i) qr[i] = static_cast<const float*>(a.q)[qo + i] * scale;
+        break;
+      default:
+        for (int64_t i = 0; i < D; ++i) qr[i] = load_float(a.q, qt, qo + i) * scale;
+    }
+    for (int64_t i = D; i < d16; ++i) qr[i] = 0.0f;
     m[r] = -INFINITY;
     l[r] = 0.0f;
     lim[static_cast<size_t>(r)] = k.length - a.q_len + r / p.group + 1;

@@ -90,52 +90,84 @@ void rope_impl(void* x, int64_t seq, int64_t s0, int64_t s1, int64_t s2, int64_t
   }
 }
 
-// g / (1 + e^-g) over n floats in place. AVX-512 when the CPU has it (a Cephes-style exp:
-// x = n ln2 + r, a degree-6 polynomial for e^r, scaled by 2^n; within 2 ulp of e^x), else
-// std::exp: torch's silu is vectorised too, and a scalar exp would make this op slower
-// than the chain it replaces.
+// silu(g) = g / (1 + e^-g). AVX-512 when the CPU has it (a Cephes-style exp: x = n ln2 + r,
+// a degree-6 polynomial for e^r, scaled by 2^n; within 2 ulp of e^x), else std::exp: torch's
+// silu is vectorised too, and a scalar exp would make this op slower than the chain it
+// replaces.
 #if defined(__x86_64__)
+// 16 lanes of silu.
+__attribute__((target("avx512f"))) inline __m512 silu16(__m512 v) {
+  __m512 x = _mm512_sub_ps(_mm512_setzero_ps(), v);
+  x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512 e = _mm512_scalef_ps(p, k);
+  return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+}
+
+// g = silu(g) over n floats in place (the 16-bit dtypes' staging buffer).
 __attribute__((target("avx512f"))) void sigmoid_mul_avx512(float* g, int64_t n) {
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 m = n - j >= 16 ? static_cast<__mmask16>(0xffff)
                                     : static_cast<__mmask16>((1u << (n - j)) - 1u);
-    const __m512 v = _mm512_maskz_loadu_ps(m, g + j);
-    __m512 x = _mm512_sub_ps(_mm512_setzero_ps(), v);
-    x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
-    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    const __m512 e = _mm512_scalef_ps(p, k);
-    _mm512_mask_storeu_ps(g + j, m, _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
+    _mm512_mask_storeu_ps(g + j, m, silu16(_mm512_maskz_loadu_ps(m, g + j)));
+  }
+}
+
+// y = silu(g) * u over fp32 [i0, i1) in one pass: the same values as the staged path.
+__attribute__((target("avx512f"))) void silu_mul_f32_avx512(const float* g, const float* u,
+                                                            float* y, int64_t i0, int64_t i1) {
+  for (int64_t j = i0; j < i1; j += 16) {
+    const __mmask16 m = i1 - j >= 16 ? static_cast<__mmask16>(0xffff)
+                                     : static_cast<__mmask16>((1u << (i1 - j)) - 1u);
+    const __m512 s = silu16(_mm512_maskz_loadu_ps(m, g + j));
+    _mm512_mask_storeu_ps(y + j, m, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, u + j)));
   }
 }
 #endif
 
-void sigmoid_mul(float* g, int64_t n) {
+bool avx512_silu() {
 #if defined(__x86_64__)
-  if (cpu_features().avx512f && isa_limit() == Isa::kAvx512) return sigmoid_mul_avx512(g, n);
+  return cpu_features().avx512f && isa_limit() == Isa::kAvx512;
+#else
+  return false;
+#endif
+}
+
+void sigmoid_mul(float* g, int64_t n, bool avx512) {
+#if defined(__x86_64__)
+  if (avx512) return sigmoid_mul_avx512(g, n);
 #endif
   for (int64_t j = 0; j < n; ++j) g[j] = g[j] / (1.0f + std::exp(-g[j]));
 }
 
-// Chunks of kChunk: widen, silu in fp32, then round and multiply.
+// Chunks of kChunk: widen, silu in fp32, then round and multiply (fp32 on AVX-512: one pass).
 constexpr int64_t kChunk = 256;
 
 template <DType T>
 void silu_mul_impl(const void* gate, const void* up, void* y, int64_t i0, int64_t i1) {
+  const bool avx512 = avx512_silu();  // once per call: LLMCORE_CPU_ISA is an environment read
+#if defined(__x86_64__)
+  if (T == DType::kFloat32 && avx512) {
+    silu_mul_f32_avx512(static_cast<const float*>(gate), static_cast<const float*>(up),
+                        static_cast<float*>(y), i0, i1);
+    return;
+  }
+#endif
   float g[kChunk];
   for (int64_t c0 = i0; c0 < i1; c0 += kChunk) {
     const int64_t n = i1 - c0 < kChunk ? i1 - c0 : kChunk;
     for (int64_t j = 0; j < n; ++j) g[j] = load_float(gate, T, c0 + j);
-    sigmoid_mul(g, n);
+    sigmoid_mul(g, n, avx512);
     for (int64_t j = 0; j < n; ++j)
       store_float(y, T, c0 + j, round_to<T>(g[j]) * load_float(up, T, c0 + j));
   }
