@@ -6,8 +6,8 @@
 //            (or V) tile, one broadcast per row, 24 FMAs into 24 accumulators.
 // axpy_tile  C += A B, 6 rows x 64 columns of C per block held in registers while the
 //            k products stream (a broadcast of A, 4 loads of B, 24 FMAs per k).
-// exp        Cephes-style expf: n = round(x log2 e), r = x - n ln2 (two-part ln2), a
-//            degree-5 polynomial, times 2^n built in the exponent field; ~1 ulp.
+// exp        Cephes-style expf (common/exp_avx512.h): n = round(x log2 e), r = x - n ln2
+//            (two-part ln2), a degree-6 polynomial, times 2^n by vscalefps; within 2 ulp.
 #include "attention/attention_cpu_internal.h"
 
 #if defined(__x86_64__)
@@ -16,6 +16,8 @@
 #include <math.h>
 
 #include <algorithm>
+
+#include "common/exp_avx512.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,fma")
@@ -138,24 +140,7 @@ void axpy_tile(const float* a, int64_t a_rs, int64_t a_cs, int64_t m, int64_t k,
   }
 }
 
-// NaN stays NaN: max/min return their second operand when either is NaN.
-inline __m512 exp512(__m512 x) {
-  x = _mm512_min_ps(_mm512_set1_ps(88.3762626f), _mm512_max_ps(_mm512_set1_ps(-87.336544f), x));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  const __m512i e = _mm512_slli_epi32(
-      _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
-}
+inline __m512 exp512(__m512 x) { return exp_avx512(x); }  // common/exp_avx512.h
 
 float dot_row(const void* a, const void* b, DType t, int64_t n) {
   float acc = 0.0f;

@@ -10,6 +10,7 @@
 #endif
 
 #include "common/cpu_isa.h"
+#include "common/exp_avx512.h"
 #include "common/half_convert.h"
 
 
@@ -90,27 +91,13 @@ void rope_impl(void* x, int64_t seq, int64_t s0, int64_t s1, int64_t s2, int64_t
   }
 }
 
-// silu(g) = g / (1 + e^-g). AVX-512 when the CPU has it (a Cephes-style exp: x = n ln2 + r,
-// a degree-6 polynomial for e^r, scaled by 2^n; within 2 ulp of e^x), else std::exp: torch's
-// silu is vectorised too, and a scalar exp would make this op slower than the chain it
-// replaces.
+// silu(g) = g / (1 + e^-g). AVX-512 when the CPU has it (common/exp_avx512.h), else
+// std::exp: torch's silu is vectorised too, and a scalar exp would make this op slower than
+// the chain it replaces.
 #if defined(__x86_64__)
 // 16 lanes of silu.
 __attribute__((target("avx512f"))) inline __m512 silu16(__m512 v) {
-  __m512 x = _mm512_sub_ps(_mm512_setzero_ps(), v);
-  x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
-  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  const __m512 e = _mm512_scalef_ps(p, k);
+  const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), v));
   return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
 }
 
