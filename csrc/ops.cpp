@@ -103,6 +103,10 @@ TORCH_LIBRARY(llmcore, m) {
   m.def("rope_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin) -> ()");
   // silu(gate) * up, same shape and dtype.
   m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
+  // Greedy decoding's pick: int64 [...] = the index of the largest of x[..., V] along its
+  // last axis (V >= 1), the first one on ties and the first NaN if there is one, as
+  // torch.argmax(x, -1); float32/bf16/fp16, any strides.
+  m.def("argmax_last(Tensor x) -> Tensor");
 
   // ---- KV-cached decoding (csrc/decode) ----------------------------------------------------
   // q [B, Lq, H, D] (Lq new tokens per sequence, 1..16), cache_seqlens int32 [B] = valid

@@ -326,3 +326,48 @@ def test_row_chunks_on_helper_threads(dtype):
     ref.rope_(q_ref, k_ref, cos, sin)
     _close(two[4], q_ref, dtype, "rope q")
     _close(two[5], k_ref, dtype, "rope k")
+
+
+# ---- greedy decoding's argmax ----------------------------------------------------------------
+@pytest.mark.parametrize("isa", ["avx512", "scalar"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("n", [1, 7, 16, 17, 1000, 32000])
+def test_argmax_matches_torch(dtype, n, isa, monkeypatch):
+    """The index of torch.argmax(x, -1) for every row: random rows, rows whose maximum
+    appears twice (the first wins), NaNs (the first NaN wins), +-inf, and a
+    non-contiguous view."""
+    monkeypatch.setenv("LLMCORE_CPU_ISA", isa)
+    x = randn((6, n), dtype)
+    if n > 1:
+        x[1, n // 3] = x[1, n - 1] = 50.0  # a tie: the first
+        x[2, n - 1] = float("nan")
+        x[2, n // 2] = float("nan")  # two NaNs: the first
+        x[3, :] = float("-inf")  # all -inf: index 0
+        x[4, n - 1] = float("inf")
+        x[5] = x[5].round()  # many equal values
+    want = x.argmax(-1)
+    got = fused.argmax(x)
+    assert got.dtype == torch.int64 and got.shape == (6,)
+    assert torch.equal(got, want), (got, want)
+    xt = randn((n, 3, 2), dtype).transpose(0, 2)  # [2, 3, n], strided
+    assert torch.equal(torch.ops.llmcore.argmax_last(xt), xt.argmax(-1))
+
+
+def test_argmax_shapes_errors_and_threads():
+    x = randn((2, 5, 33))
+    assert torch.equal(torch.ops.llmcore.argmax_last(x), x.argmax(-1))
+    assert torch.ops.llmcore.argmax_last(torch.zeros(0, 9)).shape == (0,)
+    assert torch.ops.llmcore.argmax_last(torch.tensor([3.0, 9.0, 1.0])).item() == 1
+    with pytest.raises(ValueError, match="non-empty last axis"):
+        torch.ops.llmcore.argmax_last(torch.zeros(3, 0))
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        torch.ops.llmcore.argmax_last(torch.zeros(3, 4, dtype=torch.int32))
+    big = randn((300, 4096))  # several of the helper threads' chunks
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.equal(torch.ops.llmcore.argmax_last(big), big.argmax(-1))
+    finally:
+        torch.set_num_threads(before)
+    torch.library.opcheck(torch.ops.llmcore.argmax_last, (randn((2, 40)),))
+    assert torch.equal(fused.argmax(torch.tensor([[1, 5, 2]])), torch.tensor([1]))  # ints: torch

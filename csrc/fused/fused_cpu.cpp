@@ -160,7 +160,88 @@ void silu_mul_impl(const void* gate, const void* up, void* y, int64_t i0, int64_
   }
 }
 
+// One row's argmax (the header's rule). AVX-512, fp32: a pass for the maximum (a NaN, being
+// unordered, is seen as one), then one for its first index; 16-bit rows are widened 16 at a
+// time. The scalar loop is the definition.
+template <DType T>
+int64_t argmax_scalar(const void* x, int64_t o, int64_t n) {
+  int64_t best = 0;
+  float bv = load_float(x, T, o);
+  if (std::isnan(bv)) return 0;
+  for (int64_t i = 1; i < n; ++i) {
+    const float v = load_float(x, T, o + i);
+    if (std::isnan(v)) return i;
+    if (v > bv) {
+      bv = v;
+      best = i;
+    }
+  }
+  return best;
+}
+
+#if defined(__x86_64__)
+// GCC 12's AVX-512 intrinsics start from _mm512_undefined_*(), which -Wall reports as
+// maybe-uninitialised once inlined through a target attribute.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+template <DType T>
+__attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) inline __m512 load16_as_f32(
+    const void* x, int64_t i, __mmask16 m) {
+  if constexpr (T == DType::kFloat32) {
+    return _mm512_maskz_loadu_ps(m, static_cast<const float*>(x) + i);
+  } else {
+    const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(x) + i);
+    if constexpr (T == DType::kFloat16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+
+template <DType T>
+__attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) int64_t argmax_avx512(
+    const void* x, int64_t o, int64_t n) {
+  const __m512 lowest = _mm512_set1_ps(-INFINITY);
+  __m512 mx = lowest;
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xffff)
+                                    : static_cast<__mmask16>((1u << (n - i)) - 1u);
+    const __m512 v = _mm512_mask_mov_ps(lowest, m, load16_as_f32<T>(x, o + i, m));
+    if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)) return argmax_scalar<T>(x, o, n);  // a NaN
+    mx = _mm512_max_ps(mx, v);
+  }
+  const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xffff)
+                                    : static_cast<__mmask16>((1u << (n - i)) - 1u);
+    const __mmask16 hit = _mm512_mask_cmp_ps_mask(m, load16_as_f32<T>(x, o + i, m), top, _CMP_EQ_OQ);
+    if (hit) return i + __builtin_ctz(hit);
+  }
+  return 0;  // unreachable: the maximum is one of the values
+}
+#pragma GCC diagnostic pop
+#endif
+
+template <DType T>
+void argmax_impl(const void* x, int64_t n, int64_t* out, int64_t r0, int64_t r1) {
+#if defined(__x86_64__)
+  const CpuFeatures& f = cpu_features();
+  if (f.avx512f && f.avx512bw && f.avx512vl && f.f16c && isa_limit() == Isa::kAvx512) {
+    for (int64_t r = r0; r < r1; ++r) out[r] = argmax_avx512<T>(x, r * n, n);
+    return;
+  }
+#endif
+  for (int64_t r = r0; r < r1; ++r) out[r] = argmax_scalar<T>(x, r * n, n);
+}
+
 }  // namespace
+
+void argmax_rows(const void* x, DType t, int64_t n, int64_t* out, int64_t r0, int64_t r1) {
+  switch (t) {
+    case DType::kBFloat16: return argmax_impl<DType::kBFloat16>(x, n, out, r0, r1);
+    case DType::kFloat16: return argmax_impl<DType::kFloat16>(x, n, out, r0, r1);
+    default: return argmax_impl<DType::kFloat32>(x, n, out, r0, r1);
+  }
+}
 
 void rms_norm_rows(const void* x, const void* delta, const void* weight, void* sum, void* y,
                    DType t, int64_t n, float eps, int64_t r0, int64_t r1) {

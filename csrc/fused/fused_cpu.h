@@ -33,6 +33,10 @@ void rope_rows(void* x, int64_t seq, int64_t s0, int64_t s1, int64_t s2, int64_t
 // y[i] = to_dtype(silu(gate[i])) * up[i] for i in [i0, i1), all of dtype t.
 void silu_mul(const void* gate, const void* up, void* y, DType t, int64_t i0, int64_t i1);
 
+// out[r] = the index of the largest of row r (n values of dtype t, contiguous rows) for r
+// in [r0, r1): the first one on ties, the first NaN if the row has one (torch.argmax).
+void argmax_rows(const void* x, DType t, int64_t n, int64_t* out, int64_t r0, int64_t r1);
+
 }  // namespace cpu
 }  // namespace fused
 }  // namespace llmcore

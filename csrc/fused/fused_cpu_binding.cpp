@@ -131,10 +131,31 @@ at::Tensor silu_mul_cpu(const at::Tensor& gate, const at::Tensor& up) {
   return y;
 }
 
+at::Tensor argmax_last_cpu(const at::Tensor& x) {
+  CHECK_DEVICE(x, at::Device(at::kCPU));
+  CHECK_FLOAT_INPUT(x);
+  LLMCORE_CHECK(x.dim() >= 1 && x.size(-1) >= 1,
+                "x must have a non-empty last axis to take its argmax, got shape ",
+                shape_str(x.sizes()));
+  const int64_t n = x.size(-1);
+  at::Tensor out = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kLong));
+  const int64_t rows = out.numel();
+  if (rows == 0) return out;
+  const at::Tensor xc = x.contiguous();
+  const void* xp = xc.data_ptr();
+  int64_t* op = out.data_ptr<int64_t>();
+  const DType t = to_dtype(x.scalar_type());
+  parallel_chunks(rows, grain_rows(n), [&](int64_t r0, int64_t r1) {
+    cpu::argmax_rows(xp, t, n, op, r0, r1);
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace llmcore
 
 TORCH_LIBRARY_IMPL(llmcore, CPU, m) {
+  m.impl("argmax_last", &llmcore::argmax_last_cpu);
   m.impl("rms_norm", &llmcore::rms_norm_cpu);
   m.impl("add_rms_norm", &llmcore::add_rms_norm_cpu);
   m.impl("rope_", &llmcore::rope_cpu);

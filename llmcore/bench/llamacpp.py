@@ -49,6 +49,7 @@ import torch
 
 from llmcore.bench.common import Row, add_ratios, progress_bar
 from llmcore.bench.generate import weight_bytes
+from llmcore.ops.fused import argmax
 
 # Random-weight shapes. 110M: a Llama-2-style small model (vocab 32000, tied); 1B: the
 # Llama-3.2-1B shape (vocab 128256, tied embeddings, llama3 RoPE scaling).
@@ -581,10 +582,10 @@ def llmcore_round(model, threads: int, s: Settings, warmup: bool = True) -> dict
     prompt = torch.randint(0, vocab, (1, s.prompt), generator=g)
     for n in ([4] if warmup else []) + [s.decode]:
         cache.reset()
-        tok = model(prompt, cache=cache, prefill=True, logits_to_keep=1).argmax(-1)
+        tok = argmax(model(prompt, cache=cache, prefill=True, logits_to_keep=1))
         t0 = time.perf_counter()
         for _ in range(n):
-            tok = model(tok, cache=cache)[:, -1:].argmax(-1)
+            tok = argmax(model(tok, cache=cache)[:, -1:])  # greedy, as generate() picks
         dt = time.perf_counter() - t0
     out["decode"] = s.decode / dt
     return out

@@ -43,6 +43,7 @@ from llmcore.generation.drafters import (
 )
 from llmcore.generation.generate import check_generation_inputs, finish_batch, pad_token
 from llmcore.generation.sampling import logits_to_probs
+from llmcore.ops.fused import argmax
 
 SCHEDULES = ("heuristic", "constant")
 
@@ -141,7 +142,7 @@ def _verify(target_logits, toks, qs, ks, sampling, generator):
     B = target_logits.shape[0]
     temperature = sampling[0]
     if temperature == 0:
-        best = target_logits.argmax(-1)  # [B, K+1]
+        best = argmax(target_logits)  # [B, K+1]
         n_keep, extra = [], []
         for b in range(B):
             n = 0

@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from llmcore.generation.sampling import logits_to_probs
+from llmcore.ops.fused import argmax
 
 MAX_DRAFT_TOKENS = 15  # the target scores at most 16 tokens per call (decode_attention)
 Sampling = tuple[float, int | None, float | None]  # temperature, top_k, top_p
@@ -123,7 +124,7 @@ class ModelDrafter:
         for j in range(K):
             fitted = self._fit_vocab(step_logits)
             if greedy:
-                tok = fitted.argmax(-1)
+                tok = argmax(fitted)
             else:
                 q = logits_to_probs(fitted, *sampling)
                 qs[:, j] = q

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from llmcore.ops.fused import argmax
+
 
 def _check(logits: torch.Tensor, temperature, top_k, top_p) -> None:
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
@@ -57,7 +59,7 @@ def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int |
     _check(logits, temperature, top_k, top_p)
     logits = logits.float()
     if temperature == 0:
-        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        return torch.zeros_like(logits).scatter_(-1, argmax(logits).unsqueeze(-1), 1.0)
     logits = logits / temperature
     if top_k is not None:
         logits = logits.masked_fill(~top_k_mask(logits, top_k), float("-inf"))
@@ -75,6 +77,6 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     change it); otherwise a draw from :func:`logits_to_probs` with ``generator``."""
     _check(logits, temperature, top_k, top_p)
     if temperature == 0:
-        return logits.argmax(-1)
+        return argmax(logits)
     probs = logits_to_probs(logits, temperature, top_k, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -66,6 +66,7 @@ KERNELS = {
     "add_rms_norm": {"cpu": _ANY_FLOAT},
     "rope_": {"cpu": _ANY_FLOAT},
     "silu_mul": {"cpu": _ANY_FLOAT},
+    "argmax_last": {"cpu": _ANY_FLOAT},  # greedy decoding's pick over the vocabulary
     "decoder_layers": {"cpu": _ANY_FLOAT},
 }
 
