@@ -174,9 +174,11 @@ class KVCache(nn.Module):
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
     # -- a step: host checks ------------------------------------------------------------
-    def prepare(self, num_new: int, prefill: bool = False) -> torch.Tensor:
+    def prepare(self, num_new: int, prefill: bool = False, want_positions: bool = True
+                ) -> torch.Tensor | None:
         """Check and reserve room for ``num_new`` tokens per sequence (``prefill``: the
-        cache must be empty); returns their positions, as :meth:`positions`."""
+        cache must be empty); returns their positions, as :meth:`positions` (None with
+        ``want_positions=False``: a caller that computes them later skips the ops)."""
         if not isinstance(num_new, int) or num_new < 1:
             raise ValueError(f"num_new must be a positive int, got {num_new!r}")
         if self._pending:
@@ -191,7 +193,7 @@ class KVCache(nn.Module):
         if self.page_size is not None:
             self._reserve_pages(num_new)
         self._pending = num_new
-        return self.positions(num_new)
+        return self.positions(num_new) if want_positions else None
 
     def _reserve_pages(self, num_new: int) -> None:
         need = [-(-(n + num_new) // self.page_size) - len(p)
@@ -221,6 +223,9 @@ class KVCache(nn.Module):
     def positions(self, num_new: int) -> torch.Tensor:
         """Positions of the next ``num_new`` tokens of each sequence: int64 [batch,
         num_new] on the device (``seqlens[b] + 0 .. num_new - 1``)."""
+        if self._seq.device.type == "cpu" and not torch.compiler.is_compiling():
+            # the host lengths mirror seqlens: one small tensor instead of four ops
+            return torch.tensor([[n + i for i in range(num_new)] for n in self._lengths])
         start = self._seq.to(torch.int64).unsqueeze(1)
         return start + torch.arange(num_new, device=self._seq.device).unsqueeze(0)
 
