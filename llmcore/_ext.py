@@ -25,10 +25,10 @@ _warned: set[str] = set()
 
 # Every schema in csrc/ops.cpp, in its order.
 OPS = ("bfp_quantize", "bfp_dequantize", "bfp_linear", "bfp_gemm", "bfp_act_linear",
-       "bfp_act_linear_multi", "bfp_tiles_pack", "bfp_tiles_unpack", "linear_gemv",
-       "attention_fwd", "attention_bwd", "attention_varlen_fwd", "attention_varlen_bwd",
-       "rms_norm", "add_rms_norm", "rope_", "silu_mul", "decode_attention", "kv_cache_append",
-       "decoder_layers")
+       "bfp_act_linear_multi", "bfp_tiles_pack", "bfp_tiles_unpack", "bfp_embedding",
+       "linear_gemv", "attention_fwd", "attention_bwd", "attention_varlen_fwd",
+       "attention_varlen_bwd", "rms_norm", "add_rms_norm", "rope_", "silu_mul", "argmax_last",
+       "decode_attention", "kv_cache_append", "decoder_layers")
 
 
 def available() -> bool:

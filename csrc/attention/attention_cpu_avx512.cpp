@@ -6,8 +6,9 @@
 //            (or V) tile, one broadcast per row, 24 FMAs into 24 accumulators.
 // axpy_tile  C += A B, 6 rows x 64 columns of C per block held in registers while the
 //            k products stream (a broadcast of A, 4 loads of B, 24 FMAs per k).
-// exp        Cephes-style expf (common/exp_avx512.h): n = round(x log2 e), r = x - n ln2
-//            (two-part ln2), a degree-6 polynomial, times 2^n by vscalefps; within 2 ulp.
+// exp        Cephes-style expf (common/exp_avx512.h, its kNormal variant): n = round(x log2 e),
+//            r = x - n ln2 (two-part ln2), a degree-6 polynomial, times 2^n built in the
+//            exponent field; within 2 ulp.
 #include "attention/attention_cpu_internal.h"
 
 #if defined(__x86_64__)
@@ -140,7 +141,7 @@ void axpy_tile(const float* a, int64_t a_rs, int64_t a_cs, int64_t m, int64_t k,
   }
 }
 
-inline __m512 exp512(__m512 x) { return exp_avx512(x); }  // common/exp_avx512.h
+inline __m512 exp512(__m512 x) { return exp_avx512<true>(x); }  // common/exp_avx512.h
 
 float dot_row(const void* a, const void* b, DType t, int64_t n) {
   float acc = 0.0f;
