@@ -40,7 +40,10 @@ def test_ids_dtypes_shapes_noncontiguous():
     tm, te = tile_layout(q.mantissa, q.exponent, fmt, 64)
     ids = torch.randint(0, 32, (6, 4))
     want = ops.bfp_embedding(q.mantissa, q.exponent, ids, 4, 32, 64, torch.float32)
-    for i in (ids.to(torch.int32), ids.t().contiguous().t(), ids.to(torch.int32)):
+    strided = ids.t().contiguous().t()  # the same ids, column-major
+    strided32 = strided.to(torch.int32)
+    assert not strided.is_contiguous() and not strided32.is_contiguous()
+    for i in (ids.to(torch.int32), strided, strided32):
         for m, e in ((q.mantissa, q.exponent), (tm, te)):
             assert torch.equal(ops.bfp_embedding(m, e, i, 4, 32, 64, torch.float32), want)
     sc = ops.bfp_embedding(q.mantissa, q.exponent, torch.tensor(5), 4, 32, 64, torch.float32)

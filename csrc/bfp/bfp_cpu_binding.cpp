@@ -272,7 +272,7 @@ at::Tensor bfp_embedding_cpu(const at::Tensor& mantissa, const at::Tensor& expon
   LLMCORE_CHECK(ids.device().is_cpu(), "ids must be on cpu, got ", ids.device());
   LLMCORE_CHECK(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
                 "ids must have dtype int64 or int32, got ", ids.scalar_type());
-  const bool tiled = mantissa.dim() == 3;
+  const bool tiled = is_tiled(mantissa);
   int64_t rows;
   if (tiled) {
     rows = check_tiles(mantissa, exponent, mantissa_bits, block_size, k, "mantissa", "exponent");

@@ -95,6 +95,11 @@ void rope_impl(void* x, int64_t seq, int64_t s0, int64_t s1, int64_t s2, int64_t
 // std::exp: torch's silu is vectorised too, and a scalar exp would make this op slower than
 // the chain it replaces.
 #if defined(__x86_64__)
+// The lanes of a 16-wide step that lie below `left` elements.
+inline __mmask16 lanes16(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
+}
+
 // 16 lanes of silu.
 __attribute__((target("avx512f"))) inline __m512 silu16(__m512 v) {
   const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), v));
@@ -104,8 +109,7 @@ __attribute__((target("avx512f"))) inline __m512 silu16(__m512 v) {
 // g = silu(g) over n floats in place (the 16-bit dtypes' staging buffer).
 __attribute__((target("avx512f"))) void sigmoid_mul_avx512(float* g, int64_t n) {
   for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 m = n - j >= 16 ? static_cast<__mmask16>(0xffff)
-                                    : static_cast<__mmask16>((1u << (n - j)) - 1u);
+    const __mmask16 m = lanes16(n - j);
     _mm512_mask_storeu_ps(g + j, m, silu16(_mm512_maskz_loadu_ps(m, g + j)));
   }
 }
@@ -114,8 +118,7 @@ __attribute__((target("avx512f"))) void sigmoid_mul_avx512(float* g, int64_t n) 
 __attribute__((target("avx512f"))) void silu_mul_f32_avx512(const float* g, const float* u,
                                                             float* y, int64_t i0, int64_t i1) {
   for (int64_t j = i0; j < i1; j += 16) {
-    const __mmask16 m = i1 - j >= 16 ? static_cast<__mmask16>(0xffff)
-                                     : static_cast<__mmask16>((1u << (i1 - j)) - 1u);
+    const __mmask16 m = lanes16(i1 - j);
     const __m512 s = silu16(_mm512_maskz_loadu_ps(m, g + j));
     _mm512_mask_storeu_ps(y + j, m, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, u + j)));
   }
@@ -203,16 +206,14 @@ __attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) int64_t argmax_avx512(
   const __m512 lowest = _mm512_set1_ps(-INFINITY);
   __m512 mx = lowest;
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xffff)
-                                    : static_cast<__mmask16>((1u << (n - i)) - 1u);
+    const __mmask16 m = lanes16(n - i);
     const __m512 v = _mm512_mask_mov_ps(lowest, m, load16_as_f32<T>(x, o + i, m));
     if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)) return argmax_scalar<T>(x, o, n);  // a NaN
     mx = _mm512_max_ps(mx, v);
   }
   const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xffff)
-                                    : static_cast<__mmask16>((1u << (n - i)) - 1u);
+    const __mmask16 m = lanes16(n - i);
     const __mmask16 hit = _mm512_mask_cmp_ps_mask(m, load16_as_f32<T>(x, o + i, m), top, _CMP_EQ_OQ);
     if (hit) return i + __builtin_ctz(hit);
   }
