@@ -151,7 +151,25 @@ TORCH_LIBRARY(llmcore, m) {
   //                  Tensor(d!)? v_exponent, Tensor cache_seqlens, Tensor? block_table,
   //                  float softmax_scale) -> Tensor
   //
-  // is the one schema defined elsewhere: with its class, in
+  // and greedy_decode (below) are the schemas defined elsewhere: with their class, in
   // csrc/fused/decoder_layers_binding.cpp, since a schema that names a class can be parsed only
   // once the class is registered, and only within one file is that order guaranteed.
+  //
+  // ---- greedy decoding of a whole model, N steps in one call (same file) -----------------------
+  //   greedy_decode(Tensor tokens, int steps, DecoderWeights weights, Tensor embed_weight,
+  //                 Tensor? embed_exponent, int embed_bits, int embed_block, Tensor?[] head,
+  //                 int[] head_spec, Tensor rope_cos, Tensor rope_sin, <the cache arguments of
+  //                 decoder_layers>, int[] eos, int fill, Tensor done) -> Tensor
+  // tokens int64 [B]: each sequence's last token, not yet in the cache. Each of up to `steps`
+  // steps embeds the current tokens (embed_weight [vocab, dim] of the model's dtype, or a BFP
+  // table as bfp_embedding takes it when embed_exponent is given), takes cos/sin as the rows
+  // of the float32 tables rope_cos/rope_sin [positions, head_dim] at each sequence's
+  // position rounded to the model's dtype, runs decoder_layers over the cache, the head (one
+  // linear: 3 entries + 4 ints as in DecoderWeights) and argmax_last, and appends the pick to
+  // the result, or `fill` in rows already finished; a row finishes when its token is one of
+  // `eos` (done bool [B]: rows finished before the call). The next step feeds those tokens.
+  // The loop stops after `steps` steps or the first step after which every row has finished
+  // (eos not empty). Returns int64 [B, steps taken]: bit for bit what the same steps through
+  // the ops one by one pick. The new tokens' k/v are written at cache_seqlens + step;
+  // cache_seqlens is not changed (the caller commits the steps taken).
 }

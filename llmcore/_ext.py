@@ -28,7 +28,7 @@ OPS = ("bfp_quantize", "bfp_dequantize", "bfp_linear", "bfp_gemm", "bfp_act_line
        "bfp_act_linear_multi", "bfp_tiles_pack", "bfp_tiles_unpack", "bfp_embedding",
        "linear_gemv", "attention_fwd", "attention_bwd", "attention_varlen_fwd",
        "attention_varlen_bwd", "rms_norm", "add_rms_norm", "rope_", "silu_mul", "argmax_last",
-       "decode_attention", "kv_cache_append", "decoder_layers")
+       "decode_attention", "kv_cache_append", "decoder_layers", "greedy_decode")
 
 
 def available() -> bool:

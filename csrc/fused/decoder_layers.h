@@ -9,6 +9,7 @@
 
 #include <array>
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace llmcore {
@@ -26,6 +27,11 @@ struct Linear {
   at::Tensor w, e;
   std::optional<at::Tensor> bias;
 };
+
+// A Linear from its three tensors (weight or mantissa, exponent, bias) and kSpec ints, checked;
+// errors start with `what`.
+Linear make_linear(const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& e,
+                   std::optional<at::Tensor> bias, const int64_t* spec, const std::string& what);
 
 // The per-model arguments of decoder_layers, checked and unpacked once (a Python list of
 // ~250 tensors converted on every step would cost more than the layers' small kernels):

@@ -12,6 +12,7 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <string>
 
@@ -49,23 +50,29 @@ DecoderWeights::DecoderWeights(std::vector<at::Tensor> norm_weight, double eps_,
   for (int64_t l = 0; l < L; ++l)
     for (int64_t j = 0; j < kLinears; ++j) {
       const int64_t i = l * kLinears + j;
-      Linear& lin = layers[static_cast<size_t>(l)][static_cast<size_t>(j)];
-      lin.kind = spec[i * kSpec];
-      lin.a_bits = spec[i * kSpec + 1];
-      lin.w_bits = spec[i * kSpec + 2];
-      lin.block = spec[i * kSpec + 3];
-      const OptT w = linear.get(i * kTensors), e = linear.get(i * kTensors + 1);
-      lin.bias = linear.get(i * kTensors + 2);
-      LLMCORE_CHECK(lin.kind >= kDense && lin.kind <= kIntAct, "linear_spec of layer ", l, " ",
-                    kNames[j], ": kind must be 0 (dense), 1 (BFP weight-only) or 2 (BFP "
-                    "int8 activations), got ", lin.kind);
-      LLMCORE_CHECK(w.has_value(), "linear of layer ", l, " ", kNames[j],
-                    ": the weight is None");
-      LLMCORE_CHECK(lin.kind == kDense || e.has_value(), "linear of layer ", l, " ",
-                    kNames[j], ": a BFP weight needs its exponent, got None");
-      lin.w = *w;
-      if (e.has_value()) lin.e = *e;
+      layers[static_cast<size_t>(l)][static_cast<size_t>(j)] = make_linear(
+          linear.get(i * kTensors), linear.get(i * kTensors + 1), linear.get(i * kTensors + 2),
+          &spec[static_cast<size_t>(i * kSpec)],
+          "linear of layer " + std::to_string(l) + " " + kNames[j]);
     }
+}
+
+Linear make_linear(const OptT& w, const OptT& e, OptT bias, const int64_t* spec,
+                   const std::string& what) {
+  Linear lin;
+  lin.kind = spec[0];
+  lin.a_bits = spec[1];
+  lin.w_bits = spec[2];
+  lin.block = spec[3];
+  lin.bias = std::move(bias);
+  LLMCORE_CHECK(lin.kind >= kDense && lin.kind <= kIntAct, what, ": kind must be 0 (dense), "
+                "1 (BFP weight-only) or 2 (BFP int8 activations), got ", lin.kind);
+  LLMCORE_CHECK(w.has_value(), what, ": the weight is None");
+  LLMCORE_CHECK(lin.kind == kDense || e.has_value(), what,
+                ": a BFP weight needs its exponent, got None");
+  lin.w = *w;
+  if (e.has_value()) lin.e = *e;
+  return lin;
 }
 
 }  // namespace fused
@@ -127,6 +134,13 @@ struct Ops {
                                                      const at::Tensor&, const at::Tensor&, double,
                                                      const OptT&, const OptT&, const OptT&)>(
           "llmcore::decode_attention");
+  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                      int64_t, int64_t, int64_t, c10::ScalarType)>
+      bfp_embedding = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    int64_t, int64_t, int64_t, c10::ScalarType)>(
+          "llmcore::bfp_embedding");
+  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&)> argmax_last =
+      op<at::Tensor(const at::Tensor&)>("llmcore::argmax_last");
 };
 
 const Ops& ops() {
@@ -257,6 +271,124 @@ at::Tensor decoder_layers_cpu(const at::Tensor& x, const at::Tensor& cos, const 
   return h;
 }
 
+// llmcore::greedy_decode (csrc/ops.cpp gives the contract): `steps` greedy decode steps of
+// a whole model in one call. Each step is what Transformer.forward's cached CPU path and
+// generate's greedy pick run for one token per sequence: the embedding lookup, the RoPE
+// rows of the sequences' positions (from float32 tables, rounded to the model's dtype as
+// Transformer.rope does), decoder_layers, the output head, argmax_last; then the token is
+// replaced by `fill` in finished rows, a row finishes at one of `eos`, and the loop stops
+// when every row has. The cache's k/v are written at cache_seqlens + step; cache_seqlens
+// itself is left as it is (the caller commits the steps taken: the result's width).
+at::Tensor greedy_decode_cpu(const at::Tensor& tokens, int64_t steps,
+                             const c10::intrusive_ptr<DecoderWeights>& weights,
+                             const at::Tensor& embed_weight, const OptT& embed_exponent,
+                             int64_t embed_bits, int64_t embed_block, const c10::List<OptT>& head,
+                             std::vector<int64_t> head_spec, const at::Tensor& rope_cos,
+                             const at::Tensor& rope_sin, const at::Tensor& k_cache,
+                             const at::Tensor& v_cache, const OptT& k_exponent,
+                             const OptT& v_exponent, const at::Tensor& cache_seqlens,
+                             const OptT& block_table, double softmax_scale,
+                             std::vector<int64_t> eos, int64_t fill, const at::Tensor& done) {
+  CHECK_DEVICE(tokens, at::Device(at::kCPU));
+  CHECK_DTYPE(tokens, at::kLong);
+  CHECK_DIM(tokens, 1);
+  const int64_t B = tokens.size(0);
+  LLMCORE_CHECK(B >= 1, "tokens must hold one token per sequence, got none");
+  LLMCORE_CHECK(steps >= 0, "steps must be >= 0, got ", steps);
+  CHECK_DEVICE(cache_seqlens, at::Device(at::kCPU));
+  CHECK_DTYPE(cache_seqlens, at::kInt);
+  LLMCORE_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B,
+                "cache_seqlens must be [", B, "] (one length per sequence of tokens), got ",
+                shape_str(cache_seqlens.sizes()));
+  CHECK_DEVICE(done, at::Device(at::kCPU));
+  CHECK_DTYPE(done, at::kBool);
+  LLMCORE_CHECK(done.dim() == 1 && done.size(0) == B, "done must be [", B, "], got ",
+                shape_str(done.sizes()));
+  const DecoderWeights& wts = *weights;
+  const at::Tensor& final_norm = wts.norm.back();
+  const c10::ScalarType dtype = final_norm.scalar_type();
+  const int64_t dim = final_norm.size(0), D = k_cache.dim() == 5 ? k_cache.size(4) : 0;
+  LLMCORE_CHECK(static_cast<int64_t>(head.size()) == fused::kTensors &&
+                    static_cast<int64_t>(head_spec.size()) == fused::kSpec,
+                "head must hold ", fused::kTensors, " entries and head_spec ", fused::kSpec,
+                " ints (as one linear of DecoderWeights), got ", head.size(), " and ",
+                head_spec.size());
+  const Linear lm_head =
+      fused::make_linear(head.get(0), head.get(1), head.get(2), head_spec.data(), "head");
+  CHECK_DEVICE(rope_cos, at::Device(at::kCPU));
+  CHECK_DTYPE(rope_cos, at::kFloat);
+  CHECK_DEVICE(rope_sin, at::Device(at::kCPU));
+  CHECK_DTYPE(rope_sin, at::kFloat);
+  LLMCORE_CHECK(rope_cos.dim() == 2 && rope_sin.sizes() == rope_cos.sizes() &&
+                    rope_cos.size(1) == D,
+                "rope_cos and rope_sin must be float32 [positions, head_dim=", D,
+                "] of one shape, got ", shape_str(rope_cos.sizes()), " and ",
+                shape_str(rope_sin.sizes()));
+  const at::Tensor seq = cache_seqlens.contiguous().clone();  // advanced step by step here
+  int32_t* len = seq.data_ptr<int32_t>();
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) longest = std::max<int64_t>(longest, len[b]);
+  LLMCORE_CHECK(longest + steps <= rope_cos.size(0), "rope_cos holds ", rope_cos.size(0),
+                " positions; ", steps, " steps after ", longest, " cached tokens need ",
+                longest + steps);
+  if (embed_exponent.has_value()) {
+    LLMCORE_CHECK(embed_weight.scalar_type() == at::kChar || embed_weight.scalar_type() == at::kByte,
+                  "embed_weight of a BFP table (embed_exponent given) must hold its mantissas "
+                  "(int8 or uint8), got ", embed_weight.scalar_type());
+  } else {
+    CHECK_DEVICE(embed_weight, at::Device(at::kCPU));
+    LLMCORE_CHECK(embed_weight.dim() == 2 && embed_weight.size(1) == dim &&
+                      embed_weight.scalar_type() == dtype,
+                  "embed_weight must be [vocab, ", dim, "] of the model's dtype ", dtype,
+                  ", got ", embed_weight.scalar_type(), " ", shape_str(embed_weight.sizes()));
+  }
+
+  const Ops& o = ops();
+  at::Tensor cur = tokens.contiguous().clone();
+  const at::Tensor fin = done.contiguous().clone();
+  int64_t* cur_p = cur.data_ptr<int64_t>();
+  bool* fin_p = fin.data_ptr<bool>();
+  const at::Tensor out = at::empty({B, std::max<int64_t>(steps, 1)}, tokens.options());
+  int64_t* out_p = out.data_ptr<int64_t>();
+  const at::Tensor pos = at::empty({B}, tokens.options());
+  int64_t* pos_p = pos.data_ptr<int64_t>();
+  int64_t taken = 0;
+  while (taken < steps) {
+    const at::Tensor ids = cur.view({B, 1});
+    const at::Tensor x =
+        embed_exponent.has_value()
+            ? o.bfp_embedding.call(embed_weight, *embed_exponent, ids, embed_bits, embed_block,
+                                   dim, dtype)
+            : at::embedding(embed_weight, ids);
+    for (int64_t b = 0; b < B; ++b) pos_p[b] = len[b];
+    const at::Tensor cos = rope_cos.index_select(0, pos).view({B, 1, D}).to(dtype);
+    const at::Tensor sin = rope_sin.index_select(0, pos).view({B, 1, D}).to(dtype);
+    const at::Tensor h = decoder_layers_cpu(x, cos, sin, weights, k_cache, v_cache, k_exponent,
+                                            v_exponent, seq, block_table, softmax_scale);
+    at::Tensor logits;
+    try {
+      logits = apply(lm_head, h);
+    } catch (c10::Error& err) {
+      err.add_context("in greedy_decode, the head");
+      throw;
+    }
+    const at::Tensor pick = o.argmax_last.call(logits).contiguous();
+    const int64_t* pick_p = pick.data_ptr<int64_t>();
+    bool all_done = true;
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t t = fin_p[b] ? fill : pick_p[b];
+      out_p[b * out.stride(0) + taken] = t;
+      cur_p[b] = t;
+      fin_p[b] = fin_p[b] || std::find(eos.begin(), eos.end(), t) != eos.end();
+      all_done = all_done && fin_p[b];
+      ++len[b];
+    }
+    ++taken;
+    if (all_done && !eos.empty()) break;
+  }
+  return out.narrow(1, 0, taken).contiguous();
+}
+
 }  // namespace
 }  // namespace llmcore
 
@@ -272,8 +404,16 @@ TORCH_LIBRARY_FRAGMENT(llmcore, m) {
         " __torch__.torch.classes.llmcore.DecoderWeights weights, Tensor(a!) k_cache,"
         " Tensor(b!) v_cache, Tensor(c!)? k_exponent, Tensor(d!)? v_exponent,"
         " Tensor cache_seqlens, Tensor? block_table, float softmax_scale) -> Tensor");
+  m.def("greedy_decode(Tensor tokens, int steps,"
+        " __torch__.torch.classes.llmcore.DecoderWeights weights, Tensor embed_weight,"
+        " Tensor? embed_exponent, int embed_bits, int embed_block, Tensor?[] head,"
+        " int[] head_spec, Tensor rope_cos, Tensor rope_sin, Tensor(a!) k_cache,"
+        " Tensor(b!) v_cache, Tensor(c!)? k_exponent, Tensor(d!)? v_exponent,"
+        " Tensor cache_seqlens, Tensor? block_table, float softmax_scale, int[] eos, int fill,"
+        " Tensor done) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llmcore, CPU, m) {
   m.impl("decoder_layers", &llmcore::decoder_layers_cpu);
+  m.impl("greedy_decode", &llmcore::greedy_decode_cpu);
 }

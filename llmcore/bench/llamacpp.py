@@ -10,7 +10,8 @@ quantised with ``llama-quantize``. Format pairs (the same bits per weight):
 
 Per (model, pair, threads), batch 1:
   decode    greedy decode of N tokens after a P-token prompt in a KV cache (llama-bench:
-            ``-n N -d P``), tokens/s, and the weight bandwidth it implies: bytes of weights
+            ``-n N -d P``; llmcore: ``Transformer.decode_greedy``, the loop ``generate``
+            runs), tokens/s, and the weight bandwidth it implies: bytes of weights
             read per token (every weight once, the input embedding only when it is the
             head too) x tokens/s
   prefill   P tokens into an empty cache (``-p P``), tokens/s
@@ -584,9 +585,10 @@ def llmcore_round(model, threads: int, s: Settings, warmup: bool = True) -> dict
         cache.reset()
         tok = argmax(model(prompt, cache=cache, prefill=True, logits_to_keep=1))
         t0 = time.perf_counter()
-        for _ in range(n):
-            tok = argmax(model(tok, cache=cache)[:, -1:])  # greedy, as generate() picks
+        new = model.decode_greedy(tok, cache, n)  # n forward steps, as generate() runs them
         dt = time.perf_counter() - t0
+        if new.shape[1] != n:
+            raise RuntimeError(f"decode_greedy gave {new.shape[1]} tokens, not {n}")
     out["decode"] = s.decode / dt
     return out
 

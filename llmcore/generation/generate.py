@@ -14,6 +14,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from llmcore.generation.sampling import _check, sample_next
+from llmcore.ops.fused import argmax
+
+GREEDY_CHUNK = 32  # steps per decode_greedy call: Ctrl-C is seen between calls
 
 
 def _eos_set(eos_token_id) -> list[int]:
@@ -175,6 +178,10 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
 
     eos_t = torch.tensor(eos, dtype=torch.int64, device=device) if eos else None
     done = torch.zeros(batch, dtype=torch.bool, device=device)
+    decode = getattr(model, "decode_greedy", None) if temperature == 0 else None
+    if decode is not None:  # the model's own greedy loop (one op call per chunk on the CPU)
+        return finish_batch(input_ids, _greedy(decode, argmax(next_logits), cache,
+                                               max_new_tokens, eos, eos_t, fill, stream), fill)
     out: list[torch.Tensor] = []
     for step in range(max_new_tokens):
         tok = sample_next(next_logits, temperature, top_k, top_p, generator)
@@ -189,3 +196,25 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
         if step + 1 < max_new_tokens:
             next_logits = model(tok.unsqueeze(1), cache=cache)[:, -1]
     return finish_batch(input_ids, torch.stack(out, dim=1), fill)
+
+
+def _greedy(decode, tok: torch.Tensor, cache, max_new_tokens: int, eos: list[int],
+            eos_t: torch.Tensor | None, fill: int, stream) -> torch.Tensor:
+    """generate's greedy loop through ``model.decode_greedy``: the same tokens as its
+    step-by-step loop, in chunks of GREEDY_CHUNK steps (one step per call with a stream)."""
+    pieces = [tok.unsqueeze(1)]
+    if stream is not None:
+        stream(tok.clone())
+    done = torch.isin(tok, eos_t) if eos_t is not None else torch.zeros_like(tok, dtype=torch.bool)
+    left = max_new_tokens - 1
+    while left and not (eos_t is not None and bool(done.all())):
+        new = decode(tok, cache, 1 if stream is not None else min(left, GREEDY_CHUNK),
+                     eos_token_id=eos, fill=fill, done=done)
+        if stream is not None:
+            stream(new[:, 0].clone())
+        pieces.append(new)
+        left -= new.shape[1]
+        tok = new[:, -1]
+        if eos_t is not None:
+            done = done | torch.isin(new, eos_t).any(1)
+    return torch.cat(pieces, dim=1)

@@ -18,7 +18,7 @@ from operator import attrgetter, is_
 import torch
 from torch import nn
 
-from llmcore.nn import BFPLinear
+from llmcore.nn import BFPEmbedding, BFPLinear
 from llmcore.ops._dispatch import kernel_supported
 
 _CPU = torch.device("cpu")
@@ -33,7 +33,7 @@ class DecoderPlan:
     model still matches them."""
 
     __slots__ = ("dtype", "covered", "norm_weight", "eps", "linear", "linear_spec", "weights",
-                 "_same", "_types", "_dtypes", "_keys")
+                 "head", "head_spec", "embedding", "_same", "_types", "_dtypes", "_keys")
 
     def __init__(self, dtype: torch.dtype):
         self.dtype, self.covered, self.eps = dtype, False, 0.0
@@ -41,6 +41,12 @@ class DecoderPlan:
         self.linear: list = []
         self.linear_spec: list[int] = []
         self.weights = None  # torch.classes.llmcore.DecoderWeights of the lists above
+        # greedy_decode's rest of the model: the head as one linear (3 tensors, 4 ints) and
+        # the embedding (table or mantissas, exponents or None, mantissa bits, block size);
+        # None when that op does not take them (the layers may still be covered)
+        self.head: list | None = None
+        self.head_spec: list[int] | None = None
+        self.embedding: tuple | None = None
         self._same: list = []    # (dict, key, object): d.get(key) is object
         self._types: list = []   # (object, type): type(object) is type
         self._dtypes: list = []  # (tensor, dtype)
@@ -74,6 +80,8 @@ class DecoderPlan:
         if kernel_supported("decoder_layers", _CPU, dtype):
             plan.covered = plan._fill(model, block_cls, norm_cls)
         if plan.covered:  # the op's side of the plan, unpacked in C++ once
+            if kernel_supported("greedy_decode", _CPU, dtype):
+                plan._fill_ends(model)
             c = model.config
             plan.weights = torch.classes.llmcore.DecoderWeights(
                 plan.norm_weight, plan.eps, plan.linear, plan.linear_spec, c.n_heads,
@@ -102,9 +110,39 @@ class DecoderPlan:
                                       ("mlp", ("gate_proj", "up_proj", "down_proj"))):
                 owner = self._module(b, owner_name)
                 for name in names:
-                    if not self._linear(self._module(owner, name)):
+                    if not self._linear(self._module(owner, name), self.linear,
+                                        self.linear_spec):
                         return False
         return self._norm(model, "norm", norm_cls)
+
+    def _fill_ends(self, model) -> None:
+        """The head and embedding of greedy_decode, when it takes them: a head the layers'
+        op would take, an ``nn.Embedding`` of the plan's dtype or a CPU :class:`BFPEmbedding`
+        whose lookup is ``bfp_embedding``'s."""
+        head, spec = [], []
+        if not self._linear(self._module(model, "lm_head"), head, spec):
+            return
+        e = self._module(model, "embed_tokens")
+        if type(e) is nn.Embedding:
+            w = e.weight
+            self._same.append((e._parameters, "weight", w))
+            self._dtypes.append((w, w.dtype))
+            if w.dtype != self.dtype or w.device.type != "cpu":
+                return
+            embedding = (w, None, 0, 0)
+        elif type(e) is BFPEmbedding:
+            m, x, f = e.weight_mantissa, e.weight_exponent, e.format
+            self._same.extend([(e._buffers, "weight_mantissa", m),
+                               (e._buffers, "weight_exponent", x),
+                               (e.__dict__, "format", f),
+                               (e.__dict__, "weight_dtype", e.weight_dtype)])
+            if (e.weight_dtype != self.dtype or m.device.type != "cpu"
+                    or not kernel_supported("bfp_embedding", _CPU, self.dtype)):
+                return
+            embedding = (m, x, f.mantissa_bits, f.block_size)
+        else:
+            return
+        self.head, self.head_spec, self.embedding = head, spec, embedding
 
     def _norm(self, owner: nn.Module, name: str, norm_cls: type) -> bool:
         n = self._module(owner, name)
@@ -118,17 +156,18 @@ class DecoderPlan:
         self.norm_weight.append(w)
         return True
 
-    def _linear(self, lin) -> bool:
-        """Adds (weight or mantissa, exponent, bias) and (kind, a_bits, w_bits, block_size)
-        of one projection; False when the op does not take it as its forward runs it."""
+    def _linear(self, lin, linear: list, spec: list) -> bool:
+        """Adds (weight or mantissa, exponent, bias) to ``linear`` and (kind, a_bits, w_bits,
+        block_size) to ``spec`` for one projection; False when the op does not take it as
+        its forward runs it."""
         if type(lin) is nn.Linear:
             w, b = lin.weight, lin.bias
             self._same.extend([(lin._parameters, "weight", w), (lin._parameters, "bias", b)])
             self._dtypes.extend((t, t.dtype) for t in (w, b) if t is not None)
             if w.dtype != self.dtype or (b is not None and b.dtype != self.dtype):
                 return False
-            self.linear.extend((w, None, b))
-            self.linear_spec.extend((DENSE, 0, 0, 0))
+            linear.extend((w, None, b))
+            spec.extend((DENSE, 0, 0, 0))
             return True
         if type(lin) is not BFPLinear:
             return False
@@ -152,8 +191,8 @@ class DecoderPlan:
             kind, a_bits = INT_ACT, af.mantissa_bits
         else:
             return False
-        self.linear.extend((m, e, b))
-        self.linear_spec.extend((kind, a_bits, f.mantissa_bits, f.block_size))
+        linear.extend((m, e, b))
+        spec.extend((kind, a_bits, f.mantissa_bits, f.block_size))
         return True
 
 

@@ -285,14 +285,23 @@ class KVCache(nn.Module):
                 self._kernels[dtype] = ok
         return ok
 
-    def commit(self) -> None:
-        """Make this step's tokens part of every sequence."""
+    def commit(self, num_new: int | None = None) -> None:
+        """Make this step's tokens part of every sequence: all of them, or the first
+        ``num_new`` (0 <= num_new <= the prepared count; the rest are dropped and their
+        pages return to the pool)."""
         if not self._pending:
             raise RuntimeError("commit() without prepare()")
-        n = self._pending
+        n = self._pending if num_new is None else num_new
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= self._pending:
+            raise ValueError(f"num_new must be an int in [0, {self._pending}] (the prepared "
+                             f"tokens), got {num_new!r}")
+        short = n < self._pending
         self._pending = 0
-        self._seq.add_(n)
-        self._lengths = [x + n for x in self._lengths]
+        if n:
+            self._seq.add_(n)
+            self._lengths = [x + n for x in self._lengths]
+        if short:
+            self.rollback(self._lengths)  # pages reserved past the new ends
 
     def cancel(self) -> None:
         """Drop a prepared step that will not be committed (its pages return to the pool)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
@@ -320,6 +321,13 @@ def _kept(h: torch.Tensor, keep) -> torch.Tensor:
     return h[:, -keep:] if keep else h
 
 
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether a forward hook (global or of one of ``modules``) would see their calls."""
+    g = nn.modules.module
+    return bool(g._global_forward_hooks or g._global_forward_pre_hooks or any(
+        m._forward_hooks or m._forward_pre_hooks for m in modules))
+
+
 def _check_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     """input_ids must be an integer tensor [batch, seq] of ids in the vocabulary."""
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
@@ -449,19 +457,24 @@ class Transformer(nn.Module):
         without ``end``, they are computed."""
         if (end is None or positions.device.type != "cpu" or torch.compiler.is_compiling()):
             return self._rope_values(positions, dtype)
+        cos_t, sin_t = self._rope_tables(end, positions.device)
+        idx = positions.reshape(-1)
+        shape = (*positions.shape, cos_t.shape[-1])
+        return (cos_t.index_select(0, idx).view(shape).to(dtype),
+                sin_t.index_select(0, idx).view(shape).to(dtype))
+
+    def _rope_tables(self, end: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 cos, sin [n, head_dim] of the positions [0, n), n >= ``end``, on
+        ``device`` (see :meth:`rope`)."""
         inv, table = self.inv_freq, self._rope_table
         same = table is not None and table[0] is inv
         if not same or table[1].shape[0] < end:
             # multiples of 32 positions: every element takes torch's vectorised cos / sin
             n = -(-max(end, 2 * table[1].shape[0] if same else 0, 32) // 32) * 32
             with torch.no_grad():
-                cos, sin = self._rope_values(torch.arange(n, device=positions.device),
-                                             torch.float32)
+                cos, sin = self._rope_values(torch.arange(n, device=device), torch.float32)
             table = self._rope_table = (inv, cos, sin)
-        idx = positions.reshape(-1)
-        shape = (*positions.shape, table[1].shape[-1])
-        return (table[1].index_select(0, idx).view(shape).to(dtype),
-                table[2].index_select(0, idx).view(shape).to(dtype))
+        return table[1], table[2]
 
     def _rope_values(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float().unsqueeze(-1) * self.inv_freq.float()  # [B, T, hd/2]
@@ -515,6 +528,101 @@ class Transformer(nn.Module):
         (``torch.compile(model.step, fullgraph=True)``)."""
         return self._logits(input_ids, cache.positions(input_ids.shape[1]), cache, prefill,
                             logits_to_keep)
+
+    @torch.inference_mode()
+    def decode_greedy(self, tokens: torch.Tensor, cache: KVCache, steps: int,
+                      eos_token_id: int | Sequence[int] | None = None, fill: int = 0,
+                      done: torch.Tensor | None = None) -> torch.Tensor:
+        """Greedy decoding over a filled ``cache``: up to ``steps`` new tokens per sequence.
+
+        ``tokens`` [B] (or [B, 1]) holds each sequence's last token, not yet in the cache
+        (the pick from a prefill's logits). Each step appends the current tokens to the
+        cache and picks the next ones: the argmax of their logits (the first index on
+        ties). A sequence finishes at a token of ``eos_token_id``; from then on its picks
+        are replaced by ``fill`` (``done``, bool [B], marks sequences finished before the
+        call), and decoding stops after the first step at which every sequence has
+        finished.
+
+        Returns LongTensor [B, n], n <= steps: the new tokens. The cache then holds
+        ``tokens`` and every new token but the last (the next call's ``tokens``): what n
+        calls of ``model(tok, cache=cache)`` and an argmax leave, with the same tokens bit
+        for bit. On the CPU with the llmcore backend the whole loop is one op,
+        ``llmcore::greedy_decode`` (no Python between steps: a small model's decode step
+        spends about a tenth of its time there otherwise); elsewhere it makes those calls.
+        """
+        if tokens.dim() == 2 and tokens.shape[1] == 1:
+            tokens = tokens[:, 0]
+        if tokens.dim() != 1:
+            raise ValueError(f"tokens must be [batch] or [batch, 1], got shape "
+                             f"{list(tokens.shape)}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or ())
+        for i in [*eos, fill]:
+            if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+                raise ValueError(f"eos_token_id and fill must be non-negative ints, got "
+                                 f"{eos_token_id!r} and {fill!r}")
+        b = tokens.shape[0]
+        if cache.batch_size != b:
+            raise ValueError(f"cache holds {cache.batch_size} sequences, tokens {b}")
+        _check_ids(tokens.view(b, 1), self.config.vocab_size)
+        device = self.device
+        tokens = tokens.to(device=device, dtype=torch.int64)
+        if done is None:
+            done = torch.zeros(b, dtype=torch.bool, device=device)
+        elif (not isinstance(done, torch.Tensor) or done.dtype != torch.bool
+              or tuple(done.shape) != (b,)):
+            raise ValueError(f"done must be a bool tensor [{b}], got "
+                             f"{getattr(done, 'dtype', type(done))} "
+                             f"{list(getattr(done, 'shape', []))}")
+        if steps == 0:
+            return tokens.new_empty((b, 0))
+        plan = self._greedy_plan(tokens, cache)
+        if plan is None:
+            return self._decode_greedy_steps(tokens, cache, steps, eos, fill, done.to(device))
+        cache.prepare(steps, want_positions=False)
+        try:
+            cos, sin = self._rope_tables(cache.end, tokens.device)
+            out = torch.ops.llmcore.greedy_decode(
+                tokens, steps, plan.weights, *plan.embedding, plan.head, plan.head_spec, cos,
+                sin, cache.k_values, cache.v_values, cache.k_exponents, cache.v_exponents,
+                cache._seq, cache._table, 1.0 / math.sqrt(cache.head_dim), eos, fill,
+                done.to(device))
+        except BaseException:
+            cache.cancel()
+            raise
+        cache.commit(out.shape[1])
+        return out
+
+    def _greedy_plan(self, tokens: torch.Tensor, cache: KVCache) -> DecoderPlan | None:
+        """The plan whose ``greedy_decode`` takes :meth:`decode_greedy` (the conditions of
+        :meth:`_decoder_layers`, a head and an embedding the op takes, no forward hooks on
+        the model, its embedding or its head), else None."""
+        dtype = self.dtype
+        if (not self.fused_inference or self.backend != "llmcore" or tokens.device.type != "cpu"
+                or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
+                or cache.dtype != dtype or cache.device.type != "cpu"
+                or not cache._cpu_kernels(dtype)
+                or _hooked(self, self.embed_tokens, self.lm_head)):
+            return None
+        plan = self._plan
+        if plan is None or not plan.valid(dtype):
+            plan = self._plan = DecoderPlan.build(self, dtype, Block, RMSNorm)
+        return plan if plan.covered and plan.head is not None else None
+
+    def _decode_greedy_steps(self, tok, cache, steps, eos, fill, done) -> torch.Tensor:
+        """:meth:`decode_greedy` one forward call per step."""
+        eos_t = torch.tensor(eos, dtype=torch.int64, device=tok.device) if eos else None
+        out = []
+        for _ in range(steps):
+            tok = fused.argmax(self(tok.unsqueeze(1), cache=cache)[:, -1])
+            tok = torch.where(done, torch.full_like(tok, fill), tok)
+            out.append(tok)
+            if eos_t is not None:
+                done = done | torch.isin(tok, eos_t)
+                if bool(done.all()):
+                    break
+        return torch.stack(out, dim=1)
 
     def _logits(self, input_ids, positions, cache, prefill, keep=0) -> torch.Tensor:
         h = _kept(self._hidden(input_ids, positions, cache, prefill), keep)

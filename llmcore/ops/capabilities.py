@@ -68,6 +68,7 @@ KERNELS = {
     "silu_mul": {"cpu": _ANY_FLOAT},
     "argmax_last": {"cpu": _ANY_FLOAT},  # greedy decoding's pick over the vocabulary
     "decoder_layers": {"cpu": _ANY_FLOAT},
+    "greedy_decode": {"cpu": _ANY_FLOAT},  # decoder_layers + embedding, head and pick, N steps
 }
 
 
