@@ -8,7 +8,9 @@ dtype; ~30 µs for 12 layers), so replacing a module, quantising again, loading 
 updates need nothing. A model the op does not cover (another block or norm type, a
 trainable or mixed-block-size BFP linear, a dense weight of another dtype, a weight-only
 BFP bias of another dtype, norms of different eps) gets a plan that says so, checked the
-same way, and its steps take the Python chain, which calls the same kernels.
+same way, and its steps take the Python chain, which calls the same kernels. A covered
+plan also holds the embedding and the output head when ``llmcore::greedy_decode`` takes
+them (``Transformer.decode_greedy``: whole greedy steps in one op call).
 """
 
 from __future__ import annotations
