@@ -18,6 +18,10 @@ dense weights: their projections run ``linear_gemv``), ``--dtype`` the model's d
 model in both weight layouts (docs/bfp.md: ``Transformer.tile_weights`` /
 ``untile_weights``), switched in place and alternated every round, so a noisy machine's
 swings fall on both alike; each round also times the verify ratio when ``--verify`` is set.
+``--loops steps greedy`` times greedy decoding two ways, alternated every round: ``steps``
+is a Python loop of ``model(tok, cache=cache)`` and an argmax per token (generate's loop
+before ``decode_greedy``), ``greedy`` one ``Transformer.decode_greedy`` call (the
+``llmcore::greedy_decode`` op: no Python between steps); both give the same tokens.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import time
 import torch
 
 from llmcore.models import Transformer, TransformerConfig
+from llmcore.ops.fused import argmax
 
 PROMPT, STEPS = 128, 64
 
@@ -112,6 +117,48 @@ def profile(model, cache, prompt) -> dict:
             "aten_ops": ops, "aten_empty": empty, "top_self_ms": table}
 
 
+@torch.inference_mode()
+def greedy_ms(model, cache, prompt, loop: str) -> tuple[float, list[int]]:
+    """ms per token of STEPS greedy steps after the prompt, and the tokens: ``loop``
+    "steps" (a forward call and an argmax per token) or "greedy" (decode_greedy)."""
+    cache.reset()
+    tok = argmax(model(prompt, cache=cache, prefill=True, logits_to_keep=1))
+    t0 = time.perf_counter()
+    if loop == "greedy":
+        out = model.decode_greedy(tok, cache, STEPS)[0].tolist()
+    else:
+        out = []
+        for _ in range(STEPS):
+            tok = argmax(model(tok, cache=cache)[:, -1:])
+            out.append(int(tok))
+    return (time.perf_counter() - t0) * 1e3 / STEPS, out
+
+
+def compare_loops(model, cache, prompt, args) -> dict:
+    """ms per token of each greedy loop in args.loops, the loops and thread counts
+    alternated in every round; medians over the rounds."""
+    runs = {(lp, t): [] for lp in args.loops for t in args.threads}
+    tokens = {}
+    for _ in range(args.rounds):
+        for t in args.threads:
+            torch.set_num_threads(t)
+            for lp in args.loops:
+                ms, tokens[lp] = greedy_ms(model, cache, prompt, lp)
+                runs[(lp, t)].append(ms)
+    if len({tuple(v) for v in tokens.values()}) != 1:
+        raise RuntimeError("the greedy loops gave different tokens")
+    out: dict = {"format": args.format, "dtype": args.dtype, "steps": STEPS, "prompt": PROMPT,
+                 "loops": {}}
+    for lp in args.loops:
+        out["loops"][lp] = {str(t): {"ms_per_token": statistics.median(runs[(lp, t)]),
+                                     "runs_ms": runs[(lp, t)]} for t in args.threads}
+    if "steps" in args.loops and "greedy" in args.loops:
+        out["speedup_greedy_over_steps"] = {
+            str(t): out["loops"]["steps"][str(t)]["ms_per_token"]
+            / out["loops"]["greedy"][str(t)]["ms_per_token"] for t in args.threads}
+    return out
+
+
 def compare_layouts(model, cache, prompt, args) -> dict:
     """ms per token (and the verify ratio) of each weight layout in args.layouts, the
     layouts and thread counts alternated in every round; medians over the rounds."""
@@ -158,11 +205,13 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--layouts", nargs="+", choices=("tiles", "plain"),
                     help="compare these weight layouts, alternated every round")
+    ap.add_argument("--loops", nargs="+", choices=("steps", "greedy"),
+                    help="compare these greedy decode loops, alternated every round")
     ap.add_argument("--out")
     args = ap.parse_args()
     model, cache, prompt = build(args.storage, args.tiny, args.format, getattr(torch, args.dtype))
-    if args.layouts:
-        res = compare_layouts(model, cache, prompt, args)
+    if args.layouts or args.loops:
+        res = (compare_loops if args.loops else compare_layouts)(model, cache, prompt, args)
         print(json.dumps(res, indent=1))
         if args.out:
             with open(args.out, "w") as f:

@@ -32,16 +32,14 @@ int64_t grain_rows(int64_t row_elems) {
   return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, row_elems));
 }
 
-// Weight bytes per task of the decode GEMVs: small enough that a thread whose core is busy
-// holds up little of the call, large enough that taking a task costs nothing.
-constexpr int64_t kGemvChunkBytes = int64_t{32} << 10;
-
-// Columns per task for a GEMV of N weight rows row_bytes long: all of them when they fit
-// one chunk, else a multiple of 16 (so the kernels' 4-row tiles stay whole).
+// Columns per task for a GEMV of N weight rows row_bytes long (common/parallel.h:
+// gemv_task_bytes): all of them when they fit one task, else a multiple of 16 (so the
+// kernels' 4-row tiles stay whole).
 int64_t gemv_chunk_cols(int64_t N, int64_t row_bytes) {
-  if (N * row_bytes <= kGemvChunkBytes) return std::max<int64_t>(1, N);
-  const int64_t rows = kGemvChunkBytes / std::max<int64_t>(1, row_bytes);
-  return std::max<int64_t>(16, rows / 16 * 16);
+  const int64_t rb = std::max<int64_t>(1, row_bytes);
+  const int64_t bytes = gemv_task_bytes(N * rb);
+  if (N * rb <= bytes) return std::max<int64_t>(1, N);
+  return std::max<int64_t>(16, bytes / rb / 16 * 16);
 }
 
 // Per-thread scratch of the decode GEMV, kept between calls: the quantised activation rows

@@ -12,10 +12,29 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "common/chunk_pool.h"
 
 namespace llmcore {
+
+// Weight bytes per task of a decode GEMV that streams `total` bytes of weight: about a
+// quarter of one thread's share, and at least 32 KB (taking a task costs nothing next to
+// that). Each thread then streams long runs of adjacent bytes: with 32 KB tasks the two
+// threads of a 2-core VM took alternate tasks and read 17-19 GB/s of a 1B MLP weight, in
+// quarters of a share 22-29 (AMD EPYC, benchmarks/results/cpu-amd-epyc/gemv_chunks.json);
+// a thread whose core another process holds still delays the call by one task only.
+// LLMCORE_GEMV_TASK_KB=n fixes the tasks at n KB instead (A/B runs: 32 is the old rule).
+inline int64_t gemv_task_bytes(int64_t total) {
+  constexpr int64_t kMinBytes = int64_t{32} << 10, kTasksPerThread = 4;
+  static const int64_t fixed = [] {
+    const char* v = std::getenv("LLMCORE_GEMV_TASK_KB");
+    return v ? std::max<int64_t>(1, std::atoll(v)) << 10 : int64_t{0};
+  }();
+  if (fixed) return fixed;
+  return std::max<int64_t>(kMinBytes,
+                           total / (kTasksPerThread * std::max(1, at::get_num_threads())));
+}
 
 template <typename F>
 void parallel_chunks(int64_t n, int64_t chunk, const F& f) {

@@ -1,7 +1,8 @@
 // Torch binding of the dense CPU GEMV (dense_cpu.h): checks, layout, threads. The
 // activation rows are laid out in per-thread scratch kept between calls, so a call
-// allocates only its output; the weight's columns go to the chunk pool in tasks of about
-// 32 KB of weight (common/parallel.h), so a thread whose core is busy holds up little.
+// allocates only its output; the weight's columns go to the chunk pool in tasks of a
+// quarter of a thread's share of the weight, at least 32 KB (common/parallel.h), so a
+// thread whose core is busy holds up little.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -16,9 +17,6 @@ namespace llmcore {
 namespace {
 
 namespace cpu = dense::cpu;
-
-// Weight bytes per task (as the BFP decode GEMVs).
-constexpr int64_t kChunkBytes = int64_t{32} << 10;
 
 std::vector<uint8_t>& scratch() {
   thread_local std::vector<uint8_t> s;
@@ -75,8 +73,8 @@ at::Tensor linear_gemv_cpu(const at::Tensor& x, const at::Tensor& weight,
   void* yp = y.data_ptr();
   const int64_t row_bytes = std::max<int64_t>(1, K * weight.element_size());
   // (a multiple of 4 columns: the kernels' blocks of weight rows stay whole)
-  const int64_t chunk =
-      N * row_bytes <= kChunkBytes ? N : std::max<int64_t>(4, kChunkBytes / row_bytes / 4 * 4);
+  const int64_t task = gemv_task_bytes(N * row_bytes);
+  const int64_t chunk = N * row_bytes <= task ? N : std::max<int64_t>(4, task / row_bytes / 4 * 4);
   parallel_chunks(N, chunk, [&](int64_t n0, int64_t n1) {
     cpu::gemv(p, xs, wp, ldw, bp, yp, N, n0, n1);
   });
