@@ -139,10 +139,10 @@ def compare_loops(model, cache, prompt, args) -> dict:
     alternated in every round; medians over the rounds."""
     runs = {(lp, t): [] for lp in args.loops for t in args.threads}
     tokens = {}
-    for _ in range(args.rounds):
+    for r in range(args.rounds):
         for t in args.threads:
             torch.set_num_threads(t)
-            for lp in args.loops:
+            for lp in args.loops if r % 2 == 0 else args.loops[::-1]:  # no order bias
                 ms, tokens[lp] = greedy_ms(model, cache, prompt, lp)
                 runs[(lp, t)].append(ms)
     if len({tuple(v) for v in tokens.values()}) != 1:

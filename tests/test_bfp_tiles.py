@@ -83,13 +83,17 @@ def both(x, q, bias=None, n_weights=1):
     return plain, tiled
 
 
-def same_order(isa: str, m: int) -> bool:
+def same_order(isa: str, m: int, bits: int = 8) -> bool:
     """Whether the plain layout's kernel sums a column's blocks in the tile kernel's order
     (then the results are equal bit for bit): the scalar / AVX2 paths (the tile layout is
-    unpacked for them), the AVX-512 column tiles (M > 1), and prefill (M > 16: the GEMM on
-    the unpacked weight). The AVX-512 single-row and 256-byte step kernels sum in another
-    order: the same value up to fp32 rounding."""
-    return isa in ("scalar", "avx2") or m > 16 or (isa == "avx512-cols" and m > 1)
+    unpacked for them), the AVX-512 column tiles (M > 1), and prefill of 8-bit weights
+    (M > 16: the GEMM on the unpacked weight). The AVX-512 single-row and 256-byte step
+    kernels sum in another order: the same value up to fp32 rounding; so does a prefill of
+    4-bit tiles without AMX (the fixture's ISAs), which runs the GEMV 16 rows at a time
+    (test_tiles_prefill_in_row_blocks)."""
+    if m > 16:
+        return bits > 4
+    return isa in ("scalar", "avx2") or (isa == "avx512-cols" and m > 1)
 
 
 @pytest.mark.parametrize("wname", ["mxint8", "mxint4"])
@@ -108,8 +112,29 @@ def test_tiles_every_m(wname, gemv_isa):  # noqa: F811
                 plain, tiled = both(x[:m], q, b, nw)
                 for p, t in zip(plain, tiled, strict=True):
                     assert_within(t, want, tol, f"tiles m={m} k={k}")
-                    if same_order(gemv_isa, m):
+                    if same_order(gemv_isa, m, q.format.mantissa_bits):
                         assert torch.equal(p, t), (n, k, m, nw)
+
+
+@pytest.mark.parametrize("m", [17, 40, 129])
+def test_tiles_prefill_in_row_blocks(m, gemv_isa):  # noqa: F811
+    """A prefill of 4-bit tiles on a CPU without AMX (the fixture's ISAs stop at AVX-512)
+    runs the decode GEMV 16 rows at a time: bit for bit the calls of up to 16 rows, within
+    the documented error of float64, for one and three weights, with leading dims."""
+    n, k = 48, 352
+    q = make_weight(n, k, "mxint4", "cpu")
+    tm, te = tiles_of(q)
+    x = randn((m, k)) * torch.logspace(-3, 3, k)
+    b = randn((n,))
+    want, tol = act_expected(x, q, "mxint8", "nearest", b)
+    for nw in (1, 3):
+        args = ([tm] * nw, [te] * nw, 8, 4, 32, False, [b] * nw)
+        whole = ops.bfp_act_linear_multi(x.view(1, m, k), *args)
+        parts = [ops.bfp_act_linear_multi(x[i:i + 16], *args) for i in range(0, m, 16)]
+        for i, y in enumerate(whole):
+            assert y.shape == (1, m, n)
+            assert torch.equal(y[0], torch.cat([p[i] for p in parts])), (m, nw)
+            assert_within(y[0], want, tol, f"row blocks m={m}")
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
