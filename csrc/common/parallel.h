@@ -21,9 +21,9 @@ namespace llmcore {
 // Weight bytes per task of a decode GEMV that streams `total` bytes of weight: about a
 // quarter of one thread's share, and at least 32 KB (taking a task costs nothing next to
 // that). Each thread then streams long runs of adjacent bytes: with 32 KB tasks the two
-// threads of a 2-core VM took alternate tasks and read 17-19 GB/s of a 1B MLP weight, in
-// quarters of a share 22-29 (AMD EPYC, benchmarks/results/cpu-amd-epyc/gemv_chunks.json);
-// a thread whose core another process holds still delays the call by one task only.
+// threads of a 2-core VM took alternate tasks, and the 2-thread GEMVs ran 1.06-1.63x
+// slower (AMD EPYC, benchmarks/results/cpu-amd-epyc/gemv_chunks.json); a thread whose
+// core another process holds still delays the call by one task only.
 // LLMCORE_GEMV_TASK_KB=n fixes the tasks at n KB instead (A/B runs: 32 is the old rule).
 inline int64_t gemv_task_bytes(int64_t total) {
   constexpr int64_t kMinBytes = int64_t{32} << 10, kTasksPerThread = 4;
