@@ -38,7 +38,9 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kPad = 32;  // the activation rows' length is a multiple of this
-// How far ahead of the bytes in use the weight stream is prefetched (as the BFP GEMV).
+// How far ahead of the bytes in use the weight stream is prefetched (as the BFP GEMV), into
+// L2 (prefetcht1): with four row streams prefetched into L1 the AMD EPYC VM read 9 GB/s of
+// cold bf16 weights at one thread, into L2 15-16 (2 threads: 23-25, its memory's limit).
 #ifndef LLMCORE_GEMV_PREFETCH
 #define LLMCORE_GEMV_PREFETCH 4096
 #endif
@@ -224,9 +226,9 @@ LLMCORE_AVX512_TARGET void block_avx512(const GemvPlan& p, const float* xs,
     __m512 w0[NR], w1[NR];
     for (int i = 0; i < NR; ++i) {
       const uint8_t* wk = wr[i] + k * kEl;
-      _mm_prefetch(reinterpret_cast<const char*>(wk + pf), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(wk + pf), _MM_HINT_T1);
       if constexpr (kEl == 4)
-        _mm_prefetch(reinterpret_cast<const char*>(wk + pf + 64), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(wk + pf + 64), _MM_HINT_T1);
       load32_avx512<T>(wk, p.K - k, w0[i], w1[i]);
     }
     for (int r = 0; r < MT; ++r) {
@@ -254,7 +256,7 @@ LLMCORE_AVX512BF16_TARGET void block_avx512_bf16dot(const GemvPlan& p, const uin
     __m512i w[NR];
     for (int i = 0; i < NR; ++i) {
       const auto* wk = reinterpret_cast<const uint16_t*>(wr[i]) + k;
-      _mm_prefetch(reinterpret_cast<const char*>(wk) + pf, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(wk) + pf, _MM_HINT_T1);
       w[i] = left >= 32 ? _mm512_loadu_si512(wk) : _mm512_maskz_loadu_epi16(mask32(left), wk);
     }
     for (int r = 0; r < MT; ++r) {
