@@ -171,9 +171,10 @@ def test_hooks_and_module_chain_fall_back():
         h.remove()
     assert torch.equal(a, b) and len(seen) == 2 * (1 + 5)  # each prefill, then every step
     cache, tok = _prefill(model, torch.ones(1, 3, dtype=torch.long))
-    assert model._greedy_plan(tok, cache) is not None
-    model.fused_inference = False
-    assert model._greedy_plan(tok, cache) is None
+    with torch.inference_mode():  # as decode_greedy calls it
+        assert model._greedy_plan(tok, cache) is not None
+        model.fused_inference = False
+        assert model._greedy_plan(tok, cache) is None
 
 
 def test_the_torch_backend_runs_the_loop():
@@ -182,7 +183,8 @@ def test_the_torch_backend_runs_the_loop():
     torch_model.load_state_dict(model.state_dict())
     ids = torch.randint(0, 211, (1, 7), generator=torch.Generator().manual_seed(5))
     cache, tok = _prefill(torch_model, ids)
-    assert torch_model._greedy_plan(tok, cache) is None
+    with torch.inference_mode():
+        assert torch_model._greedy_plan(tok, cache) is None
     out = torch_model.decode_greedy(tok, cache, 6)
     assert out.shape == (1, 6) and cache.lengths == [13]
 

@@ -595,20 +595,29 @@ class Transformer(nn.Module):
         return out
 
     def _greedy_plan(self, tokens: torch.Tensor, cache: KVCache) -> DecoderPlan | None:
-        """The plan whose ``greedy_decode`` takes :meth:`decode_greedy` (the conditions of
-        :meth:`_decoder_layers`, a head and an embedding the op takes, no forward hooks on
-        the model, its embedding or its head), else None."""
-        dtype = self.dtype
-        if (not self.fused_inference or self.backend != "llmcore" or tokens.device.type != "cpu"
-                or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
-                or cache.dtype != dtype or cache.device.type != "cpu"
-                or not cache._cpu_kernels(dtype)
-                or _hooked(self, self.embed_tokens, self.lm_head)):
+        """The plan whose ``greedy_decode`` takes :meth:`decode_greedy` (:meth:`_cpu_plan`'s
+        conditions, a head and an embedding the op takes, no forward hooks on the model,
+        its embedding or its head), else None."""
+        if _hooked(self, self.embed_tokens, self.lm_head):
+            return None
+        plan = self._cpu_plan(tokens.device, self.dtype, cache)
+        return plan if plan is not None and plan.head is not None else None
+
+    def _cpu_plan(self, device: torch.device, dtype: torch.dtype, cache: KVCache
+                  ) -> DecoderPlan | None:
+        """The covering :class:`DecoderPlan` for a cached CPU inference step with
+        activations of ``dtype`` on ``device`` (built or rebuilt as needed), or None: the
+        fused llmcore path off, no gradient recording, a CPU cache of that dtype with
+        kernels, not under autocast or torch.compile."""
+        if (not self.fused_inference or self.backend != "llmcore" or torch.is_grad_enabled()
+                or device.type != "cpu" or torch.compiler.is_compiling()
+                or torch.is_autocast_enabled("cpu") or cache.dtype != dtype
+                or cache.device.type != "cpu" or not cache._cpu_kernels(dtype)):
             return None
         plan = self._plan
         if plan is None or not plan.valid(dtype):
             plan = self._plan = DecoderPlan.build(self, dtype, Block, RMSNorm)
-        return plan if plan.covered and plan.head is not None else None
+        return plan if plan.covered else None
 
     def _decode_greedy_steps(self, tok, cache, steps, eos, fill, done) -> torch.Tensor:
         """:meth:`decode_greedy` one forward call per step."""
@@ -670,15 +679,8 @@ class Transformer(nn.Module):
         without the Python between its kernels. None when that op does not take this call
         (the conditions of :meth:`_fused_inference`, a CPU cache of x's dtype, no autocast,
         not under torch.compile, and a model :class:`DecoderPlan` covers)."""
-        if (not self.fused_inference or self.backend != "llmcore" or torch.is_grad_enabled()
-                or x.device.type != "cpu" or torch.compiler.is_compiling()
-                or torch.is_autocast_enabled("cpu") or cache.dtype != x.dtype
-                or cache.device.type != "cpu" or not cache._cpu_kernels(x.dtype)):
-            return None
-        plan = self._plan
-        if plan is None or not plan.valid(x.dtype):
-            plan = self._plan = DecoderPlan.build(self, x.dtype, Block, RMSNorm)
-        if not plan.covered:
+        plan = self._cpu_plan(x.device, x.dtype, cache)
+        if plan is None:
             return None
         return torch.ops.llmcore.decoder_layers(
             x, cos, sin, plan.weights, cache.k_values, cache.v_values, cache.k_exponents,
