@@ -1,6 +1,7 @@
 // Torch binding of the CPU attention kernels (attention_cpu.h): checks, views, threads. All
-// the arithmetic is in the framework-free kernels; threads come from at::parallel_for, so
-// torch.set_num_threads is respected.
+// the arithmetic is in the framework-free kernels; threads come from at::parallel_for (the
+// forward: common/parallel.h's parallel_items, llmcore's helpers under inference mode),
+// torch.get_num_threads() of them.
 //
 // Layout: inputs are used through their strides (any batch / token / head strides) as long
 // as the last dim is contiguous; one that is not is copied with .contiguous(). Outputs are
@@ -17,6 +18,7 @@
 
 #include "attention/attention_cpu.h"
 #include "common/check.h"
+#include "common/parallel.h"
 
 namespace llmcore {
 namespace {
@@ -152,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor> run_fwd(cpu::Problem& p, const at::Tensor& q,
   if (q.numel() == 0) return {out, lse};
   const cpu::View ov = view(out, packed);
   float* lp = lse.data_ptr<float>();
-  at::parallel_for(0, cpu::fwd_items(p), 1, [&](int64_t i0, int64_t i1) {
+  parallel_items(cpu::fwd_items(p), 1, [&](int64_t i0, int64_t i1) {
     cpu::attention_fwd(p, ov, lp, i0, i1);
   });
   return {out, lse};

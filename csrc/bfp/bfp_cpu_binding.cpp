@@ -1,6 +1,7 @@
 // Torch binding of the CPU BFP kernels (bfp_cpu.h): checks, layout, threads. All the
-// arithmetic is in the framework-free kernels; threads come from at::parallel_for, so
-// torch.set_num_threads is respected.
+// arithmetic is in the framework-free kernels; threads come from common/parallel.h
+// (torch's threads, or llmcore's helpers under torch.inference_mode and for the decode
+// GEMVs), torch.get_num_threads() of them.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -175,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor> convert_tiles(const at::Tensor& src_m, const 
   auto* ep = e.data_ptr<uint8_t>();
   const int64_t tiles = Pack ? src_m.size(0) / 16 : src_m.size(0);
   const int64_t mc = cpu::mantissa_cols(k, bits), nb = k / 32;
-  at::parallel_for(0, tiles, grain_rows(16 * mc), [&](int64_t t0, int64_t t1) {
+  parallel_items(tiles, grain_rows(16 * mc), [&](int64_t t0, int64_t t1) {
     if (Pack) cpu::tiles_pack(smp, mc, sep, nb, k, bits, mp, ep, t0, t1);
     else cpu::tiles_unpack(smp, sep, k, bits, mp, mc, ep, nb, t0, t1);
   });
@@ -239,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor> bfp_quantize_cpu(const at::Tensor& x, int64_t
   auto* mp = static_cast<uint8_t*>(mant.data_ptr());
   auto* ep = exp.data_ptr<uint8_t>();
   const int64_t mcols = mshape.back(), ecols = eshape.back();
-  at::parallel_for(0, rows, grain_rows(k), [&](int64_t r0, int64_t r1) {
+  parallel_items(rows, grain_rows(k), [&](int64_t r0, int64_t r1) {
     cpu::quantize_rows(xp, xt, k, k, bits, block, round_even, mp, mcols, ep, ecols, r0, r1);
   });
   return {mant, exp};
@@ -264,7 +265,7 @@ at::Tensor bfp_dequantize_cpu(const at::Tensor& mantissa, const at::Tensor& expo
   void* op = out.data_ptr();
   const DType ot = to_dtype(dtype);
   const int64_t mcols = mc.size(-1), ecols = ec.size(-1);
-  at::parallel_for(0, rows, grain_rows(k), [&](int64_t r0, int64_t r1) {
+  parallel_items(rows, grain_rows(k), [&](int64_t r0, int64_t r1) {
     cpu::dequantize_rows(mp, mcols, ep, ecols, k, bits, block, op, ot, k, r0, r1);
   });
   return out;
@@ -406,7 +407,7 @@ void gemm_amx_cpu(const at::Tensor& a_mantissa, const at::Tensor& a_exponent,
   at::Tensor scales = at::empty({g.m_tiles * g.nb * 16}, opts.dtype(at::kFloat));
   int8_t* tp = tiles.data_ptr<int8_t>();
   float* sp = scales.data_ptr<float>();
-  at::parallel_for(0, g.m_tiles, grain_rows(16 * k), [&](int64_t t0, int64_t t1) {
+  parallel_items(g.m_tiles, grain_rows(16 * k), [&](int64_t t0, int64_t t1) {
     cpu::gemm_amx_prepare(g, am.data_ptr<int8_t>(), am.size(1), ae.data_ptr<uint8_t>(),
                           ae.size(1), static_cast<int>(a_bits), tp, sp, t0, t1);
   });
@@ -487,10 +488,10 @@ at::Tensor bfp_gemm_cpu(const at::Tensor& a_mantissa, const at::Tensor& a_expone
   auto* bpp = b_pack.data_ptr<int8_t>();
   auto* bsp = b_scale.data_ptr<float>();
   auto* bcp = b_corr.data_ptr<int32_t>();
-  at::parallel_for(0, M, grain_rows(p.kp), [&](int64_t m0, int64_t m1) {
+  parallel_items(M, grain_rows(p.kp), [&](int64_t m0, int64_t m1) {
     cpu::gemm_pack_a(p, amp, a_cols, ae.data_ptr<uint8_t>(), nb, app, asp, m0, m1);
   });
-  at::parallel_for(0, panels, grain_rows(16 * p.kp), [&](int64_t p0, int64_t p1) {
+  parallel_items(panels, grain_rows(16 * p.kp), [&](int64_t p0, int64_t p1) {
     cpu::gemm_pack_b(p, bmp, b_cols, be.data_ptr<uint8_t>(), nb, bpp, bsp, bcp, p0, p1);
   });
 
@@ -500,7 +501,7 @@ at::Tensor bfp_gemm_cpu(const at::Tensor& a_mantissa, const at::Tensor& a_expone
   const int64_t mtiles = (M + kTileRows - 1) / kTileRows;
   const int64_t ntiles = (panels + kTilePanels - 1) / kTilePanels;
   const int64_t tile_work = kTileRows * kTilePanels * 16 * std::max<int64_t>(p.kp, 1);
-  at::parallel_for(0, mtiles * ntiles, std::max<int64_t>(1, (kGrainElems * 32) / tile_work),
+  parallel_items(mtiles * ntiles, std::max<int64_t>(1, (kGrainElems * 32) / tile_work),
                    [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t mt = t % mtiles, nt = t / mtiles;
@@ -608,7 +609,7 @@ std::vector<at::Tensor> bfp_act_linear_multi_cpu(
       at::Tensor a_scales = at::empty({g.m_tiles * g.nb * 16}, opts.dtype(at::kFloat));
       int8_t* arp = a_rows.data_ptr<int8_t>();
       float* asp = a_scales.data_ptr<float>();
-      at::parallel_for(0, g.m_tiles, grain_rows(16 * K), [&](int64_t t0, int64_t t1) {
+      parallel_items(g.m_tiles, grain_rows(16 * K), [&](int64_t t0, int64_t t1) {
         cpu::gemm_amx_prepare_rows(g, am.data_ptr<int8_t>(), am.size(1), ae.data_ptr<uint8_t>(),
                                    ae.size(1), ab, arp, asp, t0, t1);
       });

@@ -9,10 +9,12 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <string>
 
 #include "common/chunk_pool.h"
 
@@ -44,6 +46,41 @@ void parallel_chunks(int64_t n, int64_t chunk, const F& f) {
     return;
   }
   run_chunks(n, std::max<int64_t>(1, chunk), at::get_num_threads(), f);
+}
+
+// The work of a compute kernel (prefill GEMMs and their packing, attention forward,
+// quantisation) over [0, n), at least `grain` items per thread as at::parallel_for.
+// Under torch.inference_mode it runs on llmcore's helpers (run_chunks, a few chunks per
+// thread), elsewhere on torch's OpenMP threads. Inference runs llmcore's kernels back to
+// back, and libgomp's workers spin for milliseconds after each parallel region: one
+// OpenMP region among them (the prefill's attention) left a worker spinning on the
+// second core while the helper needed it, and 110M MXINT4 prefill of 128 tokens at 2
+// threads ran at 1130-1260 tok/s against 1720-1930 with the workers asleep
+// (OMP_WAIT_POLICY=PASSIVE; AMD EPYC VM, 2 cores). Training runs torch's ops around
+// llmcore's (and autograd's backward, and a custom Function's forward, run with grad
+// off, never in inference mode), so there torch's threads are the ones already awake.
+// LLMCORE_CPU_POOL=openmp keeps torch's threads in inference too (A/B runs).
+inline bool openmp_pool_forced() {
+  static const bool forced = [] {
+    const char* v = std::getenv("LLMCORE_CPU_POOL");
+    return v != nullptr && std::string(v) == "openmp";
+  }();
+  return forced;
+}
+
+template <typename F>
+void parallel_items(int64_t n, int64_t grain, const F& f) {
+  if (n <= 0) return;
+  grain = std::max<int64_t>(1, grain);
+  if (!c10::InferenceMode::is_enabled() || at::in_parallel_region() || openmp_pool_forced()) {
+    at::parallel_for(0, n, grain, f);
+    return;
+  }
+  constexpr int64_t kChunksPerThread = 4;
+  const int threads = at::get_num_threads();
+  const int64_t chunk = std::max<int64_t>(
+      grain, (n + kChunksPerThread * threads - 1) / (kChunksPerThread * threads));
+  run_chunks(n, chunk, threads, f);
 }
 
 }  // namespace llmcore
