@@ -258,9 +258,14 @@ def main() -> None:
            "notes": "Medians over rounds; each round runs every variant in its own process, "
                     "in turn (A, B, A, B). The machine is shared (2 cores): wall-clock "
                     "figures are noisy."}
-    dev = "cpu-intel-xeon" if "Intel" in open("/proc/cpuinfo").read() else "cpu"
+    import torch
+
+    from llmcore.bench.common import device_slug
+
+    dev = device_slug(torch.device("cpu"))  # cpu-amd-epyc, cpu-intel-xeon, ...
     name = "gemv_bandwidth.json" if args.kind == "bfp" else "gemv_bandwidth_dense.json"
     out = Path(args.out or HERE / "results" / dev / name)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {out}")
 

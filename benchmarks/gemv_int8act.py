@@ -197,8 +197,11 @@ def main() -> None:
     if args.model and Path(args.model, "config.json").exists():
         res["perplexity"] = perplexity(args.model, args.ppl_tokens)
     res["loadavg_at_end"] = os.getloadavg()
-    dev = "cpu-intel-xeon" if "Intel" in open("/proc/cpuinfo").read() else "cpu"
+    from llmcore.bench.common import device_slug
+
+    dev = device_slug(torch.device("cpu"))  # cpu-amd-epyc, cpu-intel-xeon, ...
     out = Path(args.out or Path(__file__).parent / "results" / dev / "gemv_int8act.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {out}")
 
