@@ -1,7 +1,9 @@
 """CPU decode attention (``llmcore::decode_attention``, batch 1, one new token) as a decode
 step meets it: the cache of one layer read from L2, from a 12-layer cache cycled layer by
-layer (as a step walks its layers), and from DRAM (a 120 MB buffer written between steps,
-as the weights of a step stream through the caches in between).
+layer (as a step walks its layers), from DRAM (a 120 MB buffer written between steps:
+torch's fill, on OpenMP threads, leaving dirty lines), and ``streamed``: each layer's call
+after a GEMV (``llmcore::linear_gemv``) that reads 6 MB of fresh bf16 weights, as a
+step's projections do between its attention calls (only the attention is timed).
 
     python benchmarks/decode_attention_cache.py --threads 1 2 --context 160 \
         [--dtype float16] [--heads 12] [--head-dim 64] [--rounds 7] [--out X.json]
@@ -42,7 +44,14 @@ def measure(threads: int, context: int, dtype: torch.dtype, heads: int, head_dim
     def layer(i: int) -> None:
         op(q, kc[i], vc[i], lens, scale, None, None, None)
 
-    times: dict[str, list[float]] = {"l2_hot": [], "layers_cycled": [], "dram_cold": []}
+    # streamed: between layers a dense GEMV reads the next 6 MB of a 72 MB weight (read
+    # only, on llmcore's helpers), as a step's projections do; only the attention is timed.
+    wrows = 6_000_000 // (2 * 768)
+    weights = [torch.randn(wrows, 768, generator=g).to(torch.bfloat16) for _ in range(LAYERS)]
+    x = torch.randn(1, 768).to(torch.bfloat16)
+    gemv = torch.ops.llmcore.linear_gemv
+    times: dict[str, list[float]] = {"l2_hot": [], "layers_cycled": [], "dram_cold": [],
+                                     "streamed": []}
     for _ in range(rounds):
         t0 = time.perf_counter()
         for _ in range(20 * LAYERS):
@@ -61,6 +70,14 @@ def measure(threads: int, context: int, dtype: torch.dtype, heads: int, head_dim
                 layer(i)
             total += time.perf_counter() - t0
         times["dram_cold"].append(total / (5 * LAYERS))
+        total = 0.0
+        for _ in range(5):
+            for i in range(LAYERS):
+                gemv(x, weights[i], None)
+                t0 = time.perf_counter()
+                layer(i)
+                total += time.perf_counter() - t0
+        times["streamed"].append(total / (5 * LAYERS))
     kv_bytes = 2 * context * heads * head_dim * kc.element_size()
     out = {}
     for k, v in times.items():

@@ -297,14 +297,18 @@ void task(const DecodeArgs& a, const DecodePlan& p, float* ws, int64_t t) {
   for (int64_t j = k.j0; j < k.j1; j += kTile) {
     const int64_t n = k.j1 - j < kTile ? k.j1 - j : kTile;
     // Rows of one kv head are Hkv * D elements apart: prefetch the tile after next so
-    // DRAM latency hides behind this tile's arithmetic.
+    // DRAM latency hides behind this tile's arithmetic. Into L2 (prefetcht1): 64 lines a
+    // tile at T0 filled L1's miss buffers and the prefetches themselves stalled; a layer's
+    // 160-position fp16 cache of 12 heads read after 6 MB of weights took 133-144 us at
+    // one thread with T0, 76-82 us with T1 (AMD EPYC VM, benchmarks/decode_attention_cache.py
+    // "streamed").
     for (int64_t i = j + kPrefetchRows; i < j + kPrefetchRows + kTile && i < k.j1; ++i) {
       const RowLoc loc = locate(c, k.b, i);
       if (loc.i0 < 0) continue;
       const int64_t off = (loc.i0 * c.stride0 + loc.i1 * c.stride1 + k.kvh * c.stride2) * esz;
       for (int64_t line = 0; line < row_bytes; line += 64) {
-        _mm_prefetch(static_cast<const char*>(a.k) + off + line, _MM_HINT_T0);
-        _mm_prefetch(static_cast<const char*>(a.v) + off + line, _MM_HINT_T0);
+        _mm_prefetch(static_cast<const char*>(a.k) + off + line, _MM_HINT_T1);
+        _mm_prefetch(static_cast<const char*>(a.v) + off + line, _MM_HINT_T1);
       }
     }
     uint32_t valid = 0;
