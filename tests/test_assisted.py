@@ -83,6 +83,31 @@ def test_greedy_equals_plain_greedy(target, drafts, kind, schedule):
         assert st.draft_calls > 0
 
 
+@pytest.mark.parametrize("kind", ["random", "self-mxint8", "self-mxint4"])
+def test_greedy_proposals_in_one_loop_call_equal_the_token_loop(target, drafts, kind):
+    """A model drafter at temperature 0 drafts its K proposals with one decode_greedy call
+    (one op on the CPU); the per-token loop (a drafter without decode_greedy) drafts the
+    very same tokens: the same acceptance, step by step, and the same output."""
+    ids = torch.randint(0, 256, (1, 13))
+    fast_draft, loop_calls = copy.deepcopy(drafts[kind]), []
+    loop = fast_draft.decode_greedy
+
+    def counted(*args, **kwargs):
+        loop_calls.append(args[2])
+        return loop(*args, **kwargs)
+
+    fast_draft.decode_greedy = counted
+    fast, st_fast = assisted_generate(target, fast_draft, ids, 40, schedule="constant")
+    assert loop_calls and all(k >= 1 for k in loop_calls)  # the one-call path ran
+    slow_draft = copy.deepcopy(drafts[kind])
+    slow_draft.decode_greedy = None  # the drafter falls back to its token loop
+    slow, st_slow = assisted_generate(target, slow_draft, ids, 40, schedule="constant")
+    assert torch.equal(fast, slow)
+    assert st_fast.accepted_hist == st_slow.accepted_hist
+    assert st_fast.draft_lengths == st_slow.draft_lengths
+    assert (st_fast.accepted, st_fast.drafted) == (st_slow.accepted, st_slow.drafted)
+
+
 def test_self_draft_acceptance_and_sharing(target):
     from llmcore.nn import BFPLinear
 

@@ -121,6 +121,17 @@ class ModelDrafter:
         last = torch.tensor([max(len(t) - 1, 0) for t in tails], device=self.device)
         rows = torch.arange(B, device=self.device)
         step_logits = logits[rows, last]
+        loop = getattr(self.model, "decode_greedy", None)
+        if (greedy and K > 1 and loop is not None and all(k == K for k in ks)
+                and self.model.config.vocab_size == self.vocab):
+            # The rest of the greedy proposals in one call of the draft's own greedy loop
+            # (on the CPU one op for all K - 1 steps): the same tokens and cache as the loop
+            # below (argmax over the whole vocabulary is argmax over the fitted logits when
+            # the vocabularies match), without Python and a host sync per drafted token.
+            toks[:, 0] = argmax(self._fit_vocab(step_logits))
+            toks[:, 1:] = loop(toks[:, 0], self.cache, K - 1)
+            self.calls += K - 1
+            return toks, qs, list(ks)
         for j in range(K):
             fitted = self._fit_vocab(step_logits)
             if greedy:
