@@ -6,10 +6,14 @@ after a GEMV (``llmcore::linear_gemv``) that reads 6 MB of fresh bf16 weights, a
 step's projections do between its attention calls (only the attention is timed).
 
     python benchmarks/decode_attention_cache.py --threads 1 2 --context 160 \
-        [--dtype float16] [--heads 12] [--head-dim 64] [--rounds 7] [--out X.json]
+        [--dtype float16] [--heads 12] [--head-dim 64] [--rounds 7] [--rows 1 5] \
+        [--out X.json]
 
 Per setting: microseconds per layer (median over rounds; the Python call, ~10-15 us, is
-included, as it is in a step) and the K/V bytes read per microsecond. Run two builds in
+included, as it is in a step) and the K/V bytes read per microsecond. ``--rows 1 5`` also
+times calls of 5 new tokens (a verification of 4 drafts: the last 5 positions of the
+context, causal among themselves) in the same rounds, alternated with the 1-row calls,
+and reports each setting's ratio to the 1-row call. Run two builds in
 alternation (``PYTHONPATH=<checkout>``) to compare kernels on a noisy machine.
 """
 
@@ -28,14 +32,14 @@ LAYERS = 12
 
 
 def measure(threads: int, context: int, dtype: torch.dtype, heads: int, head_dim: int,
-            rounds: int) -> dict:
+            rounds: int, rows: int = 1) -> dict:
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     cap = context + 16
     shape = (LAYERS, 1, cap, heads, head_dim)
     kc = torch.randn(shape, generator=g).to(dtype)
     vc = torch.randn(shape, generator=g).to(dtype)
-    q = torch.randn(1, 1, heads, head_dim, generator=g)
+    q = torch.randn(1, rows, heads, head_dim, generator=g)
     lens = torch.tensor([context], dtype=torch.int32)
     big = torch.empty(120_000_000, dtype=torch.uint8)
     op = torch.ops.llmcore.decode_attention
@@ -95,17 +99,39 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1],
+                    help="new tokens per call; several: each round runs each in turn")
     ap.add_argument("--out")
     a = ap.parse_args()
     dtype = getattr(torch, a.dtype)
     res = {"settings": {"context": a.context, "dtype": a.dtype, "heads": a.heads,
-                        "head_dim": a.head_dim, "layers": LAYERS, "rounds": a.rounds},
+                        "head_dim": a.head_dim, "layers": LAYERS, "rounds": a.rounds,
+                        "rows": a.rows},
            "threads": {}}
     for t in a.threads:
-        res["threads"][str(t)] = measure(t, a.context, dtype, a.heads, a.head_dim, a.rounds)
-        row = res["threads"][str(t)]
-        print(f"threads {t}: " + "  ".join(
-            f"{k} {v['us_per_layer']:.1f} us ({v['kv_GBps']:.1f} GB/s)" for k, v in row.items()))
+        # One round at a time per rows value, in turn, so the machine's swings fall on all.
+        runs: dict[int, list[dict]] = {r: [] for r in a.rows}
+        for _ in range(a.rounds):
+            for r in a.rows:
+                runs[r].append(measure(t, a.context, dtype, a.heads, a.head_dim, 1, r))
+        for r in a.rows:
+            row = {k: {"us_per_layer": statistics.median(x[k]["us_per_layer"] for x in runs[r]),
+                       "kv_GBps": statistics.median(x[k]["kv_GBps"] for x in runs[r]),
+                       "runs_us": [x[k]["us_per_layer"] for x in runs[r]]}
+                   for k in runs[r][0]}
+            if r != a.rows[0]:
+                base = res["threads"][str(t)] if len(a.rows) == 1 else \
+                    res["threads"][str(t)][f"rows_{a.rows[0]}"]
+                for k, v in row.items():
+                    v["ratio_to_rows_%d" % a.rows[0]] = v["us_per_layer"] / base[k]["us_per_layer"]
+            if len(a.rows) == 1:
+                res["threads"][str(t)] = row
+            else:
+                res["threads"].setdefault(str(t), {})[f"rows_{r}"] = row
+            print(f"threads {t} rows {r}: " + "  ".join(
+                f"{k} {v['us_per_layer']:.1f} us ({v['kv_GBps']:.1f} GB/s)"
+                + (f" {v['ratio_to_rows_%d' % a.rows[0]]:.2f}x" if r != a.rows[0] else "")
+                for k, v in row.items()))
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)

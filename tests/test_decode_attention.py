@@ -95,13 +95,15 @@ def test_decode_attention_empty(device):
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_decode_attention_row_independent_of_query_count(dtype, threads):
+@pytest.mark.parametrize("lq", [2, 3, 5, 6, 7, 9, 13])
+def test_decode_attention_row_independent_of_query_count(dtype, threads, lq):
     """A query row's output does not depend on how many rows share its call: the CPU
-    kernel reads K/V straight from the cache for a few rows per kv head and widens each
-    tile once for many, in the same order, so a decode step (1 row a head) and a verify
-    step (9 rows a head) give the last row the same bits."""
+    kernel reads K/V straight from the cache for a few rows per kv head (in blocks of
+    1-8 rows) and widens each tile once for many, in the same order, so a decode step
+    (1 row a head) and a verify step (lq rows a head) give every row the same bits: row r
+    of the verify step is the decode step at length L - lq + r + 1."""
     need_kernel_dtype(torch.device("cpu"), dtype)
-    b, hkv, d, cap, lq = 2, 3, 80, 70, 9
+    b, hkv, d, cap = 2, 3, 80, 70
     lengths = [70, 41]
     kc, vc = float_cache(b, cap, hkv, d, dtype, lengths)
     q = randn((b, lq, hkv, d), dtype)
@@ -110,12 +112,13 @@ def test_decode_attention_row_independent_of_query_count(dtype, threads):
     torch.set_num_threads(threads)
     try:
         many, lse_many = ops.decode_attention(q, kc, vc, seqlens, return_lse=True)
-        one, lse_one = ops.decode_attention(q[:, -1:].contiguous(), kc, vc, seqlens,
-                                            return_lse=True)
+        for r in range(lq):
+            one, lse_one = ops.decode_attention(q[:, r:r + 1].contiguous(), kc, vc,
+                                                seqlens - (lq - 1 - r), return_lse=True)
+            assert torch.equal(one[:, 0], many[:, r]), r
+            assert torch.equal(lse_one[..., 0], lse_many[..., r]), r
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(one[:, 0], many[:, -1])
-    assert torch.equal(lse_one[..., 0], lse_many[..., -1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)

@@ -10,15 +10,16 @@
 //            stored; more rows: each valid row is widened once into an fp32 tile, padded
 //            to D16 = 16 * ceil(D/16) with zeros, that all rows share. An empty row (past
 //            the split, or on an invalid page) is a zero row. Both give the same values.
-//   scores   blocks of up to 4 query rows x 4-16 keys (16 accumulators over D16), then a
+//   scores   blocks of 4 query rows (the last one 1-6) x 4-16 keys (16-24 accumulators), then a
 //            shuffle tree turns each row's accumulators into one vector of the 16 scores of
 //            the tile (no per-score horizontal sums). Every score is the same sum in the
 //            same order whatever the blocking, so a row's result does not depend on R.
 //   softmax  per query row: causal + validity mask, running max m and sum l; the fp32
 //            accumulator row is rescaled only when m grows; p = exp(s - m) (vector exp,
 //            range reduction + degree-6 polynomial + vscalefps, about 2 ulp).
-//   P.V      blocks of 8 or 4 query rows: each V vector feeds their FMAs with p broadcast;
-//            a single row holds up to 8 chunks of its accumulator and walks the keys.
+//   P.V      blocks of 8 query rows (the last one 4-8): each V vector feeds their FMAs with
+//            p broadcast; 1-3 rows go one at a time, each holding up to 8 chunks of its
+//            accumulator and walking the keys.
 #include "decode/decode_cpu_internal.h"
 
 #if defined(__x86_64__)
@@ -129,7 +130,7 @@ struct CacheRows {
 // query row's scores do not depend on how many rows share its task.
 template <int RB, int KG, class Ld>
 inline void scores(const float* q, int64_t d16, const Ld& ld, int64_t n, float* S) {
-  static_assert(KG % 4 == 0 && 16 % KG == 0 && RB * KG <= 16, "register blocking");
+  static_assert(KG % 4 == 0 && 16 % KG == 0 && RB * KG <= 24, "register blocking");
   const int64_t nd = d16 / 16;
   __m512 u[RB][4];
   for (int g = 0; g < 16 / KG; ++g) {
@@ -214,11 +215,17 @@ void pv_row(const float* P, const Ld& ld, int64_t n, float* O, int64_t d16) {
   }
 }
 
+// Blocks of 4 rows, the last block 1-6 rows, so that a verification of 4 or 5 drafts (5
+// or 6 rows a kv head) reads and widens each K chunk once: 5 x 4 or 6 x 4 accumulators
+// (plus 4 K vectors and the query's) still fit the 32 registers.
 template <class Ld>
 void scores_rows(const float* q, int64_t R, int64_t d16, const Ld& ld, int64_t n, float* S) {
   int64_t r = 0;
-  for (; r + 4 <= R; r += 4) scores<4, 4>(q + r * d16, d16, ld, n, S + 16 * r);
+  for (; R - r > 6; r += 4) scores<4, 4>(q + r * d16, d16, ld, n, S + 16 * r);
   switch (R - r) {
+    case 6: scores<6, 4>(q + r * d16, d16, ld, n, S + 16 * r); break;
+    case 5: scores<5, 4>(q + r * d16, d16, ld, n, S + 16 * r); break;
+    case 4: scores<4, 4>(q + r * d16, d16, ld, n, S + 16 * r); break;
     case 3: scores<3, 4>(q + r * d16, d16, ld, n, S + 16 * r); break;
     case 2: scores<2, 8>(q + r * d16, d16, ld, n, S + 16 * r); break;
     case 1: scores<1, 16>(q + r * d16, d16, ld, n, S + 16 * r); break;
@@ -226,11 +233,23 @@ void scores_rows(const float* q, int64_t R, int64_t d16, const Ld& ld, int64_t n
   }
 }
 
+// Blocks of 8 rows, the last block 4-8 rows in one pass over V (each V chunk read and
+// widened once for all of them); 1-3 rows go one at a time (pv_row: several chunks as
+// independent FMA chains, which 1-3 row accumulators would not give).
 template <bool Skip, class Ld>
 void pv_rows(const float* P, int64_t R, const Ld& ld, int64_t n, float* O, int64_t d16) {
   int64_t r = 0;
-  for (; r + 8 <= R; r += 8) accumulate_pv<8, Skip>(P + 16 * r, ld, n, O + r * d16, d16);
-  for (; r + 4 <= R; r += 4) accumulate_pv<4, Skip>(P + 16 * r, ld, n, O + r * d16, d16);
+  for (; R - r > 8; r += 8) accumulate_pv<8, Skip>(P + 16 * r, ld, n, O + r * d16, d16);
+  const float* Pr = P + 16 * r;
+  float* Or = O + r * d16;
+  switch (R - r) {
+    case 8: accumulate_pv<8, Skip>(Pr, ld, n, Or, d16); return;
+    case 7: accumulate_pv<7, Skip>(Pr, ld, n, Or, d16); return;
+    case 6: accumulate_pv<6, Skip>(Pr, ld, n, Or, d16); return;
+    case 5: accumulate_pv<5, Skip>(Pr, ld, n, Or, d16); return;
+    case 4: accumulate_pv<4, Skip>(Pr, ld, n, Or, d16); return;
+    default: break;
+  }
   for (; r < R; ++r) pv_row<Skip>(P + 16 * r, ld, n, O + r * d16, d16);
 }
 
