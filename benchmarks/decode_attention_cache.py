@@ -123,14 +123,14 @@ def main() -> None:
                 base = res["threads"][str(t)] if len(a.rows) == 1 else \
                     res["threads"][str(t)][f"rows_{a.rows[0]}"]
                 for k, v in row.items():
-                    v["ratio_to_rows_%d" % a.rows[0]] = v["us_per_layer"] / base[k]["us_per_layer"]
+                    v[f"ratio_to_rows_{a.rows[0]}"] = v["us_per_layer"] / base[k]["us_per_layer"]
             if len(a.rows) == 1:
                 res["threads"][str(t)] = row
             else:
                 res["threads"].setdefault(str(t), {})[f"rows_{r}"] = row
             print(f"threads {t} rows {r}: " + "  ".join(
                 f"{k} {v['us_per_layer']:.1f} us ({v['kv_GBps']:.1f} GB/s)"
-                + (f" {v['ratio_to_rows_%d' % a.rows[0]]:.2f}x" if r != a.rows[0] else "")
+                + (f" {v[f'ratio_to_rows_{a.rows[0]}']:.2f}x" if r != a.rows[0] else "")
                 for k, v in row.items()))
     if a.out:
         with open(a.out, "w") as f:

@@ -239,6 +239,33 @@ def test_rows_summary_and_table_arithmetic():
     assert "| - |" in vs.markdown_table([{**s, "prefill512_llmcore_tps": None}])
 
 
+def test_verify_rows_give_the_cost_in_decode_steps():
+    # per round: V x (decode tok/s) / (verify tok/s) = ms of the call / ms per token
+    ours = [{"decode": 100.0, "prefill": {}, "verify": 250.0},   # 2.0 steps
+            {"decode": 50.0, "prefill": {}, "verify": 100.0},    # 2.5
+            {"decode": 100.0, "prefill": {}, "verify": 400.0}]   # 1.25
+    theirs = [{"decode": 100.0, "prefill": {}, "verify": 125.0},  # 4.0
+              {"decode": 100.0, "prefill": {}, "verify": 100.0},  # 5.0
+              {"decode": 100.0, "prefill": {}, "verify": 250.0}]  # 2.0
+    wb = {"llmcore": 1, "llama.cpp": 1}
+    rows = vs.make_rows("110M", "mxint4", 1, ours, theirs, wb, verify=5)
+    ver = {r.method: r for r in rows if r.extra["test"] == "verify 5"}
+    assert ver["llmcore"].extra["cost_in_decode_steps"] == pytest.approx(2.0)  # median
+    assert ver["llama.cpp"].extra["cost_in_decode_steps"] == pytest.approx(4.0)
+    assert ver["llmcore"].metric == 250.0 and ver["llmcore"].ms == pytest.approx(20.0)
+    (s,) = vs.summarize(rows, {})
+    assert s["verify5_cost_llmcore"] == pytest.approx(2.0)
+    assert s["verify5_cost_llamacpp"] == pytest.approx(4.0)
+    assert s["verify5_ratio"] == pytest.approx(250 / 125)
+    table = vs.markdown_table([s], prefill=(), verify=5)
+    assert "verify 5: decode steps" in table.splitlines()[0]
+    assert table.splitlines()[2].rstrip().endswith("| 2.00 / 4.00 |")
+    # without verify figures (or verify=0) no verify row and no column
+    rows = vs.make_rows("110M", "mxint4", 1, ours, theirs, wb)
+    assert not [r for r in rows if r.extra["test"].startswith("verify")]
+    assert "verify" not in vs.markdown_table(vs.summarize(rows, {}), prefill=())
+
+
 def test_plot_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
     rows = vs.make_rows("110M", "mxint4", 1, [{"decode": 1.0, "prefill": {64: 2.0}}],
@@ -308,6 +335,7 @@ def test_end_to_end_quick(tmp_path):
         assert s["decode_llmcore_tps"] > 0 and s["decode_llamacpp_tps"] > 0
         assert s["prefill32_ratio"] > 0 and s["prefill64_ratio"] > 0
         assert s["rss_mb_llamacpp"] > 0 and s["rss_mb_llmcore"] > 0
+        assert s["verify5_cost_llmcore"] > 0 and s["verify5_cost_llamacpp"] > 0
     files = res["extra"]["files"]
     assert "Q8_0" in files["ckpt mxint8"]["tensor_types"]
     assert "Q4_0" in files["ckpt mxint4"]["tensor_types"]
@@ -323,6 +351,7 @@ class Llama:
     def __init__(self, model_path, n_ctx, n_batch, n_threads, n_threads_batch, verbose):
         assert n_ctx >= n_batch and n_threads == n_threads_batch
         self.n = 0
+        self.n_tokens = 0
     def n_vocab(self):
         return 100
     def reset(self):
@@ -339,8 +368,9 @@ def test_python_binding_round_and_memory(tmp_path, monkeypatch):
     (tmp_path / "llama_cpp.py").write_text(FAKE_LLAMA_CPP)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     lc = vs.LlamaCpp("python")
-    s = vs.Settings(prompt=8, decode=4, prefill=(16, 32), threads=(1,), rounds=1)
+    s = vs.Settings(prompt=8, decode=4, prefill=(16, 32), threads=(1,), rounds=1, verify=3,
+                    verify_reps=2)
     r = vs.llamacpp_round(lc, tmp_path / "m.gguf", 2, s)
     assert set(r["prefill"]) == {16, 32} and 0 < r["decode"] < 1000  # ~1 ms a token
-    assert 0 < r["prefill"][32] < 1000
+    assert 0 < r["prefill"][32] < 1000 and 0 < r["verify"] < 1000
     assert vs.llamacpp_memory(lc, tmp_path / "m.gguf")["peak_rss_mb"] > 1

@@ -15,6 +15,12 @@ Per (model, pair, threads), batch 1:
             read per token (every weight once, the input embedding only when it is the
             head too) x tokens/s
   prefill   P tokens into an empty cache (``-p P``), tokens/s
+  verify    V new tokens at once after the P-token prompt (``-p V -d P``; llmcore: one
+            cached forward call of V tokens, the call that scores V - 1 drafts in assisted
+            generation, rolled back each time), as its cost in single-token decode steps:
+            (ms of the call) / (ms per decoded token). llmcore computes the logits of all
+            V positions (assisted generation needs them), llama.cpp only the last one's
+            (llama-bench's batch), so its figure is a lower bound of a real verification
   (the KV cache holds 16 bits per element on both sides: llama.cpp's default F16 cache,
   llmcore's ``storage="float16"`` for an fp32 model, its own dtype for a bf16 one)
   memory    peak resident set of a fresh process that loaded the model and ran one token
@@ -91,6 +97,8 @@ class Settings:
     prefill: tuple[int, ...] = (128, 512)
     threads: tuple[int, ...] = (1, 2)
     rounds: int = 3
+    verify: int = 5  # tokens of one verification call (gamma = 4 drafts); 0: not measured
+    verify_reps: int = 8  # timed calls per round (a median)
 
     @classmethod
     def quick(cls, threads=(1, 2)) -> Settings:
@@ -455,9 +463,14 @@ def parse_llama_bench(text: str) -> list[dict]:
     return out
 
 
-def _pick(records: list[dict], n_prompt: int, n_gen: int, n_depth: int) -> float:
+def _pick(records: list[dict], n_prompt: int, n_gen: int, n_depth: int,
+          median: bool = False) -> float:
+    """Tokens/s of the record of that test: its mean, or (``median``) the median of its
+    samples (llama-bench's samples_ts, when there)."""
     for r in records:
         if (r["n_prompt"], r["n_gen"], r["n_depth"]) == (n_prompt, n_gen, n_depth):
+            if median and r.get("samples_ts"):
+                return float(statistics.median(r["samples_ts"]))
             return float(r["avg_ts"])
     raise ValueError(f"llama-bench gave no pp{n_prompt} tg{n_gen} d{n_depth} record")
 
@@ -465,7 +478,8 @@ def _pick(records: list[dict], n_prompt: int, n_gen: int, n_depth: int) -> float
 _PY_BENCH = r"""
 import json, sys, time, llama_cpp
 path, threads, prefill, prompt, n = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-ctx = max(prefill + [prompt + n]) + 8
+verify, reps = (int(sys.argv[6]), int(sys.argv[7])) if len(sys.argv) > 7 else (0, 0)
+ctx = max(prefill + [prompt + n, prompt + verify]) + 8
 llm = llama_cpp.Llama(model_path=path, n_ctx=ctx, n_batch=max(prefill + [prompt]), n_threads=threads, n_threads_batch=threads, verbose=False)
 V = llm.n_vocab()
 out = []
@@ -481,6 +495,14 @@ for rep in range(2):
         llm.eval([tok])
     dt = time.perf_counter() - t0
 out.append({"n_prompt": 0, "n_gen": n, "n_depth": prompt, "n_threads": threads, "avg_ts": n / dt})
+if verify:
+    llm.reset(); llm.eval([(i * 7919) % (V - 3) + 3 for i in range(prompt)])
+    samples = []
+    for rep in range(reps + 1):  # a warm-up, then reps timed calls at the same depth
+        llm.n_tokens = prompt; t0 = time.perf_counter(); llm.eval([5] * verify)
+        samples.append(verify / (time.perf_counter() - t0))
+    out.append({"n_prompt": verify, "n_gen": 0, "n_depth": prompt, "n_threads": threads,
+                "avg_ts": sum(samples[1:]) / reps, "samples_ts": samples[1:]})
 print(json.dumps(out))
 """
 
@@ -502,25 +524,33 @@ def _llama_bench(lc: LlamaCpp, args: list[str]) -> subprocess.CompletedProcess:
 
 
 def llamacpp_round(lc: LlamaCpp, gguf: Path, threads: int, s: Settings) -> dict:
-    """One warm-up and one timed run of each test: {"decode": tok/s, "prefill": {P: tok/s},
-    "build": ...}."""
+    """One warm-up and one timed run of each test (the verify call: s.verify_reps timed
+    runs, their median): {"decode": tok/s, "prefill": {P: tok/s}, "verify": tok/s (with
+    s.verify), "build": ...}."""
     if lc.kind == "python":
         r = _run([sys.executable, "-c", _PY_BENCH, str(gguf), str(threads),
-                  json.dumps(list(s.prefill)), str(s.prompt), str(s.decode)])
+                  json.dumps(list(s.prefill)), str(s.prompt), str(s.decode), str(s.verify),
+                  str(s.verify_reps)])
         if r.returncode != 0:
             raise RuntimeError(f"llama_cpp bench failed: {_last_line(r.stderr)}")
         recs = parse_llama_bench(r.stdout)
     else:
         recs = []
-        for args in (["-p", ",".join(map(str, s.prefill)), "-n", "0", "-d", "0"],
-                     ["-p", "0", "-n", str(s.decode), "-d", str(s.prompt)]):
-            r = _llama_bench(lc, [*args, "-m", str(gguf), "-t", str(threads), "-r", "1",
-                                  "-o", "json"])
+        runs = [["-p", ",".join(map(str, s.prefill)), "-n", "0", "-d", "0", "-r", "1"],
+                ["-p", "0", "-n", str(s.decode), "-d", str(s.prompt), "-r", "1"]]
+        if s.verify:
+            runs.append(["-p", str(s.verify), "-n", "0", "-d", str(s.prompt),
+                         "-r", str(s.verify_reps)])
+        for args in runs:
+            r = _llama_bench(lc, [*args, "-m", str(gguf), "-t", str(threads), "-o", "json"])
             recs += parse_llama_bench(r.stdout)
     build = {k: recs[0][k] for k in ("build_commit", "build_number", "cpu_info", "backends")
              if k in recs[0]}
-    return {"decode": _pick(recs, 0, s.decode, s.prompt),
-            "prefill": {p: _pick(recs, p, 0, 0) for p in s.prefill}, "build": build}
+    out = {"decode": _pick(recs, 0, s.decode, s.prompt),
+           "prefill": {p: _pick(recs, p, 0, 0) for p in s.prefill}, "build": build}
+    if s.verify:
+        out["verify"] = _pick(recs, s.verify, 0, s.prompt, median=True)
+    return out
 
 
 def _wait_rss(cmd: list[str]) -> tuple[int, str, float]:
@@ -590,6 +620,18 @@ def llmcore_round(model, threads: int, s: Settings, warmup: bool = True) -> dict
         if new.shape[1] != n:
             raise RuntimeError(f"decode_greedy gave {new.shape[1]} tokens, not {n}")
     out["decode"] = s.decode / dt
+    if s.verify:
+        cache.reset()
+        model(prompt, cache=cache, prefill=True, logits_to_keep=1)
+        n0 = cache.lengths[0]
+        ids = torch.randint(0, vocab, (1, s.verify), generator=g)
+        times = []
+        for _ in range(s.verify_reps + (1 if warmup else 0)):
+            t0 = time.perf_counter()
+            model(ids, cache=cache)  # every position's logits, as assisted generation
+            times.append(time.perf_counter() - t0)
+            cache.rollback(n0)
+        out["verify"] = s.verify / statistics.median(times[1:] if warmup else times)
     return out
 
 
@@ -628,9 +670,11 @@ def llmcore_memory(model_dir: Path, pair: str) -> dict:
 # Rows, summary, table
 # ---------------------------------------------------------------------------------------
 def make_rows(model: str, pair: str, threads: int, ours: list[dict], theirs: list[dict],
-              weight_bytes: dict) -> list[Row]:
+              weight_bytes: dict, verify: int = 0) -> list[Row]:
     """Rows (method "llmcore" / "llama.cpp") of one (model, pair, threads) from the rounds'
-    results; each figure is the median over the rounds."""
+    results; each figure is the median over the rounds. With ``verify`` (V), the rounds'
+    "verify" figures (tokens/s of one call of V tokens) add a row whose extra holds the
+    call's cost in single-token decode steps."""
     gguf_type = PAIRS[pair][2]
     rows = []
     for method, runs, label in (("llmcore", ours, pair), ("llama.cpp", theirs, gguf_type)):
@@ -649,13 +693,24 @@ def make_rows(model: str, pair: str, threads: int, ours: list[dict], theirs: lis
                             extra={"model": model, "pair": pair, "format": label,
                                    "threads": threads, "test": f"prefill {p}",
                                    "samples_tps": [r["prefill"][p] for r in runs]}))
+        if verify:
+            # Per round: the call's ms over that round's ms per decoded token; the median.
+            cost = statistics.median(verify * r["decode"] / r["verify"] for r in runs)
+            tps = statistics.median(r["verify"] for r in runs)
+            rows.append(Row("vs-llamacpp", f"{model} {pair}/{gguf_type} t={threads} verify "
+                            f"{verify}", method, verify * 1e3 / tps, metric=tps, unit="tok/s",
+                            extra={"model": model, "pair": pair, "format": label,
+                                   "threads": threads, "test": f"verify {verify}",
+                                   "samples_tps": [r["verify"] for r in runs],
+                                   "cost_in_decode_steps": cost}))
     add_ratios(rows, BASELINES)
     return rows
 
 
 def summarize(rows: list[Row], memory: dict) -> list[dict]:
     """One dict per (model, pair, threads): tokens/s of both engines, llmcore / llama.cpp
-    ratios (> 1: llmcore faster), weight GB/s and memory (``memory[(model, pair)]``)."""
+    ratios (> 1: llmcore faster), weight GB/s, memory (``memory[(model, pair)]``) and the
+    verification call's cost in decode steps (``verifyV_cost_llmcore`` / ``_llamacpp``)."""
     out: dict[tuple, dict] = {}
     for r in rows:
         e = r.extra
@@ -667,6 +722,8 @@ def summarize(rows: list[Row], memory: dict) -> list[dict]:
         s[f"{test}_{who}_tps"] = r.metric
         if "weight_GBps" in e:
             s[f"weight_GBps_{who}"] = e["weight_GBps"]
+        if "cost_in_decode_steps" in e:
+            s[f"{test}_cost_{who}"] = e["cost_in_decode_steps"]
     for s in out.values():
         for k in [k for k in s if k.endswith("_llmcore_tps")]:
             test = k.removesuffix("_llmcore_tps")
@@ -681,8 +738,10 @@ def summarize(rows: list[Row], memory: dict) -> list[dict]:
     return list(out.values())
 
 
-def markdown_table(summary: list[dict], prefill=(128, 512)) -> str:
-    """The summary as a markdown table: llmcore / llama.cpp (ratio) per column."""
+def markdown_table(summary: list[dict], prefill=(128, 512), verify: int = 0) -> str:
+    """The summary as a markdown table: llmcore / llama.cpp (ratio) per column; with
+    ``verify`` a column of the verification call's cost in decode steps (llmcore /
+    llama.cpp; lower is better)."""
     def pair(s, test, fmt="{:.1f}"):
         a, b = s.get(f"{test}_llmcore_tps"), s.get(f"{test}_llamacpp_tps")
         if a is None or b is None:
@@ -690,7 +749,8 @@ def markdown_table(summary: list[dict], prefill=(128, 512)) -> str:
         return f"{fmt.format(a)} / {fmt.format(b)} ({a / b:.2f}x)"
 
     head = ["model", "llmcore / llama.cpp", "threads", "decode tok/s",
-            *[f"prefill {p} tok/s" for p in prefill], "decode weight GB/s", "RSS MB"]
+            *[f"prefill {p} tok/s" for p in prefill], "decode weight GB/s", "RSS MB",
+            *([f"verify {verify}: decode steps"] if verify else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
         gbps = (f"{s['weight_GBps_llmcore']:.1f} / {s['weight_GBps_llamacpp']:.1f}"
@@ -700,6 +760,9 @@ def markdown_table(summary: list[dict], prefill=(128, 512)) -> str:
         cells = [s["model"], f"{s['pair']} / {s['llamacpp_type']}", str(s["threads"]),
                  pair(s, "decode"), *[pair(s, f"prefill{p}", "{:.0f}") for p in prefill],
                  gbps, rss]
+        if verify:
+            a, b = (s.get(f"verify{verify}_cost_{w}") for w in ("llmcore", "llamacpp"))
+            cells.append(f"{a:.2f} / {b:.2f}" if a is not None and b is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -734,13 +797,16 @@ def run(device: torch.device, quick: bool = False, progress_factory=None, *,
         llamacpp: str | None = None, converter: str | None = None, model_dir: str | None = None,
         models=None, pairs=None, threads=None, rounds: int | None = None,
         prompt: int | None = None, decode: int | None = None, prefill=None,
-        workdir: str | None = None, note: str | None = None, echo=print) -> dict:
+        verify: int | None = None, workdir: str | None = None, note: str | None = None,
+        echo=print) -> dict:
     plan = parse_plan(models, pairs, model_dir, quick)
     s = Settings.quick() if quick else Settings()
     for name, value in (("threads", threads), ("rounds", rounds), ("prompt", prompt),
                         ("decode", decode), ("prefill", prefill)):
         if value:
             setattr(s, name, tuple(value) if isinstance(value, list) else value)
+    if verify is not None:  # 0 turns the verification call off
+        s.verify = verify
     lc = find_llamacpp(llamacpp)
     if lc is None:
         return {"rows": [], "baselines": BASELINES, "skipped": SKIP_MESSAGE,
@@ -770,7 +836,7 @@ def run(device: torch.device, quick: bool = False, progress_factory=None, *,
                     theirs.append(llamacpp_round(lc, gguf, t, s))
                     build = theirs[-1].pop("build") or build
                     pbar.update(1)
-                rows += make_rows(name, pair, t, ours, theirs, wb)
+                rows += make_rows(name, pair, t, ours, theirs, wb, s.verify)
             del model
             memory[(name, pair)] = {"llmcore": llmcore_memory(src, pair),
                                     "llamacpp": llamacpp_memory(lc, gguf)}
@@ -778,9 +844,10 @@ def run(device: torch.device, quick: bool = False, progress_factory=None, *,
     pbar.close()
     load_avg.append(os.getloadavg())
     summary = summarize(rows, memory)
-    text = markdown_table(summary, s.prefill)
+    text = markdown_table(summary, s.prefill, s.verify)
     extra = {"settings": {"prompt": s.prompt, "decode": s.decode, "prefill": list(s.prefill),
-                          "threads": list(s.threads), "rounds": s.rounds, "batch": 1},
+                          "threads": list(s.threads), "rounds": s.rounds, "batch": 1,
+                          "verify": s.verify, "verify_reps": s.verify_reps},
              "llamacpp": {"kind": lc.kind, "bench": lc.bench, "quantize": lc.quantize,
                           **lc.info, **build},
              "files": files, "summary": summary,
@@ -788,6 +855,9 @@ def run(device: torch.device, quick: bool = False, progress_factory=None, *,
              "load_average_start_end": load_avg, "note": note,
              "notes": ["prefill: both engines compute the logits of the last prompt position "
                        "only (llmcore: logits_to_keep=1)",
+                       "verify: one call of V new tokens after the prompt, as its ms over the "
+                       "same round's ms per decoded token; llmcore computes all V positions' "
+                       "logits (assisted generation needs them), llama-bench the last one's",
                        "RSS: whole process (llmcore: Python, torch and the model; "
                        "llama.cpp: llama-bench with the GGUF mmapped), after one token"]}
     return {"rows": rows, "baselines": BASELINES, "extra": extra, "text": text,

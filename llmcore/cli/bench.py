@@ -28,7 +28,8 @@ output:
 
 vs-llamacpp (run only when named):
   llmcore beside llama.cpp on the same checkpoints (CPU, batch 1): decode and prefill
-  tokens/s, ratios, weight GB/s and resident memory, engines interleaved, medians.
+  tokens/s, ratios, weight GB/s, resident memory and the cost of a verification call of
+  --verify tokens in decode steps, engines interleaved, medians.
   llama.cpp comes from --llamacpp DIR (a build holding llama-bench and llama-quantize),
   $LLMCORE_LLAMACPP, or `pip install llama-cpp-python`; without one the suite is skipped.
     llmcore bench vs-llamacpp --llamacpp ~/llama.cpp/build --quick
@@ -86,6 +87,9 @@ def add_parser(subparsers):
                    "--quick: 16)")
     v.add_argument("--prefill", type=int_list, metavar="P[,P...]", help="prefill lengths "
                    "(default 128,512; --quick: 64)")
+    v.add_argument("--verify", type=int_at_least(0), metavar="V", help="tokens of the "
+                   "verification call timed after the prompt, as its cost in decode steps "
+                   "(default 5: gamma = 4 drafts; 0: not timed)")
     v.add_argument("--workdir", metavar="DIR", help="where checkpoints and GGUF files are "
                    "made and kept (default: <tmp>/llmcore-vs-llamacpp)")
     v.add_argument("--note", help="a note stored in the JSON (e.g. 'shared machine')")
@@ -110,8 +114,8 @@ def _suite_options(args, names) -> dict:
     if assisted:
         return assisted
     own = {k: getattr(args, k) for k in ("llamacpp", "converter", "model", "models", "pairs",
-                                         "rounds", "prompt", "decode", "prefill", "workdir",
-                                         "note")}
+                                         "rounds", "prompt", "decode", "prefill", "verify",
+                                         "workdir", "note")}
     if "vs-llamacpp" not in names:
         given = [f"--{k}" for k, v in own.items() if v is not None]
         if given:
