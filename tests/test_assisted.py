@@ -83,6 +83,25 @@ def test_greedy_equals_plain_greedy(target, drafts, kind, schedule):
         assert st.draft_calls > 0
 
 
+def test_runs_under_inference_mode_when_the_caller_records_gradients(target, drafts):
+    """Called with gradients on (no torch.no_grad around it), assisted generation still
+    runs both models under inference mode, as generate does: a quantised target then takes
+    the fused decode path instead of autograd's (which re-laid a tiled weight out on every
+    call: 14x slower for a trained 41.5M MXINT8 target)."""
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append(
+        (torch.is_inference_mode_enabled(), torch.is_grad_enabled()))) for m in
+        (target, drafts["random"])]
+    try:
+        assert torch.is_grad_enabled()
+        out, _ = assisted_generate(target, drafts["random"], torch.randint(0, 256, (1, 9)), 12)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(seen) > 2 and all(inf and not grad for inf, grad in seen)
+    assert out.is_inference()
+
+
 @pytest.mark.parametrize("kind", ["random", "self-mxint8", "self-mxint4"])
 def test_greedy_proposals_in_one_loop_call_equal_the_token_loop(target, drafts, kind):
     """A model drafter at temperature 0 drafts its K proposals with one decode_greedy call

@@ -215,6 +215,7 @@ def _check_proposals(toks, qs, ks, asked: list[int], vocab: int) -> None:
                          f"{vocab}] or None, got {got}")
 
 
+@torch.inference_mode()
 def assisted_generate(model, draft_model, input_ids: torch.Tensor, max_new_tokens: int,
                       num_draft_tokens: int = 5, schedule: str = "heuristic",
                       temperature: float = 0.0, top_k: int | None = None,
@@ -253,7 +254,10 @@ def assisted_generate(model, draft_model, input_ids: torch.Tensor, max_new_token
     -------
     (tokens, stats): tokens as :func:`generate` returns them (LongTensor [batch,
     prompt_len + n_new], rows that stopped early padded as ``generate`` pads them:
-    :func:`~llmcore.generation.generate.pad_token`), and :class:`AssistedStats`.
+    :func:`~llmcore.generation.generate.pad_token`), and :class:`AssistedStats`. Runs
+    under ``torch.inference_mode`` as :func:`generate` does (the fused CPU decode path
+    needs it: with gradients recorded, a quantised target's every linear would go through
+    autograd and re-lay its tiled weight out on each call).
     """
     t0 = time.perf_counter()
     if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) \
