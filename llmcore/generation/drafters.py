@@ -116,22 +116,28 @@ class ModelDrafter:
         # catch up: each row feeds what its cache lacks (1 token, or 2 after a bonus token)
         have = self.cache.lengths
         tails = [s[n:] if k > 0 else [] for s, n, k in zip(seqs, have, ks, strict=True)]
+        loop = getattr(self.model, "decode_greedy", None)
+        if (greedy and loop is not None and all(k == K for k in ks) and all(tails)
+                and self.model.config.vocab_size == self.vocab):
+            # Greedy proposals from one call of the draft's own greedy loop (on the CPU one
+            # op for all K steps), started at each row's last token, after a forward of the
+            # tokens before it (a bonus token's predecessor) when there are any: the same
+            # tokens and cache as the loop below (argmax over the whole vocabulary is argmax
+            # over the fitted logits when the vocabularies match), without Python, a logits
+            # tensor and a host sync per drafted token.
+            before_last = [t[:-1] for t in tails]
+            if any(before_last):
+                feed(self.model, self.cache, before_last, self.device, logits=False)
+                self.calls += 1
+            last_tok = torch.tensor([t[-1] for t in tails], dtype=torch.int64,
+                                    device=self.device)
+            self.calls += K
+            return loop(last_tok, self.cache, K), qs, list(ks)
         logits = feed(self.model, self.cache, tails, self.device)
         self.calls += 1
         last = torch.tensor([max(len(t) - 1, 0) for t in tails], device=self.device)
         rows = torch.arange(B, device=self.device)
         step_logits = logits[rows, last]
-        loop = getattr(self.model, "decode_greedy", None)
-        if (greedy and K > 1 and loop is not None and all(k == K for k in ks)
-                and self.model.config.vocab_size == self.vocab):
-            # The rest of the greedy proposals in one call of the draft's own greedy loop
-            # (on the CPU one op for all K - 1 steps): the same tokens and cache as the loop
-            # below (argmax over the whole vocabulary is argmax over the fitted logits when
-            # the vocabularies match), without Python and a host sync per drafted token.
-            toks[:, 0] = argmax(self._fit_vocab(step_logits))
-            toks[:, 1:] = loop(toks[:, 0], self.cache, K - 1)
-            self.calls += K - 1
-            return toks, qs, list(ks)
         for j in range(K):
             fitted = self._fit_vocab(step_logits)
             if greedy:
