@@ -5,6 +5,7 @@ import importlib
 import json
 import math
 import os
+import shutil
 import pkgutil
 import subprocess
 import sys
@@ -119,6 +120,8 @@ def test_bench_assisted_quick(tmp_path):
             assert "plain greedy" in r.ratios
             assert e["new_tokens"] == e["accepted"] + e["target_tokens"] == 24
             assert e["predicted_speedup"] > 0 and e["draft_cost_ratio"] >= 0
+            # measured against the plain runs alternated with this row's own
+            assert r.ratios["plain greedy"] == pytest.approx(e["plain_s_alternated"] * 1e3 / r.ms)
     assert "predicted" in res["text"]
     folder = tmp_path / os.listdir(tmp_path)[0]
     assert json.loads((folder / "assisted.json").read_text())["rows"]
@@ -276,3 +279,38 @@ def test_cli_bug_prints_traceback_and_hint(monkeypatch, capsys):
     assert cli.main(["info"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "IndexError" in err and "please report it" in err
+
+
+def test_bench_assisted_trained_pair_quick(tmp_path):
+    """--target/--draft: two model directories sharing a tokenizer, held-out stdlib prompts,
+    every output equal to plain greedy, each row's speed-up from its alternated plain runs;
+    a draft with another vocabulary is refused."""
+    from llmcore.bench.assisted import run_trained
+    from llmcore.data.corpus import stdlib_documents
+    from llmcore.models import Transformer, TransformerConfig
+    from llmcore.tokenizer import train_tokenizer
+
+    texts = [d.text for d in stdlib_documents("train", 0.05)][:40]
+    tok_dir = train_tokenizer(texts, 300, tmp_path / "tok", show_progress=False)
+    vocab = 300
+    for name, seed, layers in (("target", 0, 2), ("draft", 1, 1)):
+        torch.manual_seed(seed)
+        m = Transformer(TransformerConfig.from_name("tiny", vocab_size=vocab, n_layers=layers))
+        m.save_pretrained(str(tmp_path / name))
+        for f in os.listdir(tok_dir):
+            shutil.copy(tok_dir / f, tmp_path / name / f)
+    res = run_trained(torch.device("cpu"), tmp_path / "target", tmp_path / "draft", [2],
+                      quick=True, schedule="constant")
+    rows = res["rows"]
+    assert {r.case for r in rows} == {"B=1 trained target fp32", "B=1 trained target mxint8"}
+    assisted = [r for r in rows if r.method != "plain greedy"]
+    assert len(assisted) == 4  # two targets x two draft precisions x one gamma
+    for r in assisted:
+        e = r.extra
+        assert e["num_draft_tokens"] == 2 and e["new_tokens"] == 2 * 24  # two prompts
+        assert r.ratios["plain greedy"] == pytest.approx(e["plain_s_alternated"] * 1e3 / r.ms)
+    torch.manual_seed(2)
+    Transformer(TransformerConfig.from_name("tiny", vocab_size=vocab + 64)).save_pretrained(
+        str(tmp_path / "other"))
+    with pytest.raises(ValueError, match="vocab_size"):
+        run_trained(torch.device("cpu"), tmp_path / "target", tmp_path / "other", quick=True)

@@ -12,9 +12,10 @@ the plain greedy output. Drafters:
 Each row reports the acceptance rate, α (per-proposal acceptance), tokens per target call,
 the mean draft length γ, the draft's cost per token c relative to the target's (measured by
 decoding with the draft alone), and the speedup predicted by (1 − α^(γ+1)) / ((1 − α)(γc + 1))
-next to the measured one. Random weights say nothing about the acceptance a trained draft
-reaches on real text; the formula column shows what the measured machinery turns a given α
-into. Quick: the tiny preset, 24 new tokens.
+next to the measured one: against plain greedy runs alternated with the row's own (A, B,
+A, B, medians), so that a shared machine's drift falls on both. Random weights say nothing
+about the acceptance a trained draft reaches on real text; the formula column shows what
+the measured machinery turns a given α into. Quick: the tiny preset, 24 new tokens.
 
 With ``target_dir`` and ``draft_dir`` (``--target DIR --draft DIR``: model directories as
 ``llmcore train`` saves them, sharing one tokenizer) the suite measures a trained pair
@@ -80,16 +81,33 @@ def _verify_cost(target, cache, prompt: torch.Tensor, tokens: int, t_step: float
     return _median_s(call, 5, device)[0] / t_step
 
 
-def _median_s(fn, runs: int, device: torch.device) -> tuple[float, object]:
-    times, out = [], None
+def _alternated_s(fns, runs: int, device: torch.device) -> list[tuple[float, object]]:
+    """(median seconds, last output) of each of ``fns``, run in turn ``runs`` times (A, B,
+    A, B, ...), so that a shared machine's drift falls on all of them alike."""
+    times: list[list[float]] = [[] for _ in fns]
+    outs: list[object] = [None] * len(fns)
     for _ in range(runs):
-        t0 = time.perf_counter()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2], out
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            outs[i] = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[i].append(time.perf_counter() - t0)
+    return [(sorted(t)[len(t) // 2], o) for t, o in zip(times, outs, strict=True)]
+
+
+def _median_s(fn, runs: int, device: torch.device) -> tuple[float, object]:
+    """(median seconds, last output) of ``runs`` calls of ``fn``."""
+    return _alternated_s([fn], runs, device)[0]
+
+
+def _set_alternated_ratios(rows: list[Row]) -> None:
+    """After add_ratios: an assisted row's speed-up over plain greedy from the plain runs
+    alternated with its own (extra["plain_s_alternated"]), not the case's plain row timed
+    apart from it."""
+    for r in rows:
+        if "plain_s_alternated" in r.extra and r.ms > 0:
+            r.ratios["plain greedy"] = r.extra["plain_s_alternated"] * 1e3 / r.ms
 
 
 def plan(quick: bool) -> tuple[str, int, int, int]:
@@ -159,8 +177,10 @@ def run(device: torch.device, quick: bool = False, progress_factory=None,
             c = d_s / new / t_step
         tick()
         p = prompts[case]
-        s, (out, st) = _median_s(lambda draft=draft, p=p, draft_kv=draft_kv: assisted_generate(
-            target, draft, p, new, draft_cache_storage=draft_kv), runs, device)
+        (s, (out, st)), (plain_s, _) = _alternated_s(
+            [lambda draft=draft, p=p, draft_kv=draft_kv: assisted_generate(
+                target, draft, p, new, draft_cache_storage=draft_kv),
+             lambda p=p: generate(target, p, new)], runs, device)
         tick()
         if not torch.equal(out, plain[case][1]):
             raise RuntimeError(f"assisted generation with {name} differs from plain greedy")
@@ -172,10 +192,12 @@ def run(device: torch.device, quick: bool = False, progress_factory=None,
                         unit="tok/s",
                         extra={**st.as_dict(), "draft_cost_ratio": c, "predicted_speedup": pred,
                                "verify_cost_ratio": v, "predicted_speedup_measured_verify": pred_v,
-                               "preset": preset, "new": new, "draft_kv_cache": draft_kv}))
+                               "preset": preset, "new": new, "draft_kv_cache": draft_kv,
+                               "plain_s_alternated": plain_s}))
         del draft
     pbar.close()
     add_ratios(rows, BASELINES)
+    _set_alternated_ratios(rows)
     lines = ["c: draft cost per token / target's; v: one verification call / one target step",
              "predicted: (1 - a^(g+1)) / ((1 - a)(g c + 1)); with v: the same with v for the 1",
              "method                  case        accept  alpha  tok/call  gamma   c     v    "
@@ -326,14 +348,16 @@ def run_trained(device: torch.device, target_dir, draft_dir, draft_tokens=None,
             pbar.update()
             for g in gammas:
                 name = f"trained draft {dname} g={g}"
-                secs, stats = 0.0, []
+                secs, plain_alt, stats = 0.0, 0.0, []
                 for (src, p), want in zip(prompts, plain_out, strict=True):
-                    s, (out, st) = _median_s(lambda p=p, draft=draft, g=g, target=target: assisted_generate(
-                        target, draft, p, new, num_draft_tokens=g, schedule=schedule), runs, device)
+                    (s, (out, st)), (ps, _) = _alternated_s(
+                        [lambda p=p, draft=draft, g=g, target=target: assisted_generate(
+                            target, draft, p, new, num_draft_tokens=g, schedule=schedule),
+                         lambda p=p, target=target: generate(target, p, new)], runs, device)
                     if not torch.equal(out, want):
                         raise RuntimeError(f"assisted generation with the {name} differs from "
                                            f"plain greedy (target {tname}, prompt from {src})")
-                    secs, stats = secs + s, stats + [st]
+                    secs, plain_alt, stats = secs + s, plain_alt + ps, stats + [st]
                 st = merge_stats(stats)
                 gamma = st.mean_draft_length
                 pred = predicted_speedup(st.alpha, gamma, c)
@@ -345,10 +369,12 @@ def run_trained(device: torch.device, target_dir, draft_dir, draft_tokens=None,
                                        "predicted_speedup": pred, "verify_cost_ratio": v,
                                        "predicted_speedup_measured_verify": pred_v,
                                        "draft_precision": dname, "num_draft_tokens": g,
-                                       "schedule": schedule, **common}))
+                                       "schedule": schedule, "plain_s_alternated": plain_alt,
+                                       **common}))
                 pbar.update()
     pbar.close()
     add_ratios(rows, BASELINES)
+    _set_alternated_ratios(rows)
     lines = [f"trained pair: greedy, prompts = held-out stdlib text; outputs equal plain greedy; "
              f"{schedule} schedule",
              "c: draft cost per token / target's; v: one verification call / one target step",
