@@ -5,8 +5,8 @@ import importlib
 import json
 import math
 import os
-import shutil
 import pkgutil
+import shutil
 import subprocess
 import sys
 
