@@ -310,7 +310,10 @@ void gemv_avx512(const GemvPlan& p, const void* xs, const uint8_t* w, int64_t ld
   const int64_t tiles = (p.M + max_mt - 1) / max_mt;
   const int64_t x_el = kDot ? 2 : 4;
   const int64_t block_bytes = kNR * ldw_bytes;
-  const int64_t pf = block_bytes <= 2 * kPrefetchBytes ? block_bytes : kPrefetchBytes;
+  // Rows shorter than the prefetch distance (fp32 rows of 768: 3 KB) prefetch the next
+  // block: 4 KB ahead in such a row falls inside the block being read.
+  const int64_t pf = block_bytes <= 2 * kPrefetchBytes || ldw_bytes < kPrefetchBytes
+                         ? block_bytes : kPrefetchBytes;
   float out[16];
   const uint8_t* wr[4];
   for (int64_t n = n_begin; n < n_end;) {
