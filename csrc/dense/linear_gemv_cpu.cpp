@@ -38,9 +38,9 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kPad = 32;  // the activation rows' length is a multiple of this
-// How far ahead of the bytes in use the weight stream is prefetched (as the BFP GEMV), into
-// L2 (prefetcht1): with four row streams prefetched into L1 the AMD EPYC VM read 9 GB/s of
-// cold bf16 weights at one thread, into L2 15-16 (2 threads: 23-25, its memory's limit).
+// How far ahead of the bytes in use the AVX2 kernel's weight stream is prefetched (the
+// AVX-512 one prefetches the next block, into L2 (prefetcht1): with four row streams
+// prefetched into L1 the AMD EPYC VM read 9 GB/s of cold bf16 weights at one thread).
 #ifndef LLMCORE_GEMV_PREFETCH
 #define LLMCORE_GEMV_PREFETCH 4096
 #endif
@@ -301,7 +301,10 @@ void block_rows(const GemvPlan& p, const void* x, int64_t mt, const uint8_t* con
 // block; one by one at the end of the range): 4 rows for up to 4 activation rows, else 2
 // rows and activation tiles of up to 8, as even as possible (for the next tile the block
 // comes from L1 or L2). Each row's prefetch runs ahead to the same offset of the next
-// block (short rows) or 4 KB ahead in the row (long rows).
+// block, into L2. (A fixed 4 KB ahead in the row, the rule for long rows before, lands
+// inside the block being read whenever a row is at most 4 KB: 768 fp32 or 2048 bf16
+// elements. One thread, cold weights, AMD EPYC VM: bf16 8192x2048 11-13 -> 15.5-16 GB/s,
+// 2048x8192 13-15 -> 16-19; fp32 3072x768 9-13 -> 16, 8192x2048 15-16 -> 16-17.)
 template <DType T, bool kDot>
 void gemv_avx512(const GemvPlan& p, const void* xs, const uint8_t* w, int64_t ldw_bytes,
                  const void* bias, void* y, int64_t ldy, int64_t n_begin, int64_t n_end) {
@@ -309,11 +312,7 @@ void gemv_avx512(const GemvPlan& p, const void* xs, const uint8_t* w, int64_t ld
   const int64_t max_mt = p.M <= 4 ? 4 : 8;
   const int64_t tiles = (p.M + max_mt - 1) / max_mt;
   const int64_t x_el = kDot ? 2 : 4;
-  const int64_t block_bytes = kNR * ldw_bytes;
-  // Rows shorter than the prefetch distance (fp32 rows of 768: 3 KB) prefetch the next
-  // block: 4 KB ahead in such a row falls inside the block being read.
-  const int64_t pf = block_bytes <= 2 * kPrefetchBytes || ldw_bytes < kPrefetchBytes
-                         ? block_bytes : kPrefetchBytes;
+  const int64_t pf = kNR * ldw_bytes;  // the next block's same offset
   float out[16];
   const uint8_t* wr[4];
   for (int64_t n = n_begin; n < n_end;) {
