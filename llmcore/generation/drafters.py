@@ -111,8 +111,6 @@ class ModelDrafter:
         Returns (tokens [B, K] int64, q [B, K, V] float32 or None at temperature 0, ks)."""
         B, K = len(seqs), max(ks)
         greedy = sampling[0] == 0
-        toks = torch.zeros(B, K, dtype=torch.int64, device=self.device)
-        qs = None if greedy else torch.zeros(B, K, self.vocab, device=self.device)
         # catch up: each row feeds what its cache lacks (1 token, or 2 after a bonus token)
         have = self.cache.lengths
         tails = [s[n:] if k > 0 else [] for s, n, k in zip(seqs, have, ks, strict=True)]
@@ -132,7 +130,9 @@ class ModelDrafter:
             last_tok = torch.tensor([t[-1] for t in tails], dtype=torch.int64,
                                     device=self.device)
             self.calls += K
-            return loop(last_tok, self.cache, K), qs, list(ks)
+            return loop(last_tok, self.cache, K), None, list(ks)
+        toks = torch.zeros(B, K, dtype=torch.int64, device=self.device)
+        qs = None if greedy else torch.zeros(B, K, self.vocab, device=self.device)
         logits = feed(self.model, self.cache, tails, self.device)
         self.calls += 1
         last = torch.tensor([max(len(t) - 1, 0) for t in tails], device=self.device)
