@@ -38,9 +38,9 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kPad = 32;  // the activation rows' length is a multiple of this
-// How far ahead of the bytes in use the AVX2 kernel's weight stream is prefetched (the
-// AVX-512 one prefetches the next block, into L2 (prefetcht1): with four row streams
-// prefetched into L1 the AMD EPYC VM read 9 GB/s of cold bf16 weights at one thread).
+// How far ahead in a weight row the AVX2 kernel prefetches. The AVX-512 kernel prefetches
+// the next block of rows instead, into L2 (prefetcht1): with four row streams prefetched
+// into L1 the AMD EPYC VM read 9 GB/s of cold bf16 weights at one thread.
 #ifndef LLMCORE_GEMV_PREFETCH
 #define LLMCORE_GEMV_PREFETCH 4096
 #endif
