@@ -87,10 +87,10 @@ def same_order(isa: str, m: int, bits: int = 8) -> bool:
     """Whether the plain layout's kernel sums a column's blocks in the tile kernel's order
     (then the results are equal bit for bit): the scalar / AVX2 paths (the tile layout is
     unpacked for them), the AVX-512 column tiles (M > 1), and prefill of 8-bit weights
-    (M > 16: the GEMM on the unpacked weight). The AVX-512 single-row and 256-byte step
-    kernels sum in another order: the same value up to fp32 rounding; so does a prefill of
-    4-bit tiles without AMX (the fixture's ISAs), which runs the GEMV 16 rows at a time
-    (test_tiles_prefill_in_row_blocks)."""
+    (M > 16: the plain layout's GEMM and the tile kernel add the blocks in one order). The
+    AVX-512 single-row and 256-byte step kernels sum in another order: the same value up to
+    fp32 rounding; so does a prefill of 4-bit tiles (the GEMV kernels on the tiles, as
+    test_tiles_prefill_in_row_blocks checks, against the plain layout's GEMM)."""
     if m > 16:
         return bits > 4
     return isa in ("scalar", "avx2") or (isa == "avx512-cols" and m > 1)
@@ -116,25 +116,35 @@ def test_tiles_every_m(wname, gemv_isa):  # noqa: F811
                         assert torch.equal(p, t), (n, k, m, nw)
 
 
-@pytest.mark.parametrize("m", [17, 40, 129])
-def test_tiles_prefill_in_row_blocks(m, gemv_isa):  # noqa: F811
-    """A prefill of 4-bit tiles on a CPU without AMX (the fixture's ISAs stop at AVX-512)
-    runs the decode GEMV 16 rows at a time: bit for bit the calls of up to 16 rows, within
-    the documented error of float64, for one and three weights, with leading dims."""
+@pytest.mark.parametrize("wname", ["mxint8", "mxint4"])
+@pytest.mark.parametrize("m", [17, 40, 129, 300])
+def test_tiles_prefill_in_row_blocks(m, wname, gemv_isa):  # noqa: F811
+    """A prefill of tiles on a CPU without AMX (the fixture's ISAs stop at AVX-512) runs the
+    decode GEMV's kernels on the rows (in chunks of up to 256 rows for this K: 300 takes
+    two): bit for bit the calls of up to 16 rows, within the documented error of float64,
+    for one and three weights, with leading dims, in fp32 and bf16. 8-bit tiles take that
+    path where the AVX-512 tile kernel reads them (elsewhere the GEMM: the documented
+    error only)."""
     n, k = 48, 352
-    q = make_weight(n, k, "mxint4", "cpu")
+    q = make_weight(n, k, wname, "cpu")
     tm, te = tiles_of(q)
     x = randn((m, k)) * torch.logspace(-3, 3, k)
     b = randn((n,))
     want, tol = act_expected(x, q, "mxint8", "nearest", b)
+    bits = q.format.mantissa_bits
+    by_gemv = bits <= 4 or gemv_isa.startswith("avx512")
     for nw in (1, 3):
-        args = ([tm] * nw, [te] * nw, 8, 4, 32, False, [b] * nw)
-        whole = ops.bfp_act_linear_multi(x.view(1, m, k), *args)
-        parts = [ops.bfp_act_linear_multi(x[i:i + 16], *args) for i in range(0, m, 16)]
-        for i, y in enumerate(whole):
-            assert y.shape == (1, m, n)
-            assert torch.equal(y[0], torch.cat([p[i] for p in parts])), (m, nw)
-            assert_within(y[0], want, tol, f"row blocks m={m}")
+        args = ([tm] * nw, [te] * nw, 8, bits, 32, False, [b] * nw)
+        for dtype in (torch.float32, torch.bfloat16):
+            xd = x.to(dtype)
+            whole = ops.bfp_act_linear_multi(xd.view(1, m, k), *args)
+            parts = [ops.bfp_act_linear_multi(xd[i:i + 16], *args) for i in range(0, m, 16)]
+            for i, y in enumerate(whole):
+                assert y.shape == (1, m, n) and y.dtype == dtype
+                if by_gemv:
+                    assert torch.equal(y[0], torch.cat([p[i] for p in parts])), (m, nw, dtype)
+                if dtype == torch.float32:
+                    assert_within(y[0], want, tol, f"row blocks m={m}")
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)

@@ -45,8 +45,8 @@ int64_t gemv_chunk_cols(int64_t N, int64_t row_bytes) {
   return std::max<int64_t>(16, bytes / rb / 16 * 16);
 }
 
-// Whether a prefill of 4-bit tiled weights on a CPU without AMX takes the tile GEMV 16 rows
-// at a time (default) or the GEMM (LLMCORE_CPU_PREFILL=gemm: A/B runs).
+// Whether a prefill of tiled weights on a CPU without AMX takes the tile GEMV (default) or
+// the GEMM (LLMCORE_CPU_PREFILL=gemm: A/B runs).
 bool prefill_by_gemv() {
   static const bool gemv = [] {
     const char* v = std::getenv("LLMCORE_CPU_PREFILL");
@@ -579,25 +579,19 @@ std::vector<at::Tensor> bfp_act_linear_multi_cpu(
   };
   const int ab = static_cast<int>(a_bits), wb = static_cast<int>(w_bits);
   const int blk = static_cast<int>(block_size);
-  if (M > kLinearGemvMaxRows && tiled && wb <= 4 && cpu::gemv_q8_supported(ab, wb, blk) &&
-      !cpu::gemm_amx_supported(ab, wb, blk) && prefill_by_gemv()) {
-    // Prefill of 4-bit weights without AMX: the GEMV kernels, 16 rows at a time, read the
-    // tiles where they are (the same sums: the same bits). The GEMM below unpacks the tiles
-    // and packs the weight again on every call, which costs more than the extra passes
-    // over the weight: a 110M MXINT4 prompt of 128 tokens went from 556-571 to 1102-1156
-    // tokens/s at 2 threads on the AMD EPYC VM (8-bit weights: no clear change, GEMM kept).
-    const at::Tensor x2 = x.reshape({M, K});
-    std::vector<std::vector<at::Tensor>> parts(n_w);
-    for (int64_t m0 = 0; m0 < M; m0 += kLinearGemvMaxRows) {
-      std::vector<at::Tensor> y = bfp_act_linear_multi_cpu(
-          x2.narrow(0, m0, std::min(kLinearGemvMaxRows, M - m0)), w_mantissa, w_exponent, a_bits,
-          w_bits, block_size, round_even, bias);
-      for (size_t i = 0; i < n_w; ++i) parts[i].push_back(std::move(y[i]));
-    }
-    for (size_t i = 0; i < n_w; ++i) out.push_back(at::cat(parts[i], 0).view(out_shape(rows_of[i])));
-    return out;
-  }
-  if (M == 0 || M > kLinearGemvMaxRows || !cpu::gemv_q8_supported(ab, wb, blk)) {
+  // Prefill of tiled weights without AMX: the decode GEMV's kernels, every row of a chunk
+  // against each 16-column tile while the tile sits in cache (per row the same sums as a
+  // decode call: the same bits). The GEMM below unpacks the tiles and packs the weight
+  // again on every call, which costs more: a 110M MXINT4 prompt of 128 tokens went from
+  // 556-571 to 1102-1156 tokens/s at 2 threads (16 rows a call), and the 41M trained
+  // MXINT8 model's 64-token prompt from 50 to 30 ms at 1 thread (all rows at once), on the
+  // AMD EPYC VM. 8-bit weights only where the AVX-512 tile kernel reads the tiles (other
+  // ISAs unpack each tile for the plain kernels, which for 8 bits was not measured).
+  const bool tile_prefill = M > kLinearGemvMaxRows && tiled && cpu::gemv_q8_supported(ab, wb, blk) &&
+                            !cpu::gemm_amx_supported(ab, wb, blk) && prefill_by_gemv() &&
+                            (wb <= 4 || cpu::gemv_q8_plan_tiles(M, K, wb).tiles);
+  if (!tile_prefill &&
+      (M == 0 || M > kLinearGemvMaxRows || !cpu::gemv_q8_supported(ab, wb, blk))) {
     const at::Tensor x2 = x.reshape({M, K});
     auto [am, ae] = bfp_quantize_cpu(x2, a_bits, block_size, round_even);
     if (tiled && M > 0 && cpu::gemm_amx_supported(ab, wb, blk)) {
@@ -646,17 +640,18 @@ std::vector<at::Tensor> bfp_act_linear_multi_cpu(
     }
     return out;
   }
-  // Decode: quantise x into scratch, lay it out once for every weight.
+  // Decode (and tiled prefill): quantise x into scratch, lay it out once for every weight;
+  // a prefill in chunks of rows whose layout stays in L2 while every tile meets them.
   const at::Tensor xc = x.contiguous();
   GemvScratch& s = gemv_scratch();
   const int64_t mcols = cpu::mantissa_cols(K, ab), ecols = cpu::exponent_cols(K, blk);
-  auto* amp = grow(s.a_mant, M * mcols);
-  auto* aep = grow(s.a_exp, M * ecols);
-  cpu::quantize_rows(xc.data_ptr(), to_dtype(x.scalar_type()), K, K, ab, blk, round_even,
-                     reinterpret_cast<uint8_t*>(amp), mcols, aep, ecols, 0, M);
-  const cpu::GemvQ8Plan g = prepare_gemv_q8(s, M, K, ab, wb, amp, mcols, aep, ecols, tiled);
   const bool f32 = x.scalar_type() == at::kFloat;
-  if (n_w == 1 && !tiled) {
+  if (n_w == 1 && !tiled) {  // M <= 16 here
+    auto* amp = grow(s.a_mant, M * mcols);
+    auto* aep = grow(s.a_exp, M * ecols);
+    cpu::quantize_rows(xc.data_ptr(), to_dtype(x.scalar_type()), K, K, ab, blk, round_even,
+                       reinterpret_cast<uint8_t*>(amp), mcols, aep, ecols, 0, M);
+    const cpu::GemvQ8Plan g = prepare_gemv_q8(s, M, K, ab, wb, amp, mcols, aep, ecols);
     const int64_t N = rows_of[0];
     at::Tensor y = at::empty(out_shape(N), x.options());
     if (N > 0) {
@@ -669,7 +664,7 @@ std::vector<at::Tensor> bfp_act_linear_multi_cpu(
     return out;
   }
   // Several weights (q/k/v, gate/up): one parallel dispatch over all their column chunks,
-  // not one per weight, so the threads meet once per call.
+  // not one per weight, so the threads meet once per call (per row chunk).
   struct Part {
     const uint8_t *m, *e;
     int64_t m_cols, e_cols, N, chunk, first_task;
@@ -703,21 +698,37 @@ std::vector<at::Tensor> bfp_act_linear_multi_cpu(
     p.y = f32 ? out[i].data_ptr<float>() : y32 + off;
     off += M * p.N;
   }
-  const int8_t* xq = s.xq.data();
-  const int32_t* corr = s.corr.data();
-  const float* xs = s.xs.data();
-  parallel_chunks(tasks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      size_t i = 0;
-      while (i + 1 < n_w && parts[i + 1].first_task <= t) ++i;
-      const Part& p = parts[i];
-      const int64_t n0 = (t - p.first_task) * p.chunk, n1 = std::min(p.N, n0 + p.chunk);
-      if (tiled)  // chunks of whole tiles (gemv_chunk_cols: N, or a multiple of 16)
-        cpu::gemv_q8_tiles(g, xq, corr, xs, p.m, p.e, p.bias, p.y, p.N, n0, n1);
-      else
-        cpu::gemv_q8(g, xq, corr, xs, p.m, p.m_cols, p.e, p.e_cols, p.bias, p.y, p.N, n0, n1);
-    }
-  });
+  // Rows per chunk: all of them when decoding; when prefilling, as many as keep their
+  // layout (32 bytes per block of 32, about K bytes a row) within ~256 KB of L2, in
+  // multiples of the kernel's 8-row tiles.
+  const int64_t row_chunk = M <= kLinearGemvMaxRows
+                                ? M
+                                : std::clamp<int64_t>((int64_t{256} << 10) / K / 8 * 8, 16, 256);
+  auto* amp = grow(s.a_mant, std::min(M, row_chunk) * mcols);
+  auto* aep = grow(s.a_exp, std::min(M, row_chunk) * ecols);
+  for (int64_t m0 = 0; m0 < M; m0 += row_chunk) {
+    const int64_t mc = std::min(row_chunk, M - m0);
+    cpu::quantize_rows(static_cast<const char*>(xc.data_ptr()) + m0 * K * xc.element_size(),
+                       to_dtype(x.scalar_type()), K, K, ab, blk, round_even,
+                       reinterpret_cast<uint8_t*>(amp), mcols, aep, ecols, 0, mc);
+    const cpu::GemvQ8Plan g = prepare_gemv_q8(s, mc, K, ab, wb, amp, mcols, aep, ecols, tiled);
+    const int8_t* xq = s.xq.data();
+    const int32_t* corr = s.corr.data();
+    const float* xs = s.xs.data();
+    parallel_chunks(tasks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        size_t i = 0;
+        while (i + 1 < n_w && parts[i + 1].first_task <= t) ++i;
+        const Part& p = parts[i];
+        const int64_t n0 = (t - p.first_task) * p.chunk, n1 = std::min(p.N, n0 + p.chunk);
+        float* y = p.y + m0 * p.N;
+        if (tiled)  // chunks of whole tiles (gemv_chunk_cols: N, or a multiple of 16)
+          cpu::gemv_q8_tiles(g, xq, corr, xs, p.m, p.e, p.bias, y, p.N, n0, n1);
+        else
+          cpu::gemv_q8(g, xq, corr, xs, p.m, p.m_cols, p.e, p.e_cols, p.bias, y, p.N, n0, n1);
+      }
+    });
+  }
   if (!f32)
     for (size_t i = 0; i < n_w; ++i)
       convert_from_f32(parts[i].y, out[i].data_ptr(), x.scalar_type(), M * parts[i].N);

@@ -409,16 +409,24 @@ LLMCORE_AVX512_TARGET inline void block_rows(const uint8_t* xq, int64_t xq_cols,
                                              const int32_t* corr, const float* xs,
                                              int64_t groups, int64_t b, const __m512i* u,
                                              __m512 sw, __m512* acc) {
+#pragma GCC unroll 8
   for (int m = 0; m < MT; ++m) {
     const auto* x = reinterpret_cast<const int32_t*>(xq + m * xq_cols + b * 32);
-    // Two chains of vpdpbusd, so that its latency does not bound the loop.
-    __m512i i0 = _mm512_set1_epi32(corr[m * groups + b]), i1 = _mm512_setzero_si512();
-    for (int g = 0; g < 8; g += 2) {
-      i0 = _mm512_dpbusd_epi32(i0, u[g], _mm512_set1_epi32(x[g]));
-      i1 = _mm512_dpbusd_epi32(i1, u[g + 1], _mm512_set1_epi32(x[g + 1]));
+    __m512i isum = _mm512_set1_epi32(corr[m * groups + b]);
+    if (MT >= 4) {  // the rows' chains are independent: one chain per row hides the latency
+#pragma GCC unroll 8
+      for (int g = 0; g < 8; ++g) isum = _mm512_dpbusd_epi32(isum, u[g], _mm512_set1_epi32(x[g]));
+    } else {  // two chains, so that vpdpbusd's latency does not bound the loop
+      __m512i i1 = _mm512_setzero_si512();
+#pragma GCC unroll 4
+      for (int g = 0; g < 8; g += 2) {
+        isum = _mm512_dpbusd_epi32(isum, u[g], _mm512_set1_epi32(x[g]));
+        i1 = _mm512_dpbusd_epi32(i1, u[g + 1], _mm512_set1_epi32(x[g + 1]));
+      }
+      isum = _mm512_add_epi32(isum, i1);
     }
     const __m512 sc = _mm512_mul_ps(sw, _mm512_set1_ps(xs[m * groups + b]));
-    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), sc, acc[m]);
+    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sc, acc[m]);
   }
 }
 
@@ -572,7 +580,8 @@ LLMCORE_AVX512_TARGET void tile_avx512(const GemvQ8Plan& p, const uint8_t* xq, c
                                        const float* bias, float* y, int64_t ldy) {
   constexpr int kGroups = kPacked ? 4 : 8;  // 64-byte vectors per block
   const int64_t nb = p.groups, xq_cols = p.xq_cols, groups = p.groups;
-  __m512 acc[MT];
+  __m512 acc[MT];  // in registers: the loops over rows are unrolled
+#pragma GCC unroll 8
   for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* w = tw + b * kGroups * 64;
@@ -588,6 +597,7 @@ LLMCORE_AVX512_TARGET void tile_avx512(const GemvQ8Plan& p, const uint8_t* xq, c
     block_rows<MT>(xq, xq_cols, corr, xs, groups, b, u, sw, acc);
   }
   const __m512 bv = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+#pragma GCC unroll 8
   for (int m = 0; m < MT; ++m) _mm512_storeu_ps(y + m * ldy, _mm512_add_ps(acc[m], bv));
 }
 
