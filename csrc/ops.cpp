@@ -160,7 +160,9 @@ TORCH_LIBRARY(llmcore, m) {
   //                 Tensor? embed_exponent, int embed_bits, int embed_block, Tensor?[] head,
   //                 int[] head_spec, Tensor rope_cos, Tensor rope_sin, <the cache arguments of
   //                 decoder_layers>, int[] eos, int fill, Tensor done) -> Tensor
-  // tokens int64 [B]: each sequence's last token, not yet in the cache. Each of up to `steps`
+  // tokens int64 [B]: each sequence's last token, not yet in the cache, or [B, P]: its last
+  // P tokens, all appended by the first step (one decoder_layers call of P positions; the
+  // pick follows the last). Each of up to `steps`
   // steps embeds the current tokens (embed_weight [vocab, dim] of the model's dtype, or a BFP
   // table as bfp_embedding takes it when embed_exponent is given), takes cos/sin as the rows
   // of the float32 tables rope_cos/rope_sin [positions, head_dim] at each sequence's
@@ -170,6 +172,7 @@ TORCH_LIBRARY(llmcore, m) {
   // `eos` (done bool [B]: rows finished before the call). The next step feeds those tokens.
   // The loop stops after `steps` steps or the first step after which every row has finished
   // (eos not empty). Returns int64 [B, steps taken]: bit for bit what the same steps through
-  // the ops one by one pick. The new tokens' k/v are written at cache_seqlens + step;
-  // cache_seqlens is not changed (the caller commits the steps taken).
+  // the ops one by one pick (with a prefix: a forward of the P tokens, then single tokens).
+  // The new tokens' k/v are written from cache_seqlens on (P - 1 + steps taken of them);
+  // cache_seqlens is not changed (the caller commits them).
 }

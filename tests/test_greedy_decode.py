@@ -189,11 +189,45 @@ def test_the_torch_backend_runs_the_loop():
     assert out.shape == (1, 6) and cache.lengths == [13]
 
 
+@pytest.mark.parametrize("quant", [None, "mxint8", "mxint4"])
+@pytest.mark.parametrize("prefix", [2, 3])
+def test_prefix_tokens(quant, prefix):
+    """tokens [B, P]: the first step feeds all P (rows of different lengths), then the loop;
+    the op and the step-by-step path (a forward of the P tokens, then one token a step)
+    give the same tokens, lengths and cached keys, and the cache holds the P tokens."""
+    model = _model(quant=quant)
+    ids = torch.randint(0, 211, (2, 9), generator=torch.Generator().manual_seed(4))
+    runs = []
+    for op in (True, False):
+        cache = model.new_cache(2, 96)
+        with torch.inference_mode():
+            model(ids[:, :9 - prefix], cache=cache, prefill=True)
+        cache.rollback([9 - prefix - 2, 9 - prefix])
+        if not op:
+            model._greedy_plan = lambda *a: None
+        try:
+            new = model.decode_greedy(ids[:, 9 - prefix:], cache, 7)
+        finally:
+            model.__dict__.pop("_greedy_plan", None)
+        runs.append((new, cache.lengths, _keys(cache)))
+    (a, la, ka), (b, lb, kb) = runs
+    assert a.shape == (2, 7) and torch.equal(a, b)
+    assert la == lb == [9 - 2 + 6, 9 + 6] and _same(ka, kb)
+    # the prefix's keys are those of a forward over it
+    cache = model.new_cache(2, 96)
+    with torch.inference_mode():
+        model(ids, cache=cache, prefill=True)
+    ref = _keys(cache)
+    assert torch.allclose(ka[1][0, :9], ref[1][0], atol=1e-5, rtol=1e-4)  # layer 0
+
+
 def test_errors_leave_the_cache_as_it_was():
     model = _model(quant="mxint4")
     ids = torch.randint(0, 211, (2, 5), generator=torch.Generator().manual_seed(6))
     cache, tok = _prefill(model, ids)
     for kw, msg in [({"tokens": tok.view(2, 1, 1)}, "tokens must be"),
+                    ({"tokens": tok.view(2, 1)[:, :0]}, "tokens must be"),
+                    ({"tokens": tok.view(2, 1).expand(2, 130)}, "past max_seq_len"),
                     ({"tokens": tok[:1]}, "cache holds 2"),
                     ({"tokens": torch.tensor([0, 211])}, "outside the vocabulary"),
                     ({"steps": -1}, "steps must be"), ({"steps": 2.0}, "steps must be"),
@@ -222,6 +256,9 @@ def test_op_errors_name_the_argument():
                 softmax_scale=0.25, eos=[], fill=0, done=torch.zeros(1, dtype=torch.bool))
     op = torch.ops.llmcore.greedy_decode
     for kw, msg in [({"tokens": tok.int()}, "tokens"), ({"steps": -2}, "steps must be"),
+                    ({"tokens": tok.view(1, 1, 1)}, "tokens must be"),
+                    ({"tokens": tok.view(1, 1).expand(1, 3), "rope_cos": cos[:7],
+                      "rope_sin": sin[:7]}, "rope_cos holds 7"),
                     ({"rope_cos": cos[:5], "rope_sin": sin[:5]}, "rope_cos holds 5"),
                     ({"rope_cos": cos.double()}, "rope_cos"),
                     ({"head": plan.head[:2]}, "head must hold"),

@@ -291,9 +291,11 @@ at::Tensor greedy_decode_cpu(const at::Tensor& tokens, int64_t steps,
                              std::vector<int64_t> eos, int64_t fill, const at::Tensor& done) {
   CHECK_DEVICE(tokens, at::Device(at::kCPU));
   CHECK_DTYPE(tokens, at::kLong);
-  CHECK_DIM(tokens, 1);
-  const int64_t B = tokens.size(0);
-  LLMCORE_CHECK(B >= 1, "tokens must hold one token per sequence, got none");
+  LLMCORE_CHECK(tokens.dim() == 1 || tokens.dim() == 2,
+                "tokens must be [batch] or [batch, prefix], got shape ", shape_str(tokens.sizes()));
+  const int64_t B = tokens.size(0), P = tokens.dim() == 2 ? tokens.size(1) : 1;
+  LLMCORE_CHECK(B >= 1 && P >= 1, "tokens must hold at least one token per sequence, got shape ",
+                shape_str(tokens.sizes()));
   LLMCORE_CHECK(steps >= 0, "steps must be >= 0, got ", steps);
   CHECK_DEVICE(cache_seqlens, at::Device(at::kCPU));
   CHECK_DTYPE(cache_seqlens, at::kInt);
@@ -328,9 +330,9 @@ at::Tensor greedy_decode_cpu(const at::Tensor& tokens, int64_t steps,
   int32_t* len = seq.data_ptr<int32_t>();
   int64_t longest = 0;
   for (int64_t b = 0; b < B; ++b) longest = std::max<int64_t>(longest, len[b]);
-  LLMCORE_CHECK(longest + steps <= rope_cos.size(0), "rope_cos holds ", rope_cos.size(0),
-                " positions; ", steps, " steps after ", longest, " cached tokens need ",
-                longest + steps);
+  LLMCORE_CHECK(longest + P - 1 + steps <= rope_cos.size(0), "rope_cos holds ", rope_cos.size(0),
+                " positions; ", steps, " steps after ", longest, " cached tokens and ", P - 1,
+                " more need ", longest + P - 1 + steps);
   if (embed_exponent.has_value()) {
     LLMCORE_CHECK(embed_weight.scalar_type() == at::kChar || embed_weight.scalar_type() == at::kByte,
                   "embed_weight of a BFP table (embed_exponent given) must hold its mantissas "
@@ -344,27 +346,37 @@ at::Tensor greedy_decode_cpu(const at::Tensor& tokens, int64_t steps,
   }
 
   const Ops& o = ops();
-  at::Tensor cur = tokens.contiguous().clone();
+  const at::Tensor prefix = tokens.contiguous().view({B, P});
+  at::Tensor cur = prefix.select(1, P - 1).clone();
   const at::Tensor fin = done.contiguous().clone();
   int64_t* cur_p = cur.data_ptr<int64_t>();
   bool* fin_p = fin.data_ptr<bool>();
   const at::Tensor out = at::empty({B, std::max<int64_t>(steps, 1)}, tokens.options());
   int64_t* out_p = out.data_ptr<int64_t>();
-  const at::Tensor pos = at::empty({B}, tokens.options());
+  const at::Tensor pos = at::empty({B * P}, tokens.options());
   int64_t* pos_p = pos.data_ptr<int64_t>();
   int64_t taken = 0;
   while (taken < steps) {
-    const at::Tensor ids = cur.view({B, 1});
+    // The first step feeds the whole prefix (one pass over the weights for its P tokens,
+    // logits of the last only), the others each row's pick.
+    const int64_t T = taken == 0 ? P : 1;
+    const at::Tensor ids = taken == 0 ? prefix : cur.view({B, 1});
     const at::Tensor x =
         embed_exponent.has_value()
             ? o.bfp_embedding.call(embed_weight, *embed_exponent, ids, embed_bits, embed_block,
                                    dim, dtype)
             : at::embedding(embed_weight, ids);
-    for (int64_t b = 0; b < B; ++b) pos_p[b] = len[b];
-    const at::Tensor cos = rope_cos.index_select(0, pos).view({B, 1, D}).to(dtype);
-    const at::Tensor sin = rope_sin.index_select(0, pos).view({B, 1, D}).to(dtype);
-    const at::Tensor h = decoder_layers_cpu(x, cos, sin, weights, k_cache, v_cache, k_exponent,
-                                            v_exponent, seq, block_table, softmax_scale);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = 0; j < T; ++j) pos_p[b * T + j] = len[b] + j;
+    const at::Tensor idx = pos.narrow(0, 0, B * T);
+    const at::Tensor cos = rope_cos.index_select(0, idx).view({B, T, D}).to(dtype);
+    const at::Tensor sin = rope_sin.index_select(0, idx).view({B, T, D}).to(dtype);
+    at::Tensor h = decoder_layers_cpu(x, cos, sin, weights, k_cache, v_cache, k_exponent,
+                                      v_exponent, seq, block_table, softmax_scale);
+    if (T > 1) {
+      h = h.narrow(1, T - 1, 1).contiguous();
+      for (int64_t b = 0; b < B; ++b) len[b] += T - 1;
+    }
     at::Tensor logits;
     try {
       logits = apply(lm_head, h);

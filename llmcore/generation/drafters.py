@@ -118,19 +118,19 @@ class ModelDrafter:
         if (greedy and loop is not None and all(k == K for k in ks) and all(tails)
                 and self.model.config.vocab_size == self.vocab):
             # Greedy proposals from one call of the draft's own greedy loop (on the CPU one
-            # op for all K steps), started at each row's last token, after a forward of the
-            # tokens before it (a bonus token's predecessor) when there are any: the same
-            # tokens and cache as the loop below (argmax over the whole vocabulary is argmax
-            # over the fitted logits when the vocabularies match), without Python, a logits
-            # tensor and a host sync per drafted token.
-            before_last = [t[:-1] for t in tails]
-            if any(before_last):
-                feed(self.model, self.cache, before_last, self.device, logits=False)
+            # op for all K steps), its first step over each row's tail (the last token, or a
+            # bonus token's predecessor and the bonus token), the tails of unequal rows'
+            # lengths fed by a forward first: the same tokens and cache as the loop below
+            # (argmax over the whole vocabulary is argmax over the fitted logits when the
+            # vocabularies match), without Python, a logits tensor and a host sync per
+            # drafted token, nor a forward of its own for the bonus token's predecessor.
+            if len({len(t) for t in tails}) > 1:
+                feed(self.model, self.cache, [t[:-1] for t in tails], self.device, logits=False)
                 self.calls += 1
-            last_tok = torch.tensor([t[-1] for t in tails], dtype=torch.int64,
-                                    device=self.device)
+                tails = [t[-1:] for t in tails]
+            prefix = torch.tensor(tails, dtype=torch.int64, device=self.device)
             self.calls += K
-            return loop(last_tok, self.cache, K), None, list(ks)
+            return loop(prefix, self.cache, K), None, list(ks)
         toks = torch.zeros(B, K, dtype=torch.int64, device=self.device)
         qs = None if greedy else torch.zeros(B, K, self.vocab, device=self.device)
         logits = feed(self.model, self.cache, tails, self.device)

@@ -536,24 +536,26 @@ class Transformer(nn.Module):
         """Greedy decoding over a filled ``cache``: up to ``steps`` new tokens per sequence.
 
         ``tokens`` [B] (or [B, 1]) holds each sequence's last token, not yet in the cache
-        (the pick from a prefill's logits). Each step appends the current tokens to the
-        cache and picks the next ones: the argmax of their logits (the first index on
-        ties). A sequence finishes at a token of ``eos_token_id``; from then on its picks
+        (the pick from a prefill's logits); [B, P] holds each sequence's last P tokens not
+        yet in the cache, all appended by the first step (one forward of P positions, the
+        pick after the last: a drafter catching up on an accepted token and a bonus one).
+        Each step appends the current tokens to the cache and picks the next ones: the
+        argmax of their logits (the first index on ties). A sequence finishes at a token of ``eos_token_id``; from then on its picks
         are replaced by ``fill`` (``done``, bool [B], marks sequences finished before the
         call), and decoding stops after the first step at which every sequence has
         finished.
 
         Returns LongTensor [B, n], n <= steps: the new tokens. The cache then holds
-        ``tokens`` and every new token but the last (the next call's ``tokens``): what n
-        calls of ``model(tok, cache=cache)`` and an argmax leave, with the same tokens bit
-        for bit. On the CPU with the llmcore backend the whole loop is one op,
+        ``tokens`` and every new token but the last (the next call's ``tokens``): what
+        ``model(tokens, cache=cache)``, then n - 1 calls of ``model(tok, cache=cache)``, and
+        an argmax of each last position leave, with the same tokens bit for bit. On the CPU with the llmcore backend the whole loop is one op,
         ``llmcore::greedy_decode`` (no Python between steps: a small model's decode step
         spends about a tenth of its time there otherwise); elsewhere it makes those calls.
         """
         if tokens.dim() == 2 and tokens.shape[1] == 1:
             tokens = tokens[:, 0]
-        if tokens.dim() != 1:
-            raise ValueError(f"tokens must be [batch] or [batch, 1], got shape "
+        if tokens.dim() not in (1, 2) or tokens.shape[-1] == 0:
+            raise ValueError(f"tokens must be [batch] or [batch, prefix >= 1], got shape "
                              f"{list(tokens.shape)}")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps must be an int >= 0, got {steps!r}")
@@ -565,7 +567,7 @@ class Transformer(nn.Module):
         b = tokens.shape[0]
         if cache.batch_size != b:
             raise ValueError(f"cache holds {cache.batch_size} sequences, tokens {b}")
-        _check_ids(tokens.view(b, 1), self.config.vocab_size)
+        _check_ids(tokens.view(b, -1), self.config.vocab_size)
         device = self.device
         tokens = tokens.to(device=device, dtype=torch.int64)
         if done is None:
@@ -580,7 +582,8 @@ class Transformer(nn.Module):
         plan = self._greedy_plan(tokens, cache)
         if plan is None:
             return self._decode_greedy_steps(tokens, cache, steps, eos, fill, done.to(device))
-        cache.prepare(steps, want_positions=False)
+        extra = tokens.shape[1] - 1 if tokens.dim() == 2 else 0  # prefix tokens before the last
+        cache.prepare(steps + extra, want_positions=False)
         try:
             cos, sin = self._rope_tables(cache.end, tokens.device)
             out = torch.ops.llmcore.greedy_decode(
@@ -591,7 +594,7 @@ class Transformer(nn.Module):
         except BaseException:
             cache.cancel()
             raise
-        cache.commit(out.shape[1])
+        cache.commit(out.shape[1] + extra)
         return out
 
     def _greedy_plan(self, tokens: torch.Tensor, cache: KVCache) -> DecoderPlan | None:
@@ -620,12 +623,14 @@ class Transformer(nn.Module):
         return plan if plan.covered else None
 
     def _decode_greedy_steps(self, tok, cache, steps, eos, fill, done) -> torch.Tensor:
-        """:meth:`decode_greedy` one forward call per step."""
+        """:meth:`decode_greedy` one forward call per step (the first over the prefix)."""
         eos_t = torch.tensor(eos, dtype=torch.int64, device=tok.device) if eos else None
         out = []
+        ids = tok.view(tok.shape[0], -1)
         for _ in range(steps):
-            tok = fused.argmax(self(tok.unsqueeze(1), cache=cache)[:, -1])
+            tok = fused.argmax(self(ids, cache=cache)[:, -1])
             tok = torch.where(done, torch.full_like(tok, fill), tok)
+            ids = tok.unsqueeze(1)
             out.append(tok)
             if eos_t is not None:
                 done = done | torch.isin(tok, eos_t)
