@@ -10,7 +10,7 @@ Variant A is the default environment, B sets ``--env`` (repeatable NAME=VALUE). 
 switches this is for (csrc/common/parallel.h, bfp_cpu_binding.cpp): ``LLMCORE_CPU_POOL=
 openmp`` (inference-mode compute kernels on torch's OpenMP threads, the rule before
 llmcore's helpers took them), ``LLMCORE_GEMV_TASK_KB=32`` (fixed decode GEMV tasks),
-``LLMCORE_CPU_PREFILL=gemm`` (4-bit tiled prefill through the GEMM). The checkpoints are the
+``LLMCORE_CPU_PREFILL=gemm`` (tiled prefill through the GEMM). The checkpoints are the
 bench's random-weight ones (written under ``--model-dir`` when missing). The ratio column
 is A / B in tokens/s: above 1, the default is faster. A noisy machine moves both alike
 within a round; the spread over rounds is in ``runs``.

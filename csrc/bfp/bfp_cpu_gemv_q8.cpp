@@ -413,7 +413,7 @@ LLMCORE_AVX512_TARGET inline void block_rows(const uint8_t* xq, int64_t xq_cols,
   for (int m = 0; m < MT; ++m) {
     const auto* x = reinterpret_cast<const int32_t*>(xq + m * xq_cols + b * 32);
     __m512i isum = _mm512_set1_epi32(corr[m * groups + b]);
-    if (MT >= 4) {  // the rows' chains are independent: one chain per row hides the latency
+    if (MT >= 6) {  // the rows' chains are independent: one chain per row hides the latency
 #pragma GCC unroll 8
       for (int g = 0; g < 8; ++g) isum = _mm512_dpbusd_epi32(isum, u[g], _mm512_set1_epi32(x[g]));
     } else {  // two chains, so that vpdpbusd's latency does not bound the loop
