@@ -466,6 +466,10 @@ class _BadDrafter:
             toks = toks.float()
         if self.how == "bad q":
             return toks, torch.zeros(b, k, 7), list(ks)
+        if self.how == "garbage past the counts":  # not proposals: never looked at
+            toks[:, k:] = 10**6
+            toks[-1, max(ks[-1] - 1, 0):] = -1
+            return toks, None, [*ks[:-1], max(ks[-1] - 1, 0)]
         return toks, None, list(ks)
 
     def commit(self, new_lengths):
@@ -478,3 +482,13 @@ def test_drafter_breaking_the_protocol_is_named(target, how):
     ids = torch.randint(0, 256, (2, 5))
     with pytest.raises(ValueError, match="drafter.propose"):
         assisted_generate(target, _BadDrafter(how), ids, 8, num_draft_tokens=3)
+
+
+def test_tokens_past_a_rows_count_are_not_checked(target):
+    """Entries past each row's proposal count (a row asked for fewer, or the tensor wider
+    than the longest) are not proposals: out-of-range values there are no error, and the
+    output is the target's greedy one."""
+    ids = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(2))
+    out, _ = assisted_generate(target, _BadDrafter("garbage past the counts"), ids, 8,
+                               num_draft_tokens=3)
+    assert torch.equal(out, generate(target, ids, 8))

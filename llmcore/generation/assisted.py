@@ -141,15 +141,16 @@ def _verify(target_logits, toks, qs, ks, sampling, generator):
     (position 0: after the last committed token)."""
     B = target_logits.shape[0]
     temperature = sampling[0]
-    if temperature == 0:
-        best = argmax(target_logits)  # [B, K+1]
+    if temperature == 0:  # on lists: a Python int per element, not a tensor index
+        best = argmax(target_logits).tolist()  # [B][K+1]
+        proposed = toks.tolist()
         n_keep, extra = [], []
         for b in range(B):
-            n = 0
-            while n < ks[b] and int(toks[b, n]) == int(best[b, n]):
+            n, row, pick = 0, proposed[b], best[b]
+            while n < ks[b] and row[n] == pick[n]:
                 n += 1
             n_keep.append(n)
-            extra.append(int(best[b, n]))
+            extra.append(pick[n])
         return n_keep, extra
     K1, V = target_logits.shape[1], target_logits.shape[2]
     p = logits_to_probs(target_logits.reshape(B * K1, V), *sampling).view(B, K1, V)
@@ -202,11 +203,16 @@ def _check_proposals(toks, qs, ks, asked: list[int], vocab: int) -> None:
         got = f"{toks.dtype} {list(toks.shape)}" if isinstance(toks, torch.Tensor) else type(toks)
         raise ValueError(f"drafter.propose must return integer tokens [{batch}, >= "
                          f"{max(ks, default=0)}], got {got}")
-    for b in range(batch):
-        row = toks[b, :ks[b]]
-        if row.numel() and (int(row.min()) < 0 or int(row.max()) >= vocab):
-            raise ValueError(f"drafter.propose returned token ids {row.tolist()} for row {b}, "
-                             f"outside the vocabulary [0, {vocab})")
+    k_max = max(ks, default=0)
+    if k_max:  # one range check over every row's proposals (rows asked for fewer: masked)
+        lo, hi = torch.aminmax(toks[:, :k_max] if all(k == k_max for k in ks) else torch.where(
+            torch.arange(k_max, device=toks.device) < torch.tensor(ks, device=toks.device)[:, None],
+            toks[:, :k_max], 0))
+        if int(lo) < 0 or int(hi) >= vocab:
+            b = next(b for b in range(batch) if toks[b, :ks[b]].numel() and (
+                int(toks[b, :ks[b]].min()) < 0 or int(toks[b, :ks[b]].max()) >= vocab))
+            raise ValueError(f"drafter.propose returned token ids {toks[b, :ks[b]].tolist()} "
+                             f"for row {b}, outside the vocabulary [0, {vocab})")
     if qs is not None and (not isinstance(qs, torch.Tensor) or qs.dim() != 3
                            or qs.shape[0] != batch or qs.shape[1] < max(ks, default=0)
                            or qs.shape[2] != vocab):
@@ -323,8 +329,8 @@ def assisted_generate(model, draft_model, input_ids: torch.Tensor, max_new_token
         else:
             toks, qs = torch.zeros(batch, 0, dtype=torch.int64), None
         toks_cpu = toks.to("cpu")
-        fed = [[] if done[b] else [seqs[b][-1]] + toks_cpu[b, :ks[b]].tolist()
-               for b in range(batch)]
+        proposed = toks_cpu.tolist()
+        fed = [[] if done[b] else [seqs[b][-1]] + proposed[b][:ks[b]] for b in range(batch)]
         logits = feed(model, cache, fed, device)  # [B, K+1, V]
         stats.target_calls += 1
         n_keep, extra = _verify(logits, toks_cpu, qs, ks, sampling, generator)
@@ -335,7 +341,7 @@ def assisted_generate(model, draft_model, input_ids: torch.Tensor, max_new_token
                 emitted.append([])
                 continue
             n = n_keep[b]
-            new = toks_cpu[b, :n].tolist() + [extra[b]]
+            new = proposed[b][:n] + [extra[b]]
             # stop at the first EOS (proposals after it are dropped)
             cut = next((i for i, t in enumerate(new) if t in eos), None)
             if cut is not None:
