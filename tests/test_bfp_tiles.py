@@ -213,12 +213,53 @@ def test_bfplinear_tile_state_dict_and_forward():
         x = randn(shape)
         with torch.inference_mode():
             assert torch.equal(plain(x), tiled(x))
-        xg = x.clone().requires_grad_()  # the general path (a gradient to record)
+        xg = x.clone().requires_grad_()  # a gradient to record: the tiles' op, autograd
         yg = tiled(xg)
         yg.sum().backward()
-        assert torch.equal(yg.detach(), plain(x).detach()) and xg.grad is not None
+        with torch.inference_mode():
+            assert torch.equal(yg.detach(), tiled(x))
+        assert torch.allclose(yg.detach(), plain(x).detach(), rtol=1e-5, atol=1e-5)
+        assert xg.grad is not None
     tiled.untile_()
     assert not tiled.tiled and torch.equal(tiled.weight_mantissa, plain.weight_mantissa)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("fmt", ["mxint8", "mxint4"])
+def test_bfplinear_tiled_with_gradients(monkeypatch, fmt, bias):
+    """A frozen tiled layer called with gradients on (a user's forward without no_grad,
+    x requiring grad) runs the inference op on the tiles, the same bits, without laying
+    the weight out again; the backward lays it out once and gives the straight-through
+    gradients of x and the bias: grad_y @ W and the sum of grad_y, W the dequantised weight."""
+    import llmcore.nn.bfp_linear as bl
+
+    tiled = linear(fmt=fmt, bias=bias).tile_()
+    if bias:
+        tiled.bias.requires_grad_(True)
+    relaid = []
+    real = bl.plain_layout
+    monkeypatch.setattr(bl, "plain_layout", lambda *a: relaid.append(1) or real(*a))
+    x = randn((2, 7, 96))
+    xg = x.clone().requires_grad_()
+    y = tiled(xg)
+    assert not relaid and y.requires_grad
+    with torch.inference_mode():
+        assert torch.equal(y.detach(), tiled(x))
+    gy = randn(y.shape)
+    y.backward(gy)
+    assert len(relaid) == 1
+    w = tiled.qweight.dequantize(torch.float32).double()
+    want = gy.double().reshape(-1, 48) @ w
+    assert torch.allclose(xg.grad.double().reshape(-1, 96), want, rtol=1e-5, atol=1e-5)
+    if bias:
+        assert torch.allclose(tiled.bias.grad.double(), gy.double().sum((0, 1)), rtol=1e-5,
+                              atol=1e-5)
+    # only the bias records a gradient: the same op, its gradient
+    if bias:
+        tiled.bias.grad = None
+        y2 = tiled(x)
+        y2.sum().backward()
+        assert torch.allclose(tiled.bias.grad, torch.full((48,), 14.0))
 
 
 def test_bfplinear_load_state_dict_into_tiled():

@@ -232,17 +232,17 @@ class BFPLinear(nn.Module):
                 self.bias.requires_grad_(False)
         return self
 
-    def _decode_op_args(self, x: torch.Tensor) -> tuple | None:
+    def _decode_op_args(self, x: torch.Tensor, grad_ok: bool = False) -> tuple | None:
         """(a_bits, w_bits, block_size) of the one-call int8-activation path
         (``llmcore::bfp_act_linear``) when it takes this call: a frozen weight, activations
         quantised in the weight's block size, x on the CPU with this layer's in_features
-        and no gradient to record. None otherwise (the general path checks and raises)."""
+        and no gradient to record (``grad_ok``: gradients allowed). None otherwise (the
+        general path checks and raises)."""
         af, f = self.act_format, self.format
         if (self.weight is not None or af is None or af.block_size != f.block_size
                 or x.device.type != "cpu" or x.shape[-1] != self.in_features):
             return None
-        b = self.bias
-        if torch.is_grad_enabled() and (x.requires_grad or (b is not None and b.requires_grad)):
+        if not grad_ok and _records_grad(x, self.bias):
             return None
         if not _cpu_kernel("bfp_act_linear", x.dtype):
             return None
@@ -250,11 +250,16 @@ class BFPLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
         if self.weight is None:
-            args = self._decode_op_args(x)
-            if args is not None:  # the per-token path: one op call, nothing else
+            args = self._decode_op_args(x, grad_ok=True)
+            if args is not None and not _records_grad(x, self.bias):
+                # the per-token path: one op call, nothing else
                 return torch.ops.llmcore.bfp_act_linear(x, self.weight_mantissa,
                                                         self.weight_exponent, *args, False,
                                                         self.bias)
+            if args is not None and _is_tiled(self):  # the same op, and autograd
+                return _TiledFrozenLinear.apply(x, self.bias, self.weight_mantissa,
+                                                self.weight_exponent, self.format,
+                                                self.in_features, args)
             return bfp_linear(x, self.qweight, self.bias, act_format=self.act_format)
         if not torch.is_grad_enabled():
             q = bfp_quantize(self.weight.detach().to(x.dtype) if self.act_format is None
@@ -269,6 +274,43 @@ class BFPLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, format={self.format.name}, act_format={act}, "
                 f"trainable={self.weight is not None}")
+
+
+def _records_grad(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether autograd records this call (x, or the bias, requires a gradient)."""
+    return torch.is_grad_enabled() and (x.requires_grad
+                                        or (bias is not None and bias.requires_grad))
+
+
+class _TiledFrozenLinear(torch.autograd.Function):
+    """A frozen layer whose weight holds the tile layout, called with a gradient to record
+    (a user's forward without ``no_grad``, an input that requires grad): the forward is
+    the inference op on the tiles (the same bits as under inference mode, and no plain
+    copy of the weight laid out per call, which the general path, bfp_linear on
+    ``qweight``, makes); the backward lays the weight out and dequantises it only when it
+    runs, and gives the straight-through gradients of x and the bias as bfp_linear's."""
+
+    @staticmethod
+    def forward(ctx, x, bias, mant, exp, fmt, k, args):
+        ctx.save_for_backward(mant, exp)
+        ctx.fmt, ctx.k = fmt, k
+        ctx.x_dtype, ctx.bias_dtype = x.dtype, None if bias is None else bias.dtype
+        return torch.ops.llmcore.bfp_act_linear(x, mant, exp, *args, False, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        mant, exp = ctx.saved_tensors
+        need_x, need_b = ctx.needs_input_grad[:2]
+        gy = grad_y.reshape(-1, grad_y.shape[-1]).float()
+        grad_x = grad_b = None
+        if need_x:
+            m, e = plain_layout(mant, exp, ctx.fmt, ctx.k)
+            w = BFPTensor(m, e, ctx.fmt, (m.shape[0], ctx.k), torch.float32)
+            grad_x = (gy @ w.dequantize(torch.float32)).to(ctx.x_dtype).reshape(
+                *grad_y.shape[:-1], ctx.k)
+        if need_b and ctx.bias_dtype is not None:
+            grad_b = gy.sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_b, None, None, None, None, None
 
 
 _CPU_KERNELS: dict = {}  # (op, dtype) -> kernel_supported on the CPU (fixed once loaded)
