@@ -65,10 +65,11 @@ def _stat_cols(r: Row) -> str:
             f"{e['predicted_speedup_measured_verify']:6.2f}x {r.ratios['plain greedy']:8.2f}x")
 
 
-def _verify_cost(target, cache, prompt: torch.Tensor, tokens: int, t_step: float,
+def _verify_cost(target, cache, prompt: torch.Tensor, tokens: int, new: int,
                  device: torch.device) -> float:
     """One target call on ``tokens`` new tokens over the prompt's cache (rolled back after
-    each), relative to t_step (the plain per-token cost)."""
+    each), relative to the plain per-token cost (a greedy generation of ``new`` tokens from
+    the prompt, prefill amortised), the two timed in turn (A, B, A, B; medians)."""
     plen = prompt.shape[1]
     cache.reset()
     target(prompt, cache=cache, prefill=True)
@@ -78,7 +79,19 @@ def _verify_cost(target, cache, prompt: torch.Tensor, tokens: int, t_step: float
         target(x, cache=cache)
         cache.rollback(plen)
     call()
-    return _median_s(call, 5, device)[0] / t_step
+    (v_s, _), (plain_s, _) = _alternated_s([call, lambda: generate(target, prompt, new)], 5,
+                                           device)
+    return v_s / (plain_s / new)
+
+
+def _draft_cost(draft, target, prompt: torch.Tensor, new: int, runs: int, device,
+                draft_kv: str = "native") -> float:
+    """c: the draft's per-token cost over the target's, both greedy generations of ``new``
+    tokens from ``prompt`` timed in turn (A, B, A, B; medians)."""
+    (d_s, _), (t_s, _) = _alternated_s(
+        [lambda: generate(draft, prompt, new, cache_storage=draft_kv),
+         lambda: generate(target, prompt, new)], runs, device)
+    return d_s / t_s
 
 
 def _alternated_s(fns, runs: int, device: torch.device) -> list[tuple[float, object]]:
@@ -161,20 +174,20 @@ def run(device: torch.device, quick: bool = False, progress_factory=None,
                         metric=new / plain[case][0], unit="tok/s",
                         extra={"preset": preset, "new": new}))
         tick()
-    t_step = plain["free text"][0] / new  # target seconds per token (prefill amortised)
     cache = target.new_cache(1, plen + 32)
+    costs: dict[int, float] = {}  # verify cost by tokens (one measurement each)
 
     def verify_cost(tokens: int) -> float:
-        return _verify_cost(target, cache, prompt, tokens, t_step, device)
+        if tokens not in costs:
+            costs[tokens] = _verify_cost(target, cache, prompt, tokens, new, device)
+        return costs[tokens]
 
     for name, make, case, draft_kv in todo:
         draft = make()
         if isinstance(draft, str):
             c = 0.0
         else:
-            d_s, _ = _median_s(lambda draft=draft, draft_kv=draft_kv: generate(
-                draft, prompt, new, cache_storage=draft_kv), runs, device)
-            c = d_s / new / t_step
+            c = _draft_cost(draft, target, prompt, new, runs, device, draft_kv)
         tick()
         p = prompts[case]
         (s, (out, st)), (plain_s, _) = _alternated_s(
@@ -198,7 +211,8 @@ def run(device: torch.device, quick: bool = False, progress_factory=None,
     pbar.close()
     add_ratios(rows, BASELINES)
     _set_alternated_ratios(rows)
-    lines = ["c: draft cost per token / target's; v: one verification call / one target step",
+    lines = ["c: draft cost per token / target's; v: one verification call / one target step (each "
+             "timed in turn with the target's plain greedy decoding)",
              "predicted: (1 - a^(g+1)) / ((1 - a)(g c + 1)); with v: the same with v for the 1",
              "method                  case        accept  alpha  tok/call  gamma   c     v    "
              "predicted  with v  measured"]
@@ -334,17 +348,18 @@ def run_trained(device: torch.device, target_dir, draft_dir, draft_tokens=None,
         rows.append(Row("assisted", case, "plain greedy", plain_s * 1e3, metric=total / plain_s,
                         unit="tok/s", extra=dict(common)))
         pbar.update()
-        t_step = plain_s / total
         p0 = prompts[0][1]
         cache = target.new_cache(1, plen + 32)
+        costs: dict[int, float] = {}  # verify cost by tokens (one measurement each)
 
-        def verify_cost(tokens: int, target=target, cache=cache, p0=p0, t_step=t_step) -> float:
-            return _verify_cost(target, cache, p0, tokens, t_step, device)
+        def verify_cost(tokens: int, target=target, cache=cache, p0=p0, costs=costs) -> float:
+            if tokens not in costs:
+                costs[tokens] = _verify_cost(target, cache, p0, tokens, new, device)
+            return costs[tokens]
 
         for dname, draft in drafts_.items():
             generate(draft, p0, 4)
-            d_s, _ = _median_s(lambda draft=draft, p0=p0: generate(draft, p0, new), runs, device)
-            c = d_s / new / t_step
+            c = _draft_cost(draft, target, p0, new, runs, device)
             pbar.update()
             for g in gammas:
                 name = f"trained draft {dname} g={g}"
@@ -377,7 +392,8 @@ def run_trained(device: torch.device, target_dir, draft_dir, draft_tokens=None,
     _set_alternated_ratios(rows)
     lines = [f"trained pair: greedy, prompts = held-out stdlib text; outputs equal plain greedy; "
              f"{schedule} schedule",
-             "c: draft cost per token / target's; v: one verification call / one target step",
+             "c: draft cost per token / target's; v: one verification call / one target step (each "
+             "timed in turn with the target's plain greedy decoding)",
              "target  method                     accept  alpha  tok/call  gamma   c     v    "
              "predicted  with v  measured"]
     for r in rows:
