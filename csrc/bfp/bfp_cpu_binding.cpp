@@ -671,15 +671,30 @@ std::vector<at::Tensor> bfp_act_linear_multi_cpu(
     const float* bias;
     float* y;
   };
+  // Rows per chunk: all of them when decoding; when prefilling, as many as keep their
+  // layout (32 bytes per block of 32, about K bytes a row) within ~256 KB of L2, in
+  // multiples of the kernel's 8-row tiles.
+  const int64_t row_chunk = M <= kLinearGemvMaxRows
+                                ? M
+                                : std::clamp<int64_t>((int64_t{256} << 10) / K / 8 * 8, 16, 256);
+  const int64_t chunk_rows = std::min(M, row_chunk);
   std::vector<at::Tensor> keep;  // contiguous copies, should a weight not be
   std::vector<Part> parts(n_w);
   int64_t tasks = 0, y32_total = 0;
   for (size_t i = 0; i < n_w; ++i) {
     const int64_t N = rows_of[i];
     out.push_back(at::empty(out_shape(N), x.options()));
-    if (!f32) y32_total += M * N;
+    if (!f32) y32_total += chunk_rows * N;
   }
-  float* y32 = f32 ? nullptr : grow(s.y32, y32_total);
+  // A 16-bit output: each chunk's fp32 product, converted into the output after the
+  // chunk; decoding keeps it in the thread's scratch, a prefill in a buffer of the call's
+  // (a chunk of a long prompt's rows would stay in the scratch for the thread's lifetime).
+  at::Tensor y32_call;
+  if (!f32 && M > kLinearGemvMaxRows)
+    y32_call = at::empty({y32_total}, x.options().dtype(at::kFloat));
+  float* y32 = f32                  ? nullptr
+               : y32_call.defined() ? y32_call.data_ptr<float>()
+                                    : grow(s.y32, y32_total);
   for (size_t i = 0, off = 0; i < n_w; ++i) {
     const at::Tensor bm = w_mantissa[i].contiguous(), be = w_exponent[i].contiguous();
     keep.push_back(bm);
@@ -696,16 +711,10 @@ std::vector<at::Tensor> bfp_act_linear_multi_cpu(
     tasks += (p.N + p.chunk - 1) / p.chunk;
     p.bias = b32[i].defined() ? b32[i].data_ptr<float>() : nullptr;
     p.y = f32 ? out[i].data_ptr<float>() : y32 + off;
-    off += M * p.N;
+    off += chunk_rows * p.N;
   }
-  // Rows per chunk: all of them when decoding; when prefilling, as many as keep their
-  // layout (32 bytes per block of 32, about K bytes a row) within ~256 KB of L2, in
-  // multiples of the kernel's 8-row tiles.
-  const int64_t row_chunk = M <= kLinearGemvMaxRows
-                                ? M
-                                : std::clamp<int64_t>((int64_t{256} << 10) / K / 8 * 8, 16, 256);
-  auto* amp = grow(s.a_mant, std::min(M, row_chunk) * mcols);
-  auto* aep = grow(s.a_exp, std::min(M, row_chunk) * ecols);
+  auto* amp = grow(s.a_mant, chunk_rows * mcols);
+  auto* aep = grow(s.a_exp, chunk_rows * ecols);
   for (int64_t m0 = 0; m0 < M; m0 += row_chunk) {
     const int64_t mc = std::min(row_chunk, M - m0);
     cpu::quantize_rows(static_cast<const char*>(xc.data_ptr()) + m0 * K * xc.element_size(),
@@ -721,17 +730,20 @@ std::vector<at::Tensor> bfp_act_linear_multi_cpu(
         while (i + 1 < n_w && parts[i + 1].first_task <= t) ++i;
         const Part& p = parts[i];
         const int64_t n0 = (t - p.first_task) * p.chunk, n1 = std::min(p.N, n0 + p.chunk);
-        float* y = p.y + m0 * p.N;
+        float* y = f32 ? p.y + m0 * p.N : p.y;
         if (tiled)  // chunks of whole tiles (gemv_chunk_cols: N, or a multiple of 16)
           cpu::gemv_q8_tiles(g, xq, corr, xs, p.m, p.e, p.bias, y, p.N, n0, n1);
         else
           cpu::gemv_q8(g, xq, corr, xs, p.m, p.m_cols, p.e, p.e_cols, p.bias, y, p.N, n0, n1);
       }
     });
+    if (!f32)
+      for (size_t i = 0; i < n_w; ++i) {
+        char* rows = static_cast<char*>(out[i].data_ptr()) +
+                     m0 * parts[i].N * out[i].element_size();
+        convert_from_f32(parts[i].y, rows, x.scalar_type(), mc * parts[i].N);
+      }
   }
-  if (!f32)
-    for (size_t i = 0; i < n_w; ++i)
-      convert_from_f32(parts[i].y, out[i].data_ptr(), x.scalar_type(), M * parts[i].N);
   return out;
 }
 
