@@ -204,13 +204,15 @@ def _check_proposals(toks, qs, ks, asked: list[int], vocab: int) -> None:
         raise ValueError(f"drafter.propose must return integer tokens [{batch}, >= "
                          f"{max(ks, default=0)}], got {got}")
     k_max = max(ks, default=0)
-    if k_max:  # one range check over every row's proposals (rows asked for fewer: masked)
-        lo, hi = torch.aminmax(toks[:, :k_max] if all(k == k_max for k in ks) else torch.where(
-            torch.arange(k_max, device=toks.device) < torch.tensor(ks, device=toks.device)[:, None],
-            toks[:, :k_max], 0))
-        if int(lo) < 0 or int(hi) >= vocab:
-            b = next(b for b in range(batch) if toks[b, :ks[b]].numel() and (
-                int(toks[b, :ks[b]].min()) < 0 or int(toks[b, :ks[b]].max()) >= vocab))
+    if k_max:  # one range check over every row's proposals (past a row's count: 0)
+        props = toks[:, :k_max]
+        if any(k != k_max for k in ks):
+            counts = torch.tensor(ks, device=toks.device)[:, None]
+            props = torch.where(torch.arange(k_max, device=toks.device) < counts, props, 0)
+        lo, hi = torch.aminmax(props)
+        if int(lo) < 0 or int(hi) >= vocab:  # name the first row at fault
+            b = next(b for b in range(batch)
+                     if int(props[b].min()) < 0 or int(props[b].max()) >= vocab)
             raise ValueError(f"drafter.propose returned token ids {toks[b, :ks[b]].tolist()} "
                              f"for row {b}, outside the vocabulary [0, {vocab})")
     if qs is not None and (not isinstance(qs, torch.Tensor) or qs.dim() != 3

@@ -119,11 +119,12 @@ class ModelDrafter:
                 and self.model.config.vocab_size == self.vocab):
             # Greedy proposals from one call of the draft's own greedy loop (on the CPU one
             # op for all K steps), its first step over each row's tail (the last token, or a
-            # bonus token's predecessor and the bonus token), the tails of unequal rows'
-            # lengths fed by a forward first: the same tokens and cache as the loop below
-            # (argmax over the whole vocabulary is argmax over the fitted logits when the
-            # vocabularies match), without Python, a logits tensor and a host sync per
-            # drafted token, nor a forward of its own for the bonus token's predecessor.
+            # bonus token's predecessor and the bonus token; when the rows' tails differ in
+            # length, all but their last tokens go in by a forward first): the same tokens
+            # and cache as the loop below (argmax over the whole vocabulary is argmax over
+            # the fitted logits when the vocabularies match), without Python, a logits
+            # tensor and a host sync per drafted token, nor a forward of its own for the
+            # bonus token's predecessor.
             if len({len(t) for t in tails}) > 1:
                 feed(self.model, self.cache, [t[:-1] for t in tails], self.device, logits=False)
                 self.calls += 1

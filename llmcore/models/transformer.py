@@ -540,16 +540,16 @@ class Transformer(nn.Module):
         yet in the cache, all appended by the first step (one forward of P positions, the
         pick after the last: a drafter catching up on an accepted token and a bonus one).
         Each step appends the current tokens to the cache and picks the next ones: the
-        argmax of their logits (the first index on ties). A sequence finishes at a token of ``eos_token_id``; from then on its picks
-        are replaced by ``fill`` (``done``, bool [B], marks sequences finished before the
-        call), and decoding stops after the first step at which every sequence has
-        finished.
+        argmax of their logits (the first index on ties). A sequence finishes at a token
+        of ``eos_token_id``; from then on its picks are replaced by ``fill`` (``done``,
+        bool [B], marks sequences finished before the call), and decoding stops after the
+        first step at which every sequence has finished.
 
         Returns LongTensor [B, n], n <= steps: the new tokens. The cache then holds
         ``tokens`` and every new token but the last (the next call's ``tokens``): what
         ``model(tokens, cache=cache)``, then n - 1 calls of ``model(tok, cache=cache)``, and
-        an argmax of each last position leave, with the same tokens bit for bit. On the CPU with the llmcore backend the whole loop is one op,
-        ``llmcore::greedy_decode`` (no Python between steps: a small model's decode step
+        an argmax of each last position leave, with the same tokens bit for bit. On the
+        CPU with the llmcore backend the whole loop is one op, ``llmcore::greedy_decode`` (no Python between steps: a small model's decode step
         spends about a tenth of its time there otherwise); elsewhere it makes those calls.
         """
         if tokens.dim() == 2 and tokens.shape[1] == 1:

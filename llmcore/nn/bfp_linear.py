@@ -25,6 +25,7 @@ from llmcore.formats import BFPFormat, get_format
 from llmcore.ops._dispatch import kernel_supported
 from llmcore.ops.bfp import (
     BFPTensor,
+    _straight_through_grads,
     bfp_linear,
     bfp_linear_trainable,
     bfp_quantize,
@@ -301,15 +302,18 @@ class _TiledFrozenLinear(torch.autograd.Function):
     def backward(ctx, grad_y):
         mant, exp = ctx.saved_tensors
         need_x, need_b = ctx.needs_input_grad[:2]
-        gy = grad_y.reshape(-1, grad_y.shape[-1]).float()
-        grad_x = grad_b = None
-        if need_x:
+        w = None
+        if need_x:  # the weight laid out plain and dequantised only here
             m, e = plain_layout(mant, exp, ctx.fmt, ctx.k)
-            w = BFPTensor(m, e, ctx.fmt, (m.shape[0], ctx.k), torch.float32)
-            grad_x = (gy @ w.dequantize(torch.float32)).to(ctx.x_dtype).reshape(
-                *grad_y.shape[:-1], ctx.k)
-        if need_b and ctx.bias_dtype is not None:
-            grad_b = gy.sum(0).to(ctx.bias_dtype)
+            w = BFPTensor(m, e, ctx.fmt, (m.shape[0], ctx.k), torch.float32).dequantize(
+                torch.float32)
+        grad_x, _, grad_b = _straight_through_grads(
+            grad_y.reshape(-1, grad_y.shape[-1]), None, w, None, need_x, False,
+            need_b and ctx.bias_dtype is not None)
+        if grad_x is not None:
+            grad_x = grad_x.to(ctx.x_dtype).reshape(*grad_y.shape[:-1], ctx.k)
+        if grad_b is not None:
+            grad_b = grad_b.to(ctx.bias_dtype)
         return grad_x, grad_b, None, None, None, None, None
 
 
