@@ -4,15 +4,19 @@
 // serialised), which is what a GEMV's weight stream looks like to the memory system.
 //
 //   g++ -O3 -march=native -fopenmp benchmarks/membw.cpp -o /tmp/membw
-//   /tmp/membw [MiB=512] [reps=15] [threads=1,2]
+//   /tmp/membw [MiB=512] [reps=15] [threads=1,2] [pages=4k|huge]
 //
 // Prints one JSON line per thread count: median / best GB/s over `reps` full passes.
+// pages=huge advises the buffer MADV_HUGEPAGE (transparent huge pages, Linux), as
+// llmcore's weight arena is (csrc/common/hugepages_binding.cpp): on 4 KB pages the hardware
+// prefetchers stop at every page boundary.
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <chrono>
@@ -40,7 +44,9 @@ int main(int argc, char** argv) {
     s = c == std::string::npos ? "" : s.substr(c + 1);
   }
   const size_t n = mib << 20;
-  auto* buf = static_cast<uint8_t*>(aligned_alloc(4096, n));
+  const bool huge = argc > 4 && std::string(argv[4]) == "huge";
+  auto* buf = static_cast<uint8_t*>(aligned_alloc(2 << 20, n));
+  if (huge) madvise(buf, n, MADV_HUGEPAGE);
 #pragma omp parallel for schedule(static)
   for (size_t i = 0; i < n; i += 4096) memset(buf + i, static_cast<int>(i >> 12), 4096);
   int64_t sink = 0;
@@ -60,8 +66,9 @@ int main(int argc, char** argv) {
       if (r > 0) gbps.push_back(static_cast<double>(n) / dt / 1e9);  // r = 0 warms up
     }
     std::sort(gbps.begin(), gbps.end());
-    printf("{\"threads\": %d, \"MiB\": %zu, \"reps\": %d, \"median_GBps\": %.2f, \"best_GBps\": %.2f}\n",
-           t, mib, reps, gbps[gbps.size() / 2], gbps.back());
+    printf("{\"threads\": %d, \"MiB\": %zu, \"reps\": %d, \"pages\": \"%s\", \"median_GBps\": %.2f, "
+           "\"best_GBps\": %.2f}\n",
+           t, mib, reps, huge ? "huge" : "4k", gbps[gbps.size() / 2], gbps.back());
   }
   free(buf);
   return sink == 42 ? 1 : 0;

@@ -1,4 +1,6 @@
-// Every llmcore op schema, in one place (but decoder_layers: see the end). Devices register kernels with
+// Every llmcore op schema, in one place (but decoder_layers: see the end, and the two
+// host-memory utilities described at the end, defined with their code in
+// csrc/common/hugepages_binding.cpp). Devices register kernels with
 // TORCH_LIBRARY_IMPL(llmcore, CPU|CUDA, m) in their own binding files; the Python face of
 // each op (llmcore/ops/*.py) adds the docstring, the fake (meta) impl and autograd.
 //
@@ -175,4 +177,13 @@ TORCH_LIBRARY(llmcore, m) {
   // the ops one by one pick (with a prefix: a forward of the P tokens, then single tokens).
   // The new tokens' k/v are written from cache_seqlens on (P - 1 + steps taken of them);
   // cache_seqlens is not changed (the caller commits them).
+  // Host memory (csrc/common/hugepages_binding.cpp defines these two with their code, as
+  // catch-all functions: no dispatch key, no meta or CUDA variant):
+  //   hugepage_arena(int nbytes) -> Tensor
+  // uint8 [nbytes] of zeros on the CPU, starting on a 2 MB boundary, advised MADV_HUGEPAGE
+  // (Linux; plain zeroed memory elsewhere); unmapped when its last view is freed.
+  //   arena_view(Tensor arena, int offset, int[] size, int[] stride, ScalarType dtype)
+  //       -> Tensor
+  // A tensor of `dtype` over arena's bytes from `offset` (a multiple of the element size)
+  // with its own storage, which holds the arena alive; the view must lie inside the arena.
 }

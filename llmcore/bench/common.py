@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from llmcore.ops.memory import hugepages_enabled
+
 
 @dataclass
 class Row:
@@ -181,6 +183,8 @@ def environment(device: torch.device) -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "device": str(device),
+        # whether models and caches went into 2 MB pages (llmcore.ops.memory; "auto")
+        "hugepages": device.type == "cpu" and hugepages_enabled(),
     }
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)

@@ -38,6 +38,7 @@ from llmcore.formats import get_format
 from llmcore.ops._dispatch import kernel_supported
 from llmcore.ops.bfp import BFPTensor
 from llmcore.ops.decode import decode_attention, kv_cache_append
+from llmcore.ops.memory import hugepage_zeros, wants_hugepages
 
 STORAGES = ("native", "mxint8", "float32", "bfloat16", "float16")
 _FLOAT_STORAGES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,6 +63,13 @@ class KVCache(nn.Module):
         from a pool of ``num_pages`` (default: enough for every sequence at
         ``max_seq_len``) as sequences grow, and returned on rollback/reset.
     num_pages : int, optional
+    hugepages : bool or "auto"
+        On the CPU, keys, values (and exponents) in one arena of 2 MB pages
+        (:func:`llmcore.ops.memory.hugepage_zeros`; True needs the compiled extension): a
+        decode step reads the whole cache of each layer, head by head, which on 4 KB pages
+        costs a TLB miss per page. "auto" (``Transformer.new_cache``'s default) does where
+        the system gives such pages and the cache holds 2 MB or more
+        (:func:`llmcore.ops.memory.wants_hugepages`).
 
     Buffers (not saved in ``state_dict``): ``k_values`` / ``v_values`` (the float values,
     or the int8 mantissas of MXINT8 storage), ``k_exponents`` / ``v_exponents`` (MXINT8
@@ -72,7 +80,7 @@ class KVCache(nn.Module):
     def __init__(self, n_layers: int, batch_size: int, max_seq_len: int, n_kv_heads: int,
                  head_dim: int, dtype: torch.dtype = torch.float32, device="cpu",
                  storage: str = "native", page_size: int | None = None,
-                 num_pages: int | None = None):
+                 num_pages: int | None = None, hugepages: bool | str = False):
         super().__init__()
         for name, val in (("n_layers", n_layers), ("batch_size", batch_size),
                           ("max_seq_len", max_seq_len), ("n_kv_heads", n_kv_heads),
@@ -109,11 +117,15 @@ class KVCache(nn.Module):
         mx = storage == "mxint8"
         vdtype = torch.int8 if mx else _FLOAT_STORAGES.get(storage, dtype)
         eshape = (*lead, n_kv_heads, get_format("mxint8").exponent_cols(head_dim))
-        for kv in ("k", "v"):
-            self.register_buffer(f"{kv}_values", torch.zeros(shape, dtype=vdtype, device=device),
-                                 persistent=False)
-            self.register_buffer(f"{kv}_exponents", torch.zeros(eshape, dtype=torch.uint8,
-                                                                device=device) if mx else None,
+        specs = [(shape, vdtype), (shape, vdtype)] + ([(eshape, torch.uint8)] * 2 if mx else [])
+        nbytes = sum(math.prod(sh) * torch.empty(0, dtype=dt).element_size() for sh, dt in specs)
+        if wants_hugepages(hugepages, device, nbytes):  # zeros in one arena of 2 MB pages
+            buffers = hugepage_zeros(specs)
+        else:
+            buffers = [torch.zeros(sh, dtype=dt, device=device) for sh, dt in specs]
+        for i, kv in enumerate(("k", "v")):
+            self.register_buffer(f"{kv}_values", buffers[i], persistent=False)
+            self.register_buffer(f"{kv}_exponents", buffers[2 + i] if mx else None,
                                  persistent=False)
         self.register_buffer("block_table", block_table, persistent=False)
         self.register_buffer("seqlens", torch.zeros(batch_size, dtype=torch.int32,
