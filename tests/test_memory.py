@@ -254,3 +254,16 @@ def test_quantized_copy_packs_its_own_tensors_only():
         assert torch.equal(q(IDS), m.quantized("mxint8", hugepages=False)(IDS))
     with pytest.raises(ValueError, match="hugepages must be"):
         m.quantized("mxint8", hugepages="no")
+
+
+def test_info_says_whether_models_get_2mb_pages(capsys, monkeypatch):
+    from llmcore import cli
+
+    assert cli.main(["info"]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("2 MB pages")]
+    assert line and line[0].split(": ", 1)[1].startswith(
+        "yes" if memory.hugepages_enabled() else "no")
+    monkeypatch.setenv("LLMCORE_HUGEPAGES", "0")
+    assert cli.main(["info"]) == 0
+    assert "2 MB pages for CPU models and caches: no (LLMCORE_HUGEPAGES=0)" in \
+        capsys.readouterr().out

@@ -28,10 +28,10 @@ from torch import nn
 
 from llmcore import _ext
 
-__all__ = ["HUGEPAGE", "hugepages_enabled", "hugepage_zeros", "pack_hugepages", "pack_tensors",
+__all__ = ["HUGEPAGE", "THP_SETTING", "hugepages_enabled", "hugepage_zeros", "pack_hugepages", "pack_tensors",
            "packed_bytes", "module_tensors", "wants_hugepages"]
 
-_THP = "/sys/kernel/mm/transparent_hugepage/enabled"
+THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"  # "always [madvise] never"
 HUGEPAGE = 2 << 20  # bytes of one transparent huge page on x86-64 and arm64 (4 KB base)
 _ALIGN = 64  # bytes between packed regions: a cache line, as the kernels' loads assume
 _TRIM_EVERY = 16 << 20  # bytes moved between two malloc_trim calls (see pack_tensors)
@@ -46,7 +46,7 @@ def hugepages_enabled() -> bool:
     if not sys.platform.startswith("linux") or not _ext.has_op("hugepage_arena"):
         return False
     try:
-        with open(_THP) as f:
+        with open(THP_SETTING) as f:
             mode = f.read()
     except OSError:
         return False
