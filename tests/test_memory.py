@@ -136,6 +136,20 @@ def test_pack_keeps_objects_values_strides_and_aliasing():
         assert _advised([w, part, base, odd, half, inf])
 
 
+def test_views_of_one_storage_stay_one_storage_across_repacks():
+    whole = torch.arange(40.0)
+    part = whole[6:30:3]  # an offset and a stride into the same storage
+    other = torch.arange(5, dtype=torch.int16)
+    for _ in range(2):  # packing again keeps them together
+        memory.pack_tensors([whole, part, other])
+        assert part.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()
+        assert other.untyped_storage().data_ptr() != whole.untyped_storage().data_ptr()
+        assert part.storage_offset() == 6 and part.stride() == (3,)
+    whole[9] = -1.0
+    assert part[1] == -1.0 and torch.equal(whole[:5], torch.arange(5.0))
+    assert torch.equal(other, torch.arange(5, dtype=torch.int16))
+
+
 def test_pack_under_inference_mode_keeps_normal_tensors_normal():
     w = torch.nn.Parameter(torch.randn(3))
     with torch.inference_mode():
@@ -225,6 +239,8 @@ def test_auto_leaves_small_models_and_caches_alone(monkeypatch):
         m.new_cache(1, 16, hugepages="sometimes")
     with pytest.raises(ValueError, match="hugepages must be"):
         m.quantize("mxint8", hugepages=1)
+    with pytest.raises(ValueError, match="hugepages must be"):  # before reading anything
+        Transformer.from_pretrained("/no/such/checkpoint", hugepages="x")
 
 
 @linux_thp

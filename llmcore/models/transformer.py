@@ -38,7 +38,13 @@ from llmcore.ops import fused
 from llmcore.ops._dispatch import kernel_supported
 from llmcore.ops.bfp import BFPTensor, tile_layout, tiles_fast
 from llmcore.ops.dense import gemv_applies
-from llmcore.ops.memory import module_tensors, pack_tensors, packed_bytes, wants_hugepages
+from llmcore.ops.memory import (
+    check_hugepages,
+    module_tensors,
+    pack_tensors,
+    packed_bytes,
+    wants_hugepages,
+)
 from llmcore.ops.memory import pack_hugepages as _pack_hugepages
 
 BACKENDS = ("llmcore", "torch")
@@ -743,7 +749,7 @@ class Transformer(nn.Module):
         quantised or BFP checkpoint. ``hugepages``: as in :meth:`quantize`, for every
         tensor of the loaded model."""
         tile = _wants_tiles(tiles)  # (an unknown value fails before anything is read)
-        wants_hugepages(hugepages, "cpu")
+        check_hugepages(hugepages)
         ckpt = hf.open_checkpoint(path)
         if ckpt.quantized and quantize is not None:
             raise ValueError(f"{path} is already BFP-quantised; load it with quantize=None")
@@ -871,7 +877,7 @@ class Transformer(nn.Module):
         if embedding not in (None, "auto"):
             get_format(embedding)  # an unknown name fails before anything is replaced
         tile = _wants_tiles(tiles)
-        wants_hugepages(hugepages, "cpu")  # (an unknown value fails before anything changes)
+        check_hugepages(hugepages)  # (an unknown value fails before anything changes)
         tied = self.head_tied()
         for name, (fmt, act) in self._quantize_plan(format, act_format, exclude,
                                                     lm_head).items():
@@ -976,7 +982,7 @@ class Transformer(nn.Module):
         if any(isinstance(m, BFPLinear) for m in self.modules()):
             raise ValueError("quantized() needs a model with full-precision linears (this one "
                              "is already quantised)")
-        wants_hugepages(hugepages, "cpu")  # (an unknown value fails before the copy)
+        check_hugepages(hugepages)  # (an unknown value fails before the copy)
         emb = self.embed_tokens
         shared = {id(emb): emb, id(emb.weight): emb.weight, id(self.inv_freq): self.inv_freq}
         q = copy.deepcopy(self, memo=shared).quantize(format, act_format, exclude, lm_head,

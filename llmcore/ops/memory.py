@@ -28,8 +28,8 @@ from torch import nn
 
 from llmcore import _ext
 
-__all__ = ["HUGEPAGE", "THP_SETTING", "hugepages_enabled", "hugepage_zeros", "pack_hugepages", "pack_tensors",
-           "packed_bytes", "module_tensors", "wants_hugepages"]
+__all__ = ["HUGEPAGE", "THP_SETTING", "check_hugepages", "hugepages_enabled", "hugepage_zeros",
+           "module_tensors", "pack_hugepages", "pack_tensors", "packed_bytes", "wants_hugepages"]
 
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"  # "always [madvise] never"
 HUGEPAGE = 2 << 20  # bytes of one transparent huge page on x86-64 and arm64 (4 KB base)
@@ -53,14 +53,20 @@ def hugepages_enabled() -> bool:
     return "[never]" not in mode
 
 
+def check_hugepages(setting) -> None:
+    """Raise ValueError unless ``setting`` is a valid ``hugepages`` argument (True, False
+    or ``"auto"``): callers check before they load or change anything."""
+    if not (setting is True or setting is False or setting == "auto"):
+        raise ValueError(f"hugepages must be True, False or 'auto', got {setting!r}")
+
+
 def wants_hugepages(setting, device, nbytes: int | None = None) -> bool:
     """The decision of a ``hugepages`` argument (True, False or ``"auto"``) for ``nbytes``
     of tensors on ``device``: "auto" is :func:`hugepages_enabled` on the CPU for at least
     one huge page of data (a smaller arena would still take a whole 2 MB page of memory,
     and data that small stays in the caches anyway); True also needs the extension's op
     (it packs where THP is off too: the arena is then ordinary memory)."""
-    if not (setting is True or setting is False or setting == "auto"):
-        raise ValueError(f"hugepages must be True, False or 'auto', got {setting!r}")
+    check_hugepages(setting)
     if setting is False or torch.device(device).type != "cpu":
         return False
     if setting == "auto":
@@ -129,7 +135,8 @@ def pack_tensors(tensors: Iterable[torch.Tensor]) -> int:
     of 2 MB pages, in place: each tensor object keeps its identity, shape, strides, dtype,
     ``requires_grad`` and values (bit for bit) and only its storage changes, so modules,
     optimisers and plans that hold the objects see the moved data. Tensors that shared a
-    storage still share the same bytes (each now has a storage of its own in the arena).
+    storage share one storage again (the part of the arena that holds the bytes they
+    covered); the others each get a storage of their own.
     Each old storage is released as soon as its tensors are moved, and the heap pages
     freed are handed back every 16 MB (glibc's ``malloc_trim``), so the memory in use grows
     by about 16 MB at most while they move. Returns the bytes copied."""
@@ -145,14 +152,17 @@ def pack_tensors(tensors: Iterable[torch.Tensor]) -> int:
     for ts, lo, hi, off in plan:
         src = torch.empty(0, dtype=torch.uint8).set_(ts[0].untyped_storage(), lo, (hi - lo,),
                                                      (1,))
-        view(arena, off, [hi - lo], [1], torch.uint8).copy_(src)
+        region = view(arena, off, [hi - lo], [1], torch.uint8)
+        region.copy_(src)
         del src
+        storage = region.untyped_storage()
         for t in ts:
             # made and bound in t's own mode: a normal tensor gets a normal storage even
             # when this runs under inference mode, an inference tensor stays one
             with torch.inference_mode(t.is_inference()), torch.no_grad():
-                t.data = view(arena, off + t.storage_offset() * t.element_size() - lo,
-                              list(t.shape), list(t.stride()), t.dtype)
+                at = (t.storage_offset() * t.element_size() - lo) // t.element_size()
+                t.data = torch.empty(0, dtype=t.dtype).set_(storage, at, t.shape, t.stride())
+        del region, storage
         freed += hi - lo
         if freed >= _TRIM_EVERY:  # old storages from the heap go back as we go
             _trim_heap()
@@ -182,7 +192,9 @@ def _groups(tensors: Iterable[torch.Tensor]) -> list[tuple[list[torch.Tensor], i
             groups.setdefault(t.untyped_storage().data_ptr(), []).append(t)
     out = []
     for ts in groups.values():
-        lo = min(t.storage_offset() * t.element_size() for t in ts)
+        # lo on a 64-byte boundary of the storage: every tensor's offset from it stays a
+        # multiple of its element size, and its alignment modulo 64 stays what it was
+        lo = min(t.storage_offset() * t.element_size() for t in ts) // _ALIGN * _ALIGN
         hi = max((t.storage_offset() + _extent(t)) * t.element_size() for t in ts)
         out.append((ts, lo, hi))
     return out
