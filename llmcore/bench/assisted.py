@@ -26,6 +26,7 @@ draft in fp32 and mxint8, each at every starting γ of ``draft_tokens``; the sam
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -82,6 +83,14 @@ def _verify_cost(target, cache, prompt: torch.Tensor, tokens: int, new: int,
     (v_s, _), (plain_s, _) = _alternated_s([call, lambda: generate(target, prompt, new)], 5,
                                            device)
     return v_s / (plain_s / new)
+
+
+def _verify_costs(target, prompt: torch.Tensor, plen: int, new: int, device: torch.device):
+    """tokens -> :func:`_verify_cost` over a cache of its own, measured once per token
+    count (the rows that share one reuse it)."""
+    cache = target.new_cache(1, plen + 32)
+    return functools.cache(
+        lambda tokens: _verify_cost(target, cache, prompt, tokens, new, device))
 
 
 def _draft_cost(draft, target, prompt: torch.Tensor, new: int, runs: int, device,
@@ -174,13 +183,7 @@ def run(device: torch.device, quick: bool = False, progress_factory=None,
                         metric=new / plain[case][0], unit="tok/s",
                         extra={"preset": preset, "new": new}))
         tick()
-    cache = target.new_cache(1, plen + 32)
-    costs: dict[int, float] = {}  # verify cost by tokens (one measurement each)
-
-    def verify_cost(tokens: int) -> float:
-        if tokens not in costs:
-            costs[tokens] = _verify_cost(target, cache, prompt, tokens, new, device)
-        return costs[tokens]
+    verify_cost = _verify_costs(target, prompt, plen, new, device)
 
     for name, make, case, draft_kv in todo:
         draft = make()
@@ -349,13 +352,7 @@ def run_trained(device: torch.device, target_dir, draft_dir, draft_tokens=None,
                         unit="tok/s", extra=dict(common)))
         pbar.update()
         p0 = prompts[0][1]
-        cache = target.new_cache(1, plen + 32)
-        costs: dict[int, float] = {}  # verify cost by tokens (one measurement each)
-
-        def verify_cost(tokens: int, target=target, cache=cache, p0=p0, costs=costs) -> float:
-            if tokens not in costs:
-                costs[tokens] = _verify_cost(target, cache, p0, tokens, new, device)
-            return costs[tokens]
+        verify_cost = _verify_costs(target, p0, plen, new, device)
 
         for dname, draft in drafts_.items():
             generate(draft, p0, 4)

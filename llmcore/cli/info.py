@@ -28,24 +28,13 @@ def _hugepages() -> str:
     """Whether hugepages="auto" packs here (llmcore.ops.memory), and why not."""
     import os
 
-    from llmcore.ops.memory import THP_SETTING, hugepages_enabled
+    from llmcore.ops.memory import THP_SETTING, hugepages_enabled, thp_mode
 
+    mode = thp_mode()
     if hugepages_enabled():
-        return "yes (transparent huge pages: " + _thp_mode() + ")"
+        return f"yes (transparent huge pages: {mode})"
     if os.environ.get("LLMCORE_HUGEPAGES", "1") == "0":
         return "no (LLMCORE_HUGEPAGES=0)"
     if not _ext.has_op("hugepage_arena"):
         return "no (the extension is not loaded)"
-    mode = _thp_mode()
     return f"no (transparent huge pages: {mode})" if mode else f"no ({THP_SETTING} unreadable)"
-
-
-def _thp_mode() -> str:
-    from llmcore.ops.memory import THP_SETTING
-
-    try:
-        with open(THP_SETTING) as f:
-            words = f.read().split()
-    except OSError:
-        return ""
-    return next((w.strip("[]") for w in words if w.startswith("[")), " ".join(words))

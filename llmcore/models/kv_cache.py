@@ -118,7 +118,7 @@ class KVCache(nn.Module):
         vdtype = torch.int8 if mx else _FLOAT_STORAGES.get(storage, dtype)
         eshape = (*lead, n_kv_heads, get_format("mxint8").exponent_cols(head_dim))
         specs = [(shape, vdtype), (shape, vdtype)] + ([(eshape, torch.uint8)] * 2 if mx else [])
-        nbytes = sum(math.prod(sh) * torch.empty(0, dtype=dt).element_size() for sh, dt in specs)
+        nbytes = sum(math.prod(sh) * dt.itemsize for sh, dt in specs)
         if wants_hugepages(hugepages, device, nbytes):  # zeros in one arena of 2 MB pages
             buffers = hugepage_zeros(specs)
         else:

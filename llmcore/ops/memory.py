@@ -29,7 +29,8 @@ from torch import nn
 from llmcore import _ext
 
 __all__ = ["HUGEPAGE", "THP_SETTING", "check_hugepages", "hugepages_enabled", "hugepage_zeros",
-           "module_tensors", "pack_hugepages", "pack_tensors", "packed_bytes", "wants_hugepages"]
+           "module_tensors", "pack_hugepages", "pack_tensors", "packed_bytes", "thp_mode",
+           "wants_hugepages"]
 
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"  # "always [madvise] never"
 HUGEPAGE = 2 << 20  # bytes of one transparent huge page on x86-64 and arm64 (4 KB base)
@@ -45,12 +46,19 @@ def hugepages_enabled() -> bool:
         return False
     if not sys.platform.startswith("linux") or not _ext.has_op("hugepage_arena"):
         return False
+    mode = thp_mode()
+    return mode is not None and mode != "never"
+
+
+def thp_mode() -> str | None:
+    """The system's transparent-huge-page setting (``always``, ``madvise`` or ``never``:
+    the bracketed word of :data:`THP_SETTING`), None where it cannot be read."""
     try:
         with open(THP_SETTING) as f:
-            mode = f.read()
+            words = f.read().split()
     except OSError:
-        return False
-    return "[never]" not in mode
+        return None
+    return next((w.strip("[]") for w in words if w.startswith("[")), " ".join(words) or None)
 
 
 def check_hugepages(setting) -> None:
@@ -85,31 +93,15 @@ def hugepage_zeros(shapes: Iterable[tuple[tuple[int, ...], torch.dtype]]) -> lis
     """Zero-filled contiguous CPU tensors of the given ``(shape, dtype)`` pairs, side by side
     in one arena of 2 MB pages (each tensor its own storage; the arena is unmapped when
     the last of them is freed). Needs the compiled extension."""
-    specs = [(tuple(int(s) for s in shape), dtype) for shape, dtype in shapes]
-    sizes = [_region(_numel(shape) * torch.empty(0, dtype=dtype).element_size())
-             for shape, dtype in specs]
+    specs = [torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in shapes]
+    sizes = [_region(t.nbytes) for t in specs]
     arena = torch.ops.llmcore.hugepage_arena(sum(sizes))
     out, off = [], 0
-    for (shape, dtype), size in zip(specs, sizes, strict=True):
-        out.append(torch.ops.llmcore.arena_view(arena, off, list(shape),
-                                                list(_contiguous_strides(shape)), dtype))
+    for t, size in zip(specs, sizes, strict=True):
+        out.append(torch.ops.llmcore.arena_view(arena, off, list(t.shape), list(t.stride()),
+                                                t.dtype))
         off += size
     return out
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _contiguous_strides(shape) -> tuple[int, ...]:
-    strides, acc = [], 1
-    for s in reversed(shape):
-        strides.append(acc)
-        acc *= max(s, 1)
-    return tuple(reversed(strides))
 
 
 def module_tensors(module: nn.Module) -> list[torch.Tensor]:
