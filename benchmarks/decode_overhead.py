@@ -18,6 +18,11 @@ dense weights: their projections run ``linear_gemv``), ``--dtype`` the model's d
 model in both weight layouts (docs/bfp.md: ``Transformer.tile_weights`` /
 ``untile_weights``), switched in place and alternated every round, so a noisy machine's
 swings fall on both alike; each round also times the verify ratio when ``--verify`` is set.
+``--parts`` (with ``--verify T``) splits the single-token step and the T-token call into
+their parts with ``llmcore.ops.profile.decode_profile`` (the projections, the attention,
+the small ops inside ``llmcore::decoder_layers``; the head runs in Python and is left
+out), the two alternated every round, and prints per part the ms of each and their ratio:
+where a verification's extra cost goes.
 ``--loops steps greedy`` times greedy decoding two ways, alternated every round: ``steps``
 is a Python loop of ``model(tok, cache=cache)`` and an argmax per token (generate's loop
 before ``decode_greedy``), ``greedy`` one ``Transformer.decode_greedy`` call (the
@@ -159,6 +164,48 @@ def compare_loops(model, cache, prompt, args) -> dict:
     return out
 
 
+@torch.inference_mode()
+def compare_parts(model, cache, prompt, args) -> dict:
+    """Per-part ms (llmcore.ops.profile) of a single-token step and of an args.verify-token
+    call at the same context (each rolled back), alternated, per thread count: medians of
+    the per-round means over 16 calls."""
+    from llmcore.ops.profile import PARTS, decode_profile
+
+    tokens = args.verify
+    runs = {(t, n): [] for t in args.threads for n in (1, tokens)}
+    for r in range(args.rounds):
+        for t in args.threads:
+            torch.set_num_threads(t)
+            cache.reset()
+            model(prompt, cache=cache, prefill=True)
+            n0 = cache.lengths[0]
+            for n in (1, tokens) if r % 2 == 0 else (tokens, 1):  # no order bias
+                ids = prompt[:, :n]
+                model(ids, cache=cache)  # warm
+                cache.rollback(n0)
+                with decode_profile() as prof:
+                    for _ in range(16):
+                        model(ids, cache=cache)
+                        cache.rollback(n0)
+                runs[(t, n)].append({k: v * 1e3 / 16 for k, v in prof.seconds.items()})
+    out: dict = {"format": args.format, "storage": args.storage, "verify": tokens,
+                 "threads": {}}
+    for t in args.threads:
+        per = out["threads"][str(t)] = {}
+        for k in PARTS:
+            one = statistics.median(x[k] for x in runs[(t, 1)])
+            many = statistics.median(x[k] for x in runs[(t, tokens)])
+            if one or many:
+                per[k] = {"1": one, str(tokens): many, "ratio": many / one if one else None}
+        one = sum(v["1"] for v in per.values())
+        many = sum(v[str(tokens)] for v in per.values())
+        per["layers_total"] = {"1": one, str(tokens): many, "ratio": many / one}
+        print(f"threads {t}: part, ms of 1 token, of {tokens} tokens, ratio")
+        for k, v in per.items():
+            print(f"  {k:12s} {v['1']:8.3f} {v[str(tokens)]:8.3f} {v['ratio'] or 0:6.2f}")
+    return out
+
+
 def compare_layouts(model, cache, prompt, args) -> dict:
     """ms per token (and the verify ratio) of each weight layout in args.layouts, the
     layouts and thread counts alternated in every round; medians over the rounds."""
@@ -207,9 +254,20 @@ def main() -> None:
                     help="compare these weight layouts, alternated every round")
     ap.add_argument("--loops", nargs="+", choices=("steps", "greedy"),
                     help="compare these greedy decode loops, alternated every round")
+    ap.add_argument("--parts", action="store_true",
+                    help="with --verify T: the step's and the T-token call's time per part "
+                         "(llmcore.ops.profile), alternated")
     ap.add_argument("--out")
     args = ap.parse_args()
+    if args.parts and not args.verify:
+        ap.error("--parts needs --verify T")
     model, cache, prompt = build(args.storage, args.tiny, args.format, getattr(torch, args.dtype))
+    if args.parts:
+        res = compare_parts(model, cache, prompt, args)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(res, f, indent=1)
+        return
     if args.layouts or args.loops:
         res = (compare_loops if args.loops else compare_layouts)(model, cache, prompt, args)
         print(json.dumps(res, indent=1))

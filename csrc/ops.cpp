@@ -186,4 +186,11 @@ TORCH_LIBRARY(llmcore, m) {
   //       -> Tensor
   // A tensor of `dtype` over arena's bytes from `offset` (a multiple of the element size)
   // with its own storage, which holds the arena alive; the view must lie inside the arena.
+  // Step profile (csrc/fused/step_profile_binding.cpp, a catch-all function as above):
+  //   decode_profile(bool? enable=None, bool reset=False) -> float[]
+  // The totals of decoder_layers' and greedy_decode's per-part wall time while collection
+  // is on: [seconds of each part (step_profile.h's StepPart order)..., decoder_layers
+  // calls, greedy_decode steps, 1.0 if collecting else 0.0], read before `enable` switches
+  // collection and `reset` zeroes the totals. Off by default (a part's timer costs one
+  // branch then); llmcore.ops.profile is its Python face.
 }

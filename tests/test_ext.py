@@ -11,7 +11,8 @@ CSRC = os.path.join(os.path.dirname(__file__), "..", "csrc")
 # csrc/ops.cpp holds every kernel op's schema but decoder_layers', defined with its class.
 # (The two host-memory utilities hugepage_arena and arena_view, defined with their code
 # in csrc/common/hugepages_binding.cpp, are no kernels: they are not in _ext.OPS and take
-# no dispatch key; tests/test_memory.py covers them.)
+# no dispatch key; tests/test_memory.py covers them. Nor is decode_profile, the step
+# profile's switch and totals in csrc/fused/step_profile_binding.cpp: tests/test_profile.py.)
 SCHEMA_FILES = ("ops.cpp", os.path.join("fused", "decoder_layers_binding.cpp"))
 
 

@@ -18,6 +18,7 @@
 
 #include "common/check.h"
 #include "fused/decoder_layers.h"
+#include "fused/step_profile.h"
 
 namespace llmcore {
 namespace fused {
@@ -87,6 +88,19 @@ using fused::kWeightOnly;
 using fused::kNames;
 using fused::Linear;
 using OptT = std::optional<at::Tensor>;
+using fused::StepClock;
+using fused::kPartArgmax;
+using fused::kPartAttention;
+using fused::kPartDown;
+using fused::kPartEmbed;
+using fused::kPartGateUp;
+using fused::kPartHead;
+using fused::kPartKvAppend;
+using fused::kPartNorms;
+using fused::kPartOProj;
+using fused::kPartQkv;
+using fused::kPartRope;
+using fused::kPartSiluMul;
 
 template <class Sig>
 c10::TypedOperatorHandle<Sig> op(const char* name) {
@@ -229,19 +243,23 @@ at::Tensor decoder_layers_cpu(const at::Tensor& x, const at::Tensor& cos, const 
 
   const Ops& o = ops();
   const at::Tensor seq_end = cache_seqlens + T;  // lengths including the new tokens
+  StepClock clk;  // llmcore.ops.profile: per-part wall time, when switched on
   at::Tensor res = x;
   at::Tensor h = o.rms_norm.call(x, norm_weight[0], eps);
+  clk.lap(kPartNorms);
   for (int64_t l = 0; l < L; ++l) {
     const char* where = "";
     try {
       const std::array<Linear, kLinears>& lin = wts.layers[static_cast<size_t>(l)];
       where = "q_proj/k_proj/v_proj";
       auto [q, k, v] = apply_shared<3>({lin[0], lin[1], lin[2]}, h);
+      clk.lap(kPartQkv);
       q = q.view({B, T, n_heads, -1});
       k = k.view({B, T, n_kv_heads, -1});
       v = v.view({B, T, n_kv_heads, -1});
       where = "rope";
       o.rope.call(q, k, cos, sin);
+      clk.lap(kPartRope);
       where = "the KV cache";
       const at::Tensor kc = k_cache.select(0, l), vc = v_cache.select(0, l);
       OptT ke, ve;
@@ -250,24 +268,34 @@ at::Tensor decoder_layers_cpu(const at::Tensor& x, const at::Tensor& cos, const 
         ve = v_exponent->select(0, l);
       }
       o.append.call(kc, vc, k, v, cache_seqlens, block_table, ke, ve);
+      clk.lap(kPartKvAppend);
       at::Tensor att =
           std::get<0>(o.attend.call(q, kc, vc, seq_end, softmax_scale, block_table, ke, ve));
+      clk.lap(kPartAttention);
       where = "o_proj";
       at::Tensor a = apply(lin[3], att.reshape({B, T, n_heads * D}));
+      clk.lap(kPartOProj);
       where = "post_attention_layernorm";
       std::tie(res, h) = o.add_rms_norm.call(res, a, norm_weight[2 * l + 1], eps);
+      clk.lap(kPartNorms);
       where = "gate_proj/up_proj";
       auto [g, u] = apply_shared<2>({lin[4], lin[5]}, h);
+      clk.lap(kPartGateUp);
       where = "down_proj";
-      at::Tensor d = apply(lin[6], o.silu_mul.call(g, u));
+      const at::Tensor gu = o.silu_mul.call(g, u);
+      clk.lap(kPartSiluMul);
+      at::Tensor d = apply(lin[6], gu);
+      clk.lap(kPartDown);
       where = "the next norm";
       std::tie(res, h) = o.add_rms_norm.call(res, d, norm_weight[2 * l + 2], eps);
+      clk.lap(kPartNorms);
     } catch (c10::Error& err) {
       err.add_context(std::string("in decoder_layers, layer ") + std::to_string(l) +
                       (where[0] ? std::string(", ") + where : std::string()));
       throw;
     }
   }
+  clk.flush(/*layer_calls=*/1, /*steps=*/0);
   return h;
 }
 
@@ -356,7 +384,9 @@ at::Tensor greedy_decode_cpu(const at::Tensor& tokens, int64_t steps,
   const at::Tensor pos = at::empty({B * P}, tokens.options());
   int64_t* pos_p = pos.data_ptr<int64_t>();
   int64_t taken = 0;
+  StepClock clk;  // the embedding, head and pick (decoder_layers times its own parts)
   while (taken < steps) {
+    clk.restart();
     // The first step feeds the whole prefix (one pass over the weights for its P tokens,
     // logits of the last only), the others each row's pick.
     const int64_t T = taken == 0 ? P : 1;
@@ -371,8 +401,10 @@ at::Tensor greedy_decode_cpu(const at::Tensor& tokens, int64_t steps,
     const at::Tensor idx = pos.narrow(0, 0, B * T);
     const at::Tensor cos = rope_cos.index_select(0, idx).view({B, T, D}).to(dtype);
     const at::Tensor sin = rope_sin.index_select(0, idx).view({B, T, D}).to(dtype);
+    clk.lap(kPartEmbed);
     at::Tensor h = decoder_layers_cpu(x, cos, sin, weights, k_cache, v_cache, k_exponent,
                                       v_exponent, seq, block_table, softmax_scale);
+    clk.restart();
     if (T > 1) {
       h = h.narrow(1, T - 1, 1).contiguous();
       for (int64_t b = 0; b < B; ++b) len[b] += T - 1;
@@ -384,6 +416,7 @@ at::Tensor greedy_decode_cpu(const at::Tensor& tokens, int64_t steps,
       err.add_context("in greedy_decode, the head");
       throw;
     }
+    clk.lap(kPartHead);
     const at::Tensor pick = o.argmax_last.call(logits).contiguous();
     const int64_t* pick_p = pick.data_ptr<int64_t>();
     bool all_done = true;
@@ -396,8 +429,10 @@ at::Tensor greedy_decode_cpu(const at::Tensor& tokens, int64_t steps,
       ++len[b];
     }
     ++taken;
+    clk.lap(kPartArgmax);
     if (all_done && !eos.empty()) break;
   }
+  clk.flush(/*layer_calls=*/0, /*steps=*/taken);
   return out.narrow(1, 0, taken).contiguous();
 }
 
