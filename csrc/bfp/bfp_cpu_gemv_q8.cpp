@@ -590,6 +590,11 @@ LLMCORE_AVX512_TARGET void tile_avx512(const GemvQ8Plan& p, const uint8_t* xq, c
                                        const float* xs, const uint8_t* tw, const uint8_t* te,
                                        const float* bias, float* y, int64_t ldy) {
   constexpr int kGroups = kPacked ? 4 : 8;  // 64-byte vectors per block
+  // One row: 16 blocks ahead into L1 (4 KB of 4-bit tiles, 8 KB of 8-bit ones). 8-bit
+  // tiles 4 KB ahead (8 blocks) left the 1-row MXINT8 GEMVs of the 110M slower per byte
+  // than the same weights with 5 rows (17.7 against 22.7 GB/s, `benchmarks/decode_overhead.py
+  // --parts`); 16 KB ahead slowed 4-bit tiles by 20-30%.
+  constexpr int64_t kTileAhead1 = 16 * kGroups * 64;
   const int64_t nb = p.groups, xq_cols = p.xq_cols, groups = p.groups;
   __m512 acc[MT];  // in registers: the loops over rows are unrolled
 #pragma GCC unroll 8
@@ -599,7 +604,7 @@ LLMCORE_AVX512_TARGET void tile_avx512(const GemvQ8Plan& p, const uint8_t* xq, c
     __m512i z[4], u[8];
     for (int g = 0; g < kGroups; ++g) {
       if constexpr (MT == 1)
-        _mm_prefetch(reinterpret_cast<const char*>(w + 64 * g + kPrefetchBytes), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w + 64 * g + kTileAhead1), _MM_HINT_T0);
       else
         _mm_prefetch(reinterpret_cast<const char*>(w + 64 * g + kPrefetchRowsBytes), _MM_HINT_T1);
     }
