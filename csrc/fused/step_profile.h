@@ -1,8 +1,9 @@
 // Where a CPU decode step's time goes inside llmcore::decoder_layers and
 // llmcore::greedy_decode: wall time per part of the step (the projections, the attention,
 // the small ops, the head), summed over calls while enabled (llmcore.ops.profile; the
-// op llmcore::decode_profile in step_profile.cpp). The torch profiler sees each of these
-// ops as one event; this splits it. Off (the default), a part's timer is one branch.
+// op llmcore::decode_profile in step_profile_binding.cpp). The torch profiler sees each
+// of these ops as one event; this splits it. Off (the default), a part's timer is one
+// branch.
 #pragma once
 
 #include <chrono>
