@@ -369,8 +369,30 @@ def test_python_binding_round_and_memory(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     lc = vs.LlamaCpp("python")
     s = vs.Settings(prompt=8, decode=4, prefill=(16, 32), threads=(1,), rounds=1, verify=3,
-                    verify_reps=2)
+                    verify_reps=2, prefill_reps=2)
     r = vs.llamacpp_round(lc, tmp_path / "m.gguf", 2, s)
     assert set(r["prefill"]) == {16, 32} and 0 < r["decode"] < 1000  # ~1 ms a token
     assert 0 < r["prefill"][32] < 1000 and 0 < r["verify"] < 1000
     assert vs.llamacpp_memory(lc, tmp_path / "m.gguf")["peak_rss_mb"] > 1
+
+
+def test_llmcore_round_times_each_prefill_prefill_reps_times():
+    # a warm-up, then prefill_reps timed prefills of each length (their median)
+    from llmcore.models import Transformer, TransformerConfig
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=64,
+                                          vocab_size=50, max_seq_len=64)).eval()
+    lengths = []
+    real = model.forward
+
+    def counting(ids, *a, **kw):
+        if kw.get("prefill"):
+            lengths.append(ids.shape[1])
+        return real(ids, *a, **kw)
+    model.forward = counting
+    s = vs.Settings(prompt=8, decode=2, prefill=(16, 24), threads=(1,), rounds=1, verify=0,
+                    prefill_reps=3)
+    r = vs.llmcore_round(model, 1, s)
+    assert lengths.count(16) == 4 and lengths.count(24) == 4
+    assert set(r["prefill"]) == {16, 24} and all(v > 0 for v in r["prefill"].values())
+    assert vs.Settings.quick().prefill_reps == 1

@@ -99,10 +99,13 @@ class Settings:
     rounds: int = 3
     verify: int = 5  # tokens of one verification call (gamma = 4 drafts); 0: not measured
     verify_reps: int = 8  # timed calls per round (a median)
+    prefill_reps: int = 3  # timed prefills per round and engine (a median): one run alone
+    # moved a row by up to 0.9x on a shared machine
 
     @classmethod
     def quick(cls, threads=(1, 2)) -> Settings:
-        return cls(prompt=64, decode=16, prefill=(64,), threads=tuple(threads), rounds=1)
+        return cls(prompt=64, decode=16, prefill=(64,), threads=tuple(threads), rounds=1,
+                   prefill_reps=1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -479,15 +482,19 @@ _PY_BENCH = r"""
 import json, sys, time, llama_cpp
 path, threads, prefill, prompt, n = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 verify, reps = (int(sys.argv[6]), int(sys.argv[7])) if len(sys.argv) > 7 else (0, 0)
+preps = int(sys.argv[8]) if len(sys.argv) > 8 else 1
 ctx = max(prefill + [prompt + n, prompt + verify]) + 8
 llm = llama_cpp.Llama(model_path=path, n_ctx=ctx, n_batch=max(prefill + [prompt]), n_threads=threads, n_threads_batch=threads, verbose=False)
 V = llm.n_vocab()
 out = []
 for p in prefill:
     toks = [(i * 7919) % (V - 3) + 3 for i in range(p)]
-    for rep in range(2):  # warm-up, timed
-        llm.reset(); t0 = time.perf_counter(); llm.eval(toks); dt = time.perf_counter() - t0
-    out.append({"n_prompt": p, "n_gen": 0, "n_depth": 0, "n_threads": threads, "avg_ts": p / dt})
+    samples = []
+    for rep in range(preps + 1):  # a warm-up, then preps timed prefills
+        llm.reset(); t0 = time.perf_counter(); llm.eval(toks)
+        samples.append(p / (time.perf_counter() - t0))
+    out.append({"n_prompt": p, "n_gen": 0, "n_depth": 0, "n_threads": threads,
+                "avg_ts": sum(samples[1:]) / preps, "samples_ts": samples[1:]})
 for rep in range(2):
     llm.reset(); llm.eval([(i * 7919) % (V - 3) + 3 for i in range(prompt)]); tok = 5
     t0 = time.perf_counter()
@@ -524,19 +531,20 @@ def _llama_bench(lc: LlamaCpp, args: list[str]) -> subprocess.CompletedProcess:
 
 
 def llamacpp_round(lc: LlamaCpp, gguf: Path, threads: int, s: Settings) -> dict:
-    """One warm-up and one timed run of each test (the verify call: s.verify_reps timed
-    runs, their median): {"decode": tok/s, "prefill": {P: tok/s}, "verify": tok/s (with
-    s.verify), "build": ...}."""
+    """One warm-up and one timed run of each test (each prefill: s.prefill_reps timed runs,
+    the verify call: s.verify_reps, their medians): {"decode": tok/s, "prefill": {P: tok/s},
+    "verify": tok/s (with s.verify), "build": ...}."""
     if lc.kind == "python":
         r = _run([sys.executable, "-c", _PY_BENCH, str(gguf), str(threads),
                   json.dumps(list(s.prefill)), str(s.prompt), str(s.decode), str(s.verify),
-                  str(s.verify_reps)])
+                  str(s.verify_reps), str(s.prefill_reps)])
         if r.returncode != 0:
             raise RuntimeError(f"llama_cpp bench failed: {_last_line(r.stderr)}")
         recs = parse_llama_bench(r.stdout)
     else:
         recs = []
-        runs = [["-p", ",".join(map(str, s.prefill)), "-n", "0", "-d", "0", "-r", "1"],
+        runs = [["-p", ",".join(map(str, s.prefill)), "-n", "0", "-d", "0", "-r",
+                 str(s.prefill_reps)],
                 ["-p", "0", "-n", str(s.decode), "-d", str(s.prompt), "-r", "1"]]
         if s.verify:
             runs.append(["-p", str(s.verify), "-n", "0", "-d", str(s.prompt),
@@ -547,7 +555,8 @@ def llamacpp_round(lc: LlamaCpp, gguf: Path, threads: int, s: Settings) -> dict:
     build = {k: recs[0][k] for k in ("build_commit", "build_number", "cpu_info", "backends")
              if k in recs[0]}
     out = {"decode": _pick(recs, 0, s.decode, s.prompt),
-           "prefill": {p: _pick(recs, p, 0, 0) for p in s.prefill}, "build": build}
+           "prefill": {p: _pick(recs, p, 0, 0, median=True) for p in s.prefill},
+           "build": build}
     if s.verify:
         out["verify"] = _pick(recs, s.verify, 0, s.prompt, median=True)
     return out
@@ -594,8 +603,9 @@ def kv_storage(model) -> str:
 
 @torch.inference_mode()
 def llmcore_round(model, threads: int, s: Settings, warmup: bool = True) -> dict:
-    """One timed run of each test (batch 1, greedy decode), after a warm-up of each
-    (a full prefill, 4 decode steps) with ``warmup``."""
+    """One timed run of each test (batch 1, greedy decode; each prefill s.prefill_reps
+    timed runs, the verify call s.verify_reps, their medians), after a warm-up of each (a
+    full prefill, 4 decode steps) with ``warmup``."""
     torch.set_num_threads(threads)
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(1)
@@ -604,12 +614,13 @@ def llmcore_round(model, threads: int, s: Settings, warmup: bool = True) -> dict
     out = {"prefill": {}}
     for p in s.prefill:
         ids = torch.randint(0, vocab, (1, p), generator=g)
-        for _ in range(2 if warmup else 1):
+        times = []
+        for _ in range(s.prefill_reps + (1 if warmup else 0)):
             cache.reset()
             t0 = time.perf_counter()
             model(ids, cache=cache, prefill=True, logits_to_keep=1)  # as llama.cpp: the last
-            dt = time.perf_counter() - t0
-        out["prefill"][p] = p / dt
+            times.append(time.perf_counter() - t0)
+        out["prefill"][p] = p / statistics.median(times[1:] if warmup else times)
     prompt = torch.randint(0, vocab, (1, s.prompt), generator=g)
     for n in ([4] if warmup else []) + [s.decode]:
         cache.reset()
@@ -847,7 +858,8 @@ def run(device: torch.device, quick: bool = False, progress_factory=None, *,
     text = markdown_table(summary, s.prefill, s.verify)
     extra = {"settings": {"prompt": s.prompt, "decode": s.decode, "prefill": list(s.prefill),
                           "threads": list(s.threads), "rounds": s.rounds, "batch": 1,
-                          "verify": s.verify, "verify_reps": s.verify_reps},
+                          "verify": s.verify, "verify_reps": s.verify_reps,
+                          "prefill_reps": s.prefill_reps},
              "llamacpp": {"kind": lc.kind, "bench": lc.bench, "quantize": lc.quantize,
                           **lc.info, **build},
              "files": files, "summary": summary,
