@@ -174,6 +174,33 @@ def test_tiles_nan_inf(gemv_isa):  # noqa: F811
     assert torch.equal(torch.isnan(plain[0]), want)
 
 
+@pytest.mark.parametrize("wname", ["mxint8", "mxint4"])
+def test_tiles_scales_at_the_float_limits(wname, gemv_isa):  # noqa: F811
+    """With several rows the tile kernel multiplies the weight and activation block scales
+    on their exponent fields where every product is a normal float, and in floating point
+    elsewhere (zero, subnormal, overflowing or NaN scales): tiles whose weight exponents
+    reach the limits beside tiles that do not, activations from 2^-140 to 2^120, M of one
+    and of two row tiles. Bit for bit the plain layout's kernel (which always multiplies in
+    floating point) where it sums in the same order; the columns of in-range tiles within
+    the documented error of float64."""
+    n, k = 48, 96
+    for byte in (0, 1, 2, 3, 4, 60, 200, 250, 253, 254, 255):
+        q = make_weight(n, k, wname, "cpu")
+        q.exponent[16:32] = byte  # the middle tile only
+        for p2 in (-140, -120, -100, 0, 100, 120):
+            x = randn((9, k)) * 2.0**p2
+            for m in (1, 2, 5, 9):
+                plain, tiled = both(x[:m], q)
+                if same_order(gemv_isa, m, q.format.mantissa_bits):
+                    torch.testing.assert_close(tiled[0], plain[0], rtol=0, atol=0,
+                                               equal_nan=True, msg=f"{byte} {p2} {m}")
+                if p2 == 0:
+                    cols = torch.cat([torch.arange(16), torch.arange(32, 48)])
+                    want, tol = act_expected(x[:m], q, "mxint8", "nearest")
+                    assert_within(tiled[0][:, cols], want[:, cols], tol[:, cols],
+                                  f"byte {byte} m={m}")
+
+
 def test_tiles_mixed_layouts_refused():
     q = make_weight(32, 64, "mxint8", "cpu")
     tm, te = tiles_of(q)
