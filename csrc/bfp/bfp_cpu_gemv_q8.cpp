@@ -702,15 +702,15 @@ LLMCORE_AVX512_TARGET void tile_blocks(const GemvQ8Plan& p, const uint8_t* xq,
   }
 }
 
+// int_scales: the tile passed int_scales_exact (the caller checks once per tile).
 template <int MT, bool kPacked>
 LLMCORE_AVX512_TARGET void tile_avx512(const GemvQ8Plan& p, const uint8_t* xq, const int32_t* corr,
                                        const float* xs, const uint8_t* tw, const uint8_t* te,
-                                       ScaleRange act, const float* bias, float* y, int64_t ldy) {
+                                       bool int_scales, const float* bias, float* y, int64_t ldy) {
   __m512 acc[MT];  // in registers: the loops over rows are unrolled
 #pragma GCC unroll 8
   for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
-  // One row is bound by the memory: the multiplies cost nothing there.
-  if (MT > 1 && int_scales_exact(te, 16 * p.groups, p.w_bits - 2, act))
+  if (int_scales)
     tile_blocks<MT, kPacked, true>(p, xq, corr, xs, tw, te, acc);
   else
     tile_blocks<MT, kPacked, false>(p, xq, corr, xs, tw, te, acc);
@@ -727,14 +727,16 @@ LLMCORE_AVX512_TARGET void gemv_tiles_avx512_t(const GemvQ8Plan& p, const uint8_
                                                int64_t n_begin, int64_t n_end) {
   const int64_t nb = p.groups, xq_cols = p.xq_cols, groups = p.groups;
   const int64_t tile_bytes = 16 * nb * (kPacked ? 16 : 32);
+  // One row is bound by the memory: the multiplies cost nothing there.
   const ScaleRange act = p.M > 1 ? act_scale_range(xs, p.M * groups) : ScaleRange{-1, 255};
   for (int64_t t = n_begin / 16; t < n_end / 16; ++t) {
     const uint8_t* tw = tmant + t * tile_bytes;
     const uint8_t* te = texp + t * nb * 16;
     const float* bt = bias ? bias + 16 * t : nullptr;
+    const bool int_scales = p.M > 1 && int_scales_exact(te, 16 * nb, p.w_bits - 2, act);
     for_row_tiles(p.M, [&](int64_t m, auto rows) LLMCORE_AVX512_TARGET {
       tile_avx512<decltype(rows)::value, kPacked>(p, xq + m * xq_cols, corr + m * groups,
-                                                  xs + m * groups, tw, te, act, bt,
+                                                  xs + m * groups, tw, te, int_scales, bt,
                                                   y + m * ldy + 16 * t, ldy);
     });
   }
