@@ -122,6 +122,36 @@ def test_decode_attention_row_independent_of_query_count(dtype, threads, lq):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("lq", [1, 5, 13])
+def test_decode_attention_across_softmax_blocks(dtype, lq):
+    """The CPU kernel takes its softmax max and sum once per block of 128 keys: query rows
+    whose last visible key falls on either side of a block boundary (127/128, 255/256), a
+    block whose keys all score far above the earlier ones (the accumulators rescaled) and
+    one far below (p underflows to 0), against the reference, and row for row the bits of
+    single-query calls."""
+    need_kernel_dtype(torch.device("cpu"), dtype)
+    b, hkv, d, cap = 4, 2, 64, 300
+    lengths = [128 + lq // 2, 256 + lq // 2, 129, 300]
+    kc, vc = float_cache(b, cap, hkv, d, dtype, lengths)
+    q = randn((b, lq, hkv, d), dtype)
+    kc[1, 128:256] *= 8  # a later block outweighs the first: rescaled when it arrives
+    kc[3, 128:256] *= -8  # a block that weighs ~nothing beside the others
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out, lse = ops.decode_attention(q, kc, vc, seqlens, return_lse=True)
+        check_decode(out, lse, q, kc, vc, seqlens, None, what=f"lengths {lengths}")
+        for r in range(lq):
+            one, lse_one = ops.decode_attention(q[:, r:r + 1].contiguous(), kc, vc,
+                                                seqlens - (lq - 1 - r), return_lse=True)
+            assert torch.equal(one[:, 0], out[:, r]), r
+            assert torch.equal(lse_one[..., 0], lse[..., r]), r
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_decode_attention_merge_and_append_in_chunks(dtype):
     """A GQA verify step over many sequences at 2 threads: the split merge (rows x head_dim
     small enough to hand groups to the helper threads in chunks) and the cache write of

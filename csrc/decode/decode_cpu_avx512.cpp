@@ -2,23 +2,31 @@
 // not -march, so the library still loads on any x86-64; decode_cpu.cpp only calls in here
 // after __builtin_cpu_supports said yes.
 //
-// Per tile of 16 cache rows (one task = one sequence, one kv head, one split):
+// A task (one sequence, one kv head, one split) walks its positions in blocks of 128 keys
+// (8 tiles of 16 cache rows), two passes over each block:
+//   pass 1, per tile: where the rows are (an empty row, past the split or on an invalid
+//            page, is a zero row), a prefetch of the tile after next, and every query
+//            row's 16 scores into the block's score rows.
 //   K/V      up to 8 query rows (decode, and verification without GQA): each 16-element
 //            chunk of a row is read straight from the cache and widened in registers
 //            (fp32 as is; bf16: vpmovzxwd + shift; fp16: vcvtph2ps; MXINT8: vpmovsxbd,
 //            vcvtdq2ps, times the block scale 2^(e-133) of its 32-element block), never
 //            stored; more rows: each valid row is widened once into an fp32 tile, padded
-//            to D16 = 16 * ceil(D/16) with zeros, that all rows share. An empty row (past
-//            the split, or on an invalid page) is a zero row. Both give the same values.
+//            to D16 = 16 * ceil(D/16) with zeros, that all rows share. Both give the same
+//            values.
 //   scores   blocks of 4 query rows (the last one 1-6) x 4-16 keys (16-24 accumulators), then a
 //            shuffle tree turns each row's accumulators into one vector of the 16 scores of
 //            the tile (no per-score horizontal sums). Every score is the same sum in the
 //            same order whatever the blocking, so a row's result does not depend on R.
-//   softmax  per query row: causal + validity mask, running max m and sum l; the fp32
-//            accumulator row is rescaled only when m grows; p = exp(s - m) (vector exp,
-//            range reduction + degree-6 polynomial + vscalefps, about 2 ulp).
-//   P.V      blocks of 8 query rows (the last one 4-8): each V vector feeds their FMAs with
-//            p broadcast; 1-3 rows go one at a time, each holding up to 8 chunks of its
+//   softmax  per query row, once per block: causal + validity mask, the block's max (one
+//            reduction), the fp32 accumulator row rescaled only when the running max m
+//            grows, p = exp(s - m) (vector exp, range reduction + degree-6 polynomial +
+//            vscalefps, about 2 ulp) and their sum (one reduction) into l. The block
+//            boundaries are fixed positions of the task, so a row's bits do not depend on
+//            R either.
+//   pass 2, per tile, P.V: blocks of 8 query rows (the last one 4-8), two chunks of the
+//            accumulators at a time: each V vector feeds their FMAs, p broadcast inside
+//            the FMA; 1-3 rows go one at a time, each holding up to 8 chunks of its
 //            accumulator and walking the keys.
 #include "decode/decode_cpu_internal.h"
 
@@ -49,6 +57,9 @@ namespace {
 
 constexpr int kTile = 16;
 constexpr int64_t kPrefetchRows = 2 * kTile;  // prefetch distance
+// Keys per softmax block: a task's positions from its first, in blocks of this many (the
+// boundaries do not depend on the query rows, so neither do a row's bits).
+constexpr int64_t kBlock = 8 * kTile;
 
 inline __mmask16 tail_mask(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
@@ -124,12 +135,13 @@ struct CacheRows {
   }
 };
 
-// S[rr][0..16) = q[rr] . k[i] for RB query rows (stride d16) and the tile's 16 rows, keys
+// S[rr * ss + i] = q[rr] . k[i] for RB query rows (stride d16) and the tile's 16 rows, keys
 // taken KG at a time (RB * KG accumulators). Every score is the same sum in the same order
 // whatever RB and KG are (an FMA chain over the chunks, then a fixed lane tree), so a
 // query row's scores do not depend on how many rows share its task.
 template <int RB, int KG, class Ld>
-inline void scores(const float* q, int64_t d16, const Ld& ld, int64_t n, float* S) {
+inline void scores(const float* q, int64_t d16, const Ld& ld, int64_t n, float* S,
+                   int64_t ss) {
   static_assert(KG % 4 == 0 && 16 % KG == 0 && RB * KG <= 24, "register blocking");
   const int64_t nd = d16 / 16;
   __m512 u[RB][4];
@@ -157,7 +169,7 @@ inline void scores(const float* q, int64_t d16, const Ld& ld, int64_t n, float* 
                                     acc[rr][4 * x + 3]);
   }
   for (int rr = 0; rr < RB; ++rr)
-    _mm512_storeu_ps(S + 16 * rr, combine4(u[rr][0], u[rr][1], u[rr][2], u[rr][3]));
+    _mm512_storeu_ps(S + ss * rr, combine4(u[rr][0], u[rr][1], u[rr][2], u[rr][3]));
 }
 
 // o = fma(p, v, o) for one accumulator, or (Skip) only where p != 0, so a key hidden from a
@@ -169,17 +181,55 @@ inline __m512 fma_p(__m512 p, __m512 v, __m512 o) {
   return _mm512_fmadd_ps(p, v, o);
 }
 
-// O[rr] += sum_i P[rr][i] * v[i] for RB query rows (stride d16), tile rows i < n, in key
-// order per accumulator: chunk by chunk, each V chunk feeding RB accumulators.
+// o + p * v with p = *x broadcast from memory inside the FMA ({1to16}): GCC otherwise
+// broadcasts into a register first, one more instruction per (row, key).
+inline __m512 fma_bcast(__m512 o, __m512 v, const float* x) {
+  __asm__("vfmadd231ps %2%{1to16%}, %1, %0" : "+v"(o) : "v"(v), "m"(*x));
+  return o;
+}
+
+// O[rr] += sum_i P[rr * ps + i] * v[i] for RB query rows (stride d16), tile rows i < n, in
+// key order per accumulator: two chunks at a time, each V chunk feeding RB accumulators and
+// each p (broadcast inside the FMA; with Skip, its p != 0 mask) both. Two chunks give 5
+// query rows (a verification of 4 drafts) 10 independent FMA chains; one chunk's 5 chains
+// waited on the FMA latency (4 cycles a key).
 template <int RB, bool Skip, class Ld>
-inline void accumulate_pv(const float* P, const Ld& ld, int64_t n, float* O, int64_t d16) {
+inline void accumulate_pv(const float* P, int64_t ps, const Ld& ld, int64_t n, float* O,
+                          int64_t d16) {
   const int64_t nd = d16 / 16;
-  for (int64_t c = 0; c < nd; ++c) {
+  int64_t c = 0;
+  for (; c + 2 <= nd; c += 2) {  // two chunks: separate arrays, which GCC keeps in registers
+    __m512 o0[RB], o1[RB];
+    for (int rr = 0; rr < RB; ++rr) {
+      o0[rr] = _mm512_loadu_ps(O + rr * d16 + 16 * c);
+      o1[rr] = _mm512_loadu_ps(O + rr * d16 + 16 * c + 16);
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const __m512 v0 = ld(i, c), v1 = ld(i, c + 1);
+      for (int rr = 0; rr < RB; ++rr) {
+        if constexpr (Skip) {
+          const __m512 p = _mm512_set1_ps(P[ps * rr + i]);
+          const __mmask16 nz = _mm512_cmp_ps_mask(p, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+          o0[rr] = _mm512_mask3_fmadd_ps(p, v0, o0[rr], nz);
+          o1[rr] = _mm512_mask3_fmadd_ps(p, v1, o1[rr], nz);
+        } else {
+          o0[rr] = fma_bcast(o0[rr], v0, P + ps * rr + i);
+          o1[rr] = fma_bcast(o1[rr], v1, P + ps * rr + i);
+        }
+      }
+    }
+    for (int rr = 0; rr < RB; ++rr) {
+      _mm512_storeu_ps(O + rr * d16 + 16 * c, o0[rr]);
+      _mm512_storeu_ps(O + rr * d16 + 16 * c + 16, o1[rr]);
+    }
+  }
+  for (; c < nd; ++c) {
     __m512 o[RB];
     for (int rr = 0; rr < RB; ++rr) o[rr] = _mm512_loadu_ps(O + rr * d16 + 16 * c);
     for (int64_t i = 0; i < n; ++i) {
       const __m512 v = ld(i, c);
-      for (int rr = 0; rr < RB; ++rr) o[rr] = fma_p<Skip>(_mm512_set1_ps(P[16 * rr + i]), v, o[rr]);
+      for (int rr = 0; rr < RB; ++rr)
+        o[rr] = fma_p<Skip>(_mm512_set1_ps(P[ps * rr + i]), v, o[rr]);
     }
     for (int rr = 0; rr < RB; ++rr) _mm512_storeu_ps(O + rr * d16 + 16 * c, o[rr]);
   }
@@ -219,16 +269,19 @@ void pv_row(const float* P, const Ld& ld, int64_t n, float* O, int64_t d16) {
 // or 6 rows a kv head) reads and widens each K chunk once: 5 x 4 or 6 x 4 accumulators
 // (plus 4 K vectors and the query's) still fit the 32 registers.
 template <class Ld>
-void scores_rows(const float* q, int64_t R, int64_t d16, const Ld& ld, int64_t n, float* S) {
+void scores_rows(const float* q, int64_t R, int64_t d16, const Ld& ld, int64_t n, float* S,
+                 int64_t ss) {
   int64_t r = 0;
-  for (; R - r > 6; r += 4) scores<4, 4>(q + r * d16, d16, ld, n, S + 16 * r);
+  for (; R - r > 6; r += 4) scores<4, 4>(q + r * d16, d16, ld, n, S + ss * r, ss);
+  const float* qr = q + r * d16;
+  float* Sr = S + ss * r;
   switch (R - r) {
-    case 6: scores<6, 4>(q + r * d16, d16, ld, n, S + 16 * r); break;
-    case 5: scores<5, 4>(q + r * d16, d16, ld, n, S + 16 * r); break;
-    case 4: scores<4, 4>(q + r * d16, d16, ld, n, S + 16 * r); break;
-    case 3: scores<3, 4>(q + r * d16, d16, ld, n, S + 16 * r); break;
-    case 2: scores<2, 8>(q + r * d16, d16, ld, n, S + 16 * r); break;
-    case 1: scores<1, 16>(q + r * d16, d16, ld, n, S + 16 * r); break;
+    case 6: scores<6, 4>(qr, d16, ld, n, Sr, ss); break;
+    case 5: scores<5, 4>(qr, d16, ld, n, Sr, ss); break;
+    case 4: scores<4, 4>(qr, d16, ld, n, Sr, ss); break;
+    case 3: scores<3, 4>(qr, d16, ld, n, Sr, ss); break;
+    case 2: scores<2, 8>(qr, d16, ld, n, Sr, ss); break;
+    case 1: scores<1, 16>(qr, d16, ld, n, Sr, ss); break;
     default: break;
   }
 }
@@ -237,20 +290,21 @@ void scores_rows(const float* q, int64_t R, int64_t d16, const Ld& ld, int64_t n
 // widened once for all of them); 1-3 rows go one at a time (pv_row: several chunks as
 // independent FMA chains, which 1-3 row accumulators would not give).
 template <bool Skip, class Ld>
-void pv_rows(const float* P, int64_t R, const Ld& ld, int64_t n, float* O, int64_t d16) {
+void pv_rows(const float* P, int64_t ps, int64_t R, const Ld& ld, int64_t n, float* O,
+             int64_t d16) {
   int64_t r = 0;
-  for (; R - r > 8; r += 8) accumulate_pv<8, Skip>(P + 16 * r, ld, n, O + r * d16, d16);
-  const float* Pr = P + 16 * r;
+  for (; R - r > 8; r += 8) accumulate_pv<8, Skip>(P + ps * r, ps, ld, n, O + r * d16, d16);
+  const float* Pr = P + ps * r;
   float* Or = O + r * d16;
   switch (R - r) {
-    case 8: accumulate_pv<8, Skip>(Pr, ld, n, Or, d16); return;
-    case 7: accumulate_pv<7, Skip>(Pr, ld, n, Or, d16); return;
-    case 6: accumulate_pv<6, Skip>(Pr, ld, n, Or, d16); return;
-    case 5: accumulate_pv<5, Skip>(Pr, ld, n, Or, d16); return;
-    case 4: accumulate_pv<4, Skip>(Pr, ld, n, Or, d16); return;
+    case 8: accumulate_pv<8, Skip>(Pr, ps, ld, n, Or, d16); return;
+    case 7: accumulate_pv<7, Skip>(Pr, ps, ld, n, Or, d16); return;
+    case 6: accumulate_pv<6, Skip>(Pr, ps, ld, n, Or, d16); return;
+    case 5: accumulate_pv<5, Skip>(Pr, ps, ld, n, Or, d16); return;
+    case 4: accumulate_pv<4, Skip>(Pr, ps, ld, n, Or, d16); return;
     default: break;
   }
-  for (; r < R; ++r) pv_row<Skip>(P + 16 * r, ld, n, O + r * d16, d16);
+  for (; r < R; ++r) pv_row<Skip>(P + ps * r, ld, n, O + r * d16, d16);
 }
 
 // At most this many query rows per task read K/V straight from the cache (each chunk
@@ -268,13 +322,13 @@ void task(const DecodeArgs& a, const DecodePlan& p, float* ws, int64_t t) {
   thread_local std::vector<float> buf;
   thread_local std::vector<int64_t> lim;  // keys j < lim[r] are visible to query row r
   thread_local std::vector<__mmask16> masks;
-  buf.resize(static_cast<size_t>(2 * R * d16 + 16 * R + 2 * R + (2 * kTile + 1) * d16));
+  buf.resize(static_cast<size_t>(2 * R * d16 + kBlock * R + 2 * R + (2 * kTile + 1) * d16));
   lim.resize(static_cast<size_t>(R));
   masks.resize(static_cast<size_t>(nd));
   float* q = buf.data();
   float* O = q + R * d16;
-  float* S = O + R * d16;  // scores, then probabilities, [R][16]
-  float* m = S + 16 * R;
+  float* S = O + R * d16;  // a block's scores, then probabilities, [R][kBlock]
+  float* m = S + kBlock * R;
   float* l = m + R;
   float* kt = l + R;
   float* vt = kt + kTile * d16;
@@ -301,96 +355,138 @@ void task(const DecodeArgs& a, const DecodePlan& p, float* ws, int64_t t) {
   }
   memset(O, 0, sizeof(float) * static_cast<size_t>(R * d16));
 
-  const void* kraw[kTile];
-  const void* vraw[kTile];
-  const uint8_t* kexp[kTile];
-  const uint8_t* vexp[kTile];
-  const float* kp[kTile];
+  const void* kraw[kBlock];  // the block's rows (an empty row: zero)
+  const void* vraw[kBlock];
+  const uint8_t* kexp[kBlock];
+  const uint8_t* vexp[kBlock];
+  const float* kp[kTile];  // widened tile rows (more than kDirectRows query rows)
   const float* vp[kTile];
-  const CacheRows<CT> kd{kraw, kexp, masks.data()}, vd{vraw, vexp, masks.data()};
-  const F32Rows kw{kp}, vw{vp};
+  uint32_t valid[kBlock / kTile];  // per tile: its rows that hold a key
   const uint8_t* zero_exp = reinterpret_cast<const uint8_t*>(zero);
   const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
   constexpr int64_t esz = dtype_size(CT);
   const int64_t row_bytes = D * esz;
-  for (int64_t j = k.j0; j < k.j1; j += kTile) {
-    const int64_t n = k.j1 - j < kTile ? k.j1 - j : kTile;
-    // Rows of one kv head are Hkv * D elements apart: prefetch the tile after next so
-    // DRAM latency hides behind this tile's arithmetic. Into L2 (prefetcht1): 64 lines a
-    // tile at T0 filled L1's miss buffers and the prefetches themselves stalled; a layer's
-    // 160-position fp16 cache of 12 heads read after 6 MB of weights took 133-144 us at
-    // one thread with T0, 76-82 us with T1 (AMD EPYC VM, benchmarks/decode_attention_cache.py
-    // "streamed").
-    for (int64_t i = j + kPrefetchRows; i < j + kPrefetchRows + kTile && i < k.j1; ++i) {
-      const RowLoc loc = locate(c, k.b, i);
-      if (loc.i0 < 0) continue;
-      const int64_t off = (loc.i0 * c.stride0 + loc.i1 * c.stride1 + k.kvh * c.stride2) * esz;
-      for (int64_t line = 0; line < row_bytes; line += 64) {
-        _mm_prefetch(static_cast<const char*>(a.k) + off + line, _MM_HINT_T1);
-        _mm_prefetch(static_cast<const char*>(a.v) + off + line, _MM_HINT_T1);
-      }
-    }
-    uint32_t valid = 0;
-    for (int64_t i = 0; i < kTile; ++i) {
-      kraw[i] = vraw[i] = kp[i] = vp[i] = zero;
-      kexp[i] = vexp[i] = zero_exp;
-      if (i >= n) continue;
-      const RowLoc loc = locate(c, k.b, j + i);
-      if (loc.i0 < 0) continue;
-      valid |= 1u << i;
-      const int64_t off = loc.i0 * c.stride0 + loc.i1 * c.stride1 + k.kvh * c.stride2;
-      const int64_t eoff =
-          loc.i0 * c.exp_stride0 + loc.i1 * c.exp_stride1 + k.kvh * c.exp_stride2;
-      if (direct) {
-        kraw[i] = static_cast<const char*>(a.k) + off * esz;
-        vraw[i] = static_cast<const char*>(a.v) + off * esz;
-        if (CT == kMxint8) {
-          kexp[i] = a.k_exp + eoff;
-          vexp[i] = a.v_exp + eoff;
+  for (int64_t jb = k.j0; jb < k.j1; jb += kBlock) {
+    const int64_t nt = ((k.j1 - jb < kBlock ? k.j1 - jb : kBlock) + kTile - 1) / kTile;
+    // Pass 1, tile by tile: where the rows are, and every query row's 16 scores.
+    uint32_t any = 0;
+    for (int64_t t = 0; t < nt; ++t) {
+      const int64_t j = jb + kTile * t;
+      const int64_t n = k.j1 - j < kTile ? k.j1 - j : kTile;
+      // Rows of one kv head are Hkv * D elements apart: prefetch the tile after next so
+      // DRAM latency hides behind this tile's arithmetic. Into L2 (prefetcht1): 64 lines a
+      // tile at T0 filled L1's miss buffers and the prefetches themselves stalled; a layer's
+      // 160-position fp16 cache of 12 heads read after 6 MB of weights took 133-144 us at
+      // one thread with T0, 76-82 us with T1 (AMD EPYC VM,
+      // benchmarks/decode_attention_cache.py "streamed"). Keep this loop here: moved into a
+      // helper function, GCC dropped the prefetches.
+      for (int64_t i = j + kPrefetchRows; i < j + kPrefetchRows + kTile && i < k.j1; ++i) {
+        const RowLoc loc = locate(c, k.b, i);
+        if (loc.i0 < 0) continue;
+        const int64_t off = (loc.i0 * c.stride0 + loc.i1 * c.stride1 + k.kvh * c.stride2) * esz;
+        for (int64_t line = 0; line < row_bytes; line += 64) {
+          _mm_prefetch(static_cast<const char*>(a.k) + off + line, _MM_HINT_T1);
+          _mm_prefetch(static_cast<const char*>(a.v) + off + line, _MM_HINT_T1);
         }
-        continue;
       }
-      widen_row<CT>(a.k, a.k_exp, off, eoff, D, nd, kt + i * d16);
-      widen_row<CT>(a.v, a.v_exp, off, eoff, D, nd, vt + i * d16);
-      kp[i] = kt + i * d16;
-      vp[i] = vt + i * d16;
+      const void** kr = kraw + kTile * t;
+      const void** vr = vraw + kTile * t;
+      const uint8_t** ke = kexp + kTile * t;
+      const uint8_t** ve = vexp + kTile * t;
+      uint32_t ok = 0;
+      for (int64_t i = 0; i < kTile; ++i) {
+        kr[i] = vr[i] = kp[i] = zero;
+        ke[i] = ve[i] = zero_exp;
+        if (i >= n) continue;
+        const RowLoc loc = locate(c, k.b, j + i);
+        if (loc.i0 < 0) continue;
+        ok |= 1u << i;
+        const int64_t off = loc.i0 * c.stride0 + loc.i1 * c.stride1 + k.kvh * c.stride2;
+        kr[i] = static_cast<const char*>(a.k) + off * esz;
+        vr[i] = static_cast<const char*>(a.v) + off * esz;
+        if (CT == kMxint8) {
+          const int64_t eoff =
+              loc.i0 * c.exp_stride0 + loc.i1 * c.exp_stride1 + k.kvh * c.exp_stride2;
+          ke[i] = a.k_exp + eoff;
+          ve[i] = a.v_exp + eoff;
+        }
+        if (!direct) {
+          widen_row<CT>(kr[i], ke[i], 0, 0, D, nd, kt + i * d16);
+          kp[i] = kt + i * d16;
+        }
+      }
+      valid[t] = ok;
+      any |= ok;
+      if (!ok) continue;
+      if (direct) scores_rows(q, R, d16, CacheRows<CT>{kr, ke, masks.data()}, n, S + kTile * t, kBlock);
+      else scores_rows(q, R, d16, F32Rows{kp}, n, S + kTile * t, kBlock);
     }
-    if (!valid) continue;
-    if (direct) scores_rows(q, R, d16, kd, n, S);
-    else scores_rows(q, R, d16, kw, n, S);
-    bool hidden = false;  // some valid row of the tile hidden from some query row
+    if (!any) continue;
+
+    // The block's softmax, row by row: one max and one sum over all its tiles (not a
+    // reduction, compare and rescale per tile: with one query row that chain was most of
+    // a tile's time). Causal + validity mask; the accumulator row is rescaled only when m
+    // grows; p = exp(s - m) (vector exp, range reduction + degree-6 polynomial +
+    // vscalefps, about 2 ulp). A score of -inf weighs 0 (all -inf: the row sees no key),
+    // never exp(-inf + inf); a NaN score is kept, and so reaches the row's output.
+    uint32_t hidden = 0;  // tiles with a valid row hidden from some query row
     for (int64_t r = 0; r < R; ++r) {
-      const int64_t see = lim[static_cast<size_t>(r)] - j;
-      const uint32_t causal = see >= kTile ? 0xffffu : (see <= 0 ? 0u : (1u << see) - 1u);
-      const __mmask16 mk = static_cast<__mmask16>(valid & causal);
-      hidden |= mk != valid;
-      if (!mk) {
-        _mm512_storeu_ps(S + 16 * r, _mm512_setzero_ps());
-        continue;
+      float* Sr = S + kBlock * r;
+      __m512 mx = neg_inf;
+      for (int64_t t = 0; t < nt; ++t) {
+        if (!valid[t]) continue;
+        const int64_t see = lim[static_cast<size_t>(r)] - (jb + kTile * t);
+        const uint32_t causal = see >= kTile ? 0xffffu : (see <= 0 ? 0u : (1u << see) - 1u);
+        const __mmask16 mk = static_cast<__mmask16>(valid[t] & causal);
+        if (mk != valid[t]) hidden |= 1u << t;
+        const __m512 s = _mm512_mask_mov_ps(neg_inf, mk, _mm512_loadu_ps(Sr + kTile * t));
+        _mm512_storeu_ps(Sr + kTile * t, s);
+        mx = _mm512_max_ps(s, mx);
       }
-      const __m512 s = _mm512_mask_mov_ps(neg_inf, mk, _mm512_loadu_ps(S + 16 * r));
-      const float tmax = _mm512_mask_reduce_max_ps(mk, s);
-      if (tmax > m[r]) {
-        const float alpha = expf(m[r] - tmax);  // 0 when m was -inf
+      const float bmax = _mm512_reduce_max_ps(mx);
+      if (bmax > m[r]) {
+        const float alpha = expf(m[r] - bmax);  // 0 when m was -inf
         l[r] *= alpha;
         float* o = O + r * d16;
         const __m512 av = _mm512_set1_ps(alpha);
         for (int64_t cc = 0; cc < nd; ++cc)
           _mm512_storeu_ps(o + 16 * cc, _mm512_mul_ps(_mm512_loadu_ps(o + 16 * cc), av));
-        m[r] = tmax;
+        m[r] = bmax;
       }
-      // A score of -inf weighs 0 (all -inf: the row sees no key), never exp(-inf + inf).
-      const __mmask16 live = _mm512_mask_cmp_ps_mask(mk, s, neg_inf, _CMP_NEQ_UQ);
-      const __m512 pv = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(s, _mm512_set1_ps(m[r]))));
-      l[r] += _mm512_reduce_add_ps(pv);
-      _mm512_storeu_ps(S + 16 * r, pv);
+      const __m512 mv = _mm512_set1_ps(m[r]);
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t t = 0; t < nt; ++t) {
+        if (!valid[t]) continue;
+        const __m512 s = _mm512_loadu_ps(Sr + kTile * t);
+        const __mmask16 live = _mm512_cmp_ps_mask(s, neg_inf, _CMP_NEQ_UQ);
+        const __m512 pv = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(s, mv)));
+        _mm512_storeu_ps(Sr + kTile * t, pv);
+        sum = _mm512_add_ps(sum, pv);
+      }
+      l[r] += _mm512_reduce_add_ps(sum);
     }
-    const auto accumulate = [&](const auto& ld) {
-      if (hidden) pv_rows<true>(S, R, ld, n, O, d16);
-      else pv_rows<false>(S, R, ld, n, O, d16);
-    };
-    if (direct) accumulate(vd);
-    else accumulate(vw);
+
+    // Pass 2, tile by tile: O += P V.
+    for (int64_t t = 0; t < nt; ++t) {
+      if (!valid[t]) continue;
+      const int64_t n = k.j1 - (jb + kTile * t) < kTile ? k.j1 - (jb + kTile * t) : kTile;
+      const auto accumulate = [&](const auto& ld) {
+        if (hidden >> t & 1u) pv_rows<true>(S + kTile * t, kBlock, R, ld, n, O, d16);
+        else pv_rows<false>(S + kTile * t, kBlock, R, ld, n, O, d16);
+      };
+      if (direct) {
+        accumulate(CacheRows<CT>{vraw + kTile * t, vexp + kTile * t, masks.data()});
+        continue;
+      }
+      for (int64_t i = 0; i < kTile; ++i) {
+        vp[i] = zero;
+        if (valid[t] >> i & 1u) {
+          widen_row<CT>(vraw[kTile * t + i], vexp[kTile * t + i], 0, 0, D, nd, vt + i * d16);
+          vp[i] = vt + i * d16;
+        }
+      }
+      accumulate(F32Rows{vp});
+    }
   }
 
   float* out = task_out(a, p, ws, t);
