@@ -112,13 +112,20 @@ def test_decode_attention_row_independent_of_query_count(dtype, threads, lq):
     torch.set_num_threads(threads)
     try:
         many, lse_many = ops.decode_attention(q, kc, vc, seqlens, return_lse=True)
-        for r in range(lq):
-            one, lse_one = ops.decode_attention(q[:, r:r + 1].contiguous(), kc, vc,
-                                                seqlens - (lq - 1 - r), return_lse=True)
-            assert torch.equal(one[:, 0], many[:, r]), r
-            assert torch.equal(lse_one[..., 0], lse_many[..., r]), r
+        _rows_equal_single_queries(q, kc, vc, seqlens, many, lse_many)
     finally:
         torch.set_num_threads(before)
+
+
+def _rows_equal_single_queries(q, kc, vc, seqlens, out, lse):
+    """Row r of a call with lq query rows a head has the bits of a call with row r alone
+    at length L - lq + r + 1 (a decode step)."""
+    lq = q.shape[1]
+    for r in range(lq):
+        one, lse_one = ops.decode_attention(q[:, r:r + 1].contiguous(), kc, vc,
+                                            seqlens - (lq - 1 - r), return_lse=True)
+        assert torch.equal(one[:, 0], out[:, r]), r
+        assert torch.equal(lse_one[..., 0], lse[..., r]), r
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -142,11 +149,7 @@ def test_decode_attention_across_softmax_blocks(dtype, lq):
     try:
         out, lse = ops.decode_attention(q, kc, vc, seqlens, return_lse=True)
         check_decode(out, lse, q, kc, vc, seqlens, None, what=f"lengths {lengths}")
-        for r in range(lq):
-            one, lse_one = ops.decode_attention(q[:, r:r + 1].contiguous(), kc, vc,
-                                                seqlens - (lq - 1 - r), return_lse=True)
-            assert torch.equal(one[:, 0], out[:, r]), r
-            assert torch.equal(lse_one[..., 0], lse[..., r]), r
+        _rows_equal_single_queries(q, kc, vc, seqlens, out, lse)
     finally:
         torch.set_num_threads(before)
 
