@@ -133,16 +133,16 @@ def _rows_equal_single_queries(q, kc, vc, seqlens, out, lse):
 def test_decode_attention_across_softmax_blocks(dtype, lq):
     """The CPU kernel takes its softmax max and sum once per block of 128 keys: query rows
     whose last visible key falls on either side of a block boundary (127/128, 255/256), a
-    block whose keys all score far above the earlier ones (the accumulators rescaled) and
-    one far below (p underflows to 0), against the reference, and row for row the bits of
-    single-query calls."""
+    block whose keys score far above the earlier ones (the accumulators rescaled) and a
+    first block that outweighs the later ones (their p far below 1, no rescale), against
+    the reference, and row for row the bits of single-query calls."""
     need_kernel_dtype(torch.device("cpu"), dtype)
     b, hkv, d, cap = 4, 2, 64, 300
     lengths = [128 + lq // 2, 256 + lq // 2, 129, 300]
     kc, vc = float_cache(b, cap, hkv, d, dtype, lengths)
     q = randn((b, lq, hkv, d), dtype)
     kc[1, 128:256] *= 8  # a later block outweighs the first: rescaled when it arrives
-    kc[3, 128:256] *= -8  # a block that weighs ~nothing beside the others
+    kc[3, :128] *= 8  # the first block outweighs the later ones: m never grows after it
     seqlens = torch.tensor(lengths, dtype=torch.int32)
     before = torch.get_num_threads()
     torch.set_num_threads(1)

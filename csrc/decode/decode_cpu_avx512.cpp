@@ -82,19 +82,6 @@ inline __m512 load16(const void* base, int64_t off, __mmask16 m) {
   }
 }
 
-// Row of d elements -> fp32 dst[0 .. nd * 16) (zero padded).
-template <DType T>
-inline void widen_row(const void* base, const uint8_t* exp, int64_t off, int64_t eoff,
-                      int64_t d, int64_t nd, float* dst) {
-  for (int64_t c = 0; c < nd; ++c) {
-    __m512 x = load16<T>(base, off + 16 * c, tail_mask(d - 16 * c));
-    if constexpr (T == kMxint8)
-      x = _mm512_mul_ps(x, _mm512_set1_ps(bfp::block_scale(exp[eoff + (16 * c) / kMxBlock],
-                                                           kMxBits)));
-    _mm512_storeu_ps(dst + 16 * c, x);
-  }
-}
-
 // 4 accumulators (keys) of one query row -> per 128-bit lane, the 4 keys' partial sums.
 inline __m512 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
   const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
@@ -116,7 +103,7 @@ inline __m512 combine4(__m512 u0, __m512 u1, __m512 u2, __m512 u3) {
 // The tile's K/V rows as fp32 vectors: ld(i, c) is elements [16c, 16c + 16) of row i.
 // F32Rows reads rows already in fp32 (a widened tile); CacheRows<T> reads the cache rows
 // where they are and widens (MXINT8: and scales) in registers, giving the very values
-// widen_row would have stored, padding lanes zero. An empty row points at zeros.
+// widen_row stores from it, padding lanes zero. An empty row points at zeros.
 struct F32Rows {
   const float* const* p;
   __m512 operator()(int64_t i, int64_t c) const { return _mm512_loadu_ps(p[i] + 16 * c); }
@@ -134,6 +121,13 @@ struct CacheRows {
     return x;
   }
 };
+
+// Row i of a tile, widened by `ld` (CacheRows<T>: the very values the direct path reads),
+// into fp32 dst[0 .. nd * 16) (zero padded).
+template <class Ld>
+inline void widen_row(const Ld& ld, int64_t i, int64_t nd, float* dst) {
+  for (int64_t c = 0; c < nd; ++c) _mm512_storeu_ps(dst + 16 * c, ld(i, c));
+}
 
 // S[rr * ss + i] = q[rr] . k[i] for RB query rows (stride d16) and the tile's 16 rows, keys
 // taken KG at a time (RB * KG accumulators). Every score is the same sum in the same order
@@ -190,7 +184,7 @@ inline __m512 fma_bcast(__m512 o, __m512 v, const float* x) {
 
 // O[rr] += sum_i P[rr * ps + i] * v[i] for RB query rows (stride d16), tile rows i < n, in
 // key order per accumulator: two chunks at a time, each V chunk feeding RB accumulators and
-// each p (broadcast inside the FMA; with Skip, its p != 0 mask) both. Two chunks give 5
+// each p (broadcast inside the FMA; with Skip, masked where it is 0) both. Two chunks give 5
 // query rows (a verification of 4 drafts) 10 independent FMA chains; one chunk's 5 chains
 // waited on the FMA latency (4 cycles a key).
 template <int RB, bool Skip, class Ld>
@@ -207,11 +201,10 @@ inline void accumulate_pv(const float* P, int64_t ps, const Ld& ld, int64_t n, f
     for (int64_t i = 0; i < n; ++i) {
       const __m512 v0 = ld(i, c), v1 = ld(i, c + 1);
       for (int rr = 0; rr < RB; ++rr) {
-        if constexpr (Skip) {
+        if constexpr (Skip) {  // (the compiler shares the p != 0 mask of the two)
           const __m512 p = _mm512_set1_ps(P[ps * rr + i]);
-          const __mmask16 nz = _mm512_cmp_ps_mask(p, _mm512_setzero_ps(), _CMP_NEQ_UQ);
-          o0[rr] = _mm512_mask3_fmadd_ps(p, v0, o0[rr], nz);
-          o1[rr] = _mm512_mask3_fmadd_ps(p, v1, o1[rr], nz);
+          o0[rr] = fma_p<true>(p, v0, o0[rr]);
+          o1[rr] = fma_p<true>(p, v1, o1[rr]);
         } else {
           o0[rr] = fma_bcast(o0[rr], v0, P + ps * rr + i);
           o1[rr] = fma_bcast(o1[rr], v1, P + ps * rr + i);
@@ -393,6 +386,7 @@ void task(const DecodeArgs& a, const DecodePlan& p, float* ws, int64_t t) {
       const void** vr = vraw + kTile * t;
       const uint8_t** ke = kexp + kTile * t;
       const uint8_t** ve = vexp + kTile * t;
+      const CacheRows<CT> kd{kr, ke, masks.data()};
       uint32_t ok = 0;
       for (int64_t i = 0; i < kTile; ++i) {
         kr[i] = vr[i] = kp[i] = zero;
@@ -411,14 +405,14 @@ void task(const DecodeArgs& a, const DecodePlan& p, float* ws, int64_t t) {
           ve[i] = a.v_exp + eoff;
         }
         if (!direct) {
-          widen_row<CT>(kr[i], ke[i], 0, 0, D, nd, kt + i * d16);
+          widen_row(kd, i, nd, kt + i * d16);
           kp[i] = kt + i * d16;
         }
       }
       valid[t] = ok;
       any |= ok;
       if (!ok) continue;
-      if (direct) scores_rows(q, R, d16, CacheRows<CT>{kr, ke, masks.data()}, n, S + kTile * t, kBlock);
+      if (direct) scores_rows(q, R, d16, kd, n, S + kTile * t, kBlock);
       else scores_rows(q, R, d16, F32Rows{kp}, n, S + kTile * t, kBlock);
     }
     if (!any) continue;
@@ -474,14 +468,15 @@ void task(const DecodeArgs& a, const DecodePlan& p, float* ws, int64_t t) {
         if (hidden >> t & 1u) pv_rows<true>(S + kTile * t, kBlock, R, ld, n, O, d16);
         else pv_rows<false>(S + kTile * t, kBlock, R, ld, n, O, d16);
       };
+      const CacheRows<CT> vd{vraw + kTile * t, vexp + kTile * t, masks.data()};
       if (direct) {
-        accumulate(CacheRows<CT>{vraw + kTile * t, vexp + kTile * t, masks.data()});
+        accumulate(vd);
         continue;
       }
       for (int64_t i = 0; i < kTile; ++i) {
         vp[i] = zero;
         if (valid[t] >> i & 1u) {
-          widen_row<CT>(vraw[kTile * t + i], vexp[kTile * t + i], 0, 0, D, nd, vt + i * d16);
+          widen_row(vd, i, nd, vt + i * d16);
           vp[i] = vt + i * d16;
         }
       }
